@@ -1,0 +1,55 @@
+"""Emotion: fuse member logits into calibrated probabilities (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from services.fusion.numeric import softmax
+from services.fusion.rules import EmotionModeName, EmotionRules
+
+CLASS_NAMES = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+
+
+def resolve_temperature(rules: EmotionRules, mode: EmotionModeName, stored: float | None) -> float:
+    """The rules file's temperature for the mode wins; else the one stored beside the student;
+    else 1.0 (the ensemble's fused logits are calibrated once, by the rules)."""
+    if mode in rules.temperature:
+        return rules.temperature[mode]
+    if mode == "student" and stored and stored > 0:
+        return stored
+    return 1.0
+
+
+def members_for(rules: EmotionRules, mode: EmotionModeName) -> dict[str, float]:
+    """Model name → weight for a mode (the student alone has weight 1)."""
+    if mode == "student":
+        return {rules.student: 1.0}
+    return {m.model: m.weight for m in rules.members}
+
+
+def fuse_logits(
+    member_logits: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    temperature: float,
+    space: str = "logit",
+) -> np.ndarray:
+    """Probabilities [faces, classes] from each member's logits [faces, classes].
+
+    Weights are normalised to sum to 1, so 0.4/0.4/0.2 and 2/2/1 mean the same ensemble.
+    """
+    missing = [m for m in weights if m not in member_logits]
+    if missing:
+        raise KeyError(f"no logits for members {missing}")
+    total = float(sum(weights.values()))
+    if total <= 0:
+        raise ValueError("member weights sum to zero")
+    if space == "logit":
+        fused = sum((w / total) * np.asarray(member_logits[m], dtype=np.float64) for m, w in weights.items())
+        return softmax(fused / temperature).astype(np.float32)
+    if space == "prob":
+        probs = sum((w / total) * softmax(np.asarray(member_logits[m], dtype=np.float64) / temperature)
+                    for m, w in weights.items())
+        return np.asarray(probs, dtype=np.float32)
+    raise ValueError(f"unknown fusion space {space!r}")

@@ -1,0 +1,147 @@
+"""Validated configuration: one loader, one documented order of precedence.
+
+Order (later wins): model defaults < YAML file < environment < explicit overrides (CLI flags).
+Environment variables are named ``TESSERA_<PROCESS>__<SECTION>__<KEY>`` (e.g.
+``TESSERA_EMOTION__SERVER__PORT=50051``); values are parsed as YAML scalars. Unknown keys, in the
+file or the environment, are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "TESSERA_"
+MIB = 1024 * 1024
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int | None = Field(
+        0, ge=0, le=65535, description="Port of the /metrics HTTP server; 0 picks one, null disables."
+    )
+    max_receive_message_bytes: int = Field(64 * MIB, gt=0)
+    max_send_message_bytes: int = Field(64 * MIB, gt=0)
+    grace_seconds: float = Field(10.0, ge=0, description="Drain time for in-flight calls on SIGTERM.")
+    keepalive_time_ms: int = Field(30_000, gt=0)
+    keepalive_timeout_ms: int = Field(10_000, gt=0)
+    max_concurrent_rpcs: int | None = Field(None, gt=0)
+    ready_file: Path | None = Field(
+        None, description="Written (JSON: ports, pid) once the server is SERVING; for launchers and tests."
+    )
+
+
+class LoggingConfig(StrictModel):
+    level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    json_format: bool = False
+
+
+class ProcessConfig(StrictModel):
+    """What every process has; each service and the gateway extend it."""
+
+    server: ServerConfig = ServerConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+C = TypeVar("C", bound=StrictModel)
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path)}: {key} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(process: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The overrides that environment variables give for one process, as a nested dict."""
+    environ = os.environ if environ is None else environ
+    prefix = f"{ENV_PREFIX}{process.upper()}__"
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(prefix):
+            continue
+        path = [part.lower() for part in name[len(prefix):].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: empty key segment")
+        _set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']}")
+    return f"invalid configuration ({source}): " + "; ".join(lines)
+
+
+def load_config(
+    model: type[C],
+    process: str,
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """Load and validate one process's configuration; raises ConfigError naming bad keys."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    env = env_overrides(process, environ)
+    if env:
+        source += " + environment"
+    data = _deep_merge(_deep_merge(data, env), overrides or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+class ServiceConfig(ProcessConfig):
+    """What every model service has beyond a process: the model repository it serves from."""
+
+    model_repository: Path = Field(Path("model_repository"), description="Triton-layout model repository.")

@@ -1,0 +1,78 @@
+"""Entry point shared by every process: flags, config, logging, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.runtime.config import ConfigError, ProcessConfig, load_config
+from services.runtime.logs import setup_logging
+from services.runtime.metrics import Metrics
+from services.runtime.interceptors import Authenticator
+from services.runtime.server import Servicer, ServingProcess
+
+C = TypeVar("C", bound=ProcessConfig)
+
+
+async def _nothing(_server: ServingProcess | None = None) -> None:
+    return None
+
+
+@dataclass
+class App:
+    """What a process serves: its servicers, plus hooks run after start and after stop."""
+
+    servicers: list[Servicer]
+    on_start: Callable[[ServingProcess], Awaitable[None]] = _nothing
+    cleanup: Callable[[], Awaitable[None]] = _nothing
+    authenticate: Authenticator | None = None
+
+
+Builder = Callable[[C, Metrics], Awaitable[App]]
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(process: str, argv: Sequence[str] | None) -> tuple[Path | None, dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog=f"python -m {process}", description=f"Run the {process} server.")
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--metrics-port", type=int)
+    parser.add_argument("--ready-file", type=Path)
+    args = parser.parse_args(argv)
+    server = {k: v for k, v in {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
+                                "ready_file": args.ready_file}.items() if v is not None}
+    return args.config, ({"server": server} if server else {})
+
+
+def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | None = None) -> int:
+    """Run one process to completion; exit code 0 after a graceful stop, 2 on bad config."""
+    path, overrides = parse_args(process, argv)
+    try:
+        config = load_config(model, process, path, overrides)
+    except ConfigError as exc:
+        print(f"{process}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging, process)
+
+    async def main() -> None:
+        metrics = Metrics(process)
+        app = await build(config, metrics)
+        server = ServingProcess(process, config.server, app.servicers, metrics, app.authenticate)
+        await server.start()
+        try:
+            await app.on_start(server)
+            await server.wait_for_termination()
+        finally:
+            await app.cleanup()
+
+    asyncio.run(main())
+    log.info("%s stopped", process)
+    return 0

@@ -1,0 +1,1 @@
+"""Builders that turn pretrained weights from other formats into the model repository."""
