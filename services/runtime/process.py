@@ -73,6 +73,10 @@ def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | N
         finally:
             await app.cleanup()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:  # a builder found its config unusable (e.g. a bad rules file)
+        log.error("%s: %s", process, exc)
+        return 2
     log.info("%s stopped", process)
     return 0

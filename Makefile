@@ -1,0 +1,70 @@
+# Quick start: `make demo`, then `make test`. Every target installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+CACHE := .cache
+BUF := $(CACHE)/buf/node_modules/.bin/buf
+INSTALLED := $(VENV)/.installed
+EXPORT_INSTALLED := $(VENV)/.export-installed
+PYTEST_ARGS ?=
+
+.PHONY: install install-export models demo serve test test-fast bench protos check-stubs lint-protos ci clean
+
+$(INSTALLED): requirements/serve.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==0.13.8
+	$(UV) pip install -q --python $(PY) -r requirements/serve.txt
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	touch $@
+
+install: $(INSTALLED)
+
+# torch/timm for the modeller's exporter and the PyTorch reference tests. Installed with pip, whose
+# configuration on a machine may point at a local copy of these large wheels (uv would ignore it).
+$(EXPORT_INSTALLED): $(INSTALLED) requirements/export.txt
+	$(PY) -m pip install -q -r requirements/export.txt
+	touch $@
+
+install-export: $(EXPORT_INSTALLED)
+
+models: $(INSTALLED)
+	$(PY) -m tools.models --repo model_repository --cache $(CACHE)
+
+demo: $(INSTALLED) models
+	$(PY) -m launcher demo
+
+serve: $(INSTALLED) models
+	$(PY) -m launcher serve
+
+test: $(INSTALLED) $(EXPORT_INSTALLED) models
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The same without the torch extra (its tests skip).
+test-fast: $(INSTALLED) models
+	$(PY) -m pytest -q -m "not slow and not torch" $(PYTEST_ARGS)
+
+bench: $(INSTALLED) $(EXPORT_INSTALLED) models
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) bench/bench_backends.py
+
+protos: $(INSTALLED)
+	$(PY) tools/gen_stubs.py
+
+# Fails when the committed stubs differ from what the protos generate.
+check-stubs: protos
+	git diff --exit-code --stat -- gen/ || { echo "gen/ is out of date with protos/: run make protos"; exit 1; }
+	test -z "$$(git status --porcelain -- gen/)" || { git status --short -- gen/; echo "untracked generated files"; exit 1; }
+
+$(BUF):
+	mkdir -p $(CACHE)/buf
+	npm install --silent --no-save --prefix $(CACHE)/buf @bufbuild/buf@1.75.0
+
+lint-protos: $(BUF)
+	cd protos && ../$(BUF) lint
+
+ci: lint-protos check-stubs test
+
+clean:
+	rm -rf $(VENV) $(CACHE) model_repository/*/[0-9]*

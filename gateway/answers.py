@@ -1,0 +1,135 @@
+"""Turn the services' member outputs into the gateway's final answers, by the fusion rules.
+
+Pure conversions around `services.fusion`: protobuf in, numpy through the fusion functions,
+protobuf out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from services.fusion.emotion import fuse_logits, members_for, resolve_temperature
+from services.fusion.engagement import AffectDecision, decide
+from services.fusion.proxylabel import labels_of, soft_vote
+from services.fusion.rules import AFFECTS, EmotionModeName, FusionRules
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from tessera.common.v1 import common_pb2
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
+
+MODE_NAMES: dict[int, EmotionModeName] = {pb.EMOTION_MODE_ENSEMBLE: "ensemble", pb.EMOTION_MODE_STUDENT: "student"}
+MODE_VALUES = {name: value for value, name in MODE_NAMES.items()}
+AFFECT_VALUES = {name: common_pb2.Affect.Value(f"AFFECT_{name.upper()}") for name in AFFECTS}
+AFFECT_NAMES = {value: name for name, value in AFFECT_VALUES.items()}
+
+
+def emotion_mode(request_mode: int, rules: FusionRules) -> EmotionModeName:
+    if request_mode == pb.EMOTION_MODE_UNSPECIFIED:
+        return rules.emotion.default_mode
+    if request_mode not in MODE_NAMES:
+        raise InvalidArgument(f"unknown emotion mode {request_mode}: use ENSEMBLE, STUDENT or leave it unset")
+    return MODE_NAMES[request_mode]
+
+
+def emotion_answer(reply: emotion_pb.InferFacesResponse, mode: EmotionModeName, rules: FusionRules,
+                   with_members: bool, rules_version: str) -> pb.ClassifyEmotionResponse:
+    weights = members_for(rules.emotion, mode)
+    stored = {m.name: m.temperature for m in reply.models}
+    temperature = resolve_temperature(rules.emotion, mode, stored.get(rules.emotion.student))
+    class_names = list(reply.class_names)
+    images = []
+    for image in reply.images:
+        faces = []
+        if image.faces:
+            per_face = [{m.model: m.logits for m in f.members} for f in image.faces]
+            missing = sorted(set(weights) - set(per_face[0]))
+            if missing:
+                raise FailedPrecondition(f"the emotion service returned no logits for {', '.join(missing)}")
+            logits = {name: np.array([pf[name] for pf in per_face], dtype=np.float32) for name in weights}
+            probs = fuse_logits(logits, weights, temperature, rules.emotion.fusion_space)
+            for face, p in zip(image.faces, probs, strict=True):
+                faces.append(pb.FaceEmotion(
+                    box=face.box, detection_score=face.detection_score, probabilities=p.tolist(),
+                    label=class_names[int(np.argmax(p))],
+                    members=[pb.MemberLogits(model=m.model, logits=m.logits) for m in face.members]
+                    if with_members else []))
+        images.append(pb.ImageEmotions(status=image.status, faces=faces))
+    return pb.ClassifyEmotionResponse(images=images, class_names=class_names, mode=MODE_VALUES[mode],
+                                      models=reply.models, rules_version=rules_version)
+
+
+def model_outputs(outputs: Sequence[engagement_pb.ModelOutput], rules: FusionRules) -> dict[str, dict[str, np.ndarray]]:
+    """Engagement outputs by role ("temporal" / "xgboost") and affect name."""
+    roles = {rules.engagement.temporal_model: "temporal", rules.engagement.xgboost_model: "xgboost"}
+    by_role: dict[str, dict[str, np.ndarray]] = {}
+    for out in outputs:
+        role = roles.get(out.model)
+        if role is None:
+            continue
+        by_role[role] = {AFFECT_NAMES[a.affect]: np.asarray(a.probabilities, dtype=np.float64)
+                         for a in out.affects if a.affect in AFFECT_NAMES}
+    return by_role
+
+
+def affect_levels(decisions: Sequence[AffectDecision], rules: FusionRules) -> list[pb.AffectLevel]:
+    names = {"temporal": rules.engagement.temporal_model, "xgboost": rules.engagement.xgboost_model}
+    return [pb.AffectLevel(affect=AFFECT_VALUES[d.affect], level=d.level, probabilities=d.probabilities.tolist(),
+                           decided_by=names[d.decided_by], confidence=d.confidence) for d in decisions]
+
+
+def clip_answer(reply: engagement_pb.ScoreClipResponse, rules: FusionRules,
+                rules_version: str) -> pb.ScoreClipResponse:
+    decisions = decide(model_outputs(reply.outputs, rules), rules.engagement)
+    return pb.ScoreClipResponse(clip_id=reply.clip_id, affects=affect_levels(decisions, rules),
+                                frames_received=reply.frames_received, frames_with_face=reply.frames_with_face,
+                                models=reply.models, rules_version=rules_version)
+
+
+_WEIGHTING = {"softmax": proxylabel_pb.KNN_WEIGHTING_SOFTMAX, "power": proxylabel_pb.KNN_WEIGHTING_POWER,
+              "uniform": proxylabel_pb.KNN_WEIGHTING_UNIFORM}
+_AGGREGATION = {"vote": proxylabel_pb.KNN_AGGREGATION_VOTE, "regression": proxylabel_pb.KNN_AGGREGATION_REGRESSION}
+_PROXY_MODES = {"knn": proxylabel_pb.PROXY_MODE_KNN, "mlp": proxylabel_pb.PROXY_MODE_MLP,
+                "ensemble": proxylabel_pb.PROXY_MODE_ENSEMBLE}
+
+
+def knn_options(rules: FusionRules) -> proxylabel_pb.KnnOptions:
+    knn = rules.proxylabel.knn
+    opts = proxylabel_pb.KnnOptions(
+        weighting=_WEIGHTING.get(knn.weighting or "", proxylabel_pb.KNN_WEIGHTING_UNSPECIFIED),
+        aggregation=_AGGREGATION.get(knn.aggregation or "", proxylabel_pb.KNN_AGGREGATION_UNSPECIFIED))
+    for name in ("k", "tau", "power_alpha", "similarity_threshold", "prior_calibration"):
+        value = getattr(knn, name)
+        if value is not None:
+            setattr(opts, name, value)
+    return opts
+
+
+def proxy_rules(rules: FusionRules, version: str) -> proxylabel_pb.FusionRules:
+    """The snapshot a shard job carries, so the service fuses exactly as the gateway would."""
+    p = rules.proxylabel
+    return proxylabel_pb.FusionRules(version=version, mode=_PROXY_MODES[p.mode], alpha=p.alpha,
+                                     knn=knn_options(rules))
+
+
+def texts_answer(reply: proxylabel_pb.ScoreTextsResponse, rules: FusionRules,
+                 rules_version: str) -> pb.ScoreTextsResponse:
+    rows = []
+    for row in reply.rows:
+        if row.status.code != 0:
+            rows.append(pb.TextScore(id=row.id, status=row.status))
+            continue
+        knn = np.asarray([row.knn_probabilities], np.float32) if row.knn_probabilities else None
+        mlp = np.asarray([row.mlp_probabilities], np.float32) if row.mlp_probabilities else None
+        try:
+            probs = soft_vote(knn, mlp, rules.proxylabel)
+        except ValueError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        label, confidence = labels_of(probs)
+        rows.append(pb.TextScore(id=row.id, status=row.status, label=int(label[0]),
+                                 probabilities=probs[0].tolist(), confidence=float(confidence[0]),
+                                 decided_by=rules.proxylabel.mode))
+    return pb.ScoreTextsResponse(rows=rows, models=reply.models, rules_version=rules_version)

@@ -1,0 +1,52 @@
+"""Configuration of the gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.runtime.config import ProcessConfig, StrictModel
+
+
+class Targets(StrictModel):
+    """gRPC targets of the model services (any gRPC target string: host:port, dns:///name:port)."""
+
+    emotion: str = "127.0.0.1:50061"
+    engagement: str = "127.0.0.1:50062"
+    proxylabel: str = "127.0.0.1:50063"
+
+
+class Deadlines(StrictModel):
+    """Seconds a downstream call may take when the caller set no (shorter) deadline."""
+
+    unary: float = Field(30.0, gt=0)
+    stream: float = Field(3600.0, gt=0)
+    status: float = Field(2.0, gt=0)
+
+
+class RetryPolicy(StrictModel):
+    """Retries of UNAVAILABLE, in the channel's service config (gRPC does them, transparently)."""
+
+    max_attempts: int = Field(3, ge=2, le=5)
+    initial_backoff_seconds: float = Field(0.05, gt=0)
+    max_backoff_seconds: float = Field(1.0, gt=0)
+    backoff_multiplier: float = Field(2.0, ge=1)
+
+
+class AuthConfig(StrictModel):
+    """Bearer tokens accepted in the `authorization` metadata; empty = no authentication."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_file: Path | None = Field(None, description="One token per line; read at start.")
+
+
+class GatewayConfig(ProcessConfig):
+    targets: Targets = Targets()
+    rules_path: Path = Path("config/fusion_rules.yaml")
+    deadlines: Deadlines = Deadlines()
+    retry: RetryPolicy = RetryPolicy()
+    auth: AuthConfig = AuthConfig()
+    health_poll_seconds: float = Field(2.0, gt=0)
+    max_images_per_request: int = Field(32, gt=0)
+    max_rows_per_request: int = Field(4096, gt=0)

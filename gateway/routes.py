@@ -1,0 +1,128 @@
+"""Channels from the gateway to the model services: load balancing, retries, keepalive, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig, RetryPolicy
+from services.runtime.errors import ServingError, error_for
+from services.runtime.server import channel_options
+from tessera.common.v1 import common_pb2
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
+from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
+from tessera.engagement.v1 import engagement_service_pb2_grpc as engagement_grpc
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as proxylabel_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_HEALTH_STATES = {
+    health_pb2.HealthCheckResponse.SERVING: common_pb2.SERVING_STATE_SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: common_pb2.SERVING_STATE_NOT_SERVING,
+}
+
+
+def service_config(retry: RetryPolicy) -> str:
+    """The channel's service config: round robin over resolved addresses, UNAVAILABLE retried."""
+    return json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{
+            "name": [{}],  # every method of every service on the channel
+            "retryPolicy": {
+                "maxAttempts": retry.max_attempts,
+                "initialBackoff": f"{retry.initial_backoff_seconds}s",
+                "maxBackoff": f"{retry.max_backoff_seconds}s",
+                "backoffMultiplier": retry.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }],
+    })
+
+
+@dataclass
+class Route:
+    """One downstream service: its channel, stub, and last known health."""
+
+    name: str
+    service: str  # full gRPC service name, as its health service knows it
+    target: str
+    channel: grpc.aio.Channel
+    stub: Any
+    health: health_pb2_grpc.HealthStub
+    list_request: Any  # the service's ListModelsRequest class
+    state: int = common_pb2.SERVING_STATE_UNSPECIFIED
+    detail: str = ""
+    models: list[common_pb2.ModelInfo] = field(default_factory=list)
+
+    def error(self, exc: grpc.aio.AioRpcError) -> ServingError:
+        """A downstream failure as the same status, naming this service."""
+        return error_for(exc.code(), f"{self.name} service ({self.target}): {exc.details()}")
+
+    async def call(self, pending: Awaitable[T]) -> T:
+        try:
+            return await pending
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc) from None
+
+    async def refresh(self, timeout: float) -> None:
+        """Poll health and the model inventory."""
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=self.service),
+                                            timeout=timeout, wait_for_ready=False)
+            self.state = _HEALTH_STATES.get(reply.status, common_pb2.SERVING_STATE_NOT_SERVING)
+            self.detail = "" if self.state == common_pb2.SERVING_STATE_SERVING else "health check says NOT_SERVING"
+            listed = await self.stub.ListModels(self.list_request(), timeout=timeout)
+            self.models = list(listed.models)
+        except grpc.aio.AioRpcError as exc:
+            self.state = common_pb2.SERVING_STATE_UNREACHABLE
+            self.detail = f"{exc.code().name}: {exc.details()}"
+
+    def status(self) -> common_pb2.ServiceStatus:
+        return common_pb2.ServiceStatus(name=self.name, target=self.target, state=self.state,
+                                        models=self.models, detail=self.detail)
+
+
+class Routes:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        options = [
+            *channel_options(config.server),
+            ("grpc.service_config", service_config(config.retry)),
+            ("grpc.enable_retries", 1),
+        ]
+
+        def route(name: str, target: str, stub_cls: Any, pb: Any, service: str) -> Route:
+            channel = grpc.aio.insecure_channel(target, options=options)
+            full = pb.DESCRIPTOR.services_by_name[service].full_name
+            return Route(name, full, target, channel, stub_cls(channel), health_pb2_grpc.HealthStub(channel),
+                         pb.ListModelsRequest)
+
+        t = config.targets
+        self.emotion = route("emotion", t.emotion, emotion_grpc.EmotionServiceStub, emotion_pb, "EmotionService")
+        self.engagement = route("engagement", t.engagement, engagement_grpc.EngagementServiceStub, engagement_pb,
+                                "EngagementService")
+        self.proxylabel = route("proxylabel", t.proxylabel, proxylabel_grpc.ProxyLabelServiceStub, proxylabel_pb,
+                                "ProxyLabelService")
+        self.all = [self.emotion, self.engagement, self.proxylabel]
+
+    def timeout(self, context: grpc.aio.ServicerContext, kind: str = "unary") -> float:
+        """The caller's remaining deadline, capped by the configured one: never wait forever."""
+        cap = getattr(self.config.deadlines, kind)
+        remaining = context.time_remaining()
+        return cap if remaining is None else max(0.0, min(cap, remaining))
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(r.refresh(self.config.deadlines.status) for r in self.all))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.channel.close() for r in self.all))

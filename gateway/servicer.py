@@ -1,0 +1,128 @@
+"""The public gateway servicer: validate, route, fuse by the rules, answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gateway import answers
+from gateway.config import GatewayConfig
+from gateway.routes import Routes
+from services.fusion.engagement import Smoother
+from services.fusion.rules import AFFECTS, RulesStore, Smoothing
+from services.runtime.errors import InvalidArgument, ResourceExhausted
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+VERSION = "0.1.0"
+
+
+def _engagement_message(msg: pb.ScoreClipRequest | pb.StreamVideoRequest, cls: type) -> object:
+    """A clip/stream message as the engagement service takes it."""
+    if msg.WhichOneof("item") == "header":
+        return cls(header=engagement_pb.ClipHeader(clip_id=msg.header.clip_id, fps=msg.header.fps))
+    return cls(frame=msg.frame)
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, config: GatewayConfig, routes: Routes, rules: RulesStore) -> None:
+        self.config = config
+        self.routes = routes
+        self.rules = rules
+
+    async def ClassifyEmotion(self, request: pb.ClassifyEmotionRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.ClassifyEmotionResponse:
+        if not request.images:
+            raise InvalidArgument("no images in the request")
+        if len(request.images) > self.config.max_images_per_request:
+            raise ResourceExhausted(f"{len(request.images)} images exceed the limit of "
+                                    f"{self.config.max_images_per_request} per request")
+        rules, version = self.rules.current()
+        mode = answers.emotion_mode(request.mode, rules)
+        models = list(answers.members_for(rules.emotion, mode))
+        route = self.routes.emotion
+        reply = await route.call(route.stub.InferFaces(
+            emotion_pb.InferFacesRequest(images=request.images, models=models),
+            timeout=self.routes.timeout(context)))
+        return answers.emotion_answer(reply, mode, rules, request.return_member_logits, version)
+
+    async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
+                        context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:
+        async def forward() -> AsyncIterator[object]:
+            async for msg in request_iterator:
+                yield _engagement_message(msg, engagement_pb.ScoreClipRequest)
+
+        route = self.routes.engagement
+        reply = await route.call(route.stub.ScoreClip(forward(), timeout=self.routes.timeout(context, "stream")))
+        rules, version = self.rules.current()
+        return answers.clip_answer(reply, rules, version)
+
+    async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
+        async def forward() -> AsyncIterator[object]:
+            async for msg in request_iterator:
+                yield _engagement_message(msg, engagement_pb.StreamVideoRequest)
+
+        rules, version = self.rules.current()
+        smoothers = {a: Smoother(rules.engagement.smoothing.get(a, Smoothing())) for a in AFFECTS}
+        route = self.routes.engagement
+        call = route.stub.StreamVideo(forward(), timeout=self.routes.timeout(context, "stream"))
+        try:
+            async for update in call:
+                reply = pb.StreamVideoResponse(timestamp_us=update.timestamp_us, rules_version=version)
+                if update.outputs:
+                    levels = answers.affect_levels(
+                        answers.decide(answers.model_outputs(update.outputs, rules), rules.engagement), rules)
+                    for level in levels:
+                        smoothed = smoothers[answers.AFFECT_NAMES[level.affect]].update(level.probabilities)
+                        level.probabilities[:] = smoothed.tolist()
+                        level.level = int(smoothed.argmax())
+                        level.confidence = float(smoothed.max())
+                    reply.engagement.extend(levels)
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            raise route.error(exc) from None
+
+    async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ScoreTextsResponse:
+        if not request.rows:
+            raise InvalidArgument("no rows to score")
+        if len(request.rows) > self.config.max_rows_per_request:
+            raise ResourceExhausted(f"{len(request.rows)} rows exceed the limit of "
+                                    f"{self.config.max_rows_per_request} per request")
+        rules, version = self.rules.current()
+        mode = rules.proxylabel.mode
+        route = self.routes.proxylabel
+        reply = await route.call(route.stub.ScoreTexts(
+            proxylabel_pb.ScoreTextsRequest(rows=request.rows, knn=answers.knn_options(rules),
+                                            run_knn=mode in ("knn", "ensemble"), run_mlp=mode in ("mlp", "ensemble")),
+            timeout=self.routes.timeout(context)))
+        return answers.texts_answer(reply, rules, version)
+
+    async def ScoreShard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[pb.ScoreShardResponse]:
+        rules, version = self.rules.current()
+        route = self.routes.proxylabel
+        call = route.stub.ScoreShard(
+            proxylabel_pb.ScoreShardRequest(input_path=request.input_path, output_path=request.output_path,
+                                            rules=answers.proxy_rules(rules, version), batch_rows=request.batch_rows),
+            timeout=self.routes.timeout(context, "stream"))
+        try:
+            async for event in call:
+                kind = event.WhichOneof("event")
+                yield pb.ScoreShardResponse(**{kind: getattr(event, kind)})
+        except grpc.aio.AioRpcError as exc:
+            raise route.error(exc) from None
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.GetStatusResponse:
+        await self.routes.refresh_all()
+        _, version = self.rules.current()
+        return pb.GetStatusResponse(services=[r.status() for r in self.routes.all], rules_version=version,
+                                    gateway_version=VERSION)
+

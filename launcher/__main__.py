@@ -1,0 +1,59 @@
+"""`python -m launcher serve|demo`: run the suite locally."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from launcher.suite import ROOT, Suite
+
+
+def serve(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="tessera-"))
+    suite = Suite(workdir, repository=args.repository, rules=args.rules, gateway_port=args.port).start()
+    print(f"gateway SERVING on 127.0.0.1:{suite.gateway.port} (metrics :{suite.gateway.metrics_port}); "
+          f"services: " + ", ".join(f"{p.name} {p.target} (metrics :{p.metrics_port})"
+                                    for p in suite.processes.values() if p.name != "gateway"))
+    print(f"logs in {workdir}; Ctrl-C stops everything")
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop:
+        dead = [p for p in suite.processes.values() if p.popen.poll() is not None]
+        if dead:
+            print(f"{dead[0].name} exited ({dead[0].popen.returncode}):\n{dead[0].log_tail()}", file=sys.stderr)
+            suite.stop()
+            return 1
+        time.sleep(0.5)
+    codes = suite.stop()
+    print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run gateway and services until Ctrl-C")
+    p.add_argument("--port", type=int, default=50051, help="gateway port")
+    p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument("--rules", type=Path, default=ROOT / "config" / "fusion_rules.yaml")
+    sub.add_parser("demo", help="start the suite, call every public RPC once, stop")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from launcher.demo import main as demo
+
+        return demo()
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

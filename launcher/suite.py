@@ -1,0 +1,160 @@
+"""Start the gateway and the three services as local processes, wait for SERVING, stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("emotion", "engagement", "proxylabel")
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    info: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        return self.info["port"]
+
+    @property
+    def metrics_port(self) -> int:
+        return self.info["metrics_port"]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class SuiteError(RuntimeError):
+    pass
+
+
+class Suite:
+    """The whole suite on loopback. Ports are chosen by the processes (port 0) and read back
+    from their ready files, so parallel suites never race for a port."""
+
+    def __init__(self, workdir: Path, *, repository: Path = ROOT / "model_repository",
+                 rules: Path = ROOT / "config" / "fusion_rules.yaml", gateway_port: int = 0,
+                 data_roots: tuple[Path, ...] = (ROOT / "data",), extra_env: dict[str, str] | None = None,
+                 config_files: dict[str, Path] | None = None) -> None:
+        self.workdir = workdir
+        self.repository = repository
+        self.rules = rules
+        self.gateway_port = gateway_port
+        self.data_roots = data_roots
+        self.extra_env = extra_env or {}
+        self.config_files = config_files or {}
+        self.processes: dict[str, Process] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, module: str, env: dict[str, str], port: int = 0) -> Process:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ready = self.workdir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log_file = self.workdir / f"{name}.log"
+        args = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", "0", "--ready-file", str(ready)]
+        if name in self.config_files:
+            args += ["--config", str(self.config_files[name])]
+        with log_file.open("wb") as log:
+            popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env, **self.extra_env},
+                                     stdout=log, stderr=subprocess.STDOUT)
+        proc = Process(name, popen, ready, log_file)
+        self.processes[name] = proc
+        return proc
+
+    def _wait_ready(self, procs: list[Process], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            while not proc.ready_file.exists():
+                if proc.popen.poll() is not None:
+                    raise SuiteError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise SuiteError(f"{proc.name} not ready after {timeout:.0f}s:\n{proc.log_tail()}")
+                time.sleep(0.05)
+            proc.info = json.loads(proc.ready_file.read_text())
+
+    def start(self, timeout: float = 60.0) -> Suite:
+        roots = json.dumps([str(r) for r in self.data_roots])
+        try:
+            services = []
+            for name in SERVICES:
+                env = {f"TESSERA_{name.upper()}__MODEL_REPOSITORY": str(self.repository)}
+                if name == "proxylabel":
+                    env |= {"TESSERA_PROXYLABEL__INPUT_ROOTS": roots, "TESSERA_PROXYLABEL__OUTPUT_ROOTS": roots}
+                services.append(self._spawn(name, f"services.{name}", env))
+            self._wait_ready(services, timeout)
+            env = {f"TESSERA_GATEWAY__TARGETS__{p.name.upper()}": p.target for p in services}
+            env["TESSERA_GATEWAY__RULES_PATH"] = str(self.rules)
+            gateway = self._spawn("gateway", "gateway", env, self.gateway_port)
+            self._wait_ready([gateway], timeout)
+            for proc in self.processes.values():
+                wait_serving(proc.target, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def gateway(self) -> Process:
+        return self.processes["gateway"]
+
+    def stop(self, timeout: float = 20.0) -> dict[str, int | None]:
+        """SIGTERM every process (gateway first, so no new work reaches the services), then wait."""
+        order = ["gateway", *SERVICES]
+        procs = [self.processes[n] for n in order if n in self.processes]
+        for proc in procs:
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                codes[proc.name] = proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                codes[proc.name] = proc.popen.wait()
+        self.processes.clear()
+        return codes
+
+    def __enter__(self) -> Suite:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_serving(target: str, service: str = "", timeout: float = 30.0) -> None:
+    """Poll grpc.health.v1 until the service says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise SuiteError(f"{target} did not report SERVING within {timeout:.0f}s")
+            time.sleep(0.05)

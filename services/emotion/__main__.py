@@ -1,0 +1,33 @@
+"""`python -m services.emotion`: run the emotion service."""
+
+from __future__ import annotations
+
+import sys
+
+from services.emotion.config import EmotionConfig
+from services.emotion.pipeline import EmotionPipeline
+from services.emotion.servicer import SERVICE_NAME, EmotionServicer
+from services.runtime.backends.onnx import OnnxBackend
+from services.runtime.metrics import Metrics
+from services.runtime.process import App, run
+from services.runtime.repository import ModelRepository
+from services.runtime.server import Servicer
+from services.vision.faces import build_detector
+from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
+
+
+async def build(config: EmotionConfig, metrics: Metrics) -> App:
+    repository = ModelRepository(config.model_repository)
+    backend = OnnxBackend(repository, config.onnx, metrics)
+    await backend.start()
+    pipeline = EmotionPipeline(config, repository, backend, build_detector(config.detector), metrics)
+    return App([Servicer(SERVICE_NAME, EmotionServicer(pipeline), pb_grpc.add_EmotionServiceServicer_to_server)],
+               cleanup=backend.close)
+
+
+def main() -> int:
+    return run("emotion", EmotionConfig, build)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Thin gRPC servicer of the emotion service: protobuf ↔ pipeline types, nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.emotion.pipeline import EmotionPipeline, ImageInput, ImageOutput, RawPixels, ServedModel
+from services.runtime.errors import InvalidArgument, item_status
+from services.vision.faces import Box
+from tessera.common.v1 import common_pb2
+from tessera.emotion.v1 import emotion_service_pb2 as pb
+from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmotionService"].full_name
+
+_RAW_FORMATS = {
+    common_pb2.PIXEL_FORMAT_GRAY8: "gray8",
+    common_pb2.PIXEL_FORMAT_RGB8: "rgb8",
+    common_pb2.PIXEL_FORMAT_BGR8: "bgr8",
+    common_pb2.PIXEL_FORMAT_RGBA8: "rgba8",
+}
+
+
+def image_from_pb(msg: common_pb2.Image) -> ImageInput:
+    boxes = tuple(Box(b.x, b.y, b.width, b.height, 1.0) for b in msg.faces)
+    source = msg.WhichOneof("source")
+    if source == "encoded":
+        return ImageInput(encoded=msg.encoded, boxes=boxes, is_face_crop=msg.is_face_crop)
+    if source == "raw":
+        fmt = _RAW_FORMATS.get(msg.raw.format)
+        if fmt is None:
+            raise InvalidArgument(f"raw image has an unknown pixel format {msg.raw.format}")
+        raw = RawPixels(msg.raw.height, msg.raw.width, fmt, msg.raw.data)
+        return ImageInput(raw=raw, boxes=boxes, is_face_crop=msg.is_face_crop)
+    return ImageInput(boxes=boxes, is_face_crop=msg.is_face_crop)  # the pipeline reports it per image
+
+
+def model_info(m: ServedModel) -> common_pb2.ModelInfo:
+    return common_pb2.ModelInfo(name=m.name, version="" if m.version is None else str(m.version),
+                                backend=m.backend, temperature=m.temperature)
+
+
+def image_to_pb(out: ImageOutput) -> pb.ImageFaces:
+    code, message = item_status(out.error)
+    return pb.ImageFaces(
+        status=common_pb2.ItemStatus(code=code, message=message),
+        faces=[pb.Face(box=common_pb2.BoundingBox(x=f.box.x, y=f.box.y, width=f.box.w, height=f.box.h),
+                       detection_score=f.box.score,
+                       members=[pb.MemberLogits(model=name, logits=row.tolist()) for name, row in f.logits.items()])
+               for f in out.faces])
+
+
+class EmotionServicer(pb_grpc.EmotionServiceServicer):
+    def __init__(self, pipeline: EmotionPipeline) -> None:
+        self.pipeline = pipeline
+
+    async def InferFaces(self, request: pb.InferFacesRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.InferFacesResponse:
+        served = self.pipeline.check_models(list(request.models))
+        outputs = await self.pipeline.run([image_from_pb(i) for i in request.images], list(request.models))
+        return pb.InferFacesResponse(images=[image_to_pb(o) for o in outputs],
+                                     models=[model_info(m) for m in served],
+                                     class_names=list(served[0].class_names))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m) for m in self.pipeline.served_models()])

@@ -1,0 +1,46 @@
+"""Shared fixtures: the default model repository and a running suite on loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import pytest
+from skimage import data as skdata
+
+from launcher.suite import ROOT, Suite
+from tools.models.fer_student import build_fer_student
+
+CACHE = ROOT / ".cache"
+# Small limits so oversized-input tests stay cheap.
+GATEWAY_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    """The default repository (what `make models` builds; built here too, idempotently)."""
+    repo = ROOT / "model_repository"
+    build_fer_student(repo, CACHE)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def astronaut_jpeg() -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def start_suite(workdir: Path, repository: Path, **kwargs: object) -> Suite:
+    env = {"TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(GATEWAY_MAX_MESSAGE),
+           "TESSERA_GATEWAY__HEALTH_POLL_SECONDS": "0.2",
+           **kwargs.pop("extra_env", {})}  # type: ignore[dict-item]
+    return Suite(workdir, repository=repository, extra_env=env, **kwargs).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Suite]:
+    """The whole suite, shared by a test module: tests must not break it."""
+    s = start_suite(tmp_path_factory.mktemp("suite"), model_repository,
+                    data_roots=(tmp_path_factory.getbasetemp(),))
+    yield s
+    s.stop()

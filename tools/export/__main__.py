@@ -1,0 +1,87 @@
+"""Command line of the exporters.
+
+    python -m tools.export timm --arch resnet18 --checkpoint ckpt.pt --num-classes 7 \\
+        --name emotion_rn18 --repo model_repository [--version N] [--input-size 224|auto] \\
+        [--clahe-clip 2.0 --clahe-tile 8 --clahe-space lab_l|gray|none] [--temperature T] \\
+        [--class-names Angry Disgust ...] [--cache DIR]
+
+Exit status 0 when the version was written, 1 when the export was refused (nothing written),
+2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+ARCHS_HELP = "timm architecture, e.g. resnet18, tf_efficientnet_b3, convnext_tiny, mobilenetv3_large_100"
+
+
+def _input_size(text: str) -> int | None:
+    if text == "auto":
+        return None  # timm's pretrained_cfg decides
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive number of pixels or 'auto'")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m tools.export", description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="kind", required=True)
+    p = sub.add_parser("timm", help="a timm image classifier -> ONNX + config + preprocess.json")
+    p.add_argument("--arch", required=True, help=ARCHS_HELP)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path,
+                        help="state_dict file (or a dict with it under 'state_dict' / 'model')")
+    source.add_argument("--random-init", type=int, metavar="SEED", dest="seed",
+                        help="no checkpoint: random weights from this seed (smoke tests only)")
+    p.add_argument("--num-classes", type=int, required=True)
+    p.add_argument("--name", required=True, help="model name in the repository")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--version", type=int, help="default: one more than the highest existing")
+    p.add_argument("--input-size", type=_input_size, default=224,
+                   help="square input in pixels, or 'auto' for timm's pretrained_cfg (default 224)")
+    p.add_argument("--clahe-clip", type=float, default=2.0)
+    p.add_argument("--clahe-tile", type=int, default=8, help="tiles per side of the CLAHE grid")
+    p.add_argument("--clahe-space", choices=["lab_l", "gray", "none"], default="lab_l",
+                   help="where CLAHE runs; 'none' turns it off (default lab_l, the teachers' training)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--class-names", nargs="+",
+                   help="class order of the logits (default: the 7 canonical emotion classes)")
+    p.add_argument("--cache", type=Path, help="reuse and store exported graphs under this directory")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Imported after parsing so --help and usage errors do not wait for torch.
+    from services.vision.preprocess import ClaheParams
+    from tools.export.timm_export import ExportError, export_timm
+
+    started = time.perf_counter()
+    try:
+        clahe = None if args.clahe_space == "none" else ClaheParams(
+            clip_limit=args.clahe_clip, tile_grid=(args.clahe_tile, args.clahe_tile),
+            space=args.clahe_space)
+    except ValueError as exc:
+        print(f"export failed: bad CLAHE settings: {exc}", file=sys.stderr)
+        return 2
+    try:
+        out = export_timm(args.arch, args.checkpoint, args.num_classes, args.name, args.repo,
+                          version=args.version, input_size=args.input_size, clahe=clahe,
+                          temperature=args.temperature, class_names=args.class_names,
+                          seed=args.seed, cache_dir=args.cache)
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out} written in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
