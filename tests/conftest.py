@@ -10,6 +10,7 @@ import pytest
 from skimage import data as skdata
 
 from launcher.suite import ROOT, Suite
+from tests.images import png_bomb as make_png_bomb
 from tools.models.fer_student import build_fer_student
 
 CACHE = ROOT / ".cache"
@@ -44,3 +45,9 @@ def suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> I
                     data_roots=(tmp_path_factory.getbasetemp(),))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def png_bomb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A zero-filled 30000x30000 PNG: 2.7 MB on the wire, 900 MB if anyone decoded it."""
+    return make_png_bomb(tmp_path_factory.getbasetemp() / "bomb_30000.png")

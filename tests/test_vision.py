@@ -26,23 +26,14 @@ from services.vision.faces import (
     iou,
 )
 from services.vision.preprocess import PreprocessParams, load_params, preprocess_faces
+from tests.images import png_bytes as _png
+from tests.images import png_chunk as _chunk
 
 LIMITS = DecodeLimits()
 EMOTIONS = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _chunk(ctype: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
-
-
-def _png(width: int, height: int, depth: int, color: int, idat: bytes, extra: bytes = b"") -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-    )
 
 
 def _encode(ext: str, img: np.ndarray) -> bytes:
@@ -54,20 +45,6 @@ def _encode(ext: str, img: np.ndarray) -> bytes:
 @pytest.fixture(scope="module")
 def astronaut() -> np.ndarray:
     return cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
-
-
-@pytest.fixture(scope="session")
-def png_bomb(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A valid zero-filled 30000x30000 8-bit grey PNG: ~2.7 MB encoded, 900 MB+ decoded."""
-    path = tmp_path_factory.getbasetemp() / "bomb_30000.png"
-    if not path.exists():
-        side = 30000
-        comp = zlib.compressobj(9)
-        row = b"\x00" * (1 + side)  # filter byte 0 + one row of zero samples
-        parts = [comp.compress(row) for _ in range(side)]
-        parts.append(comp.flush())
-        path.write_bytes(_png(side, side, 8, 0, b"".join(parts)))
-    return path.read_bytes()
 
 
 # ----------------------------------------------------------------------------- decode

@@ -104,17 +104,17 @@ class EngagementRules(StrictModel):
     temporal_model: str = "engagement_temporal"
     xgboost_model: str = "engagement_xgb"
     affects: dict[AffectName, list[EngagementRule]] = Field(default_factory=_default_engagement_rules)
-    smoothing: dict[AffectName, Smoothing] = Field(default_factory=dict)
+    smoothing: dict[AffectName, Smoothing] = Field(default_factory=lambda: {a: Smoothing() for a in AFFECTS})
     prior_correction: PriorCorrection | None = None
 
     @model_validator(mode="after")
     def _check(self) -> EngagementRules:
-        for affect in AFFECTS:
-            rules = self.affects.get(affect)
-            if not rules:
-                raise ValueError(f"affects.{affect}: at least one rule is needed")
-            if rules[-1].confidence_above is not None:
+        for affect, rules in self.affects.items():
+            if rules and rules[-1].confidence_above is not None:
                 raise ValueError(f"affects.{affect}: the last rule must hold always (no confidence_above)")
+        missing = [a for a in AFFECTS if not self.affects.get(a)]
+        if missing:
+            raise ValueError(f"affects: at least one rule is needed for {', '.join(missing)}")
         return self
 
 

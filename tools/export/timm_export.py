@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -76,11 +77,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise ExportError(f"checkpoint {path} does not exist") from None
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(
             f"checkpoint {path} holds Python objects that safe loading (weights_only=True) refuses "
-            f"to execute: {first}. Save the weights instead: torch.save(model.state_dict(), path)"
-        ) from None
+            f"to unpickle ({_refused_global(exc)}). Save the weights alone: "
+            f"torch.save(model.state_dict(), path)") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
         raise ExportError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     for key in ("state_dict", "model"):
@@ -98,6 +98,17 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 name = name[len(prefix):]
         out[name] = tensor
     return out
+
+
+def _refused_global(exc: Exception) -> str:
+    # torch's message is a page of advice, including "load with weights_only=False", which is
+    # exactly what must not be done with a file of unknown origin: keep only what was refused.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it contains {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return found.group(1).strip() if found else type(exc).__name__
 
 
 def strip_final_softmax(model: nn.Module) -> bool:
