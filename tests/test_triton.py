@@ -216,6 +216,7 @@ async def test_model_missing_on_triton_is_failed_precondition(
 async def test_deadline_exceeded(repo: Path, triton: LocalTriton) -> None:
     backend = TritonBackend(ModelRepository(repo), TritonConfig(url=triton.grpc_url, timeout_seconds=1e-6),
                             Metrics("t"))
+    await backend.start()  # its probes time out too: reported, not raised
     try:
         with pytest.raises(DeadlineExceeded, match=triton.grpc_url):
             await backend.infer(STUDENT, inputs_for(STUDENT, 8))
