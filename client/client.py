@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc

@@ -7,6 +7,9 @@ import contextlib
 import logging
 import sys
 
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+
 from gateway.auth import bearer_authenticator, load_tokens
 from gateway.config import GatewayConfig
 from gateway.routes import Routes
@@ -16,8 +19,6 @@ from services.runtime.config import ConfigError
 from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
 from services.runtime.server import Servicer, ServingProcess
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

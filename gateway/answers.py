@@ -9,17 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from tessera.common.v1 import common_pb2
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
 from services.fusion.emotion import fuse_logits, members_for, resolve_temperature
 from services.fusion.engagement import AffectDecision, decide
 from services.fusion.proxylabel import labels_of, soft_vote
 from services.fusion.rules import AFFECTS, EmotionModeName, FusionRules
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from tessera.common.v1 import common_pb2
-from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
-from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
-from tessera.gateway.v1 import gateway_service_pb2 as pb
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
 MODE_NAMES: dict[int, EmotionModeName] = {pb.EMOTION_MODE_ENSEMBLE: "ensemble", pb.EMOTION_MODE_STUDENT: "student"}
 MODE_VALUES = {name: value for value, name in MODE_NAMES.items()}

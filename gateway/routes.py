@@ -11,10 +11,6 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from gateway.config import GatewayConfig, RetryPolicy
-from services.runtime.errors import ServingError, error_for
-from services.runtime.server import channel_options
 from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
@@ -22,6 +18,10 @@ from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
 from tessera.engagement.v1 import engagement_service_pb2_grpc as engagement_grpc
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as proxylabel_grpc
+
+from gateway.config import GatewayConfig, RetryPolicy
+from services.runtime.errors import ServingError, error_for
+from services.runtime.server import channel_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
 from gateway import answers
 from gateway.config import GatewayConfig
 from gateway.routes import Routes
 from services.fusion.engagement import Smoother
 from services.fusion.rules import AFFECTS, RulesStore, Smoothing
-from services.runtime.errors import InvalidArgument, ResourceExhausted
-from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
-from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
-from tessera.gateway.v1 import gateway_service_pb2 as pb
-from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
+from services.runtime.servicing import check_batch_size
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 VERSION = "0.1.0"
@@ -37,11 +37,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def ClassifyEmotion(self, request: pb.ClassifyEmotionRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ClassifyEmotionResponse:
-        if not request.images:
-            raise InvalidArgument("no images in the request")
-        if len(request.images) > self.config.max_images_per_request:
-            raise ResourceExhausted(f"{len(request.images)} images exceed the limit of "
-                                    f"{self.config.max_images_per_request} per request")
+        check_batch_size(len(request.images), self.config.max_images_per_request, "images")
         rules, version = self.rules.current()
         mode = answers.emotion_mode(request.mode, rules)
         models = list(answers.members_for(rules.emotion, mode))
@@ -90,11 +86,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ScoreTextsResponse:
-        if not request.rows:
-            raise InvalidArgument("no rows to score")
-        if len(request.rows) > self.config.max_rows_per_request:
-            raise ResourceExhausted(f"{len(request.rows)} rows exceed the limit of "
-                                    f"{self.config.max_rows_per_request} per request")
+        check_batch_size(len(request.rows), self.config.max_rows_per_request, "rows")
         rules, version = self.rules.current()
         mode = rules.proxylabel.mode
         route = self.routes.proxylabel

@@ -19,12 +19,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
-
-from client import TesseraClient
-from launcher.suite import ROOT, Suite
 from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
+
+from client import TesseraClient
+from launcher.suite import ROOT, Suite
 from tests.conftest import GATEWAY_MAX_MESSAGE, start_suite
 
 SERVICE_NAMES = {

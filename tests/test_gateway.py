@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 from skimage import data as skdata
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2 as pb
 
 from client import ItemError, TesseraClient
 from launcher.suite import ROOT, Suite
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tests.conftest import start_suite
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]

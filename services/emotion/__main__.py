@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
+
 from services.emotion.config import EmotionConfig
 from services.emotion.pipeline import EmotionPipeline
 from services.emotion.servicer import SERVICE_NAME, EmotionServicer
@@ -13,7 +15,6 @@ from services.runtime.process import App, run
 from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
 from services.vision.faces import build_detector
-from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
 
 async def build(config: EmotionConfig, metrics: Metrics) -> App:

@@ -14,9 +14,10 @@ import numpy as np
 
 from services.emotion.config import EmotionConfig
 from services.runtime.backends.base import Backend
-from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
+from services.runtime.servicing import check_batch_size
 from services.vision.decode import decode_image, raw_to_bgr
 from services.vision.faces import Box, FaceDetector, crop_with_margin
 from services.vision.preprocess import PreprocessParams, load_params, preprocess_faces
@@ -110,11 +111,7 @@ class EmotionPipeline:
         return [served[m] for m in models]
 
     async def run(self, images: Sequence[ImageInput], models: Sequence[str]) -> list[ImageOutput]:
-        if not images:
-            raise InvalidArgument("no images in the request")
-        if len(images) > self.config.max_images_per_request:
-            raise ResourceExhausted(
-                f"{len(images)} images exceed the limit of {self.config.max_images_per_request} per request")
+        check_batch_size(len(images), self.config.max_images_per_request, "images")
         served = self.check_models(models)
         outputs = await asyncio.gather(*(asyncio.to_thread(self._faces, image) for image in images))
         crops = [crop for out, image_crops in outputs for crop in image_crops]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import grpc
+from tessera.common.v1 import common_pb2
+from tessera.emotion.v1 import emotion_service_pb2 as pb
+from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
 from services.emotion.pipeline import EmotionPipeline, ImageInput, ImageOutput, RawPixels, ServedModel
 from services.runtime.errors import InvalidArgument, item_status
 from services.vision.faces import Box
-from tessera.common.v1 import common_pb2
-from tessera.emotion.v1 import emotion_service_pb2 as pb
-from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmotionService"].full_name
 

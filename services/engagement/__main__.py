@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
+
 from services.engagement.config import EngagementConfig
 from services.engagement.servicer import SERVICE_NAME, EngagementServicer
 from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
 from services.runtime.server import Servicer
-from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 
 async def build(config: EngagementConfig, metrics: Metrics) -> App:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from tessera.common.v1 import common_pb2
+from tessera.engagement.v1 import engagement_service_pb2 as pb
+from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 from services.engagement.config import EngagementConfig
 from services.runtime.errors import InvalidArgument
 from services.runtime.servicing import pipeline_missing, present_models, require_models
-from tessera.common.v1 import common_pb2
-from tessera.engagement.v1 import engagement_service_pb2 as pb
-from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngagementService"].full_name
 

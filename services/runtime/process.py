@@ -6,15 +6,15 @@ import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from services.runtime.config import ConfigError, ProcessConfig, load_config
+from services.runtime.interceptors import Authenticator
 from services.runtime.logs import setup_logging
 from services.runtime.metrics import Metrics
-from services.runtime.interceptors import Authenticator
 from services.runtime.server import Servicer, ServingProcess
 
 C = TypeVar("C", bound=ProcessConfig)

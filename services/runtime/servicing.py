@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from services.runtime.errors import FailedPrecondition
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 
 def present_models(repository: Path) -> set[str]:
@@ -30,3 +30,11 @@ def require_models(repository: Path, needed: Iterable[str], purpose: str) -> Non
 def pipeline_missing(purpose: str) -> FailedPrecondition:
     """For a service whose models exist but whose pipeline this build does not have yet."""
     return FailedPrecondition(f"{purpose} is not available in this build: its pipeline is not implemented yet")
+
+
+def check_batch_size(count: int, limit: int, noun: str) -> None:
+    """A whole request's item count: none is INVALID_ARGUMENT, over the limit RESOURCE_EXHAUSTED."""
+    if count == 0:
+        raise InvalidArgument(f"no {noun} in the request")
+    if count > limit:
+        raise ResourceExhausted(f"{count} {noun} exceed the limit of {limit} per request")
