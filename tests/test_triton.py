@@ -258,3 +258,35 @@ async def test_recovers_when_triton_comes_back(triton: LocalTriton, local: OnnxB
     np.testing.assert_allclose(got.outputs["logits"], want, rtol=0, atol=TOLERANCE)
     await remote.refresh()
     assert all(s.ready for s in remote.models())
+
+
+def test_start_failure_shows_the_server_log(tmp_path: Path) -> None:
+    write_linear(tmp_path)
+    model_file = tmp_path / LINEAR / "1" / "model.onnx"
+    model = onnx.load(str(model_file))
+    model.ir_version = 99  # no onnxruntime reads this: the model fails to load inside Triton
+    onnx.save(model, str(model_file))
+    server = LocalTriton(tmp_path, CACHE, ready_timeout=60)
+    try:
+        with pytest.raises(RuntimeError, match="(?s)tritonserver exited.*linear"):
+            server.start()
+        assert not server.running
+    finally:
+        server.stop()
+
+
+def test_gateway_serves_the_student_through_triton_by_configuration_alone(
+        repo: Path, triton: LocalTriton, tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    from client import TesseraClient
+    from tests.conftest import start_suite
+
+    suite = start_suite(tmp_path, repo, data_roots=(tmp_path,), extra_env={
+        "TESSERA_EMOTION__BACKEND": "triton", "TESSERA_EMOTION__TRITON__URL": triton.grpc_url})
+    try:
+        with TesseraClient(suite.gateway.target) as client:
+            reply = client.classify([astronaut_jpeg])
+            (face,) = reply.images[0].faces
+            assert face.label == "Happy" and face.probabilities[3] > 0.9
+            assert [(m.name, m.backend) for m in reply.models] == [("emotion_student", "triton")]
+    finally:
+        suite.stop()

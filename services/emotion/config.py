@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from services.runtime.backends.onnx import OnnxConfig
+from services.runtime.backends.triton import TritonConfig
 from services.runtime.config import ServiceConfig, StrictModel
 from services.vision.decode import DecodeLimits
 from services.vision.faces import HaarConfig
@@ -20,8 +21,10 @@ class CropMargin(StrictModel):
 
 
 class EmotionConfig(ServiceConfig):
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    backend: Literal["onnxruntime", "triton"] = Field(
+        "onnxruntime", description="In-process ONNX Runtime, or a Triton server (same repository).")
     onnx: OnnxConfig = OnnxConfig()
+    triton: TritonConfig = TritonConfig()
     decode: DecodeLimits = DecodeLimits()
     detector: HaarConfig = HaarConfig()
     margin: CropMargin = CropMargin()

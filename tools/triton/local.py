@@ -47,10 +47,10 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import numpy as np
 from google.protobuf import text_format
@@ -72,6 +72,11 @@ STUB_PYTHON_VERSION = "3.11"
 # numpy 1.x: the stub's pybind11 tensors come back empty with numpy 2. onnxruntime 1.20 is the
 # newest that supports numpy 1.26 and reads our models (IR 8, opset 17).
 STUB_REQUIREMENTS = ("numpy==1.26.4", "onnxruntime==1.20.1")
+# InferenceSession needs only numpy; onnxruntime's other requirements (sympy, protobuf, flatbuffers,
+# coloredlogs) serve its tools and would double the directory.
+STUB_PIP_OPTIONS = ("--no-deps",)
+# Overlays of other repository contents are deleted after this long unused.
+OVERLAY_MAX_AGE_SECONDS = 7 * 24 * 3600
 READY_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 15.0
 # Triton waits this long for in-flight requests on SIGTERM before it exits.
@@ -291,7 +296,7 @@ def find_stub_python() -> str:
 
 def build_site_packages(dest: Path, python: str) -> Path:
     """The stub's own site-packages (numpy 1.x + onnxruntime), built once per requirement set."""
-    wanted = "\n".join([f"python{STUB_PYTHON_VERSION}", *STUB_REQUIREMENTS]) + "\n"
+    wanted = "\n".join([f"python{STUB_PYTHON_VERSION}", *STUB_PIP_OPTIONS, *STUB_REQUIREMENTS]) + "\n"
     stamp = dest / ".tessera-requirements"
     if stamp.exists() and stamp.read_text() == wanted:
         return dest
@@ -299,12 +304,12 @@ def build_site_packages(dest: Path, python: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_TARGET", "VIRTUAL_ENV"))}
     _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location",
-          "--quiet", "--target", str(tmp), *STUB_REQUIREMENTS],
+          "--quiet", *STUB_PIP_OPTIONS, "--target", str(tmp), *STUB_REQUIREMENTS],
          "building the python-backend site-packages", env=env)
     # Import the packages the way the stub will (isolated mode) before trusting the directory.
-    versions = _run([python, "-I", "-c",
-                     f"import sys; sys.path.insert(0, {str(tmp)!r}); import numpy, onnxruntime; "
-                     "print(numpy.__version__, onnxruntime.__version__)"],
+    probe = (f"import sys; sys.path.insert(0, {str(tmp)!r}); import numpy, onnxruntime; "
+             "print(numpy.__version__, onnxruntime.__version__)")
+    versions = _run([python, "-I", "-c", probe],
                     "checking the python-backend site-packages", env=env).split()
     if not versions or not versions[0].startswith("1."):
         raise RuntimeError(f"{tmp}: numpy {versions[:1]} is not 1.x; the backend stub needs numpy 1")
@@ -380,7 +385,9 @@ def write_overlay(repository: ModelRepository, root: Path, site_packages: Path,
         plans.append((entry, config, files))
     names = [e.name for e in entries]
     target = root / digest.hexdigest()[:16]
+    _prune_overlays(root, keep=target)
     if (target / ".complete").exists():
+        target.touch()  # in use: keeps it from pruning
         return target, names
     tmp = root / f".{target.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -398,6 +405,16 @@ def write_overlay(repository: ModelRepository, root: Path, site_packages: Path,
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target, names
+
+
+def _prune_overlays(root: Path, keep: Path) -> None:
+    """Delete overlays unused for a week (e.g. of test repositories in temporary directories)."""
+    if not root.is_dir():
+        return
+    cutoff = time.time() - OVERLAY_MAX_AGE_SECONDS
+    for overlay in root.iterdir():
+        if overlay != keep and overlay.is_dir() and overlay.stat().st_mtime < cutoff:
+            shutil.rmtree(overlay, ignore_errors=True)
 
 
 def free_ports(host: str, count: int = 3) -> list[int]:
@@ -428,20 +445,33 @@ def log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _stop_group(pid: int, timeout: float) -> None:
-    """SIGTERM the server's process group (it and its backend stubs), SIGKILL if it lingers."""
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs. Zombies do not count: signal 0 would find them,
+    and in a container whose init does not reap, orphaned backend stubs stay zombies."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _stop_group(pgid: int, timeout: float, reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM the server's process group (it and its backend stubs), SIGKILL what lingers.
+    ``reap`` collects the leader when it is our child, so it does not linger as a zombie."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
+            reap()
+            if not _group_alive(pgid):
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
 
 class LocalTriton:
@@ -592,7 +622,7 @@ class LocalTriton:
         process, self._process = self._process, None
         if process is None:
             return
-        _stop_group(process.pid, timeout)
+        _stop_group(process.pid, timeout, process.poll)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=1.0)
 
@@ -601,7 +631,7 @@ class LocalTriton:
         atexit.unregister(self.stop)
         self._process = None
 
-    def __enter__(self) -> LocalTriton:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -49,6 +49,9 @@ from services.runtime.repository import ModelEntry, ModelRepository, onnx_signat
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "triton"
+# First and longest wait before the channel tries Triton again after a failed connection.
+RECONNECT_BACKOFF_MS = (200, 2000)
+MIB = 1024 * 1024
 
 
 class TritonConfig(StrictModel):
@@ -58,6 +61,7 @@ class TritonConfig(StrictModel):
     models: tuple[str, ...] | None = Field(
         None, description="Models served through Triton; null: every onnxruntime_onnx model of the "
         "repository. Other kinds (faiss, xgboost, tokenizers) stay with their in-process backends.")
+    max_message_bytes: int = Field(256 * MIB, gt=0, description="Largest request or response.")
     ssl: bool = Field(False, description="TLS to Triton with the system's root certificates.")
     control_models: bool = Field(
         False, description="Ask Triton to (re)load models on load()/reload(); needs Triton in "
@@ -93,6 +97,24 @@ def _status_code(exc: InferenceServerException) -> grpc.StatusCode | None:
     """The gRPC code tritonclient folded into a string ("StatusCode.UNAVAILABLE")."""
     name = (exc.status() or "").rsplit(".", 1)[-1]
     return grpc.StatusCode.__members__.get(name)
+
+
+def _channel_args(config: TritonConfig) -> list[tuple[str, int]]:
+    keepalive = triton_grpc.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        # gRPC shares subchannels between channels to the same address by default, so a fresh
+        # channel would inherit the dead one's reconnect backoff; and keep that backoff short.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
 
 
 class TritonBackend:
@@ -206,7 +228,8 @@ class TritonBackend:
 
     def _get_client(self) -> triton_aio.InferenceServerClient:
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.config.url, ssl=self.config.ssl)
+            self._client = triton_aio.InferenceServerClient(
+                self.config.url, ssl=self.config.ssl, channel_args=_channel_args(self.config))
         return self._client
 
     def _retire(self, client: triton_aio.InferenceServerClient) -> None:
