@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tools.models.fer_student import build_fer_student
+from tools.models.minilm import build_text_embedder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    built = [build_fer_student(args.repo, args.cache)]
+    built = [build_fer_student(args.repo, args.cache), build_text_embedder(args.repo, args.cache)]
     print(f"model repository {args.repo}: {', '.join(p.name for p in built)} ready "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
