@@ -44,16 +44,18 @@ _EXPORT = """
 import sys
 from pathlib import Path
 from tools.export.timm_export import DEFAULT_CACHE, export_timm
-repo = Path(sys.argv[1])
+base = Path(sys.argv[1])
 for arch in sys.argv[2:]:
-    export_timm(arch, None, 7, arch, repo, seed={seed}, input_size={size}, cache_dir=DEFAULT_CACHE)
+    export_timm(arch, None, 7, arch, base / arch, seed={seed}, input_size={size},
+                cache_dir=DEFAULT_CACHE)
 """
 
 
-def export_models(repo: Path, archs: list[str]) -> None:
-    """Export (or copy from the cache) each architecture into ``repo`` in a torch subprocess."""
+def export_models(base: Path, archs: list[str]) -> None:
+    """Export (or copy from the cache) each architecture into its own repository ``base/<arch>``,
+    in a torch subprocess; one repository per model so the backend loads only what is measured."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _EXPORT.format(seed=SEED, size=INPUT_SIZE), str(repo), *archs],
+    subprocess.run([sys.executable, "-c", _EXPORT.format(seed=SEED, size=INPUT_SIZE), str(base), *archs],
                    cwd=ROOT, check=True)
     print(f"models ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
@@ -101,10 +103,10 @@ async def measure(repo: Path, arch: str, batch: int, iters: int, warmup: int,
 async def run(args: argparse.Namespace) -> None:
     config = OnnxConfig(intra_op_threads=2, allow_spinning=False)
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
-        repo = Path(tmp)
-        export_models(repo, args.archs)
+        base = Path(tmp)
+        export_models(base, args.archs)
         for arch in args.archs:
-            add_nodelay_copy(repo, arch)
+            add_nodelay_copy(base / arch, arch)
         header = (f"{'model':<24}{'batch':>6}{'ort run ms':>12}{'backend ms':>12}{'ratio':>8}"
                   f"{'no-delay ms':>13}{'ratio':>8}")
         print(f"ONNX Runtime {ort.__version__}, intra_op {config.intra_op_threads}, spinning off, "
@@ -114,7 +116,7 @@ async def run(args: argparse.Namespace) -> None:
         for arch in args.archs:
             for batch in args.batches:
                 iters = max(3, args.iters // 4) if batch >= 16 else args.iters
-                plain, served, bare = await measure(repo, arch, batch, iters, args.warmup, config)
+                plain, served, bare = await measure(base / arch, arch, batch, iters, args.warmup, config)
                 print(f"{arch:<24}{batch:>6}{plain * 1e3:>12.2f}{served * 1e3:>12.2f}"
                       f"{served / plain:>8.3f}{bare * 1e3:>13.2f}{bare / plain:>8.3f}", flush=True)
 

@@ -41,9 +41,12 @@ CACHE = te.DEFAULT_CACHE
 
 def assert_logits_close(got: np.ndarray, expected: np.ndarray) -> None:
     assert got.shape == expected.shape
-    allowed = te.TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    largest = float(np.abs(expected).max())
     diff = float(np.abs(got - expected).max())
-    assert diff <= allowed, f"max |served - torch| = {diff:.3g} > {allowed:.3g}"
+    assert diff <= te.TOLERANCE * max(1.0, largest), f"max |served - torch| = {diff:.3g}"
+    # Random-init networks can have tiny logits (tf_efficientnet_b3: ~2e-4), where the absolute
+    # floor above would accept almost anything: hold them to the same tolerance, relative.
+    assert diff <= te.TOLERANCE * largest, f"max |served - torch| = {diff:.3g}, largest {largest:.3g}"
 
 
 def torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
@@ -98,7 +101,7 @@ async def test_served_logits_equal_pytorch(repo: Path, references: dict[str, nn.
             assert_logits_close(result.outputs["logits"], expected)
             assert result.version == 1
             if batch > 1:  # the comparison means something only if the logits depend on the face
-                assert np.ptp(expected, axis=0).max() > 1e-4
+                assert np.ptp(expected, axis=0).max() > 0.01 * np.abs(expected).max()
     finally:
         await backend.close()
 
