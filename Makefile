@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 EXPORT_INSTALLED := $(VENV)/.export-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-export models demo serve test test-fast bench protos check-stubs lint-protos ci clean
+.PHONY: install install-export models demo serve test test-fast bench protos check-stubs lint-protos ci clean prometheus
 
 $(INSTALLED): requirements/serve.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,11 +38,18 @@ demo: $(INSTALLED) models
 serve: $(INSTALLED) models
 	$(PY) -m launcher serve
 
-test: $(INSTALLED) $(EXPORT_INSTALLED) models
+# A real Prometheus (and promtool) for the deploy tests: Debian's package; its system service is
+# stopped, the tests start their own.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+	-@service prometheus stop >/dev/null 2>&1; true
+
+test: $(INSTALLED) $(EXPORT_INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The same without the torch extra (its tests skip).
-test-fast: $(INSTALLED) models
+test-fast: $(INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow and not torch" $(PYTEST_ARGS)
 
 bench: $(INSTALLED) $(EXPORT_INSTALLED) models

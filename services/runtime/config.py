@@ -38,6 +38,9 @@ class ServerConfig(StrictModel):
     keepalive_time_ms: int = Field(30_000, gt=0)
     keepalive_timeout_ms: int = Field(10_000, gt=0)
     max_concurrent_rpcs: int | None = Field(None, gt=0)
+    max_connection_age_ms: int | None = Field(
+        300_000, gt=0, description="Clients reconnect (and re-resolve DNS) after this, so new replicas get traffic.")
+    max_connection_age_grace_ms: int = Field(30_000, ge=0)
     ready_file: Path | None = Field(
         None, description="Written (JSON: ports, pid) once the server is SERVING; for launchers and tests."
     )

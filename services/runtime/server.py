@@ -32,6 +32,7 @@ class Servicer:
 
 
 def channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    """Message sizes and keepalive: the same for the server and the gateway's client channels."""
     return [
         ("grpc.max_receive_message_length", config.max_receive_message_bytes),
         ("grpc.max_send_message_length", config.max_send_message_bytes),
@@ -58,9 +59,13 @@ class ServingProcess:
         self.servicers = list(servicers)
         self.metrics = metrics or Metrics(process)
         self.health = health.aio.HealthServicer()
+        options = channel_options(config)
+        if config.max_connection_age_ms is not None:
+            options += [("grpc.max_connection_age_ms", config.max_connection_age_ms),
+                        ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms)]
         self.server = grpc.aio.server(
             interceptors=[ServingInterceptor(self.metrics, authenticate)],
-            options=channel_options(config),
+            options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         self.port: int = 0
