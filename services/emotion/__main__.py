@@ -14,6 +14,7 @@ from services.runtime.backends.onnx import OnnxBackend
 from services.runtime.backends.triton import TritonBackend
 from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
+from services.runtime.reloader import RepositoryPoller
 from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
 from services.vision.faces import build_detector
@@ -25,8 +26,17 @@ async def build(config: EmotionConfig, metrics: Metrics) -> App:
                         else OnnxBackend(repository, config.onnx, metrics))
     await backend.start()
     pipeline = EmotionPipeline(config, repository, backend, build_detector(config.detector), metrics)
+    poller = RepositoryPoller(backend, config.repository_poll_seconds)
+
+    async def on_start(_server: object) -> None:
+        poller.start()
+
+    async def cleanup() -> None:
+        await poller.stop()
+        await backend.close()
+
     return App([Servicer(SERVICE_NAME, EmotionServicer(pipeline), pb_grpc.add_EmotionServiceServicer_to_server)],
-               cleanup=backend.close)
+               on_start=on_start, cleanup=cleanup)
 
 
 def main() -> int:

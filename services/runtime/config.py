@@ -148,3 +148,5 @@ class ServiceConfig(ProcessConfig):
     """What every model service has beyond a process: the model repository it serves from."""
 
     model_repository: Path = Field(Path("model_repository"), description="Triton-layout model repository.")
+    repository_poll_seconds: float | None = Field(
+        5.0, gt=0, description="How often to look for new model versions (hot swap); null: never.")

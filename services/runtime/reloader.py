@@ -1,0 +1,47 @@
+"""Hot model swaps: poll the repository and let the backend load new versions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from services.runtime.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class RepositoryPoller:
+    """Calls ``backend.reload()`` every interval; a failed reload is logged, never fatal (the
+    models already served keep serving)."""
+
+    def __init__(self, backend: Backend, interval: float | None,
+                 on_change: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
+        self.backend = backend
+        self.interval = interval
+        self.on_change = on_change
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval is not None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                changed = await self.backend.reload()
+            except Exception:  # noqa: BLE001 - keep polling; the served models are unaffected
+                log.exception("model repository reload failed")
+                continue
+            if changed:
+                log.info("models reloaded: %s", ", ".join(changed))
+                if self.on_change:
+                    await self.on_change(changed)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
