@@ -1,0 +1,389 @@
+"""In-process XGBoost backend for models in the Triton FIL backend's layout.
+
+The same repository directory production Triton serves with the FIL backend is served here with
+the ``xgboost`` Booster (DESIGN.md §3):
+
+    <repo>/<model>/config.pbtxt            backend: "fil", parameters model_type / output_class /
+                                           predict_proba / threshold, input__0, output__0
+    <repo>/<model>/<version>/xgboost.json  FIL's default file name for model_type xgboost_json
+
+Model files are Booster JSON (or UBJSON): loading them parses data and executes no code. Outputs
+follow FIL's conventions so either server gives the same tensors: with ``predict_proba`` one
+probability per class ([n, n_classes], binary models too: [1 - p, p]); without it the class id
+([n, 1]); a regressor (``output_class: false``) its prediction.
+
+Versions and reload behave like the ONNX backend: a (booster, batcher) pair per model is swapped
+in one assignment, in-flight requests finish on the old pair, and a new version that fails to load
+leaves the old one serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xgboost as xgb
+from pydantic import Field
+from tritonclient.grpc import model_config_pb2 as mc
+
+from services.runtime.backends.base import InferResult, ModelStatus
+from services.runtime.backends.onnx import _InputSpec, batch_policy, check_request
+from services.runtime.batching import DynamicBatcher
+from services.runtime.config import StrictModel
+from services.runtime.errors import FailedPrecondition, NotFound
+from services.runtime.metrics import Metrics
+from services.runtime.repository import ModelEntry, ModelRepository
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "xgboost"
+FIL_BACKEND = "fil"
+INPUT_NAME = "input__0"
+OUTPUT_NAME = "output__0"
+
+# FIL's default file name per model_type, for the types a Booster loads without executing code.
+# FIL's other types (legacy binary "xgboost", "lightgbm", "treelite_checkpoint") need Triton.
+MODEL_FILENAMES = {"xgboost_json": "xgboost.json", "xgboost_ubj": "xgboost.ubj"}
+_OTHER_FIL_FILENAMES = ("xgboost.model", "model.txt", "checkpoint.tl")
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+class XgbConfig(StrictModel):
+    nthread: int = Field(
+        1, ge=1, description="XGBoost threads per prediction. Small: the process shares 2 cores with "
+        "the event loop and other models' batchers, and tree batches of a few rows gain little.")
+    max_queue_size: int = Field(
+        1024, gt=0, description="Queued requests per model beyond which requests are refused "
+        "(the config's default_queue_policy.max_queue_size wins when set).")
+
+
+def is_xgb_entry(entry: ModelEntry) -> bool:
+    """Models this backend answers for: every FIL model (types it cannot load are reported as
+    broken, which says more than NotFound); an unreadable config counts when its directory holds
+    FIL model files."""
+    if entry.config is None:
+        names = (*MODEL_FILENAMES.values(), *_OTHER_FIL_FILENAMES)
+        return any(any(entry.path.glob(f"*/{n}")) for n in names)
+    return entry.config.backend == FIL_BACKEND
+
+
+def _flag(parameters: dict[str, str], key: str, default: bool) -> bool:
+    value = parameters.get(key, "").strip().lower()
+    return default if not value else value == "true"
+
+
+def model_file(entry: ModelEntry) -> tuple[str | None, str | None]:
+    """(file name of the entry's model type, why it cannot be served in process)."""
+    assert entry.config is not None
+    model_type = entry.parameters.get("model_type", "")
+    if model_type not in MODEL_FILENAMES:
+        return None, (f"{entry.path / 'config.pbtxt'}: model_type '{model_type}' is served only by "
+                      f"Triton's FIL backend; in process: {sorted(MODEL_FILENAMES)}")
+    return entry.config.default_model_filename or MODEL_FILENAMES[model_type], None
+
+
+def served_version(entry: ModelEntry, filename: str) -> int | None:
+    """The version to serve. The repository cannot tell a FIL version being copied in from a
+    complete one (it knows no FIL file names), so with the default "latest" policy the newest
+    version that has its model file wins; other policies keep the repository's choice."""
+    assert entry.config is not None
+    if entry.config.version_policy.WhichOneof("policy_choice") in (None, "latest"):
+        complete = [v for v, d in entry.versions.items() if (d / filename).is_file()]
+        return max(complete) if complete else entry.version
+    return entry.version
+
+
+def _stat(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def fingerprint(entry: ModelEntry) -> tuple:
+    """What must change for a reload to reload the model. The repository's own fingerprint holds
+    the version directory, not the model file, for kinds it knows no file name of."""
+    if entry.config is None or entry.error is not None:
+        return (entry.fingerprint, entry.error)
+    filename, _ = model_file(entry)
+    if filename is None:
+        return (entry.fingerprint,)
+    version = served_version(entry, filename)
+    path = entry.versions[version] / filename if version in entry.versions else None
+    return (entry.fingerprint, version, _stat(path) if path else None)
+
+
+def _xgb_error(exc: Exception) -> str:
+    # XGBoostError messages end with a native stack trace: keep the part that says what is wrong.
+    return str(exc).split("Stack trace:")[0].strip()
+
+
+def load_booster(path: Path, model_type: str, nthread: int) -> xgb.Booster:
+    """Read a Booster from JSON/UBJSON bytes; ValueError naming the file if it is not one."""
+    data = path.read_bytes()
+    if model_type == "xgboost_json" and not data.lstrip()[:1] == b"{":
+        raise ValueError(f"{path}: not XGBoost JSON (model_type xgboost_json)")
+    booster = xgb.Booster(params={"nthread": nthread, "device": "cpu"})
+    try:
+        # From bytes: the format is detected from the content, not the file name, and the file
+        # read is exactly the one checked above.
+        booster.load_model(bytearray(data))
+    except xgb.core.XGBoostError as exc:
+        raise ValueError(f"{path}: XGBoost cannot load it: {_xgb_error(exc)}") from None
+    return booster
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What a loaded booster gives per row, and how the config must declare it."""
+
+    predict: Predict
+    n_features: int
+    output_dim: int
+    describe: str
+
+
+def make_predictor(booster: xgb.Booster, parameters: dict[str, str]) -> _Model:
+    """The prediction function FIL's parameters ask for; ValueError for objectives they cannot
+    express (e.g. a ranker served as a classifier)."""
+    learner = json.loads(booster.save_config())["learner"]
+    objective = learner["objective"]["name"]
+    params = learner["learner_model_param"]
+    num_class = int(params.get("num_class", "0"))
+    if int(params.get("num_target", "1")) > 1:
+        raise ValueError("multi-target boosters are not served")
+    n_features = booster.num_features()
+    classifier = _flag(parameters, "output_class", False)
+    proba = _flag(parameters, "predict_proba", False)
+    threshold = float(parameters.get("threshold") or 0.5)
+
+    def raw(x: np.ndarray) -> np.ndarray:
+        return booster.inplace_predict(x, validate_features=False)
+
+    if not classifier:
+        return _Model(lambda x: raw(x).reshape(x.shape[0], -1).astype(np.float32), n_features, 1,
+                      f"regressor ({objective})")
+    if objective == "binary:logistic":
+        def binary_proba(x: np.ndarray) -> np.ndarray:
+            p = raw(x).astype(np.float32)
+            return np.stack([1.0 - p, p], axis=1)
+        prob_fn, n_classes = binary_proba, 2
+    elif objective == "multi:softprob":
+        prob_fn, n_classes = (lambda x: raw(x).astype(np.float32)), num_class
+    elif objective == "multi:softmax":
+        # softmax predicts labels; its probabilities are the softmax of the margins (= softprob).
+        def margin_softmax(x: np.ndarray) -> np.ndarray:
+            z = booster.inplace_predict(x, predict_type="margin", validate_features=False)
+            return _softmax(z.astype(np.float64)).astype(np.float32)
+        prob_fn, n_classes = margin_softmax, num_class
+    else:
+        raise ValueError(f"objective '{objective}' gives no class probabilities; "
+                         "set output_class to false to serve it as a regressor")
+    if proba:
+        return _Model(prob_fn, n_features, n_classes, f"{n_classes}-class probabilities ({objective})")
+
+    def class_id(x: np.ndarray) -> np.ndarray:
+        p = prob_fn(x)
+        ids = (p[:, 1] > threshold) if n_classes == 2 else p.argmax(axis=1)
+        return ids.astype(np.float32)[:, None]
+
+    return _Model(class_id, n_features, 1, f"class ids of {n_classes} classes ({objective})")
+
+
+def check_config(config: mc.ModelConfig, model: _Model) -> list[str]:
+    """How a FIL config disagrees with the booster it names (empty when they agree)."""
+    problems = []
+    if config.max_batch_size <= 0:
+        problems.append("max_batch_size must be > 0 (FIL models always batch)")
+    if len(config.input) != 1:
+        problems.append(f"needs exactly one input ('{INPUT_NAME}'), has {len(config.input)}")
+    else:
+        t = config.input[0]
+        if t.data_type != mc.TYPE_FP32:
+            problems.append(f"input '{t.name}' must be TYPE_FP32, is {mc.DataType.Name(t.data_type)}")
+        if list(t.dims) not in ([model.n_features], [-1]):
+            problems.append(f"input '{t.name}' dims {list(t.dims)}; the booster has "
+                            f"{model.n_features} features")
+    if len(config.output) < 1:
+        problems.append(f"needs an output ('{OUTPUT_NAME}')")
+    else:
+        t = config.output[0]
+        if t.data_type != mc.TYPE_FP32:
+            problems.append(f"output '{t.name}' must be TYPE_FP32, is {mc.DataType.Name(t.data_type)}")
+        if list(t.dims) not in ([model.output_dim], [-1]):
+            problems.append(f"output '{t.name}' dims {list(t.dims)}; the booster gives "
+                            f"{model.describe}: [{model.output_dim}]")
+    return problems
+
+
+@dataclass(frozen=True)
+class _Served:
+    entry: ModelEntry
+    version: int
+    batcher: DynamicBatcher
+    inputs: tuple[_InputSpec, ...]
+
+
+class XgbBackend:
+    """Serves every FIL-backend model of a repository with the XGBoost Booster, in process."""
+
+    name = BACKEND_NAME
+
+    def __init__(self, repository: ModelRepository, config: XgbConfig, metrics: Metrics) -> None:
+        self.repository = repository
+        self.config = config
+        self.metrics = metrics
+        self._served: dict[str, _Served] = {}
+        self._errors: dict[str, str] = {}  # why a model (or its newest version) is not served
+        self._applied: dict[str, tuple] = {}  # fingerprint each model was last loaded from
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._lock:
+            mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
+            for entry, fp in mine.values():
+                await self._apply(entry, fp)
+        log.info("xgboost backend: %d models ready, %d broken", len(self._served),
+                 len(set(self._errors) - set(self._served)))
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> InferResult:
+        served = self._served.get(model)
+        if served is None:
+            if model in self._errors:
+                raise FailedPrecondition(f"model '{model}' is not loaded: {self._errors[model]}")
+            raise NotFound(f"model '{model}' is not an XGBoost (FIL) model of the repository "
+                           f"{self.repository.root}")
+        check_request(model, served.inputs, inputs)
+        # Bound before the await: this request finishes on this version whatever a reload does.
+        outputs = await served.batcher.submit(inputs)
+        return InferResult(outputs, model, served.version, BACKEND_NAME)
+
+    def models(self) -> list[ModelStatus]:
+        out = []
+        for name in sorted(set(self._served) | set(self._errors)):
+            served = self._served.get(name)
+            if served is not None:
+                out.append(ModelStatus(name, served.version, BACKEND_NAME, True, self._errors.get(name),
+                                       tuple(served.entry.versions)))
+            else:
+                entry = self.repository.get(name) if name in self.repository else None
+                out.append(ModelStatus(name, entry.version if entry else None, BACKEND_NAME, False,
+                                       self._errors[name], tuple(entry.versions) if entry else ()))
+        return out
+
+    async def load(self, model: str) -> ModelStatus:
+        async with self._lock:
+            mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
+            if model not in mine:
+                self.repository.get(model)  # NotFound naming the repository when it is absent
+                raise NotFound(f"model '{model}' of {self.repository.root} is not an XGBoost (FIL) "
+                               "model")
+            await self._apply(*mine[model])
+        return next(s for s in self.models() if s.name == model)
+
+    async def reload(self) -> list[str]:
+        async with self._lock:
+            mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
+            changed = [n for n, (_, fp) in mine.items() if self._applied.get(n) != fp]
+            for name in changed:
+                await self._apply(*mine[name])
+            removed = [n for n in self._applied if n not in mine]
+            for name in removed:
+                await self._unload(name)
+        if changed or removed:
+            log.info("xgboost backend reloaded: changed %s, removed %s", changed, removed)
+        return changed + removed
+
+    async def close(self) -> None:
+        async with self._lock:
+            for name in list(self._applied):
+                await self._unload(name)
+
+    # -- internals
+
+    def _mine(self) -> dict[str, tuple[ModelEntry, tuple]]:
+        """Rescan and fingerprint this backend's models (file system work: a worker thread)."""
+        self.repository.rescan()
+        return {e.name: (e, fingerprint(e)) for e in self.repository.entries() if is_xgb_entry(e)}
+
+    async def _apply(self, entry: ModelEntry, fp: tuple) -> None:
+        """Load an entry and swap it in; on failure keep any version already serving."""
+        self._applied[entry.name] = fp
+        loop = asyncio.get_running_loop()
+        loaded, error = await loop.run_in_executor(None, self._open, entry)
+        if error is not None:
+            self._errors[entry.name] = error
+            if entry.name in self._served:
+                log.error("model %s: new version not loaded, version %d keeps serving: %s",
+                          entry.name, self._served[entry.name].version, error)
+            else:
+                log.error("model %s not loaded: %s", entry.name, error)
+            return
+        assert loaded is not None and entry.config is not None
+        version, model = loaded
+        output = entry.config.output[0].name
+        predict = model.predict
+
+        def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {output: predict(inputs[INPUT_NAME])}
+
+        batcher = DynamicBatcher(entry.name, run, batch_policy(entry, self.config.max_queue_size),
+                                 self.metrics, version, BACKEND_NAME)
+        spec = _InputSpec(INPUT_NAME, np.dtype(np.float32), (-1, model.n_features), False)
+        new = _Served(entry, version, batcher, (spec,))
+        old = self._served.get(entry.name)
+        self._served[entry.name] = new  # the swap: one assignment on the event loop
+        self._errors.pop(entry.name, None)
+        log.info("model %s version %d loaded: %s", entry.name, version, model.describe)
+        if old is not None:
+            await old.batcher.close()  # drains what was queued on the old version
+
+    async def _unload(self, name: str) -> None:
+        self._applied.pop(name, None)
+        self._errors.pop(name, None)
+        old = self._served.pop(name, None)
+        if old is not None:
+            await old.batcher.close()
+
+    def _open(self, entry: ModelEntry) -> tuple[tuple[int, _Model] | None, str | None]:
+        """Load and check a booster (runs in a worker thread); the error names the file."""
+        if entry.error is not None:
+            return None, entry.error
+        assert entry.config is not None
+        config_path = entry.path / "config.pbtxt"
+        filename, why = model_file(entry)
+        if filename is None:
+            return None, why
+        if entry.config.input and entry.config.input[0].name != INPUT_NAME:
+            return None, (f"{config_path}: FIL's input is named '{INPUT_NAME}', not "
+                          f"'{entry.config.input[0].name}'")
+        version = served_version(entry, filename)
+        if version is None or version not in entry.versions:
+            return None, f"{entry.path}: no version directory with {filename}"
+        path = entry.versions[version] / filename
+        if not path.is_file():
+            return None, f"{path}: missing"
+        try:
+            booster = load_booster(path, entry.parameters["model_type"], self.config.nthread)
+            model = make_predictor(booster, dict(entry.parameters))
+        except ValueError as exc:
+            message = str(exc)
+            return None, message if str(path) in message else f"{path}: {message}"
+        except OSError as exc:
+            return None, f"{path}: cannot read: {exc.strerror}"
+        problems = check_config(entry.config, model)
+        if problems:
+            return None, f"{path}: does not match {config_path}: " + "; ".join(problems)
+        return (version, model), None
