@@ -17,7 +17,7 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
 from services.fusion.emotion import fuse_logits, members_for, resolve_temperature
 from services.fusion.engagement import AffectDecision, decide
-from services.fusion.proxylabel import labels_of, soft_vote
+from services.fusion.proxylabel import final_labels, soft_vote
 from services.fusion.rules import AFFECTS, EmotionModeName, FusionRules
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 
@@ -128,7 +128,8 @@ def texts_answer(reply: proxylabel_pb.ScoreTextsResponse, rules: FusionRules,
             probs = soft_vote(knn, mlp, rules.proxylabel)
         except ValueError as exc:
             raise FailedPrecondition(str(exc)) from None
-        label, confidence = labels_of(probs)
+        own = np.asarray([row.knn_label]) if row.knn_probabilities else None
+        label, confidence = final_labels(probs, rules.proxylabel, own)
         rows.append(pb.TextScore(id=row.id, status=row.status, label=int(label[0]),
                                  probabilities=probs[0].tolist(), confidence=float(confidence[0]),
                                  decided_by=rules.proxylabel.mode))

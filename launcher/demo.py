@@ -11,9 +11,6 @@ from typing import Any
 
 import cv2
 import grpc
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from skimage import data as skdata
 
 from client import TesseraClient
@@ -24,18 +21,24 @@ EXPECTED = (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 def _sample_shard(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+    """64 generated tulu-like rows with known scores, embedded by the served text embedder."""
     path = root / "demo_shard.parquet"
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(4, 384)).astype(np.float32)
-    table = pa.table({
-        "id": [f"row-{i}" for i in range(4)],
-        "messages": [[{"role": "user", "content": f"Question {i}?"},
-                      {"role": "assistant", "content": f"Answer {i}."}] for i in range(4)],
-        "embedding": list(emb),
-    })
-    pq.write_table(table, path)
+    if not path.exists():
+        from services.proxylabel.embedder import embed_offline
+        from tools.proxylabel.generate import write_shard
+
+        embedder = ROOT / "model_repository" / "text_embedder"
+        write_shard(path, 64, labelled_fraction=1.0, seed=7, row_group_rows=16, id_prefix="demo",
+                    embed=lambda texts: embed_offline(embedder, texts),
+                    embedder_name="sentence-transformers/all-MiniLM-L6-v2")
     return path
+
+
+def _shard_summary(events: list[Any]) -> str:
+    summary = events[-1].summary
+    e = summary.evaluation
+    return (f"{summary.rows_done} rows in {summary.seconds:.2f} s → {summary.output_path}; vs known scores: "
+            f"accuracy {e.accuracy:.2f}, macro-F1 {e.macro_f1:.2f}, MAE {e.mean_absolute_error:.2f}")
 
 
 def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> bool:
@@ -53,6 +56,7 @@ def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> bool:
 def main() -> int:
     astronaut = cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
     shard = _sample_shard(ROOT / "data" / "demo")
+    out_dir = ROOT / "data" / "demo" / f"labels-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory(prefix="tessera-demo-") as tmp:
         t0 = time.perf_counter()
         with Suite(Path(tmp)) as suite:
@@ -73,10 +77,12 @@ def main() -> int:
                           lambda r: f"{len(r)} updates"),
                     _call("ScoreTexts", lambda: client.score_texts(
                         [{"id": "a", "text": "How do I sort a list in Python?",
-                          "response": "Use sorted(xs) or xs.sort()."}]),
-                        lambda r: ", ".join(f"{row.id}: score {row.label}" for row in r.rows)),
-                    _call("ScoreShard", lambda: list(client.score_shard(shard, ROOT / "data" / "demo" / "out")),
-                          lambda r: f"{len(r)} events"),
+                          "response": "Use sorted(xs) for a new list, or xs.sort() to sort in place; "
+                                      "pass key= to sort by a field and reverse=True for descending."}]),
+                        lambda r: ", ".join(f"row {row.id}: score {row.label} (p={row.confidence:.2f}, "
+                                            f"{row.decided_by})" for row in r.rows)
+                        + " | models: " + ", ".join(f"{m.name}{' (demo)' if m.demo else ''}" for m in r.models)),
+                    _call("ScoreShard", lambda: list(client.score_shard(shard, out_dir)), _shard_summary),
                 ])
         print(f"\nsuite stopped; demo {'passed' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f} s")
     return 0 if ok else 1

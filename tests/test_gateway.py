@@ -151,9 +151,16 @@ def test_score_texts_validates_rows(client: TesseraClient) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.score_texts([{"id": str(i), "text": "x"} for i in range(4097)])
     assert _code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with pytest.raises(grpc.RpcError) as err:
-        client.score_texts([{"id": "a", "text": "hello"}])
-    assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION and "proxylabel_knn" in err.value.details()
+    # One bad row is reported on that row; the others are answered.
+    reply = client.score_texts([{"id": "ok", "text": "How do I boil an egg?", "response": "Simmer it 9 minutes."},
+                                {"id": "empty", "text": ""},
+                                {"id": "dim", "text": "hello", "embedding": [0.1] * 7}])
+    assert [r.id for r in reply.rows] == ["ok", "empty", "dim"]
+    assert reply.rows[0].status.code == 0 and 0 <= reply.rows[0].label <= 5
+    assert sum(reply.rows[0].probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert reply.rows[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert reply.rows[2].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "384" in reply.rows[2].status.message
 
 
 def test_shard_paths_are_confined_to_the_roots(suite: Suite, client: TesseraClient, tmp_path_factory) -> None:

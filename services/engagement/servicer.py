@@ -10,7 +10,7 @@ from tessera.engagement.v1 import engagement_service_pb2 as pb
 from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 from services.engagement.config import EngagementConfig
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, ServingError
 from services.runtime.servicing import pipeline_missing, present_models, require_models
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngagementService"].full_name
@@ -25,13 +25,20 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
 
     async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
                         context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
-            raise InvalidArgument("empty stream: send a ClipHeader, then frames")
-        if first.WhichOneof("item") != "header":
-            raise InvalidArgument("the first message of a clip must be its ClipHeader")
-        require_models(self.config.model_repository, self._models(), "engagement scoring")
-        raise pipeline_missing("engagement scoring")
+        stream = aiter(request_iterator)
+        try:
+            first = await anext(stream, None)
+            if first is None:
+                raise InvalidArgument("empty stream: send a ClipHeader, then frames")
+            if first.WhichOneof("item") != "header":
+                raise InvalidArgument("the first message of a clip must be its ClipHeader")
+            require_models(self.config.model_repository, self._models(), "engagement scoring")
+            raise pipeline_missing("engagement scoring")
+        except ServingError:
+            # Answering while the client still writes makes grpc report INTERNAL to it instead of
+            # our status: read (without decoding) what it sends, up to the clip limit, first.
+            await drain(stream, self.config.max_frames_per_clip)
+            raise
 
     async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
@@ -48,3 +55,10 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
         present = present_models(self.config.model_repository)
         return pb.ListModelsResponse(models=[
             common_pb2.ModelInfo(name=m, backend="onnxruntime") for m in self._models() if m in present])
+
+
+async def drain(stream: AsyncIterator[object], limit: int) -> None:
+    """Consume at most limit more messages of a client stream."""
+    for _ in range(limit):
+        if await anext(stream, None) is None:
+            return

@@ -30,3 +30,14 @@ def labels_of(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scikit-learn do."""
     labels = np.argmax(probs, axis=1)
     return labels, probs[np.arange(len(probs)), labels]
+
+
+def final_labels(fused: np.ndarray, rules: ProxyLabelRules,
+                 knn_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(label, confidence) per row. In knn mode the kNN's own label decides (the vote's argmax,
+    or the rounded weighted mean under regression), still reporting the vote's probabilities;
+    otherwise the argmax of the fused probabilities."""
+    if rules.mode == "knn" and knn_labels is not None:
+        labels = np.asarray(knn_labels, dtype=np.int64)
+        return labels, fused[np.arange(len(labels)), labels]
+    return labels_of(fused)

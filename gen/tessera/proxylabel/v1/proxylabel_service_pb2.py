@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from tessera.common.v1 import common_pb2 as tessera_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tessera/proxylabel/v1/proxylabel_service.proto\x12\x15tessera.proxylabel.v1\x1a\x1etessera/common/v1/common.proto\"\xcc\x02\n\nKnnOptions\x12\x0e\n\x01k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x36\n\tweighting\x18\x03 \x01(\x0e\x32#.tessera.proxylabel.v1.KnnWeighting\x12\x18\n\x0bpower_alpha\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12:\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32%.tessera.proxylabel.v1.KnnAggregation\x12!\n\x14similarity_threshold\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11prior_calibration\x18\x07 \x01(\x08H\x04\x88\x01\x01\x42\x04\n\x02_kB\x06\n\x04_tauB\x0e\n\x0c_power_alphaB\x17\n\x15_similarity_thresholdB\x14\n\x12_prior_calibration\"\x8d\x01\n\x0b\x46usionRules\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\x04mode\x18\x02 \x01(\x0e\x32 .tessera.proxylabel.v1.ProxyMode\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12.\n\x03knn\x18\x04 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\"Z\n\x07TextRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x10\n\x08\x65mbedder\x18\x05 \x01(\t\"\x98\x01\n\tRowScores\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\x19\n\x11knn_probabilities\x18\x03 \x03(\x02\x12\x19\n\x11mlp_probabilities\x18\x04 \x03(\x02\x12\x1a\n\x12knn_expected_score\x18\x05 \x01(\x02\"\x93\x01\n\x11ScoreTextsRequest\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tessera.proxylabel.v1.TextRow\x12.\n\x03knn\x18\x02 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\x12\x0f\n\x07run_knn\x18\x03 \x01(\x08\x12\x0f\n\x07run_mlp\x18\x04 \x01(\x08\"r\n\x12ScoreTextsResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .tessera.proxylabel.v1.RowScores\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\"\x83\x01\n\x11ScoreShardRequest\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x31\n\x05rules\x18\x03 \x01(\x0b\x32\".tessera.proxylabel.v1.FusionRules\x12\x12\n\nbatch_rows\x18\x04 \x01(\x05\"d\n\rShardProgress\x12\x11\n\trows_done\x18\x01 \x01(\x03\x12\x12\n\nrows_total\x18\x02 \x01(\x03\x12\x17\n\x0frows_per_second\x18\x03 \x01(\x01\x12\x13\n\x0brows_failed\x18\x04 \x01(\x03\"\x85\x01\n\x0fShardEvaluation\x12\x15\n\rrows_labelled\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\x1b\n\x13mean_absolute_error\x18\x04 \x01(\x01\x12\x1a\n\x12per_class_accuracy\x18\x05 \x03(\x01\"\xf3\x01\n\x0cShardSummary\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x11\n\trows_done\x18\x02 \x01(\x03\x12\x13\n\x0brows_failed\x18\x03 \x01(\x03\x12\x14\n\x0crows_resumed\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12:\n\nevaluation\x18\x07 \x01(\x0b\x32&.tessera.proxylabel.v1.ShardEvaluation\x12,\n\x06models\x18\x08 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\"\x8f\x01\n\x12ScoreShardResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.tessera.proxylabel.v1.ShardProgressH\x00\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardSummaryH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo*h\n\tProxyMode\x12\x1a\n\x16PROXY_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROXY_MODE_KNN\x10\x01\x12\x12\n\x0ePROXY_MODE_MLP\x10\x02\x12\x17\n\x13PROXY_MODE_ENSEMBLE\x10\x03*|\n\x0cKnnWeighting\x12\x1d\n\x19KNN_WEIGHTING_UNSPECIFIED\x10\x00\x12\x19\n\x15KNN_WEIGHTING_SOFTMAX\x10\x01\x12\x17\n\x13KNN_WEIGHTING_POWER\x10\x02\x12\x19\n\x15KNN_WEIGHTING_UNIFORM\x10\x03*k\n\x0eKnnAggregation\x12\x1f\n\x1bKNN_AGGREGATION_UNSPECIFIED\x10\x00\x12\x18\n\x14KNN_AGGREGATION_VOTE\x10\x01\x12\x1e\n\x1aKNN_AGGREGATION_REGRESSION\x10\x02\x32\xbe\x02\n\x11ProxyLabelService\x12\x61\n\nScoreTexts\x12(.tessera.proxylabel.v1.ScoreTextsRequest\x1a).tessera.proxylabel.v1.ScoreTextsResponse\x12\x63\n\nScoreShard\x12(.tessera.proxylabel.v1.ScoreShardRequest\x1a).tessera.proxylabel.v1.ScoreShardResponse0\x01\x12\x61\n\nListModels\x12(.tessera.proxylabel.v1.ListModelsRequest\x1a).tessera.proxylabel.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tessera/proxylabel/v1/proxylabel_service.proto\x12\x15tessera.proxylabel.v1\x1a\x1etessera/common/v1/common.proto\"\xcc\x02\n\nKnnOptions\x12\x0e\n\x01k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x36\n\tweighting\x18\x03 \x01(\x0e\x32#.tessera.proxylabel.v1.KnnWeighting\x12\x18\n\x0bpower_alpha\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12:\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32%.tessera.proxylabel.v1.KnnAggregation\x12!\n\x14similarity_threshold\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11prior_calibration\x18\x07 \x01(\x08H\x04\x88\x01\x01\x42\x04\n\x02_kB\x06\n\x04_tauB\x0e\n\x0c_power_alphaB\x17\n\x15_similarity_thresholdB\x14\n\x12_prior_calibration\"\x8d\x01\n\x0b\x46usionRules\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\x04mode\x18\x02 \x01(\x0e\x32 .tessera.proxylabel.v1.ProxyMode\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12.\n\x03knn\x18\x04 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\"Z\n\x07TextRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x10\n\x08\x65mbedder\x18\x05 \x01(\t\"\xab\x01\n\tRowScores\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\x19\n\x11knn_probabilities\x18\x03 \x03(\x02\x12\x19\n\x11mlp_probabilities\x18\x04 \x03(\x02\x12\x1a\n\x12knn_expected_score\x18\x05 \x01(\x02\x12\x11\n\tknn_label\x18\x06 \x01(\x05\"\x93\x01\n\x11ScoreTextsRequest\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tessera.proxylabel.v1.TextRow\x12.\n\x03knn\x18\x02 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\x12\x0f\n\x07run_knn\x18\x03 \x01(\x08\x12\x0f\n\x07run_mlp\x18\x04 \x01(\x08\"r\n\x12ScoreTextsResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .tessera.proxylabel.v1.RowScores\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\"\x83\x01\n\x11ScoreShardRequest\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x31\n\x05rules\x18\x03 \x01(\x0b\x32\".tessera.proxylabel.v1.FusionRules\x12\x12\n\nbatch_rows\x18\x04 \x01(\x05\"d\n\rShardProgress\x12\x11\n\trows_done\x18\x01 \x01(\x03\x12\x12\n\nrows_total\x18\x02 \x01(\x03\x12\x17\n\x0frows_per_second\x18\x03 \x01(\x01\x12\x13\n\x0brows_failed\x18\x04 \x01(\x03\"\x85\x01\n\x0fShardEvaluation\x12\x15\n\rrows_labelled\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\x1b\n\x13mean_absolute_error\x18\x04 \x01(\x01\x12\x1a\n\x12per_class_accuracy\x18\x05 \x03(\x01\"\xf3\x01\n\x0cShardSummary\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x11\n\trows_done\x18\x02 \x01(\x03\x12\x13\n\x0brows_failed\x18\x03 \x01(\x03\x12\x14\n\x0crows_resumed\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12:\n\nevaluation\x18\x07 \x01(\x0b\x32&.tessera.proxylabel.v1.ShardEvaluation\x12,\n\x06models\x18\x08 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\"\x8f\x01\n\x12ScoreShardResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.tessera.proxylabel.v1.ShardProgressH\x00\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardSummaryH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo*h\n\tProxyMode\x12\x1a\n\x16PROXY_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROXY_MODE_KNN\x10\x01\x12\x12\n\x0ePROXY_MODE_MLP\x10\x02\x12\x17\n\x13PROXY_MODE_ENSEMBLE\x10\x03*|\n\x0cKnnWeighting\x12\x1d\n\x19KNN_WEIGHTING_UNSPECIFIED\x10\x00\x12\x19\n\x15KNN_WEIGHTING_SOFTMAX\x10\x01\x12\x17\n\x13KNN_WEIGHTING_POWER\x10\x02\x12\x19\n\x15KNN_WEIGHTING_UNIFORM\x10\x03*k\n\x0eKnnAggregation\x12\x1f\n\x1bKNN_AGGREGATION_UNSPECIFIED\x10\x00\x12\x18\n\x14KNN_AGGREGATION_VOTE\x10\x01\x12\x1e\n\x1aKNN_AGGREGATION_REGRESSION\x10\x02\x32\xbe\x02\n\x11ProxyLabelService\x12\x61\n\nScoreTexts\x12(.tessera.proxylabel.v1.ScoreTextsRequest\x1a).tessera.proxylabel.v1.ScoreTextsResponse\x12\x63\n\nScoreShard\x12(.tessera.proxylabel.v1.ScoreShardRequest\x1a).tessera.proxylabel.v1.ScoreShardResponse0\x01\x12\x61\n\nListModels\x12(.tessera.proxylabel.v1.ListModelsRequest\x1a).tessera.proxylabel.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.proxylabel.v1.proxylabel_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROXYMODE']._serialized_start=1950
-  _globals['_PROXYMODE']._serialized_end=2054
-  _globals['_KNNWEIGHTING']._serialized_start=2056
-  _globals['_KNNWEIGHTING']._serialized_end=2180
-  _globals['_KNNAGGREGATION']._serialized_start=2182
-  _globals['_KNNAGGREGATION']._serialized_end=2289
+  _globals['_PROXYMODE']._serialized_start=1969
+  _globals['_PROXYMODE']._serialized_end=2073
+  _globals['_KNNWEIGHTING']._serialized_start=2075
+  _globals['_KNNWEIGHTING']._serialized_end=2199
+  _globals['_KNNAGGREGATION']._serialized_start=2201
+  _globals['_KNNAGGREGATION']._serialized_end=2308
   _globals['_KNNOPTIONS']._serialized_start=106
   _globals['_KNNOPTIONS']._serialized_end=438
   _globals['_FUSIONRULES']._serialized_start=441
@@ -45,25 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTROW']._serialized_start=584
   _globals['_TEXTROW']._serialized_end=674
   _globals['_ROWSCORES']._serialized_start=677
-  _globals['_ROWSCORES']._serialized_end=829
-  _globals['_SCORETEXTSREQUEST']._serialized_start=832
-  _globals['_SCORETEXTSREQUEST']._serialized_end=979
-  _globals['_SCORETEXTSRESPONSE']._serialized_start=981
-  _globals['_SCORETEXTSRESPONSE']._serialized_end=1095
-  _globals['_SCORESHARDREQUEST']._serialized_start=1098
-  _globals['_SCORESHARDREQUEST']._serialized_end=1229
-  _globals['_SHARDPROGRESS']._serialized_start=1231
-  _globals['_SHARDPROGRESS']._serialized_end=1331
-  _globals['_SHARDEVALUATION']._serialized_start=1334
-  _globals['_SHARDEVALUATION']._serialized_end=1467
-  _globals['_SHARDSUMMARY']._serialized_start=1470
-  _globals['_SHARDSUMMARY']._serialized_end=1713
-  _globals['_SCORESHARDRESPONSE']._serialized_start=1716
-  _globals['_SCORESHARDRESPONSE']._serialized_end=1859
-  _globals['_LISTMODELSREQUEST']._serialized_start=1861
-  _globals['_LISTMODELSREQUEST']._serialized_end=1880
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1882
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1948
-  _globals['_PROXYLABELSERVICE']._serialized_start=2292
-  _globals['_PROXYLABELSERVICE']._serialized_end=2610
+  _globals['_ROWSCORES']._serialized_end=848
+  _globals['_SCORETEXTSREQUEST']._serialized_start=851
+  _globals['_SCORETEXTSREQUEST']._serialized_end=998
+  _globals['_SCORETEXTSRESPONSE']._serialized_start=1000
+  _globals['_SCORETEXTSRESPONSE']._serialized_end=1114
+  _globals['_SCORESHARDREQUEST']._serialized_start=1117
+  _globals['_SCORESHARDREQUEST']._serialized_end=1248
+  _globals['_SHARDPROGRESS']._serialized_start=1250
+  _globals['_SHARDPROGRESS']._serialized_end=1350
+  _globals['_SHARDEVALUATION']._serialized_start=1353
+  _globals['_SHARDEVALUATION']._serialized_end=1486
+  _globals['_SHARDSUMMARY']._serialized_start=1489
+  _globals['_SHARDSUMMARY']._serialized_end=1732
+  _globals['_SCORESHARDRESPONSE']._serialized_start=1735
+  _globals['_SCORESHARDRESPONSE']._serialized_end=1878
+  _globals['_LISTMODELSREQUEST']._serialized_start=1880
+  _globals['_LISTMODELSREQUEST']._serialized_end=1899
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1901
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1967
+  _globals['_PROXYLABELSERVICE']._serialized_start=2311
+  _globals['_PROXYLABELSERVICE']._serialized_end=2629
 # @@protoc_insertion_point(module_scope)

@@ -84,18 +84,20 @@ class TextRow(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., response: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., embedder: _Optional[str] = ...) -> None: ...
 
 class RowScores(_message.Message):
-    __slots__ = ("id", "status", "knn_probabilities", "mlp_probabilities", "knn_expected_score")
+    __slots__ = ("id", "status", "knn_probabilities", "mlp_probabilities", "knn_expected_score", "knn_label")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     KNN_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     MLP_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     KNN_EXPECTED_SCORE_FIELD_NUMBER: _ClassVar[int]
+    KNN_LABEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: _common_pb2.ItemStatus
     knn_probabilities: _containers.RepeatedScalarFieldContainer[float]
     mlp_probabilities: _containers.RepeatedScalarFieldContainer[float]
     knn_expected_score: float
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., knn_probabilities: _Optional[_Iterable[float]] = ..., mlp_probabilities: _Optional[_Iterable[float]] = ..., knn_expected_score: _Optional[float] = ...) -> None: ...
+    knn_label: int
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., knn_probabilities: _Optional[_Iterable[float]] = ..., mlp_probabilities: _Optional[_Iterable[float]] = ..., knn_expected_score: _Optional[float] = ..., knn_label: _Optional[int] = ...) -> None: ...
 
 class ScoreTextsRequest(_message.Message):
     __slots__ = ("rows", "knn", "run_knn", "run_mlp")

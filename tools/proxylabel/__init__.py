@@ -1,0 +1,1 @@
+"""Modeller tools of the proxy labeller: shard generator, index builder, MLP trainer, demo set."""
