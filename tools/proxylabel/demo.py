@@ -62,7 +62,8 @@ def _install(built: Path, repo: Path, key: str) -> None:
     """Copy one built model directory into the repository, swapping it in by rename."""
     target = repo / built.name
     marker = target / ".demo-key"
-    if marker.is_file() and marker.read_text() == key:
+    # The marker alone is not enough: a fresh clone has the committed config but no binaries.
+    if marker.is_file() and marker.read_text() == key and (target / "1").is_dir():
         return
     staging = repo / f".{built.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
