@@ -264,3 +264,37 @@ def test_serving_path_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout) == []
+
+
+@pytest.fixture(scope="module")
+def triton_backend_url(repo: Path):
+    """The real tritonserver on the four exports (python-backend overlay running ONNX Runtime)."""
+    from tools.triton.local import LocalTriton
+
+    server = LocalTriton(repo, ROOT / ".cache")
+    server.prepare()
+    try:
+        server.start()
+        yield server.grpc_url
+    finally:
+        server.stop()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("arch", ARCHS)
+async def test_served_logits_through_triton_equal_pytorch(repo: Path, references: dict[str, nn.Module],
+                                                          triton_backend_url: str, arch: str) -> None:
+    from services.runtime.backends.triton import TritonBackend, TritonConfig
+
+    params = load_params(repo / arch / "1" / "preprocess.json")
+    backend = TritonBackend(ModelRepository(repo), TritonConfig(url=triton_backend_url, timeout_seconds=60),
+                            Metrics("test"))
+    await backend.start()
+    try:
+        for batch in (1, 4):
+            x = preprocess_faces(faces(batch), params)
+            result = await backend.infer(arch, {"input": x})
+            assert result.backend == "triton"
+            assert_logits_close(result.outputs["logits"], torch_logits(references[arch], x))
+    finally:
+        await backend.close()
