@@ -42,11 +42,16 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
 
     async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
-            raise InvalidArgument("empty stream: send a ClipHeader, then frames")
-        require_models(self.config.model_repository, self._models(), "live engagement")
-        raise pipeline_missing("live engagement")
+        stream = aiter(request_iterator)
+        try:
+            first = await anext(stream, None)
+            if first is None:
+                raise InvalidArgument("empty stream: send a ClipHeader, then frames")
+            require_models(self.config.model_repository, self._models(), "live engagement")
+            raise pipeline_missing("live engagement")
+        except ServingError:
+            await drain(stream, self.config.max_frames_per_clip)  # see ScoreClip
+            raise
         if False:  # pragma: no cover - makes this an async generator
             yield pb.StreamVideoResponse()
 
