@@ -10,7 +10,6 @@ temperature and fusion rules.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -19,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,14 +368,9 @@ def build_fer_student(repo: Path, cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    model_dir = build_fer_student(args.repo, args.cache)
-    print(f"{model_dir} ready in {time.perf_counter() - start:.2f}s")
-    return 0
+    from tools.models.cli import builder_main
+
+    return builder_main(build_fer_student, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ inside the graph, so the served output is the sentence embedding itself (DESIGN.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -19,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,14 +417,9 @@ def build_text_embedder(repo: Path, cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    model_dir = build_text_embedder(args.repo, args.cache)
-    print(f"{model_dir} ready in {time.perf_counter() - start:.2f}s")
-    return 0
+    from tools.models.cli import builder_main
+
+    return builder_main(build_text_embedder, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
