@@ -282,7 +282,7 @@ async def test_backend_uses_cpu_and_no_spinning(tmp_path: Path) -> None:
     add_model(tmp_path, "lin", linear_graph(W, B))
     backend, _ = await start(tmp_path)
     assert backend.providers == [CPU]
-    assert backend._served["lin"].session.get_providers() == [CPU]
+    assert backend._served["lin"].opened.handle.get_providers() == [CPU]
     opts = session_options(OnnxConfig())
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"

@@ -7,22 +7,25 @@ pair is closed once drained. A new version that fails to load leaves the old one
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 from pydantic import Field
 
-from services.runtime.backends.base import InferResult, ModelStatus
-from services.runtime.batching import BatchPolicy, DynamicBatcher
+from services.runtime.backends.inprocess import (  # noqa: F401 - re-exported for the other backends
+    InProcessBackend,
+    Opened,
+    _InputSpec,
+    batch_policy,
+    check_request,
+)
 from services.runtime.config import StrictModel
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.errors import FailedPrecondition
 from services.runtime.metrics import Metrics
 from services.runtime.repository import (
     ONNX_PLATFORM,
@@ -130,39 +133,6 @@ def session_signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], 
     return specs(session.get_inputs()), specs(session.get_outputs())
 
 
-def batch_policy(entry: ModelEntry, default_queue_size: int) -> BatchPolicy:
-    """The batching a model's config asks for: none without ``dynamic_batching``."""
-    config = entry.config
-    assert config is not None
-    dynamic = config.HasField("dynamic_batching") and config.max_batch_size > 0
-    db = config.dynamic_batching
-    queue_size = db.default_queue_policy.max_queue_size if dynamic else 0
-    return BatchPolicy(
-        max_batch_size=config.max_batch_size,
-        dynamic=dynamic,
-        preferred_batch_sizes=tuple(p for p in db.preferred_batch_size if p <= config.max_batch_size),
-        max_queue_delay_microseconds=db.max_queue_delay_microseconds if dynamic else 0,
-        max_queue_size=queue_size or default_queue_size,
-    )
-
-
-@dataclass(frozen=True)
-class _InputSpec:
-    name: str
-    dtype: np.dtype
-    dims: tuple[int, ...]  # -1 = any; includes the batch axis (as -1) when the model batches
-    optional: bool
-
-
-@dataclass(frozen=True)
-class _Served:
-    entry: ModelEntry
-    version: int
-    session: ort.InferenceSession
-    batcher: DynamicBatcher
-    inputs: tuple[_InputSpec, ...]
-
-
 def _input_specs(entry: ModelEntry, session: ort.InferenceSession) -> tuple[_InputSpec, ...]:
     config = entry.config
     assert config is not None
@@ -177,32 +147,6 @@ def _input_specs(entry: ModelEntry, session: ort.InferenceSession) -> tuple[_Inp
                  for s in inputs)
 
 
-def check_request(model: str, specs: Sequence[_InputSpec], inputs: Mapping[str, np.ndarray]) -> None:
-    """Validate a request against the model's inputs before it is queued (InvalidArgument)."""
-    known = {s.name for s in specs}
-    unknown = sorted(set(inputs) - known)
-    if unknown:
-        raise InvalidArgument(f"model '{model}' has no inputs {unknown}; it takes {sorted(known)}")
-    for spec in specs:
-        array = inputs.get(spec.name)
-        if array is None:
-            if spec.optional:
-                continue
-            raise InvalidArgument(f"model '{model}' needs input '{spec.name}'")
-        if not isinstance(array, np.ndarray):
-            raise InvalidArgument(f"input '{spec.name}' of model '{model}' is not a numpy array")
-        if array.dtype != spec.dtype:
-            raise InvalidArgument(
-                f"input '{spec.name}' of model '{model}' must be {spec.dtype}, got {array.dtype}")
-        if not spec.dims:
-            continue  # reshaped input: its shape is checked by the model
-        if array.ndim != len(spec.dims) or any(
-                d != -1 and d != s for d, s in zip(spec.dims, array.shape, strict=True)):
-            raise InvalidArgument(
-                f"input '{spec.name}' of model '{model}' has shape {list(array.shape)}, "
-                f"expected {list(spec.dims)} (-1 = any)")
-
-
 def is_onnx_entry(entry: ModelEntry) -> bool:
     """Models this backend serves; an unreadable config counts when its directory holds ONNX files."""
     if entry.config is None:
@@ -210,135 +154,38 @@ def is_onnx_entry(entry: ModelEntry) -> bool:
     return entry.config.platform == ONNX_PLATFORM or entry.config.backend == "onnxruntime"
 
 
-class OnnxBackend:
+class OnnxBackend(InProcessBackend):
     """Serves every ``onnxruntime_onnx`` model of a repository with ONNX Runtime, in process."""
 
     name = BACKEND_NAME
+    kind = "an ONNX model"
 
     def __init__(self, repository: ModelRepository, config: OnnxConfig, metrics: Metrics) -> None:
-        self.repository = repository
+        super().__init__(repository, metrics, config.max_queue_size)
         self.config = config
-        self.metrics = metrics
         self.providers = select_providers(config.use_gpu)
         self._options = session_options(config)
-        self._served: dict[str, _Served] = {}
-        self._errors: dict[str, str] = {}  # why a model (or its newest version) is not served
-        self._applied: dict[str, tuple] = {}  # repository fingerprint each model was loaded from
-        self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
-        async with self._lock:
-            for entry in self.repository.entries():
-                if is_onnx_entry(entry):
-                    await self._apply(entry)
-        log.info("onnxruntime backend: %d models ready, %d broken, providers %s",
-                 len(self._served), len(set(self._errors) - set(self._served)), self.providers)
+    def _owns(self, entry: ModelEntry) -> bool:
+        return is_onnx_entry(entry)
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> InferResult:
-        served = self._served.get(model)
-        if served is None:
-            if model in self._errors:
-                raise FailedPrecondition(f"model '{model}' is not loaded: {self._errors[model]}")
-            raise NotFound(f"model '{model}' is not an ONNX model of the repository "
-                           f"{self.repository.root}")
-        check_request(model, served.inputs, inputs)
-        # `served` is bound before the await: this request finishes on this version even if a
-        # reload swaps in a newer one meanwhile.
-        outputs = await served.batcher.submit(inputs)
-        return InferResult(outputs, model, served.version, BACKEND_NAME)
-
-    def models(self) -> list[ModelStatus]:
-        out = []
-        for name in sorted(set(self._served) | set(self._errors)):
-            served = self._served.get(name)
-            if served is not None:
-                out.append(ModelStatus(name, served.version, BACKEND_NAME, True, self._errors.get(name),
-                                       tuple(served.entry.versions)))
-            else:
-                entry = self.repository.get(name) if name in self.repository else None
-                out.append(ModelStatus(name, entry.version if entry else None, BACKEND_NAME, False,
-                                       self._errors[name], tuple(entry.versions) if entry else ()))
-        return out
-
-    async def load(self, model: str) -> ModelStatus:
-        async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(None, self.repository.rescan)
-            entry = self.repository.get(model)
-            if not is_onnx_entry(entry):
-                raise NotFound(f"model '{model}' of {self.repository.root} is not an ONNX model")
-            await self._apply(entry)
-        return next(s for s in self.models() if s.name == model)
-
-    async def reload(self) -> list[str]:
-        async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(None, self.repository.rescan)
-            mine = {e.name: e for e in self.repository.entries() if is_onnx_entry(e)}
-            changed = [n for n, e in mine.items() if self._applied.get(n) != e.fingerprint]
-            for name in changed:
-                await self._apply(mine[name])
-            removed = [n for n in self._applied if n not in mine]
-            for name in removed:
-                await self._unload(name)
-        if changed or removed:
-            log.info("onnxruntime backend reloaded: changed %s, removed %s", changed, removed)
-        return changed + removed
-
-    async def close(self) -> None:
-        async with self._lock:
-            for name in list(self._applied):
-                await self._unload(name)
-
-    # -- internals
-
-    async def _apply(self, entry: ModelEntry) -> None:
-        """Load an entry and swap it in; on failure keep any version already serving."""
-        self._applied[entry.name] = entry.fingerprint
-        error = entry.error
-        session = None
-        if error is None:
-            loop = asyncio.get_running_loop()
-            session, error = await loop.run_in_executor(None, self._open, entry)
-        if error is not None:
-            self._errors[entry.name] = error
-            if entry.name in self._served:
-                log.error("model %s: new version not loaded, version %d keeps serving: %s",
-                          entry.name, self._served[entry.name].version, error)
-            else:
-                log.error("model %s not loaded: %s", entry.name, error)
-            return
-        assert session is not None and entry.version is not None and entry.config is not None
-        outputs = [o.name for o in entry.config.output] or [o.name for o in session.get_outputs()]
-        batcher = DynamicBatcher(entry.name, _runner(session, outputs),
-                                 batch_policy(entry, self.config.max_queue_size), self.metrics,
-                                 entry.version, BACKEND_NAME)
-        new = _Served(entry, entry.version, session, batcher, _input_specs(entry, session))
-        old = self._served.get(entry.name)
-        self._served[entry.name] = new  # the swap: one assignment on the event loop
-        self._errors.pop(entry.name, None)
-        log.info("model %s version %d loaded", entry.name, entry.version)
-        if old is not None:
-            await old.batcher.close()  # drains what was queued on the old version
-
-    async def _unload(self, name: str) -> None:
-        self._applied.pop(name, None)
-        self._errors.pop(name, None)
-        old = self._served.pop(name, None)
-        if old is not None:
-            await old.batcher.close()
-
-    def _open(self, entry: ModelEntry) -> tuple[ort.InferenceSession | None, str | None]:
+    def _open(self, entry: ModelEntry) -> tuple[Opened | None, str | None]:
         """Create and check a session (runs in a worker thread)."""
+        if entry.error is not None:
+            return None, entry.error
         path = entry.model_path()
         try:
             session = ort.InferenceSession(str(path), sess_options=self._options,
                                            providers=self.providers)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types for corrupt files
             return None, f"{path}: onnxruntime cannot load it: {exc}"
-        assert entry.config is not None
+        assert entry.config is not None and entry.version is not None
         problems = check_signature(entry.config, *session_signature(session))
         if problems:
             return None, f"{path}: does not match config.pbtxt: " + "; ".join(problems)
-        return session, None
+        outputs = [o.name for o in entry.config.output] or [o.name for o in session.get_outputs()]
+        return Opened(entry.version, _runner(session, outputs), _input_specs(entry, session),
+                      f"({', '.join(self.providers)})", session), None
 
 
 def _runner(session: ort.InferenceSession, outputs: list[str]) -> Callable[[dict[str, np.ndarray]],

@@ -19,7 +19,6 @@ leaves the old one serving.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -31,11 +30,8 @@ import xgboost as xgb
 from pydantic import Field
 from tritonclient.grpc import model_config_pb2 as mc
 
-from services.runtime.backends.base import InferResult, ModelStatus
-from services.runtime.backends.onnx import _InputSpec, batch_policy, check_request
-from services.runtime.batching import DynamicBatcher
+from services.runtime.backends.inprocess import InProcessBackend, Opened, _InputSpec
 from services.runtime.config import StrictModel
-from services.runtime.errors import FailedPrecondition, NotFound
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelEntry, ModelRepository
 
@@ -228,136 +224,38 @@ def check_config(config: mc.ModelConfig, model: _Model) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class _Served:
-    entry: ModelEntry
-    version: int
-    batcher: DynamicBatcher
-    inputs: tuple[_InputSpec, ...]
-
-
-class XgbBackend:
+class XgbBackend(InProcessBackend):
     """Serves every FIL-backend model of a repository with the XGBoost Booster, in process."""
 
     name = BACKEND_NAME
+    kind = "an XGBoost (FIL) model"
 
     def __init__(self, repository: ModelRepository, config: XgbConfig, metrics: Metrics) -> None:
-        self.repository = repository
+        super().__init__(repository, metrics, config.max_queue_size)
         self.config = config
-        self.metrics = metrics
-        self._served: dict[str, _Served] = {}
-        self._errors: dict[str, str] = {}  # why a model (or its newest version) is not served
-        self._applied: dict[str, tuple] = {}  # fingerprint each model was last loaded from
-        self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
-        async with self._lock:
-            mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
-            for entry, fp in mine.values():
-                await self._apply(entry, fp)
-        log.info("xgboost backend: %d models ready, %d broken", len(self._served),
-                 len(set(self._errors) - set(self._served)))
+    def _owns(self, entry: ModelEntry) -> bool:
+        return is_xgb_entry(entry)
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> InferResult:
-        served = self._served.get(model)
-        if served is None:
-            if model in self._errors:
-                raise FailedPrecondition(f"model '{model}' is not loaded: {self._errors[model]}")
-            raise NotFound(f"model '{model}' is not an XGBoost (FIL) model of the repository "
-                           f"{self.repository.root}")
-        check_request(model, served.inputs, inputs)
-        # Bound before the await: this request finishes on this version whatever a reload does.
-        outputs = await served.batcher.submit(inputs)
-        return InferResult(outputs, model, served.version, BACKEND_NAME)
+    def _fingerprint(self, entry: ModelEntry) -> tuple:
+        return fingerprint(entry)
 
-    def models(self) -> list[ModelStatus]:
-        out = []
-        for name in sorted(set(self._served) | set(self._errors)):
-            served = self._served.get(name)
-            if served is not None:
-                out.append(ModelStatus(name, served.version, BACKEND_NAME, True, self._errors.get(name),
-                                       tuple(served.entry.versions)))
-            else:
-                entry = self.repository.get(name) if name in self.repository else None
-                out.append(ModelStatus(name, entry.version if entry else None, BACKEND_NAME, False,
-                                       self._errors[name], tuple(entry.versions) if entry else ()))
-        return out
-
-    async def load(self, model: str) -> ModelStatus:
-        async with self._lock:
-            mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
-            if model not in mine:
-                self.repository.get(model)  # NotFound naming the repository when it is absent
-                raise NotFound(f"model '{model}' of {self.repository.root} is not an XGBoost (FIL) "
-                               "model")
-            await self._apply(*mine[model])
-        return next(s for s in self.models() if s.name == model)
-
-    async def reload(self) -> list[str]:
-        async with self._lock:
-            mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
-            changed = [n for n, (_, fp) in mine.items() if self._applied.get(n) != fp]
-            for name in changed:
-                await self._apply(*mine[name])
-            removed = [n for n in self._applied if n not in mine]
-            for name in removed:
-                await self._unload(name)
-        if changed or removed:
-            log.info("xgboost backend reloaded: changed %s, removed %s", changed, removed)
-        return changed + removed
-
-    async def close(self) -> None:
-        async with self._lock:
-            for name in list(self._applied):
-                await self._unload(name)
-
-    # -- internals
-
-    def _mine(self) -> dict[str, tuple[ModelEntry, tuple]]:
-        """Rescan and fingerprint this backend's models (file system work: a worker thread)."""
-        self.repository.rescan()
-        return {e.name: (e, fingerprint(e)) for e in self.repository.entries() if is_xgb_entry(e)}
-
-    async def _apply(self, entry: ModelEntry, fp: tuple) -> None:
-        """Load an entry and swap it in; on failure keep any version already serving."""
-        self._applied[entry.name] = fp
-        loop = asyncio.get_running_loop()
-        loaded, error = await loop.run_in_executor(None, self._open, entry)
-        if error is not None:
-            self._errors[entry.name] = error
-            if entry.name in self._served:
-                log.error("model %s: new version not loaded, version %d keeps serving: %s",
-                          entry.name, self._served[entry.name].version, error)
-            else:
-                log.error("model %s not loaded: %s", entry.name, error)
-            return
-        assert loaded is not None and entry.config is not None
+    def _open(self, entry: ModelEntry) -> tuple[Opened | None, str | None]:
+        loaded, error = self._load(entry)
+        if loaded is None:
+            return None, error
         version, model = loaded
+        assert entry.config is not None
         output = entry.config.output[0].name
         predict = model.predict
 
         def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {output: predict(inputs[INPUT_NAME])}
 
-        batcher = DynamicBatcher(entry.name, run, batch_policy(entry, self.config.max_queue_size),
-                                 self.metrics, version, BACKEND_NAME)
         spec = _InputSpec(INPUT_NAME, np.dtype(np.float32), (-1, model.n_features), False)
-        new = _Served(entry, version, batcher, (spec,))
-        old = self._served.get(entry.name)
-        self._served[entry.name] = new  # the swap: one assignment on the event loop
-        self._errors.pop(entry.name, None)
-        log.info("model %s version %d loaded: %s", entry.name, version, model.describe)
-        if old is not None:
-            await old.batcher.close()  # drains what was queued on the old version
+        return Opened(version, run, (spec,), f": {model.describe}", model), None
 
-    async def _unload(self, name: str) -> None:
-        self._applied.pop(name, None)
-        self._errors.pop(name, None)
-        old = self._served.pop(name, None)
-        if old is not None:
-            await old.batcher.close()
-
-    def _open(self, entry: ModelEntry) -> tuple[tuple[int, _Model] | None, str | None]:
+    def _load(self, entry: ModelEntry) -> tuple[tuple[int, _Model] | None, str | None]:
         """Load and check a booster (runs in a worker thread); the error names the file."""
         if entry.error is not None:
             return None, entry.error
