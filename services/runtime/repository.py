@@ -213,7 +213,8 @@ def model_filename(config: mc.ModelConfig) -> str | None:
     return _DEFAULT_FILENAMES.get(config.platform) or _DEFAULT_FILENAMES.get(config.backend)
 
 
-def _stat(path: Path) -> tuple:
+def file_stamp(path: Path) -> tuple:
+    """(path, mtime, size) of a file, or (path, None) when it cannot be read: what changes on an edit."""
     try:
         st = path.stat()
     except OSError:
@@ -255,7 +256,7 @@ def load_entry(model_dir: Path) -> ModelEntry:
     """Read one model directory; never raises for a bad model (the entry carries the error)."""
     name = model_dir.name
     config_path = model_dir / CONFIG_FILE
-    fingerprint: list = [_stat(config_path)]
+    fingerprint: list = [file_stamp(config_path)]
 
     def broken(error: str, config: mc.ModelConfig | None = None,
                versions: Mapping[int, Path] | None = None) -> ModelEntry:
@@ -293,7 +294,7 @@ def load_entry(model_dir: Path) -> ModelEntry:
         return broken(f"no model file: {', '.join(missing) or shown} missing{detail}", config, versions)
     version = max(selected)
     model_file = versions[version] / filename if filename else versions[version]
-    fingerprint.append((version, _stat(model_file)))
+    fingerprint.append((version, file_stamp(model_file)))
 
     if config.platform == ONNX_PLATFORM or config.backend == "onnxruntime":
         error = _check_onnx(config, model_file)

@@ -33,7 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from services.runtime.backends.inprocess import InProcessBackend, Opened, _InputSpec
 from services.runtime.config import StrictModel
 from services.runtime.metrics import Metrics
-from services.runtime.repository import ModelEntry, ModelRepository
+from services.runtime.repository import ModelEntry, ModelRepository, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,6 @@ def served_version(entry: ModelEntry, filename: str) -> int | None:
     return entry.version
 
 
-def _stat(path: Path) -> tuple:
-    try:
-        st = path.stat()
-    except OSError:
-        return (str(path), None)
-    return (str(path), st.st_mtime_ns, st.st_size)
-
-
 def fingerprint(entry: ModelEntry) -> tuple:
     """What must change for a reload to reload the model. The repository's own fingerprint holds
     the version directory, not the model file, for kinds it knows no file name of."""
@@ -113,7 +105,7 @@ def fingerprint(entry: ModelEntry) -> tuple:
         return (entry.fingerprint,)
     version = served_version(entry, filename)
     path = entry.versions[version] / filename if version in entry.versions else None
-    return (entry.fingerprint, version, _stat(path) if path else None)
+    return (entry.fingerprint, version, file_stamp(path) if path else None)
 
 
 def _xgb_error(exc: Exception) -> str:
