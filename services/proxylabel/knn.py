@@ -159,8 +159,10 @@ def knn_labels(scores: KnnScores, options: KnnOptions) -> np.ndarray:
 def normalise(embeddings: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32, C-contiguous, as faiss wants); zero rows stay zero."""
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(np.divide(x, norms, out=np.zeros_like(x), where=norms > 0))
+    # einsum sums the squares without a temporary as large as x (shard parts are 10k × 1024).
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None] if x.ndim == 2 else np.linalg.norm(x, axis=-1)
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return np.multiply(x, scale, dtype=np.float32)
 
 
 class KnnIndex:

@@ -307,7 +307,10 @@ def embedding_problem(embeddings: np.ndarray, dimension: int) -> list[str]:
     if embeddings.ndim != 2 or embeddings.shape[1] != dimension:
         width = embeddings.shape[1] if embeddings.ndim == 2 else 0
         return [f"embedding has {width} values, the models take {dimension}"] * len(embeddings)
+    # Two reductions, no temporary the size of the matrix: shard parts are 10k × 1024 floats.
     finite = np.isfinite(embeddings).all(axis=1)
-    norm = np.linalg.norm(np.where(np.isfinite(embeddings), embeddings, 0), axis=1)
-    return ["embedding has NaN or infinite values" if not f else "embedding is all zeros" if n == 0 else ""
-            for f, n in zip(finite, norm, strict=True)]
+    zero = ~embeddings.any(axis=1)
+    reasons = [""] * len(embeddings)
+    for i in np.flatnonzero(~finite | zero):
+        reasons[i] = "embedding has NaN or infinite values" if not finite[i] else "embedding is all zeros"
+    return reasons

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +49,7 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 EMBEDDER_METADATA_KEY = b"tessera.embedder"
 ID, EMBEDDING, SCORES = "id", "embedding", "gpt_scores"
+T = TypeVar("T")
 
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -282,7 +284,9 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
     """(part index, rows) from part `first` on, reading only the row groups from there."""
     if first >= len(plan.parts):
         return
-    pf = pq.ParquetFile(plan.job.input_path)
+    # pre_buffer caches every requested row group's column chunks until the reader is done, so
+    # memory would grow with the shard; without it the reader holds one batch at a time.
+    pf = pq.ParquetFile(plan.job.input_path, pre_buffer=False)
     start = plan.parts[first][0]
     rg = int(np.searchsorted(plan.row_group_starts, start, side="right") - 1)
     position = plan.row_group_starts[rg]
@@ -308,6 +312,25 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
             rest = table.slice(b - a)
             buffer, buffered, start = rest.to_batches(), len(rest), b
             i += 1
+
+
+async def prefetched(items: Iterator[T]) -> AsyncIterator[T]:
+    """The items of a blocking iterator, the next one produced in a worker thread while the
+    caller works on the current one (so reading part i+1 overlaps scoring part i)."""
+    done = object()
+    ahead = asyncio.ensure_future(asyncio.to_thread(next, items, done))
+    try:
+        while (item := await ahead) is not done:
+            ahead = asyncio.ensure_future(asyncio.to_thread(next, items, done))
+            yield item  # type: ignore[misc]
+    finally:
+        # A generator cannot be closed while a thread runs it: let the read in flight finish.
+        if not ahead.done():
+            await asyncio.wait([ahead])
+        if not ahead.cancelled():
+            ahead.exception()  # retrieved: a read failing after the caller stopped is no news
+        if hasattr(items, "close"):
+            items.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,10 +439,15 @@ def _embedding_matrix(column: pa.ChunkedArray | pa.Array, dimension: int) -> tup
     n = len(col)
     lengths = pc.fill_null(pc.list_value_length(col), -1).to_numpy(zero_copy_only=False)
     good = lengths == dimension
-    out = np.zeros((n, dimension), np.float32)
-    if good.any():
-        values = pc.list_flatten(col.filter(pa.array(good))).to_numpy(zero_copy_only=False)
-        out[good] = values.astype(np.float32).reshape(-1, dimension)
+    if good.all():
+        # The usual part: the list values are the matrix already (no copy for float32).
+        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+        out = np.asarray(flat, np.float32).reshape(n, dimension)
+    else:
+        out = np.zeros((n, dimension), np.float32)
+        if good.any():
+            values = pc.list_flatten(col.filter(pa.array(good))).to_numpy(zero_copy_only=False)
+            out[good] = values.astype(np.float32).reshape(-1, dimension)
     reasons = embedding_problem(out, dimension)
     for i in np.flatnonzero(~good):
         reasons[i] = "no embedding" if lengths[i] < 0 else f"embedding has {lengths[i]} values, the index {dimension}"
@@ -457,7 +485,7 @@ async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Ta
     expected = np.full(n, np.nan, np.float32)
     if len(idx):
         sub = conversations_of(table.take(pa.array(idx)), plan.text_kind) if plan.run_mlp else None
-        scores = await pipeline.score(emb[idx], sub, plan.options, plan.run_knn, plan.run_mlp)
+        scores = await pipeline.score(emb if len(idx) == n else emb[idx], sub, plan.options, plan.run_knn, plan.run_mlp)
         knn = scores.knn
         fused = soft_vote(knn.probabilities if knn else None, scores.mlp, rules)
         lab, conf = final_labels(fused, rules, knn_labels(knn, plan.options) if knn else None)
@@ -516,7 +544,7 @@ async def run_shard(plan: ShardPlan, pipeline: ProxyLabelPipeline, *,
         rows_done = resumed
         yield Progress(rows_done, plan.rows_total, 0.0, failed)
         metrics = pipeline.metrics
-        for index, table in read_parts(plan, done):
+        async for index, table in prefetched(read_parts(plan, done)):
             first_row = plan.parts[index][0]
             result = await score_part(plan, pipeline, table, first_row)
             await asyncio.to_thread(write_part, output, index, result.table)
