@@ -1,14 +1,19 @@
-"""Train the Fusion MLP (embedding ⊕ standardised v1 text features → six probabilities) with
-scikit-learn and write it to the repository as ONNX built with `onnx.helper` (no torch).
+"""Train the Fusion MLP (embedding ⊕ standardised v1 text features → six probabilities) and write
+it to the repository as ONNX. Two trainers, one output:
+
+- `--trainer torch` (the default, `train-mlp` of the modeller's tools): PyTorch, seeded, early
+  stopping on a held-out split, exported with torch.onnx (tools/proxylabel/train_mlp_torch.py;
+  needs `make install-export`);
+- `--trainer sklearn`: scikit-learn, ONNX built with `onnx.helper` (no torch; what `make demo` uses).
 
     <repo>/proxylabel_mlp/config.pbtxt
     <repo>/proxylabel_mlp/1/model.onnx     input `features` [batch, dim + 35], output `probabilities` [batch, 6]
     <repo>/proxylabel_mlp/1/mlp.json       feature version and names, mean/std, embedder name/dimension
 
-The graph is Gemm → Relu → … → Gemm → Softmax, the same arithmetic as `MLPClassifier.predict_proba`;
-the ONNX output is checked against it before anything is written.
+The graph is Gemm → Relu → … → Gemm → Softmax (the same arithmetic as `MLPClassifier.predict_proba`
+or the torch network); the ONNX output is checked against the trainer's before anything is written.
 
-    python -m tools.proxylabel.train_mlp --repo model_repository labelled-*.parquet
+    python -m tools.proxylabel.train_mlp --repo model_repository labelled-*.parquet [--trainer sklearn]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -29,6 +35,9 @@ from services.proxylabel.features import FeatureStats, compute_features
 from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, normalise
 from services.proxylabel.pipeline import MLP_META_FILE, MlpMeta
 from tools.proxylabel.build_index import labelled_rows
+
+if TYPE_CHECKING:  # torch is optional: imported only when --trainer torch runs
+    from tools.proxylabel.train_mlp_torch import TorchTrainConfig
 
 MODEL_NAME = "proxylabel_mlp"
 OPSET = 17
@@ -94,16 +103,18 @@ def design_matrix(embeddings: np.ndarray, raw_features: np.ndarray, stats: Featu
 
 def train_mlp(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarray, embedder: EmbedderInfo, *,
               hidden: Sequence[int] = (128,), seed: int = 0, max_iter: int = 200, demo: bool = False,
-              atol: float = 1e-5) -> tuple[onnx.ModelProto, MlpMeta]:
+              atol: float = 1e-5, patience: int = 15, validation_fraction: float = 0.15
+              ) -> tuple[onnx.ModelProto, MlpMeta]:
     """Fit, convert, and check the ONNX graph equals predict_proba on the training rows."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     stats = FeatureStats.fit(raw_features)
     x = design_matrix(embeddings, raw_features, stats)
-    clf = MLPClassifier(hidden_layer_sizes=tuple(hidden), activation="relu", alpha=1e-3, batch_size=min(256, int(len(x) * 0.85)),
-                        learning_rate_init=1e-3, max_iter=max_iter, early_stopping=True, validation_fraction=0.15,
-                        n_iter_no_change=15, random_state=seed)
+    batch_size = min(256, int(len(x) * (1 - validation_fraction)))
+    clf = MLPClassifier(hidden_layer_sizes=tuple(hidden), activation="relu", alpha=1e-3, batch_size=batch_size,
+                        learning_rate_init=1e-3, max_iter=max_iter, early_stopping=True,
+                        validation_fraction=validation_fraction, n_iter_no_change=patience, random_state=seed)
     with warnings.catch_warnings():
         # Early stopping or max_iter ends the demo's short runs; that is the point, not a problem.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -164,21 +175,71 @@ def write_mlp(repo: Path, model: onnx.ModelProto, meta: MlpMeta, version: int = 
     return model_dir
 
 
-def main(argv: list[str] | None = None) -> int:
+# TorchTrainConfig fields the command line sets only for the torch trainer (defaults: the dataclass's).
+TORCH_ONLY = {"dropout": float, "lr": float, "weight_decay": float, "batch_size": int}
+TORCH_MISSING = ("--trainer torch needs PyTorch, which is not installed: install the modeller's extra with "
+                 "`make install-export`, or train with scikit-learn: --trainer sklearn")
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.proxylabel.train_mlp", description=__doc__.splitlines()[0])
     p.add_argument("shards", nargs="+", type=Path, help="parquet shards; rows with gpt_scores are used")
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--embedder", help="embedder name (default: the shards' tessera.embedder metadata)")
+    p.add_argument("--trainer", choices=("torch", "sklearn"), default="torch",
+                   help="torch: early stopping on a held-out split (needs `make install-export`); sklearn: no torch")
     p.add_argument("--hidden", type=int, nargs="+", default=[128])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iter", type=int, default=200)
+    # Both trainers count passes over the training rows; --max-iter is scikit-learn's name for it.
+    p.add_argument("--max-epochs", "--max-iter", dest="max_epochs", type=int, default=200)
+    p.add_argument("--patience", type=int, default=15, help="epochs without a lower held-out loss before stopping")
+    p.add_argument("--validation-fraction", type=float, default=0.15, help="share of rows held out for stopping")
+    # No defaults here, so a scikit-learn run can refuse what it would otherwise ignore.
+    torch_only = p.add_argument_group("torch trainer (defaults: TorchTrainConfig)")
+    for name, kind in TORCH_ONLY.items():
+        torch_only.add_argument(f"--{name.replace('_', '-')}", type=kind)
     p.add_argument("--demo", action="store_true")
+    return p
+
+
+def _torch_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> TorchTrainConfig:
+    """The TorchTrainConfig of the command line; a usage error when torch is missing or a value is bad."""
+    try:
+        from tools.proxylabel.train_mlp_torch import TorchTrainConfig
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        p.error(TORCH_MISSING)
+    knobs = {k: getattr(args, k) for k in TORCH_ONLY if getattr(args, k) is not None}
+    try:
+        return TorchTrainConfig(hidden=tuple(args.hidden), seed=args.seed, max_epochs=args.max_epochs,
+                                patience=args.patience, validation_fraction=args.validation_fraction, **knobs)
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
+    given = [f"--{k.replace('_', '-')}" for k in TORCH_ONLY if getattr(args, k) is not None]
+    if args.trainer == "sklearn" and given:
+        p.error(f"{', '.join(given)}: only for --trainer torch")
+    # Before reading the shards: a missing torch or a bad value should not cost a pass over them.
+    config = _torch_config(p, args) if args.trainer == "torch" else None
     rows = labelled_rows(args.shards, args.embedder)
-    model, meta = train_mlp(rows.embeddings, compute_features(rows.conversations), rows.labels, rows.embedder,
-                            hidden=args.hidden, seed=args.seed, max_iter=args.max_iter, demo=args.demo)
+    raw = compute_features(rows.conversations)
+    if config is not None:
+        from tools.proxylabel.train_mlp_torch import train_mlp_torch
+
+        model, meta, report = train_mlp_torch(rows.embeddings, raw, rows.labels, rows.embedder, config,
+                                              demo=args.demo)
+        print(f"torch: {report.summary()}")
+    else:
+        model, meta = train_mlp(rows.embeddings, raw, rows.labels, rows.embedder, hidden=args.hidden,
+                                seed=args.seed, max_iter=args.max_epochs, demo=args.demo, patience=args.patience,
+                                validation_fraction=args.validation_fraction)
     path = write_mlp(args.repo, model, meta)
-    print(f"{path}: MLP on {len(rows.labels)} labelled rows, input {meta.input_dimension}")
+    print(f"{path}: MLP ({args.trainer}) on {len(rows.labels)} labelled rows, input {meta.input_dimension}")
     return 0
 
 
