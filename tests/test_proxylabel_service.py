@@ -13,10 +13,13 @@ import grpc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
 from client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.proxylabel.embedder import embed_offline
+from services.proxylabel.knn import INDEX_FILE, KnnIndex
 from services.proxylabel.shards import read_output
 from tests.conftest import CACHE, start_suite
 from tools.models.minilm import build_text_embedder
@@ -54,7 +57,8 @@ def rules_file(data_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, demo_repo: Path, data_root: Path, rules_file: Path) -> Iterator[Suite]:
-    s = start_suite(tmp_path_factory.mktemp("suite"), demo_repo, rules=rules_file, data_roots=(data_root,))
+    s = start_suite(tmp_path_factory.mktemp("suite"), demo_repo, rules=rules_file, data_roots=(data_root,),
+                    extra_env={"TESSERA_PROXYLABEL__REPOSITORY_POLL_SECONDS": "0.3"})
     yield s
     s.stop()
 
@@ -136,3 +140,35 @@ def test_mode_follows_the_rules_file(client: TesseraClient, rules_file: Path) ->
         assert row.status.code == OK and sum(row.probabilities) == pytest.approx(1.0, abs=1e-5)
     finally:
         rules_file.write_text(original)
+
+
+def _knn_version_and_votes(stub: pb_grpc.ProxyLabelServiceStub) -> tuple[str, list[float]]:
+    reply = stub.ScoreTexts(pb.ScoreTextsRequest(rows=[pb.TextRow(id="a", text=CONVERSATION)], run_knn=True),
+                            timeout=30)
+    (row,) = reply.rows
+    assert row.status.code == OK, row.status.message
+    version = next(m.version for m in reply.models if m.name == "proxylabel_knn")
+    return version, list(row.knn_probabilities)
+
+
+def test_new_index_version_is_served_without_restart(suite: Suite, demo_repo: Path) -> None:
+    """A v2 index written beside v1 is picked up by the running service; a broken v3 is refused
+    and v2 keeps serving. (Last in the module: it changes the repository.)"""
+    model_dir = demo_repo / "proxylabel_knn"
+    v1 = KnnIndex.load(model_dir / "1", 1)
+    with grpc.insecure_channel(suite.processes["proxylabel"].target) as channel:
+        stub = pb_grpc.ProxyLabelServiceStub(channel)
+        assert _knn_version_and_votes(stub)[0] == "1"
+        # Same vectors, every neighbour now says 5: the vote moves all its mass there.
+        KnnIndex(v1.index, np.full(v1.size, 5), v1.meta).save(model_dir / "2")
+        deadline = time.monotonic() + 20
+        while (got := _knn_version_and_votes(stub))[0] != "2":
+            assert time.monotonic() < deadline, "version 2 was not picked up"
+            time.sleep(0.2)
+        assert got[1][5] == pytest.approx(1.0) and sum(got[1]) == pytest.approx(1.0)
+        (model_dir / "3").mkdir()
+        shutil.copy(model_dir / "2" / "index.json", model_dir / "3")
+        (model_dir / "3" / INDEX_FILE).write_bytes(b"not a faiss index")
+        time.sleep(1.5)  # several polls
+        assert _knn_version_and_votes(stub) == got
+        assert suite.processes["proxylabel"].popen.poll() is None

@@ -12,27 +12,61 @@ from services.proxylabel.servicer import SERVICE_NAME, ProxyLabelServicer
 from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
 from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
+from services.runtime.reloader import RepositoryPoller
 from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
 
 
+class IndexWatcher:
+    """Tells the poller when the kNN index's files changed: the ONNX backend does not own that
+    entry. Runs after the backend's reload, whose rescan it reads."""
+
+    def __init__(self, repository: ModelRepository, name: str) -> None:
+        self.repository, self.name = repository, name
+        self.seen = self._fingerprint()
+
+    def _fingerprint(self) -> tuple:
+        if self.name not in self.repository:
+            return ()
+        entry = self.repository.get(self.name)
+        return (entry.fingerprint, entry.error)
+
+    async def reload(self) -> list[str]:
+        now = self._fingerprint()
+        if now == self.seen:
+            return []
+        self.seen = now
+        return [self.name]
+
+
 async def build(config: ProxyLabelConfig, metrics: Metrics) -> App:
-    repository = ModelRepository(config.model_repository) if config.model_repository.is_dir() else None
-    backend = None
-    if repository is not None:
-        # ONNX Runtime settings are the runtime's defaults until the service config grows an `onnx` section.
-        backend = OnnxBackend(repository, getattr(config, "onnx", OnnxConfig()), metrics)
-        await backend.start()
-        pipeline = await ProxyLabelPipeline.load(config, repository, backend, metrics)
-    else:
+    if not config.model_repository.is_dir():
         pipeline = ProxyLabelPipeline(config, None, metrics)
+        return App([Servicer(SERVICE_NAME, ProxyLabelServicer(config, pipeline),
+                             pb_grpc.add_ProxyLabelServiceServicer_to_server)])
+    repository = ModelRepository(config.model_repository)
+    # ONNX Runtime settings are the runtime's defaults until the service config grows an `onnx` section.
+    backend = OnnxBackend(repository, getattr(config, "onnx", OnnxConfig()), metrics)
+    await backend.start()
+    servicer = ProxyLabelServicer(config, await ProxyLabelPipeline.load(config, repository, backend, metrics))
+
+    async def swap(changed: list[str]) -> None:
+        # A new pipeline for new requests; a shard job keeps the one it was planned with.
+        servicer.pipeline = await ProxyLabelPipeline.load(config, repository, backend, metrics,
+                                                          previous=servicer.pipeline)
+
+    poller = RepositoryPoller(backend, config.repository_poll_seconds, on_change=swap,
+                              also=[IndexWatcher(repository, config.knn_model)])
+
+    async def on_start(_server: object) -> None:
+        poller.start()
 
     async def cleanup() -> None:
-        if backend is not None:
-            await backend.close()
+        await poller.stop()
+        await backend.close()
 
-    return App([Servicer(SERVICE_NAME, ProxyLabelServicer(config, pipeline),
-                         pb_grpc.add_ProxyLabelServiceServicer_to_server)], cleanup=cleanup)
+    return App([Servicer(SERVICE_NAME, servicer, pb_grpc.add_ProxyLabelServiceServicer_to_server)],
+               on_start=on_start, cleanup=cleanup)
 
 
 def main() -> int:

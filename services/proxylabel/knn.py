@@ -222,19 +222,21 @@ class KnnIndex:
         return cls(index, labels, meta)
 
     def save(self, directory: Path) -> None:
-        """Write the version directory's three files, each to a temporary name then renamed."""
+        """Write the version directory's three files, each to a temporary name then renamed; the
+        index file last, since its presence is what marks the version complete to a service
+        polling the repository."""
         import faiss
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{INDEX_FILE}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, directory / INDEX_FILE)
         with open(directory / f".{LABELS_FILE}.tmp", "wb") as fh:
             np.save(fh, self.labels, allow_pickle=False)
         os.replace(directory / f".{LABELS_FILE}.tmp", directory / LABELS_FILE)
         (directory / f".{META_FILE}.tmp").write_text(json.dumps(self.meta.model_dump(), indent=2) + "\n")
         os.replace(directory / f".{META_FILE}.tmp", directory / META_FILE)
+        tmp = directory / f".{INDEX_FILE}.tmp"
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, directory / INDEX_FILE)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [n, k], indices [n, k]); queries are normalised here, so callers may

@@ -118,26 +118,22 @@ class ProxyLabelPipeline:
         self.embedder = embedder
         self.models = list(models)
         self.mlp_max_batch = max(1, mlp_max_batch)
+        # What the repository looked like when the index was loaded (a reload compares it).
+        self.knn_fingerprint: tuple = ()
 
     @classmethod
     async def load(cls, config: ProxyLabelConfig, repository: ModelRepository, backend: Backend | None,
-                   metrics: Metrics, embedder: object | None = None) -> ProxyLabelPipeline:
+                   metrics: Metrics, embedder: object | None = None,
+                   previous: ProxyLabelPipeline | None = None) -> ProxyLabelPipeline:
         """Load what the repository has; a model that is absent or broken is logged and left out
-        (requests that need it get FAILED_PRECONDITION naming it)."""
+        (requests that need it get FAILED_PRECONDITION naming it). With `previous` (a reload),
+        an unchanged index is reused and one whose new version fails to load keeps serving."""
         models: list[ServedModel] = []
-        knn = mlp = None
+        mlp = None
         mlp_max_batch = 256
-        if config.knn_model in repository:
-            entry = repository.get(config.knn_model)
-            try:
-                if entry.error:
-                    raise ValueError(entry.error)
-                knn = await asyncio.to_thread(KnnIndex.load, entry.version_dir(), entry.version)
-                models.append(ServedModel(entry.name, entry.version, KNN_BACKEND,
-                                          _is_demo(dict(entry.parameters)) or knn.meta.demo))
-            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the service
-                log.error("kNN index %s not loaded: %s", config.knn_model, exc)
-                knn = None
+        knn, knn_served, knn_fingerprint = await cls._load_knn(config, repository, previous)
+        if knn_served is not None:
+            models.append(knn_served)
         ready = {s.name: s for s in (backend.models() if backend else []) if s.ready}
         if config.mlp_model in repository and config.mlp_model in ready:
             entry = repository.get(config.mlp_model)
@@ -164,7 +160,34 @@ class ProxyLabelPipeline:
             entry = repository.get(config.embedder_model)
             models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
                                       _is_demo(dict(entry.parameters))))
-        return cls(config, backend, metrics, knn, mlp, embedder, models, mlp_max_batch)
+        pipeline = cls(config, backend, metrics, knn, mlp, embedder, models, mlp_max_batch)
+        pipeline.knn_fingerprint = knn_fingerprint
+        return pipeline
+
+    @staticmethod
+    async def _load_knn(config: ProxyLabelConfig, repository: ModelRepository, previous: ProxyLabelPipeline | None
+                        ) -> tuple[KnnIndex | None, ServedModel | None, tuple]:
+        """(index, how it is reported, the repository fingerprint it was loaded from)."""
+        if config.knn_model not in repository:
+            return None, None, ()
+        entry = repository.get(config.knn_model)
+        kept = previous if previous is not None and previous.knn is not None else None
+        kept_served = next((m for m in kept.models if m.name == config.knn_model), None) if kept else None
+        if kept is not None and kept.knn_fingerprint == entry.fingerprint:
+            return kept.knn, kept_served, kept.knn_fingerprint
+        try:
+            if entry.error:
+                raise ValueError(entry.error)
+            knn = await asyncio.to_thread(KnnIndex.load, entry.version_dir(), entry.version)
+        except Exception as exc:  # noqa: BLE001 - one bad model must not stop the service
+            if kept is not None:
+                log.error("kNN index %s: the new files are not loaded (%s); version %s keeps serving",
+                          config.knn_model, exc, kept.knn.version)  # type: ignore[union-attr]
+                return kept.knn, kept_served, kept.knn_fingerprint
+            log.error("kNN index %s not loaded: %s", config.knn_model, exc)
+            return None, None, ()
+        served = ServedModel(entry.name, entry.version, KNN_BACKEND, _is_demo(dict(entry.parameters)) or knn.meta.demo)
+        return knn, served, entry.fingerprint
 
     # -- what a request needs
 

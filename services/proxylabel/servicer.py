@@ -53,9 +53,9 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
         self.config = config
         self.pipeline = pipeline
 
-    def _models(self) -> list[common_pb2.ModelInfo]:
+    def _models(self, pipeline: ProxyLabelPipeline | None = None) -> list[common_pb2.ModelInfo]:
         return [common_pb2.ModelInfo(name=m.name, version="" if m.version is None else str(m.version),
-                                     backend=m.backend, demo=m.demo) for m in self.pipeline.models]
+                                     backend=m.backend, demo=m.demo) for m in (pipeline or self.pipeline).models]
 
     async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ScoreTextsResponse:
@@ -69,7 +69,8 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
         rows = [RowInput(text=r.text, response=r.response,
                          embedding=np.asarray(r.embedding, np.float32) if len(r.embedding) else None,
                          embedder=r.embedder) for r in request.rows]
-        results = await self.pipeline.score_rows(rows, knn_rules(request.knn), request.run_knn, request.run_mlp)
+        pipeline = self.pipeline  # one snapshot per request: a model swap may replace self.pipeline
+        results = await pipeline.score_rows(rows, knn_rules(request.knn), request.run_knn, request.run_mlp)
         out = []
         for row, result in zip(request.rows, results, strict=True):
             code, message = item_status(result.error)
@@ -82,7 +83,7 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
                 if result.mlp_probabilities is not None:
                     scores.mlp_probabilities.extend(result.mlp_probabilities.tolist())
             out.append(scores)
-        return pb.ScoreTextsResponse(rows=out, models=self._models())
+        return pb.ScoreTextsResponse(rows=out, models=self._models(pipeline))
 
     async def ScoreShard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.ScoreShardResponse]:
@@ -91,8 +92,9 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
         if not source.exists():
             raise NotFound(f"shard {request.input_path!r} does not exist")
         job = ShardJob(source, target, proxy_rules(request.rules), request.rules.version, request.batch_rows)
-        plan = plan_shard(job, self.pipeline)
-        async for event in run_shard(plan, self.pipeline):
+        pipeline = self.pipeline  # the job runs on the models it was planned with, even across a swap
+        plan = plan_shard(job, pipeline)
+        async for event in run_shard(plan, pipeline):
             if isinstance(event, Progress):
                 yield pb.ScoreShardResponse(progress=pb.ShardProgress(
                     rows_done=event.rows_done, rows_total=event.rows_total, rows_per_second=event.rows_per_second,
@@ -101,7 +103,7 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
                 summary = pb.ShardSummary(
                     output_path=event.output_path, rows_done=event.rows_done, rows_failed=event.rows_failed,
                     rows_resumed=event.rows_resumed, seconds=event.seconds, rules_version=event.rules_version,
-                    models=self._models())
+                    models=self._models(pipeline))
                 if event.evaluation is not None:
                     e = event.evaluation
                     summary.evaluation.CopyFrom(pb.ShardEvaluation(

@@ -11,6 +11,7 @@ bad model never stops the others from loading and the reason is visible in the m
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -304,9 +305,16 @@ def load_entry(model_dir: Path) -> ModelEntry:
                       tuple(fingerprint))
 
 
+@functools.lru_cache(maxsize=256)
+def _signature_of(stamp: tuple) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """onnx_signature, once per file version: services rescan every few seconds, and parsing a
+    large encoder each time would cost a core's worth of spikes."""
+    return onnx_signature(Path(stamp[0]))
+
+
 def _check_onnx(config: mc.ModelConfig, path: Path) -> str | None:
     try:
-        inputs, outputs = onnx_signature(path)
+        inputs, outputs = _signature_of(file_stamp(path))
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         return f"{path}: not a valid ONNX model: {type(exc).__name__}: {exc}"
     problems = check_signature(config, inputs, outputs)
