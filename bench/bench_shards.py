@@ -129,19 +129,23 @@ def end_to_end(repo: Path, rules: Path, scoring: Path, work: Path) -> dict:
         hwm_start, _ = hwm_kib(pid)
         summary = None
         peak_progress_rss = 0
+        first_part_rss = None  # after the first part: what the job holds before the shard's size counts
         with TesseraClient(suite.gateway.target) as client:
             t = time.perf_counter()
             for event in client.score_shard(scoring, out):
                 if event.HasField("summary"):
                     summary = event.summary
                 else:
-                    peak_progress_rss = max(peak_progress_rss, hwm_kib(pid)[1])
+                    rss = hwm_kib(pid)[1]
+                    peak_progress_rss = max(peak_progress_rss, rss)
+                    if first_part_rss is None and event.progress.rows_done > 0:
+                        first_part_rss = rss
             wall = time.perf_counter() - t
         hwm_end, rss_end = hwm_kib(pid)
     if summary is None:
         raise SystemExit("score_shard ended without a summary")
     return {"summary": summary, "wall": wall, "hwm_start": hwm_start, "hwm_end": hwm_end, "rss_end": rss_end,
-            "rss_during": peak_progress_rss, "out": out}
+            "rss_during": peak_progress_rss, "rss_first_part": first_part_rss or 0, "out": out}
 
 
 def check_output(out: Path, scoring: Path) -> tuple[bool, str]:
@@ -198,6 +202,7 @@ def main() -> int:
         print(f"{'  rows done / failed / resumed':<46}{f'{s.rows_done} / {s.rows_failed} / {s.rows_resumed}':>16}")
         print(f"{'proxylabel peak RSS (VmHWM) after start':<46}{e2e['hwm_start'] / 1024:>12.0f} MiB")
         print(f"{'proxylabel peak RSS (VmHWM) after the job':<46}{e2e['hwm_end'] / 1024:>12.0f} MiB")
+        print(f"{'proxylabel RSS after the first part':<46}{e2e['rss_first_part'] / 1024:>12.0f} MiB")
         print(f"{'proxylabel max RSS sampled at progress events':<46}{e2e['rss_during'] / 1024:>12.0f} MiB")
         print(f"{'proxylabel RSS after the job':<46}{e2e['rss_end'] / 1024:>12.0f} MiB")
         print(f"{'shard on disk':<46}{scoring.stat().st_size / mib:>12.0f} MiB")

@@ -5,6 +5,14 @@
         [--clahe-clip 2.0 --clahe-tile 8 --clahe-space lab_l|gray|none] [--temperature T] \\
         [--class-names Angry Disgust ...] [--cache DIR]
 
+    python -m tools.export sentence-transformers --checkpoint DIR [--name text_embedder] \\
+        [--repo model_repository] [--version N] [--cache DIR] [--embedder-name NAME] [--opset 17]
+
+The first writes an image classifier (ONNX + config + preprocess.json), the second the proxylabel
+service's text-embedding model (ONNX with pooling and normalisation + tokenizer.json + embedder.json)
+from a sentence-transformers checkpoint directory. Both refuse to write what ONNX Runtime does not
+reproduce.
+
 Exit status 0 when the version was written, 1 when the export was refused (nothing written),
 2 for a bad command line.
 """
@@ -53,12 +61,52 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", nargs="+",
                    help="class order of the logits (default: the 7 canonical emotion classes)")
     p.add_argument("--cache", type=Path, help="reuse and store exported graphs under this directory")
+    _sentence_transformers_parser(sub)
     return top
+
+
+def _sentence_transformers_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sentence-transformers",
+                       help="a sentence-transformers checkpoint -> the text-embedding model "
+                            "(ONNX + tokenizer.json + embedder.json + config)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="sentence-transformers checkpoint directory (modules.json, weights, tokenizer)")
+    p.add_argument("--name", default="text_embedder",
+                   help="model name in the repository (default text_embedder, the proxylabel service's)")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--version", type=int, help="default: one more than the highest existing")
+    p.add_argument("--cache", type=Path, help="reuse and store verified exports under this directory")
+    p.add_argument("--embedder-name",
+                   help="the embedder's identity, which kNN index and MLP must match "
+                        "(default: the checkpoint directory's name)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.kind == "sentence-transformers":
+        return _sentence_transformers(args)
+    return _timm(args)
+
+
+def _sentence_transformers(args: argparse.Namespace) -> int:
+    # Not tools.export.timm_export's: importing it loads timm and torch, which a cached export skips.
+    from tools.export.st_export import ExportError, export_sentence_transformer
+
+    started = time.perf_counter()
+    try:
+        out = export_sentence_transformer(args.checkpoint, args.name, args.repo, version=args.version,
+                                          cache_dir=args.cache, opset=args.opset,
+                                          embedder_name=args.embedder_name)
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out} written in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _timm(args: argparse.Namespace) -> int:
     # Imported after parsing so --help and usage errors do not wait for torch.
     from services.vision.preprocess import ClaheParams
     from tools.export.timm_export import ExportError, export_timm
