@@ -18,27 +18,9 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
 from services.runtime.servicing import check_batch_size
-from services.vision.decode import decode_image, raw_to_bgr
 from services.vision.faces import Box, FaceDetector, crop_with_margin
+from services.vision.inputs import ImageInput, decode_input
 from services.vision.preprocess import PreprocessParams, load_params, preprocess_faces
-
-
-@dataclass(frozen=True)
-class RawPixels:
-    height: int
-    width: int
-    format: str  # gray8 | rgb8 | bgr8 | rgba8
-    data: bytes
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image of a request, before decoding."""
-
-    encoded: bytes | None = None
-    raw: RawPixels | None = None
-    boxes: tuple[Box, ...] = ()
-    is_face_crop: bool = False
 
 
 @dataclass
@@ -128,7 +110,7 @@ class EmotionPipeline:
         """Decode and locate faces of one image (in a worker thread: detection costs tens of ms)."""
         try:
             with self.metrics.stage("decode"):
-                bgr = self._decode(image)
+                bgr = decode_input(image, self.config.decode)
             if image.is_face_crop:
                 h, w = bgr.shape[:2]
                 boxes: Sequence[Box] = [Box(0, 0, w, h, 1.0)]
@@ -145,14 +127,6 @@ class EmotionPipeline:
             return ImageOutput(faces=[FaceOutput(box) for box in boxes]), crops
         except Exception as exc:  # noqa: BLE001 - reported on this image; the others are answered
             return ImageOutput(error=exc), []
-
-    def _decode(self, image: ImageInput) -> np.ndarray:
-        if image.encoded is not None:
-            return decode_image(image.encoded, self.config.decode)
-        if image.raw is not None:
-            r = image.raw
-            return raw_to_bgr(r.height, r.width, r.format, r.data, self.config.decode)
-        raise InvalidArgument("image has neither encoded bytes nor raw pixels")
 
     async def _logits(self, model: ServedModel, crops: list[np.ndarray]) -> np.ndarray:
         params = self._params_for(model.name, model.version)

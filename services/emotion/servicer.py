@@ -7,33 +7,11 @@ from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
-from services.emotion.pipeline import EmotionPipeline, ImageInput, ImageOutput, RawPixels, ServedModel
-from services.runtime.errors import InvalidArgument, item_status
-from services.vision.faces import Box
+from services.emotion.pipeline import EmotionPipeline, ImageOutput, ServedModel
+from services.runtime.errors import item_status
+from services.vision.inputs import image_from_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmotionService"].full_name
-
-_RAW_FORMATS = {
-    common_pb2.PIXEL_FORMAT_GRAY8: "gray8",
-    common_pb2.PIXEL_FORMAT_RGB8: "rgb8",
-    common_pb2.PIXEL_FORMAT_BGR8: "bgr8",
-    common_pb2.PIXEL_FORMAT_RGBA8: "rgba8",
-}
-
-
-def image_from_pb(msg: common_pb2.Image) -> ImageInput:
-    boxes = tuple(Box(b.x, b.y, b.width, b.height, 1.0) for b in msg.faces)
-    source = msg.WhichOneof("source")
-    if source == "encoded":
-        return ImageInput(encoded=msg.encoded, boxes=boxes, is_face_crop=msg.is_face_crop)
-    if source == "raw":
-        fmt = _RAW_FORMATS.get(msg.raw.format)
-        if fmt is None:
-            raise InvalidArgument(f"raw image has an unknown pixel format {msg.raw.format}")
-        raw = RawPixels(msg.raw.height, msg.raw.width, fmt, msg.raw.data)
-        return ImageInput(raw=raw, boxes=boxes, is_face_crop=msg.is_face_crop)
-    return ImageInput(boxes=boxes, is_face_crop=msg.is_face_crop)  # the pipeline reports it per image
-
 
 def model_info(m: ServedModel) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(name=m.name, version="" if m.version is None else str(m.version),
