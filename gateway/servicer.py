@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
+from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
 from tessera.gateway.v1 import gateway_service_pb2 as pb
@@ -15,7 +17,8 @@ from gateway import answers
 from gateway.config import GatewayConfig
 from gateway.routes import Routes
 from services.fusion.engagement import Smoother
-from services.fusion.rules import AFFECTS, RulesStore, Smoothing
+from services.fusion.rules import AFFECTS, FusionRules, RulesStore, Smoothing
+from services.runtime.errors import ServingError, item_status
 from services.runtime.servicing import check_batch_size
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -60,8 +63,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
+        # The engagement service answers every message after the header, in order: keep each
+        # frame until its answer comes, to ask the emotion service about the face it found.
+        pending: deque[common_pb2.Image | None] = deque()
+
         async def forward() -> AsyncIterator[object]:
+            first = True
             async for msg in request_iterator:
+                if not first:
+                    pending.append(msg.frame.image if msg.WhichOneof("item") == "frame" else None)
+                first = False
                 yield _engagement_message(msg, engagement_pb.StreamVideoRequest)
 
         rules, version = self.rules.current()
@@ -70,7 +81,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         call = route.stub.StreamVideo(forward(), timeout=self.routes.timeout(context, "stream"))
         try:
             async for update in call:
-                reply = pb.StreamVideoResponse(timestamp_us=update.timestamp_us, rules_version=version)
+                image = pending.popleft() if pending else None
+                reply = pb.StreamVideoResponse(timestamp_us=update.timestamp_us, rules_version=version,
+                                               status=update.status)
+                if update.has_face:
+                    reply.face.CopyFrom(update.face)
+                    if image is not None:
+                        await self._frame_emotion(reply, image, update.face, rules, context)
                 if update.outputs:
                     levels = answers.affect_levels(
                         answers.decide(answers.model_outputs(update.outputs, rules), rules.engagement), rules)
@@ -83,6 +100,29 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 yield reply
         except grpc.aio.AioRpcError as exc:
             raise route.error(exc) from None
+
+    async def _frame_emotion(self, reply: pb.StreamVideoResponse, image: common_pb2.Image,
+                             face: common_pb2.BoundingBox, rules: FusionRules,
+                             context: grpc.aio.ServicerContext) -> None:
+        """The emotion of the face the engagement service tracks, in the rules' default mode. A
+        failure is reported on the frame: the stream goes on."""
+        located = common_pb2.Image()
+        located.CopyFrom(image)
+        del located.faces[:]
+        located.faces.append(face)
+        mode = rules.emotion.default_mode
+        route = self.routes.emotion
+        try:
+            answer = await route.call(route.stub.InferFaces(
+                emotion_pb.InferFacesRequest(images=[located], models=list(answers.members_for(rules.emotion, mode))),
+                timeout=self.routes.timeout(context)))
+            faces = answers.emotion_answer(answer, mode, rules, False, "").images[0].faces
+        except ServingError as exc:
+            if reply.status.code == 0:
+                code, message = item_status(exc)
+                reply.status.CopyFrom(common_pb2.ItemStatus(code=code, message=f"emotion: {message}"))
+            return
+        reply.faces.extend(faces)
 
     async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ScoreTextsResponse:

@@ -15,8 +15,14 @@ from skimage import data as skdata
 
 from client import TesseraClient
 from launcher.suite import ROOT, Suite
+from services.fusion.rules import AFFECTS
+from tools.engagement.generate import encode_jpeg, make_clip
 
-# Until a service's models and pipeline exist, FAILED_PRECONDITION is its documented answer.
+DEMO_LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
+AFFECT_NAMES = dict(enumerate(("unspecified", *AFFECTS)))
+
+# The ensemble's teachers are not in the default repository: FAILED_PRECONDITION naming them is
+# its documented answer.
 EXPECTED = (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION)
 
 
@@ -41,6 +47,24 @@ def _shard_summary(events: list[Any]) -> str:
             f"accuracy {e.accuracy:.2f}, macro-F1 {e.macro_f1:.2f}, MAE {e.mean_absolute_error:.2f}")
 
 
+def _levels(levels: Any) -> str:
+    return ", ".join(f"{AFFECT_NAMES[a.affect]} {a.level} ({a.decided_by.removeprefix('engagement_')})"
+                     for a in levels)
+
+
+def _clip_summary(reply: Any) -> str:
+    return (f"{reply.frames_with_face}/{reply.frames_received} frames with a face; {_levels(reply.affects)} "
+            f"| generated with {', '.join(f'{a} {v}' for a, v in DEMO_LEVELS.items())}")
+
+
+def _stream_summary(replies: list[Any]) -> str:
+    hops = [r for r in replies if r.engagement]
+    emotions = [r.faces[0].label for r in replies if r.faces]
+    last = _levels(hops[-1].engagement) if hops else "no hop yet"
+    return (f"{len(replies)} frames answered, {len(emotions)} with a face ({max(set(emotions), key=emotions.count) if emotions else '-'} "
+            f"most often); {len(hops)} engagement updates, last: {last}")
+
+
 def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> bool:
     start = time.perf_counter()
     try:
@@ -56,6 +80,9 @@ def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> bool:
 def main() -> int:
     astronaut = cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
     shard = _sample_shard(ROOT / "data" / "demo")
+    # Two seconds of a generated webcam clip whose levels are known (the demo models were trained
+    # on such clips): engagement very high, boredom very low, confusion high, frustration low.
+    clip = [encode_jpeg(f) for f in make_clip(DEMO_LEVELS, n_frames=60, seed=1)]
     out_dir = ROOT / "data" / "demo" / f"labels-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory(prefix="tessera-demo-") as tmp:
         t0 = time.perf_counter()
@@ -71,10 +98,8 @@ def main() -> int:
                               f"{f.label} p={f.probabilities[f.label]:.3f} at {f.box}" for f in faces)),
                     _call("ClassifyEmotion", lambda: client.classify_image(astronaut, mode="ensemble"),
                           lambda faces: f"ensemble: {len(faces)} face(s)"),
-                    _call("ScoreClip", lambda: client.score_clip([astronaut] * 30, fps=30, clip_id="demo"),
-                          lambda r: ", ".join(f"affect {a.affect}: level {a.level}" for a in r.affects)),
-                    _call("StreamVideo", lambda: list(client.stream_video([astronaut] * 10, fps=30)),
-                          lambda r: f"{len(r)} updates"),
+                    _call("ScoreClip", lambda: client.score_clip(clip, fps=30, clip_id="demo"), _clip_summary),
+                    _call("StreamVideo", lambda: list(client.stream_video(clip, fps=30)), _stream_summary),
                     _call("ScoreTexts", lambda: client.score_texts(
                         [{"id": "a", "text": "How do I sort a list in Python?",
                           "response": "Use sorted(xs) for a new list, or xs.sort() to sort in place; "

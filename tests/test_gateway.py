@@ -138,15 +138,6 @@ def test_clip_streams_validate_their_shape(client: TesseraClient, astronaut_jpeg
     with pytest.raises(grpc.RpcError) as err:
         list(client.stub.StreamVideo(iter([]), timeout=10))
     assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
-    # Until the engagement models exist, a well-formed clip or stream says so — every time, even
-    # though the service answers while the client is still sending frames.
-    for _ in range(5):
-        with pytest.raises(grpc.RpcError) as err:
-            client.score_clip([astronaut_jpeg] * 10)
-        assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION and "engagement_temporal" in err.value.details()
-        with pytest.raises(grpc.RpcError) as err:
-            list(client.stream_video([astronaut_jpeg] * 10))
-        assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION and "engagement_temporal" in err.value.details()
 
 
 def test_score_texts_validates_rows(client: TesseraClient) -> None:

@@ -23,7 +23,7 @@ from services.vision.faces import build_detector
 async def build(config: EmotionConfig, metrics: Metrics) -> App:
     repository = ModelRepository(config.model_repository)
     backend: Backend = (TritonBackend(repository, config.triton, metrics) if config.backend == "triton"
-                        else OnnxBackend(repository, config.onnx, metrics))
+                        else OnnxBackend(repository, config.onnx, metrics, serves=config.serves))
     await backend.start()
     pipeline = EmotionPipeline(config, repository, backend, build_detector(config.detector), metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)

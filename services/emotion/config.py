@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Literal
 
 from pydantic import Field
@@ -28,5 +29,11 @@ class EmotionConfig(ServiceConfig):
     decode: DecodeLimits = DecodeLimits()
     detector: HaarConfig = HaarConfig()
     margin: CropMargin = CropMargin()
+    models: list[str] = Field(
+        ["emotion_*"], description="Names (glob patterns) of the repository's models this service serves; "
+        "the other services' models in the same repository are left alone.")
     max_images_per_request: int = Field(32, gt=0)
     max_faces_per_image: int = Field(32, gt=0)
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatchcase(model, pattern) for pattern in self.models)

@@ -7,14 +7,38 @@ import sys
 from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 from services.engagement.config import EngagementConfig
+from services.engagement.pipeline import EngagementPipeline
 from services.engagement.servicer import SERVICE_NAME, EngagementServicer
+from services.runtime.backends.onnx import OnnxBackend
+from services.runtime.backends.router import RoutingBackend
+from services.runtime.backends.xgb import XgbBackend
 from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
+from services.runtime.reloader import RepositoryPoller
+from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
+from services.vision.faces import build_detector
 
 
 async def build(config: EngagementConfig, metrics: Metrics) -> App:
-    return App([Servicer(SERVICE_NAME, EngagementServicer(config), pb_grpc.add_EngagementServiceServicer_to_server)])
+    repository = ModelRepository(config.model_repository)
+    # The temporal network runs on ONNX Runtime, the boosters on XGBoost: one backend routes both.
+    ours = {config.temporal_model, *config.xgboost_models.values()}
+    backend = RoutingBackend(repository, [OnnxBackend(repository, config.onnx, metrics, serves=ours.__contains__),
+                                          XgbBackend(repository, config.xgb, metrics, serves=ours.__contains__)])
+    await backend.start()
+    pipeline = EngagementPipeline(config, repository, backend, build_detector(config.detector), metrics)
+    poller = RepositoryPoller(backend, config.repository_poll_seconds)
+
+    async def on_start(_server: object) -> None:
+        poller.start()
+
+    async def cleanup() -> None:
+        await poller.stop()
+        await backend.close()
+
+    return App([Servicer(SERVICE_NAME, EngagementServicer(pipeline), pb_grpc.add_EngagementServiceServicer_to_server)],
+               on_start=on_start, cleanup=cleanup)
 
 
 def main() -> int:

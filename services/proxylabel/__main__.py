@@ -46,7 +46,8 @@ async def build(config: ProxyLabelConfig, metrics: Metrics) -> App:
                              pb_grpc.add_ProxyLabelServiceServicer_to_server)])
     repository = ModelRepository(config.model_repository)
     # ONNX Runtime settings are the runtime's defaults until the service config grows an `onnx` section.
-    backend = OnnxBackend(repository, getattr(config, "onnx", OnnxConfig()), metrics)
+    ours = {config.mlp_model, config.embedder_model}  # the kNN index is the pipeline's own
+    backend = OnnxBackend(repository, getattr(config, "onnx", OnnxConfig()), metrics, serves=ours.__contains__)
     await backend.start()
     servicer = ProxyLabelServicer(config, await ProxyLabelPipeline.load(config, repository, backend, metrics))
 

@@ -98,13 +98,16 @@ def write_xgb_model(
     n_classes: int | None = None,
     demo: bool,
     max_batch_size: int = 256,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a classifier booster as ``<repo>/<name>/<version>/xgboost.json`` plus its config.
 
     ``version`` None adds the next version. ``n_features`` / ``n_classes`` default to the
-    booster's and must agree with it when given. Returns the version directory. A new version
-    directory appears whole (written under a hidden name, then renamed), so a reload never sees
-    it half written; the config is written after the model, each file atomically.
+    booster's and must agree with it when given. ``extra_files`` (name -> bytes) go in the version
+    directory beside the booster, e.g. the feature parameters it was trained on. Returns the
+    version directory. A new version directory appears whole (written under a hidden name, then
+    renamed), so a reload never sees it half written; the extra files are written before the
+    model, the config after it, each file atomically.
     """
     model_dir = Path(repo) / name
     actual_features, actual_classes = booster.num_features(), booster_classes(booster)
@@ -119,11 +122,16 @@ def write_xgb_model(
     model_dir.mkdir(parents=True, exist_ok=True)
     version = _next_version(model_dir) if version is None else version
     version_dir = model_dir / str(version)
+    if extra_files and MODEL_FILENAME in extra_files:
+        raise ValueError(f"extra_files cannot replace {MODEL_FILENAME}")
+    files = {**(extra_files or {}), MODEL_FILENAME: data}  # the model last: it marks the version whole
     if version_dir.exists():
-        _write_atomic(version_dir / MODEL_FILENAME, data)
+        for filename, content in files.items():
+            _write_atomic(version_dir / filename, content)
     else:
         staging = model_dir / f".{version}.tmp-{os.getpid()}"
-        _write_atomic(staging / MODEL_FILENAME, data)
+        for filename, content in files.items():
+            _write_atomic(staging / filename, content)
         os.replace(staging, version_dir)
     _write_atomic(model_dir / "config.pbtxt", config.encode())
     return version_dir

@@ -100,8 +100,12 @@ class InProcessBackend:
     name = "in-process"
     kind = "model"  # for messages: "is not an ONNX model of the repository"
 
-    def __init__(self, repository: ModelRepository, metrics: Metrics, max_queue_size: int) -> None:
+    def __init__(self, repository: ModelRepository, metrics: Metrics, max_queue_size: int,
+                 serves: Callable[[str], bool] | None = None) -> None:
         self.repository = repository
+        # Which model names this process serves: the services share one repository, and each
+        # loading every model of it would cost all of them the memory and start-up of all.
+        self.serves = serves
         self.metrics = metrics
         self.max_queue_size = max_queue_size
         self._served: dict[str, _Served] = {}
@@ -161,6 +165,8 @@ class InProcessBackend:
             mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
             if model not in mine:
                 self.repository.get(model)  # NotFound naming the repository when it is absent
+                if self.serves is not None and not self.serves(model):
+                    raise NotFound(f"model '{model}' of {self.repository.root} is not one this service serves")
                 raise NotFound(f"model '{model}' of {self.repository.root} is not {self.kind}")
             await self._apply(*mine[model])
         return next(s for s in self.models() if s.name == model)
@@ -188,7 +194,8 @@ class InProcessBackend:
     def _mine(self) -> dict[str, tuple[ModelEntry, tuple]]:
         """Rescan and fingerprint this backend's models (file system work: a worker thread)."""
         self.repository.rescan()
-        return {e.name: (e, self._fingerprint(e)) for e in self.repository.entries() if self._owns(e)}
+        return {e.name: (e, self._fingerprint(e)) for e in self.repository.entries()
+                if self._owns(e) and (self.serves is None or self.serves(e.name))}
 
     async def _apply(self, entry: ModelEntry, fp: tuple) -> None:
         """Load an entry and swap it in; on failure keep any version already serving."""

@@ -160,8 +160,9 @@ class OnnxBackend(InProcessBackend):
     name = BACKEND_NAME
     kind = "an ONNX model"
 
-    def __init__(self, repository: ModelRepository, config: OnnxConfig, metrics: Metrics) -> None:
-        super().__init__(repository, metrics, config.max_queue_size)
+    def __init__(self, repository: ModelRepository, config: OnnxConfig, metrics: Metrics,
+                 serves: Callable[[str], bool] | None = None) -> None:
+        super().__init__(repository, metrics, config.max_queue_size, serves)
         self.config = config
         self.providers = select_providers(config.use_gpu)
         self._options = session_options(config)

@@ -222,8 +222,9 @@ class XgbBackend(InProcessBackend):
     name = BACKEND_NAME
     kind = "an XGBoost (FIL) model"
 
-    def __init__(self, repository: ModelRepository, config: XgbConfig, metrics: Metrics) -> None:
-        super().__init__(repository, metrics, config.max_queue_size)
+    def __init__(self, repository: ModelRepository, config: XgbConfig, metrics: Metrics,
+                 serves: Callable[[str], bool] | None = None) -> None:
+        super().__init__(repository, metrics, config.max_queue_size, serves)
         self.config = config
 
     def _owns(self, entry: ModelEntry) -> bool:

@@ -62,16 +62,18 @@ class StreamVideoRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ClipHeader, _Mapping]] = ..., frame: _Optional[_Union[_common_pb2.VideoFrame, _Mapping]] = ...) -> None: ...
 
 class StreamVideoResponse(_message.Message):
-    __slots__ = ("timestamp_us", "face", "has_face", "outputs")
+    __slots__ = ("timestamp_us", "face", "has_face", "outputs", "status")
     TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     FACE_FIELD_NUMBER: _ClassVar[int]
     HAS_FACE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     timestamp_us: int
     face: _common_pb2.BoundingBox
     has_face: bool
     outputs: _containers.RepeatedCompositeFieldContainer[ModelOutput]
-    def __init__(self, timestamp_us: _Optional[int] = ..., face: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., has_face: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[ModelOutput, _Mapping]]] = ...) -> None: ...
+    status: _common_pb2.ItemStatus
+    def __init__(self, timestamp_us: _Optional[int] = ..., face: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ..., has_face: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[ModelOutput, _Mapping]]] = ..., status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

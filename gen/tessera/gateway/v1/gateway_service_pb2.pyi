@@ -135,16 +135,20 @@ class StreamVideoRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ClipHeader, _Mapping]] = ..., frame: _Optional[_Union[_common_pb2.VideoFrame, _Mapping]] = ...) -> None: ...
 
 class StreamVideoResponse(_message.Message):
-    __slots__ = ("timestamp_us", "faces", "engagement", "rules_version")
+    __slots__ = ("timestamp_us", "faces", "engagement", "rules_version", "status", "face")
     TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     FACES_FIELD_NUMBER: _ClassVar[int]
     ENGAGEMENT_FIELD_NUMBER: _ClassVar[int]
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FACE_FIELD_NUMBER: _ClassVar[int]
     timestamp_us: int
     faces: _containers.RepeatedCompositeFieldContainer[FaceEmotion]
     engagement: _containers.RepeatedCompositeFieldContainer[AffectLevel]
     rules_version: str
-    def __init__(self, timestamp_us: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceEmotion, _Mapping]]] = ..., engagement: _Optional[_Iterable[_Union[AffectLevel, _Mapping]]] = ..., rules_version: _Optional[str] = ...) -> None: ...
+    status: _common_pb2.ItemStatus
+    face: _common_pb2.BoundingBox
+    def __init__(self, timestamp_us: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceEmotion, _Mapping]]] = ..., engagement: _Optional[_Iterable[_Union[AffectLevel, _Mapping]]] = ..., rules_version: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., face: _Optional[_Union[_common_pb2.BoundingBox, _Mapping]] = ...) -> None: ...
 
 class ScoreTextsRequest(_message.Message):
     __slots__ = ("rows",)

@@ -1,0 +1,76 @@
+"""Frame sequences: a whole clip scored once, or a live stream scored every hop.
+
+Both keep only what the models need per frame — a 64×64 gray crop and its HOG, about 11 KB —
+never the frames, so a 30-second clip or an endless stream holds a few megabytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import numpy as np
+
+from services.engagement.pipeline import (
+    EngagementPipeline,
+    FaceTracker,
+    FrameFace,
+    ModelOutputs,
+    ModelSettings,
+)
+from services.runtime.errors import ResourceExhausted
+from services.vision.inputs import ImageInput
+
+
+class _Frames:
+    def __init__(self, pipeline: EngagementPipeline, settings: ModelSettings, keep: int | None) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+        self.tracker = FaceTracker(pipeline.detector, pipeline.config.tracking)
+        self.faces: deque[FrameFace] = deque(maxlen=keep)
+        self.received = 0
+        self.with_face = 0
+
+    async def _add(self, image: ImageInput) -> FrameFace:
+        self.received += 1
+        face = await asyncio.to_thread(self.pipeline.frame_face, image, self.tracker, self.settings)
+        self.faces.append(face)
+        self.with_face += face.box is not None
+        return face
+
+    async def _score(self, min_faces: int) -> ModelOutputs | None:
+        found = [f for f in self.faces if f.box is not None]
+        if len(found) < min_faces:
+            return None
+        return await self.pipeline.score([f.crop for f in found], np.stack([f.hog for f in found]), self.settings)
+
+
+class Clip(_Frames):
+    """A finished clip: frames in order, both models once at the end."""
+
+    def __init__(self, pipeline: EngagementPipeline, settings: ModelSettings) -> None:
+        super().__init__(pipeline, settings, keep=None)
+
+    async def add(self, image: ImageInput) -> FrameFace:
+        limit = self.pipeline.config.max_frames_per_clip
+        if self.received >= limit:
+            raise ResourceExhausted(f"the clip has more than {limit} frames (max_frames_per_clip)")
+        return await self._add(image)
+
+    async def finish(self) -> ModelOutputs | None:
+        """Both models' outputs, or None when too few frames had a face to judge."""
+        return await self._score(self.pipeline.config.min_face_frames)
+
+
+class LiveWindow(_Frames):
+    """A live stream: every `hop_frames` frames, both models over the last `window_frames`."""
+
+    def __init__(self, pipeline: EngagementPipeline, settings: ModelSettings) -> None:
+        super().__init__(pipeline, settings, keep=pipeline.config.stream.window_frames)
+
+    async def add(self, image: ImageInput) -> tuple[FrameFace, ModelOutputs | None]:
+        face = await self._add(image)
+        stream = self.pipeline.config.stream
+        if self.received % stream.hop_frames:
+            return face, None
+        return face, await self._score(stream.min_face_frames)
