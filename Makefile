@@ -55,6 +55,9 @@ test-fast: $(INSTALLED) models prometheus
 bench: $(INSTALLED) $(EXPORT_INSTALLED) models
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 	$(PY) bench/bench_backends.py
+	$(PY) bench/bench_emotion.py
+	$(PY) bench/bench_engagement.py
+	$(PY) bench/bench_shards.py
 
 protos: $(INSTALLED)
 	$(PY) tools/gen_stubs.py
