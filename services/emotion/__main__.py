@@ -28,15 +28,8 @@ async def build(config: EmotionConfig, metrics: Metrics) -> App:
     pipeline = EmotionPipeline(config, repository, backend, build_detector(config.detector), metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)
 
-    async def on_start(_server: object) -> None:
-        poller.start()
-
-    async def cleanup() -> None:
-        await poller.stop()
-        await backend.close()
-
     return App([Servicer(SERVICE_NAME, EmotionServicer(pipeline), pb_grpc.add_EmotionServiceServicer_to_server)],
-               on_start=on_start, cleanup=cleanup)
+               cleanup=backend.close, background=[poller])
 
 
 def main() -> int:

@@ -30,15 +30,8 @@ async def build(config: EngagementConfig, metrics: Metrics) -> App:
     pipeline = EngagementPipeline(config, repository, backend, build_detector(config.detector), metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)
 
-    async def on_start(_server: object) -> None:
-        poller.start()
-
-    async def cleanup() -> None:
-        await poller.stop()
-        await backend.close()
-
     return App([Servicer(SERVICE_NAME, EngagementServicer(pipeline), pb_grpc.add_EngagementServiceServicer_to_server)],
-               on_start=on_start, cleanup=cleanup)
+               cleanup=backend.close, background=[poller])
 
 
 def main() -> int:

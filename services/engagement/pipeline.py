@@ -23,6 +23,7 @@ from services.runtime.backends.base import Backend
 from services.runtime.errors import FailedPrecondition
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
+from services.runtime.servicing import ServedModel, is_demo
 from services.vision.faces import Box, FaceDetector
 from services.vision.inputs import ImageInput, decode_input
 from services.vision.preprocess import PreprocessParams, load_params, preprocess_faces
@@ -31,14 +32,6 @@ PREPROCESS_FILE = "preprocess.json"
 
 # model name → affect → four level probabilities
 ModelOutputs = dict[str, dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    version: int | None
-    backend: str
-    demo: bool
 
 
 @dataclass(frozen=True)
@@ -115,8 +108,7 @@ class EngagementPipeline:
         out = []
         for name in self.model_names:
             if name in ready:
-                entry = self.repository.get(name) if name in self.repository else None
-                demo = entry is not None and entry.parameters.get("demo", "").lower() == "true"
+                demo = name in self.repository and is_demo(dict(self.repository.get(name).parameters))
                 out.append(ServedModel(name, ready[name].version, ready[name].backend, demo))
         return out
 

@@ -9,7 +9,7 @@ from tessera.common.v1 import common_pb2
 from tessera.engagement.v1 import engagement_service_pb2 as pb
 from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
-from services.engagement.pipeline import EngagementPipeline, FrameFace, ModelOutputs, ServedModel
+from services.engagement.pipeline import EngagementPipeline, FrameFace, ModelOutputs
 from services.engagement.stream import Clip, LiveWindow
 from services.fusion.rules import AFFECTS
 from services.runtime.errors import InvalidArgument, ServingError, item_status
@@ -19,11 +19,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngagementService"].full_name
 AFFECT_ENUM = {name: common_pb2.Affect.Value(f"AFFECT_{name.upper()}") for name in AFFECTS}
 
 ClipMessage = pb.ScoreClipRequest | pb.StreamVideoRequest
-
-
-def model_info(m: ServedModel) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(name=m.name, version="" if m.version is None else str(m.version),
-                                backend=m.backend, demo=m.demo)
 
 
 def outputs_to_pb(outputs: ModelOutputs | None) -> list[pb.ModelOutput]:
@@ -81,7 +76,7 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
             raise
         return pb.ScoreClipResponse(clip_id=header.clip_id, outputs=outputs_to_pb(outputs),
                                     frames_received=clip.received, frames_with_face=clip.with_face,
-                                    models=[model_info(m) for m in self.pipeline.served_models()])
+                                    models=[m.info() for m in self.pipeline.served_models()])
 
     async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
@@ -107,7 +102,7 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(m) for m in self.pipeline.served_models()])
+        return pb.ListModelsResponse(models=[m.info() for m in self.pipeline.served_models()])
 
 
 async def drain(stream: AsyncIterator[object], limit: int) -> None:

@@ -59,15 +59,8 @@ async def build(config: ProxyLabelConfig, metrics: Metrics) -> App:
     poller = RepositoryPoller(backend, config.repository_poll_seconds, on_change=swap,
                               also=[IndexWatcher(repository, config.knn_model)])
 
-    async def on_start(_server: object) -> None:
-        poller.start()
-
-    async def cleanup() -> None:
-        await poller.stop()
-        await backend.close()
-
     return App([Servicer(SERVICE_NAME, servicer, pb_grpc.add_ProxyLabelServiceServicer_to_server)],
-               on_start=on_start, cleanup=cleanup)
+               cleanup=backend.close, background=[poller])
 
 
 def main() -> int:

@@ -39,6 +39,7 @@ from services.runtime.config import StrictModel
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServingError
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
+from services.runtime.servicing import ServedModel, is_demo
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ class MlpMeta(StrictModel):
     @property
     def input_dimension(self) -> int:
         return self.embedder.dimension + len(self.features.names)
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    version: int | None
-    backend: str
-    demo: bool
 
 
 @dataclass(frozen=True)
@@ -99,10 +92,6 @@ class BatchScores:
 
 
 NO_NEIGHBOUR = "no labelled neighbour with similarity at or above the threshold: kNN probabilities are uniform"
-
-
-def _is_demo(parameters: dict[str, str]) -> bool:
-    return parameters.get("demo", "").lower() == "true"
 
 
 class ProxyLabelPipeline:
@@ -145,7 +134,7 @@ class ProxyLabelPipeline:
                 if entry.config is not None and entry.config.max_batch_size > 0:
                     mlp_max_batch = entry.config.max_batch_size
                 models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
-                                          _is_demo(dict(entry.parameters)) or mlp.demo))
+                                          is_demo(dict(entry.parameters)) or mlp.demo))
             except Exception as exc:  # noqa: BLE001
                 log.error("MLP %s not usable: %s", config.mlp_model, exc)
                 mlp = None
@@ -159,7 +148,7 @@ class ProxyLabelPipeline:
         if embedder is not None and config.embedder_model in ready:
             entry = repository.get(config.embedder_model)
             models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
-                                      _is_demo(dict(entry.parameters))))
+                                      is_demo(dict(entry.parameters))))
         pipeline = cls(config, backend, metrics, knn, mlp, embedder, models, mlp_max_batch)
         pipeline.knn_fingerprint = knn_fingerprint
         return pipeline
@@ -186,7 +175,7 @@ class ProxyLabelPipeline:
                 return kept.knn, kept_served, kept.knn_fingerprint
             log.error("kNN index %s not loaded: %s", config.knn_model, exc)
             return None, None, ()
-        served = ServedModel(entry.name, entry.version, KNN_BACKEND, _is_demo(dict(entry.parameters)) or knn.meta.demo)
+        served = ServedModel(entry.name, entry.version, KNN_BACKEND, is_demo(dict(entry.parameters)) or knn.meta.demo)
         return knn, served, entry.fingerprint
 
     # -- what a request needs

@@ -54,8 +54,7 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
         self.pipeline = pipeline
 
     def _models(self, pipeline: ProxyLabelPipeline | None = None) -> list[common_pb2.ModelInfo]:
-        return [common_pb2.ModelInfo(name=m.name, version="" if m.version is None else str(m.version),
-                                     backend=m.backend, demo=m.demo) for m in (pipeline or self.pipeline).models]
+        return [m.info() for m in (pipeline or self.pipeline).models]
 
     async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ScoreTextsResponse:

@@ -260,7 +260,7 @@ class DynamicBatcher:
             self._queue = deque(r for i, r in enumerate(self._queue) if i not in taken)
             try:
                 await self._execute(batch)
-            except Exception:  # noqa: BLE001 - the loop must survive anything a run does
+            except Exception:
                 log.exception("batcher of model %s: unexpected error", self.model)
                 for r in batch:
                     if not r.future.done():

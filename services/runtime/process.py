@@ -7,9 +7,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from services.runtime.config import ConfigError, ProcessConfig, load_config
 from services.runtime.interceptors import Authenticator
@@ -24,14 +24,24 @@ async def _nothing(_server: ServingProcess | None = None) -> None:
     return None
 
 
+class Background(Protocol):
+    """A task that runs while the process serves (e.g. a repository poller)."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 @dataclass
 class App:
-    """What a process serves: its servicers, plus hooks run after start and after stop."""
+    """What a process serves: its servicers, background tasks started once it serves and stopped
+    before `cleanup`, and hooks run after start and after stop."""
 
     servicers: list[Servicer]
     on_start: Callable[[ServingProcess], Awaitable[None]] = _nothing
     cleanup: Callable[[], Awaitable[None]] = _nothing
     authenticate: Authenticator | None = None
+    background: list[Background] = field(default_factory=list)
 
 
 Builder = Callable[[C, Metrics], Awaitable[App]]
@@ -69,8 +79,12 @@ def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | N
         await server.start()
         try:
             await app.on_start(server)
+            for task in app.background:
+                task.start()
             await server.wait_for_termination()
         finally:
+            for task in app.background:
+                await task.stop()
             await app.cleanup()
 
     try:

@@ -1,35 +1,31 @@
-"""Small helpers servicers share: model inventories and the answer for absent models."""
+"""Small helpers servicers share: how a served model is reported, request size checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
+from dataclasses import dataclass
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tessera.common.v1 import common_pb2
 
-
-def present_models(repository: Path) -> set[str]:
-    """Names of the models in a repository that have a config and at least one version."""
-    if not repository.is_dir():
-        return set()
-    return {
-        d.name for d in repository.iterdir()
-        if (d / "config.pbtxt").is_file() and any(v.is_dir() and v.name.isdigit() for v in d.iterdir())
-    }
+from services.runtime.errors import InvalidArgument, ResourceExhausted
 
 
-def require_models(repository: Path, needed: Iterable[str], purpose: str) -> None:
-    """FAILED_PRECONDITION naming the models a request needs that the repository lacks."""
-    missing = sorted(set(needed) - present_models(repository))
-    if missing:
-        raise FailedPrecondition(
-            f"{purpose} needs model(s) {', '.join(missing)}, which are not in the model repository "
-            f"{repository}; build them with `make models` or export them with the exporter")
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as a service reports it in its answers."""
+
+    name: str
+    version: int | None
+    backend: str
+    demo: bool = False
+
+    def info(self) -> common_pb2.ModelInfo:
+        return common_pb2.ModelInfo(name=self.name, version="" if self.version is None else str(self.version),
+                                    backend=self.backend, demo=self.demo)
 
 
-def pipeline_missing(purpose: str) -> FailedPrecondition:
-    """For a service whose models exist but whose pipeline this build does not have yet."""
-    return FailedPrecondition(f"{purpose} is not available in this build: its pipeline is not implemented yet")
+def is_demo(parameters: dict[str, str]) -> bool:
+    """Whether a model's config marks it as a demo model (trained at setup on generated data)."""
+    return parameters.get("demo", "").lower() == "true"
 
 
 def check_batch_size(count: int, limit: int, noun: str) -> None:

@@ -40,6 +40,7 @@ from services.engagement.features import AFFECTS, CROP_SIZE, HOG_FILENAME, HogPa
 from tools.engagement import generate, temporal
 from tools.engagement.temporal import FRAMES, LEVEL_NAMES, PREPROCESS
 from tools.models.fer_student import _write_atomic
+from tools.models.install import install_built
 
 if TYPE_CHECKING:
     import xgboost as xgb
@@ -212,24 +213,6 @@ def content_key(recipe: Recipe) -> str:
     return h.hexdigest()[:16]
 
 
-def _install(built: Path, repo: Path, key: str) -> None:
-    """Copy one built model directory into the repository, swapping it in by rename."""
-    target = repo / built.name
-    marker = target / ".demo-key"
-    # The marker alone is not enough: a fresh clone has the committed config but no version.
-    if marker.is_file() and marker.read_text() == key and (target / "1").is_dir():
-        return
-    staging = repo / f".{built.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(built, staging)
-    (staging / ".demo-key").write_text(key)
-    old = repo / f".{built.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_engagement_demo(repo: Path, cache: Path, recipe: Recipe | None = None) -> list[Path]:
     """Write the four boosters and the temporal network into `repo`; returns their directories.
 
@@ -249,7 +232,7 @@ def build_engagement_demo(repo: Path, cache: Path, recipe: Recipe | None = None)
         os.replace(work, built)
     repo.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
-        _install(built / "repo" / name, repo, key)
+        install_built(built / "repo" / name, repo, key)
     return [repo / name for name in MODELS]
 
 

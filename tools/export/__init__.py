@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from typing import Any
 
-_TIMM = ("ExportError", "export_cache_key", "export_timm")
+_TIMM = ("export_cache_key", "export_timm")
 _SENTENCE_TRANSFORMERS = ("export_sentence_transformer",)
-__all__ = [*_TIMM, *_SENTENCE_TRANSFORMERS]
+__all__ = ["ExportError", "export_cache_key", "export_sentence_transformer", "export_timm"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `python -m tools.export --help` answers before torch (several seconds) loads.
+    if name == "ExportError":
+        from tools.export.versions import ExportError
+
+        return ExportError
     if name in _TIMM:
         from tools.export import timm_export
 

@@ -40,12 +40,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from google.protobuf import text_format
 from tokenizers import Tokenizer
-from tritonclient.grpc import model_config_pb2 as mc
 
 from services.proxylabel.embedder import EMBEDDER_FILE, EmbedderInfo, Tokenization, embed_offline
-from services.runtime.repository import check_signature, onnx_signature
+from tools.export import versions
+from tools.export.versions import ExportError
 from tools.models import minilm
 from tools.models.fer_student import _write_atomic as write_atomic
 
@@ -85,10 +84,6 @@ _LONG_PARAGRAPH = (
     "an oil-based ink and a hand mould for casting type; within fifty years presses operated in more "
     "than two hundred cities, literacy spread and results could be reproduced exactly. "
 )
-
-
-class ExportError(RuntimeError):
-    """The export cannot go ahead; the message says why. Nothing was written to the repository."""
 
 
 @dataclass(frozen=True)
@@ -458,62 +453,18 @@ def config_pbtxt(name: str, dimension: int, embedder_name: str, source: str, exp
         for k, v in params.items())
 
 
-def _parse_config(text: str, name: str) -> mc.ModelConfig:
-    parsed = mc.ModelConfig()
-    try:
-        text_format.Parse(text, parsed)
-    except text_format.ParseError as exc:
-        raise ExportError(f"generated config.pbtxt does not parse: {exc}") from None
-    if parsed.name != name:
-        raise ExportError(f"generated config.pbtxt names {parsed.name!r}, not {name!r}")
-    return parsed
-
-
-def next_version(model_dir: Path) -> int:
-    existing = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(existing, default=0) + 1
-
-
 def write_version(repo: Path, name: str, version: int | None, files: Path, embedder_name: str,
                   config: str) -> Path:
     """Put one version into the repository, whole or not at all; returns its directory."""
-    parsed = _parse_config(config, name)
-    model_dir = Path(repo) / name
-    created = not model_dir.exists()
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = next_version(model_dir) if version is None else version
-    final = model_dir / str(version)
-    if final.exists():
-        _drop_if_empty(model_dir, created)
-        raise ExportError(f"{final} already exists: versions are never overwritten; "
-                          f"leave --version out to take the next one")
-    # Hidden, non-numeric name: the repository ignores it until the rename.
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
-    try:
+
+    def fill(staging: Path) -> None:
         shutil.copyfile(files / "model.onnx", staging / "model.onnx")
         shutil.copyfile(files / "tokenizer.json", staging / "tokenizer.json")
         info = json.loads((files / EMBEDDER_FILE).read_text()) | {"name": embedder_name}
         (staging / EMBEDDER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         EmbedderInfo.from_file(staging / EMBEDDER_FILE)  # what the service will read must parse
-        problems = check_signature(parsed, *onnx_signature(staging / "model.onnx"))
-        if problems:
-            raise ExportError("exported model disagrees with its config: " + "; ".join(problems))
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a server may run as another user
-        try:
-            os.rename(staging, final)
-        except OSError as exc:
-            raise ExportError(f"cannot create {final} (another export took it?): {exc}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _drop_if_empty(model_dir, created)
-        raise
-    write_atomic(model_dir / "config.pbtxt", config.encode())
-    return final
 
-
-def _drop_if_empty(model_dir: Path, created: bool) -> None:
-    if created and model_dir.is_dir() and not any(model_dir.iterdir()):
-        model_dir.rmdir()
+    return versions.write_version(repo, name, version, config, fill)
 
 
 # ---------------------------------------------------------------------------------------------

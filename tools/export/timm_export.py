@@ -17,10 +17,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
 import tempfile
 import time
 import warnings
@@ -33,13 +31,12 @@ import onnx
 import onnxruntime as ort
 import timm
 import torch
-from google.protobuf import text_format
 from torch import nn
-from tritonclient.grpc import model_config_pb2 as mc
 
 from services.fusion.emotion import CLASS_NAMES as CANON
-from services.runtime.repository import check_signature, onnx_signature
 from services.vision.preprocess import ClaheParams, PreprocessParams, load_params
+from tools.export import versions
+from tools.export.versions import ExportError
 from tools.models.fer_student import _write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
@@ -60,10 +57,6 @@ DEFAULT_CLAHE = ClaheParams(clip_limit=2.0, tile_grid=(8, 8), space="lab_l")
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "exports"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ExportError(RuntimeError):
-    """The export cannot go ahead; the message says why. Nothing was written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +87,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in obj.items():
         for prefix in ("module.", "_orig_mod."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
+            name = name.removeprefix(prefix)
         out[name] = tensor
     return out
 
@@ -342,54 +334,16 @@ dynamic_batching {{
 {parameters}"""
 
 
-def next_version(model_dir: Path) -> int:
-    existing = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(existing, default=0) + 1
-
-
 def write_version(repo: Path, name: str, version: int | None, data: bytes,
                   params: PreprocessParams, config: str) -> Path:
     """Put one version into the repository: whole or not at all; returns its directory."""
-    parsed = mc.ModelConfig()
-    try:
-        text_format.Parse(config, parsed)
-    except text_format.ParseError as exc:
-        raise ExportError(f"generated config.pbtxt does not parse: {exc}") from None
-    model_dir = repo / name
-    created = not model_dir.exists()
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = next_version(model_dir) if version is None else version
-    final = model_dir / str(version)
-    if final.exists():
-        _drop_if_empty(model_dir, created)
-        raise ExportError(f"{final} already exists: versions are never overwritten; "
-                          f"leave --version out to take the next one")
-    # Hidden, non-numeric name: the repository ignores it until the rename.
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
-    try:
+
+    def fill(staging: Path) -> None:
         (staging / "model.onnx").write_bytes(data)
-        (staging / "preprocess.json").write_text(
-            json.dumps(params.model_dump(mode="json"), indent=2) + "\n")
+        (staging / "preprocess.json").write_text(json.dumps(params.model_dump(mode="json"), indent=2) + "\n")
         load_params(staging / "preprocess.json")  # what the service will read must validate
-        problems = check_signature(parsed, *onnx_signature(staging / "model.onnx"))
-        if problems:
-            raise ExportError("exported model disagrees with its config: " + "; ".join(problems))
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a server may run as another user
-        try:
-            os.rename(staging, final)
-        except OSError as exc:
-            raise ExportError(f"cannot create {final} (another export took it?): {exc}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _drop_if_empty(model_dir, created)
-        raise
-    write_atomic(model_dir / "config.pbtxt", config.encode())
-    return final
 
-
-def _drop_if_empty(model_dir: Path, created: bool) -> None:
-    if created and model_dir.is_dir() and not any(model_dir.iterdir()):
-        model_dir.rmdir()
+    return versions.write_version(repo, name, version, config, fill)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 
 from services.proxylabel import features, knn
 from services.proxylabel.features import compute_features
+from tools.models.install import install_built
 from tools.proxylabel import build_index as build_index_module
 from tools.proxylabel import generate, train_mlp
 from tools.proxylabel.build_index import build_index, labelled_rows
@@ -56,25 +57,6 @@ def _content_key(embedder: str, rows: int, seed: int) -> str:
     for module in (generate, build_index_module, train_mlp, features, knn):
         h.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
     return h.hexdigest()[:16]
-
-
-def _install(built: Path, repo: Path, key: str) -> None:
-    """Copy one built model directory into the repository, swapping it in by rename."""
-    target = repo / built.name
-    marker = target / ".demo-key"
-    # The marker alone is not enough: a fresh clone has the committed config but no binaries.
-    if marker.is_file() and marker.read_text() == key and (target / "1").is_dir():
-        return
-    staging = repo / f".{built.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(built, staging)
-    (staging / ".demo-key").write_text(key)
-    old = repo / f".{built.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_demo_models(repo: Path, cache: Path, embed: Embed | None = None, *, rows: int = DEMO_ROWS,
@@ -114,7 +96,7 @@ def build_demo_models(repo: Path, cache: Path, embed: Embed | None = None, *, ro
         os.replace(work, built)
     repo.mkdir(parents=True, exist_ok=True)
     for model_name in MODELS:
-        _install(built / "repo" / model_name, repo, key)
+        install_built(built / "repo" / model_name, repo, key)
     return [repo / m for m in MODELS]
 
 
