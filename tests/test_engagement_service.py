@@ -204,3 +204,30 @@ def test_missing_models_are_named(tmp_path: Path) -> None:
                 assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         suite.stop()
+
+
+def test_hostile_frames(client: TesseraClient, png_bomb: bytes) -> None:
+    frames, boxes = make_clip_with_boxes(LEVELS, n_frames=12, seed=2)
+    # Raw pixels are accepted like JPEG.
+    raw = client.score_clip(frames, fps=30)
+    assert raw.frames_received == 12 and raw.frames_with_face >= 10 and len(raw.affects) == 4
+    # A caller's box outside the frame is the caller's error, named with its frame.
+    outside = [_located(f, b) for f, b in zip(frames, boxes, strict=True)]
+    del outside[3].faces[:]
+    outside[3].faces.append(common_pb2.BoundingBox(x=5000, y=5000, width=10, height=10))
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.ScoreClip(_clip_messages(outside), timeout=30)
+    assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "frame 4" in err.value.details()
+    # In a live stream, a decompression bomb and an empty image fail alone.
+    live = [encode_jpeg(f) for f in frames]
+    live[2], live[5] = png_bomb, common_pb2.Image()
+    replies = list(client.stream_video(live, fps=30, timeout=60))
+    assert len(replies) == 12
+    assert replies[2].status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert replies[5].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert all(r.status.code == 0 for i, r in enumerate(replies) if i not in (2, 5))
+    # One frame over the gateway's message limit ends the call with RESOURCE_EXHAUSTED.
+    huge = np.zeros((1500, 1500, 3), np.uint8)  # 6.75 MB raw, over the 4 MB test limit
+    with pytest.raises(grpc.RpcError) as err:
+        client.score_clip([huge])
+    assert _code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED
