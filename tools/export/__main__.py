@@ -8,9 +8,12 @@
     python -m tools.export sentence-transformers --checkpoint DIR [--name text_embedder] \\
         [--repo model_repository] [--version N] [--cache DIR] [--embedder-name NAME] [--opset 17]
 
+    python -m tools.export xgboost --booster boredom.json --name engagement_xgb_boredom [--hog hog.json]
+
 The first writes an image classifier (ONNX + config + preprocess.json), the second the proxylabel
 service's text-embedding model (ONNX with pooling and normalisation + tokenizer.json + embedder.json)
-from a sentence-transformers checkpoint directory. Both refuse to write what ONNX Runtime does not
+from a sentence-transformers checkpoint directory, the third an engagement booster in the FIL layout
+with the HOG parameters it was trained on. Each refuses to write what the served model would not
 reproduce.
 
 Exit status 0 when the version was written, 1 when the export was refused (nothing written),
@@ -62,7 +65,18 @@ def parser() -> argparse.ArgumentParser:
                    help="class order of the logits (default: the 7 canonical emotion classes)")
     p.add_argument("--cache", type=Path, help="reuse and store exported graphs under this directory")
     _sentence_transformers_parser(sub)
+    _xgboost_parser(sub)
     return top
+
+
+def _xgboost_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("xgboost", help="an XGBoost classifier (JSON/UBJSON) -> the FIL layout + hog.json "
+                                       "(the engagement boosters)")
+    p.add_argument("--booster", type=Path, required=True, help="the Booster saved with save_model (.json/.ubj)")
+    p.add_argument("--name", required=True, help="model name, e.g. engagement_xgb_boredom")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--version", type=int, help="default: one more than the highest existing")
+    p.add_argument("--hog", type=Path, help="hog.json of the features it was trained on (default: the service's)")
 
 
 def _sentence_transformers_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.kind == "sentence-transformers":
         return _sentence_transformers(args)
+    if args.kind == "xgboost":
+        return _xgboost(args)
     return _timm(args)
+
+
+def _xgboost(args: argparse.Namespace) -> int:
+    from services.engagement.features import HogParams
+    from tools.export.versions import ExportError
+    from tools.export.xgb_export import export_xgboost
+
+    try:
+        hog = HogParams.load(args.hog) if args.hog else None
+        out = export_xgboost(args.booster, args.name, args.repo, version=args.version, hog=hog)
+    except ValueError as exc:  # a bad hog.json (ConfigError)
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out} written")
+    return 0
 
 
 def _sentence_transformers(args: argparse.Namespace) -> int:
