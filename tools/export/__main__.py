@@ -10,10 +10,13 @@
 
     python -m tools.export xgboost --booster boredom.json --name engagement_xgb_boredom [--hog hog.json]
 
+    python -m tools.export temporal --model net.onnx --preprocess preprocess.json [--name engagement_temporal]
+
 The first writes an image classifier (ONNX + config + preprocess.json), the second the proxylabel
 service's text-embedding model (ONNX with pooling and normalisation + tokenizer.json + embedder.json)
 from a sentence-transformers checkpoint directory, the third an engagement booster in the FIL layout
-with the HOG parameters it was trained on. Each refuses to write what the served model would not
+with the HOG parameters it was trained on, the fourth a temporal engagement network already in ONNX
+(its clip-in, affect × level-out signature and probabilities checked). Each refuses to write what the served model would not
 reproduce.
 
 Exit status 0 when the version was written, 1 when the export was refused (nothing written),
@@ -66,7 +69,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="reuse and store exported graphs under this directory")
     _sentence_transformers_parser(sub)
     _xgboost_parser(sub)
+    _temporal_parser(sub)
     return top
+
+
+def _temporal_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("temporal", help="a temporal engagement network already in ONNX ([batch, frames, C, H, W] "
+                                        "-> [batch, 4, 4] probabilities) + its preprocess.json")
+    p.add_argument("--model", type=Path, required=True, help="the network as ONNX (ending in a softmax over levels)")
+    p.add_argument("--preprocess", type=Path, required=True,
+                   help="preprocess.json: input/output names, crop size, colour, mean/std (as the emotion models')")
+    p.add_argument("--name", default="engagement_temporal")
+    p.add_argument("--repo", type=Path, default=Path("model_repository"))
+    p.add_argument("--version", type=int, help="default: one more than the highest existing")
 
 
 def _xgboost_parser(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         return _sentence_transformers(args)
     if args.kind == "xgboost":
         return _xgboost(args)
+    if args.kind == "temporal":
+        return _temporal(args)
     return _timm(args)
+
+
+def _temporal(args: argparse.Namespace) -> int:
+    from services.vision.preprocess import load_params
+    from tools.export.temporal_export import export_temporal
+    from tools.export.versions import ExportError
+
+    try:
+        params = load_params(args.preprocess)
+    except ValueError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    try:
+        out = export_temporal(args.model, params, args.name, args.repo, version=args.version)
+    except ExportError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{out} written")
+    return 0
 
 
 def _xgboost(args: argparse.Namespace) -> int:
