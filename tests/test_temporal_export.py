@@ -74,7 +74,7 @@ def test_exported_network_is_served_as_onnx_runtime_runs_it(tmp_path: Path) -> N
     assert stored == PARAMS
 
 
-def test_networks_the_service_cannot_use_are_refused(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_networks_the_service_cannot_use_are_refused(tmp_path: Path, capsys) -> None:
     pre = _preprocess(tmp_path / "pre.json")
     assert _export(tmp_path, _network(tmp_path / "logits.onnx", softmax=False), pre) == 1
     assert "softmax" in capsys.readouterr().err
