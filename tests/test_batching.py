@@ -270,3 +270,33 @@ async def test_close_drains_queued_requests_then_refuses() -> None:
     assert run.calls == [3]
     with pytest.raises(Unavailable):
         await batcher.submit({"x": x})
+
+
+async def test_a_request_that_finds_the_model_idle_runs_at_once() -> None:
+    """No waiting for company when the model has been idle; under load the queue delay holds."""
+    run = Recorder()
+    slow = policy(preferred_batch_sizes=(), max_queue_delay_microseconds=300_000)
+    batcher = DynamicBatcher("lin", run, slow)
+    x = np.ones((1, 4), np.float32)
+    try:
+        first = asyncio.ensure_future(batcher.submit({"x": x}))
+        await until(lambda: run.calls == [1], "the idle model ran the lone request")
+        await first
+        # A run just ended: the next request waits the window, and one arriving meanwhile joins it.
+        second = asyncio.ensure_future(batcher.submit({"x": x}))
+        await asyncio.sleep(0.02)
+        third = asyncio.ensure_future(batcher.submit({"x": x}))
+        await asyncio.gather(second, third)
+        assert run.calls == [1, 2]
+    finally:
+        await batcher.close()
+    # With idle dispatch off, the lone request waits the window too, and the late one joins it.
+    run = Recorder()
+    batcher = DynamicBatcher("lin", run, slow.model_copy(update={"idle_dispatch": False}))
+    try:
+        first = asyncio.ensure_future(batcher.submit({"x": x}))
+        await asyncio.sleep(0.02)
+        await asyncio.gather(first, batcher.submit({"x": x}))
+        assert run.calls == [2]
+    finally:
+        await batcher.close()

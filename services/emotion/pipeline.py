@@ -99,8 +99,9 @@ class EmotionPipeline:
         crops = [crop for out, image_crops in outputs for crop in image_crops]
         results = [out for out, _ in outputs]
         if crops:
+            batches: dict[str, np.ndarray] = {}  # ensemble members usually share their preprocessing
             for model in served:
-                logits = await self._logits(model, crops)
+                logits = await self._logits(model, crops, batches)
                 faces = iter(f for r in results for f in r.faces)
                 for face, row in zip(faces, logits, strict=True):
                     face.logits[model.name] = row
@@ -128,10 +129,13 @@ class EmotionPipeline:
         except Exception as exc:  # noqa: BLE001 - reported on this image; the others are answered
             return ImageOutput(error=exc), []
 
-    async def _logits(self, model: ServedModel, crops: list[np.ndarray]) -> np.ndarray:
+    async def _logits(self, model: ServedModel, crops: list[np.ndarray], batches: dict[str, np.ndarray]
+                      ) -> np.ndarray:
         params = self._params_for(model.name, model.version)
-        with self.metrics.stage("preprocess", model.name):
-            batch = await asyncio.to_thread(preprocess_faces, crops, params)
+        batch = batches.get(params.pixels_key)
+        if batch is None:
+            with self.metrics.stage("preprocess", model.name):
+                batch = batches[params.pixels_key] = await asyncio.to_thread(preprocess_faces, crops, params)
         limit = self.repository.get(model.name).config.max_batch_size or len(batch)
         # Members run one after another: on a CPU both cores already serve each run.
         parts = []

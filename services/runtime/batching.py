@@ -50,6 +50,10 @@ class BatchPolicy(StrictModel):
     max_queue_delay_microseconds: int = Field(
         0, ge=0, description="Longest wait for more requests once the first one is queued.")
     max_queue_size: int = Field(1024, gt=0, description="Queued requests beyond which submit fails.")
+    idle_dispatch: bool = Field(
+        True, description="A request that finds the model idle (no run for longer than the queue delay, "
+        "nothing else queued) runs at once: waiting for company that is not coming only adds latency. "
+        "Under load, runs follow each other and the queue delay applies as configured.")
 
     @property
     def batched(self) -> bool:
@@ -178,6 +182,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{model}")
         self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{model}")
         self.runs = 0  # executions started, for tests and debugging
+        self._last_run_end = float("-inf")
 
     @property
     def queued(self) -> int:
@@ -239,10 +244,12 @@ class DynamicBatcher:
             # The delay counts from the oldest request's arrival: one that waited behind a busy
             # run goes at once with whatever has queued meanwhile.
             deadline = self._queue[0].enqueued + delay
+            idle = self.policy.idle_dispatch and len(self._queue) == 1 and \
+                self._queue[0].enqueued - self._last_run_end > delay
             while True:
                 chosen, rows = self._plan()
                 remaining = deadline - time.perf_counter()
-                if self._closing or remaining <= 0 or batch_is_ready(rows, self.policy):
+                if self._closing or idle or remaining <= 0 or batch_is_ready(rows, self.policy):
                     break
                 self._wakeup.clear()
                 try:
@@ -302,6 +309,7 @@ class DynamicBatcher:
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, merged)
         finally:  # failed runs cost time too: record them
+            self._last_run_end = time.perf_counter()
             if self._metrics is not None:
                 self._metrics.batch_size.labels(self.model).observe(sum(rows))
                 self._metrics.inference_duration.labels(self.model, self.version, self.backend).observe(

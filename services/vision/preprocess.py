@@ -51,6 +51,11 @@ class PreprocessParams(StrictModel):
     def channels(self) -> int:
         return 1 if self.color == "gray" else 3
 
+    @property
+    def pixels_key(self) -> str:
+        """What the preprocessed batch depends on: models with equal keys share one batch."""
+        return self.model_dump_json(include={"input_size", "color", "layout", "clahe", "interpolation", "mean", "std"})
+
     @model_validator(mode="after")
     def _consistent(self) -> PreprocessParams:
         if min(self.input_size) < 1:
