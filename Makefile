@@ -56,6 +56,7 @@ bench: $(INSTALLED) $(EXPORT_INSTALLED) models
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 	$(PY) bench/bench_backends.py
 	$(PY) bench/bench_emotion.py
+	$(PY) bench/bench_ensemble.py
 	$(PY) bench/bench_engagement.py
 	$(PY) bench/bench_shards.py
 
