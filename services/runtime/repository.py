@@ -208,9 +208,22 @@ class RepositoryChanges:
         return bool(self.added or self.removed or self.changed)
 
 
+# Triton's FIL backend names the model file after the `model_type` parameter ("xgboost" when unset).
+FIL_FILENAMES: Mapping[str, str] = {
+    "xgboost": "xgboost.model",
+    "xgboost_json": "xgboost.json",
+    "xgboost_ubj": "xgboost.ubj",
+    "lightgbm": "model.txt",
+    "treelite_checkpoint": "checkpoint.tl",
+}
+
+
 def model_filename(config: mc.ModelConfig) -> str | None:
     if config.default_model_filename:
         return config.default_model_filename
+    if config.backend == "fil":
+        model_type = config.parameters["model_type"].string_value if "model_type" in config.parameters else ""
+        return FIL_FILENAMES.get(model_type or "xgboost")
     return _DEFAULT_FILENAMES.get(config.platform) or _DEFAULT_FILENAMES.get(config.backend)
 
 

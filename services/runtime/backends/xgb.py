@@ -33,7 +33,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from services.runtime.backends.inprocess import InProcessBackend, Opened, _InputSpec
 from services.runtime.config import StrictModel
 from services.runtime.metrics import Metrics
-from services.runtime.repository import ModelEntry, ModelRepository, file_stamp
+from services.runtime.repository import FIL_FILENAMES, ModelEntry, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ OUTPUT_NAME = "output__0"
 
 # FIL's default file name per model_type, for the types a Booster loads without executing code.
 # FIL's other types (legacy binary "xgboost", "lightgbm", "treelite_checkpoint") need Triton.
-MODEL_FILENAMES = {"xgboost_json": "xgboost.json", "xgboost_ubj": "xgboost.ubj"}
-_OTHER_FIL_FILENAMES = ("xgboost.model", "model.txt", "checkpoint.tl")
+MODEL_FILENAMES = {t: FIL_FILENAMES[t] for t in ("xgboost_json", "xgboost_ubj")}
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -64,7 +63,7 @@ def is_xgb_entry(entry: ModelEntry) -> bool:
     broken, which says more than NotFound); an unreadable config counts when its directory holds
     FIL model files."""
     if entry.config is None:
-        names = (*MODEL_FILENAMES.values(), *_OTHER_FIL_FILENAMES)
+        names = FIL_FILENAMES.values()
         return any(any(entry.path.glob(f"*/{n}")) for n in names)
     return entry.config.backend == FIL_BACKEND
 
@@ -82,30 +81,6 @@ def model_file(entry: ModelEntry) -> tuple[str | None, str | None]:
         return None, (f"{entry.path / 'config.pbtxt'}: model_type '{model_type}' is served only by "
                       f"Triton's FIL backend; in process: {sorted(MODEL_FILENAMES)}")
     return entry.config.default_model_filename or MODEL_FILENAMES[model_type], None
-
-
-def served_version(entry: ModelEntry, filename: str) -> int | None:
-    """The version to serve. The repository cannot tell a FIL version being copied in from a
-    complete one (it knows no FIL file names), so with the default "latest" policy the newest
-    version that has its model file wins; other policies keep the repository's choice."""
-    assert entry.config is not None
-    if entry.config.version_policy.WhichOneof("policy_choice") in (None, "latest"):
-        complete = [v for v, d in entry.versions.items() if (d / filename).is_file()]
-        return max(complete) if complete else entry.version
-    return entry.version
-
-
-def fingerprint(entry: ModelEntry) -> tuple:
-    """What must change for a reload to reload the model. The repository's own fingerprint holds
-    the version directory, not the model file, for kinds it knows no file name of."""
-    if entry.config is None or entry.error is not None:
-        return (entry.fingerprint, entry.error)
-    filename, _ = model_file(entry)
-    if filename is None:
-        return (entry.fingerprint,)
-    version = served_version(entry, filename)
-    path = entry.versions[version] / filename if version in entry.versions else None
-    return (entry.fingerprint, version, file_stamp(path) if path else None)
 
 
 def _xgb_error(exc: Exception) -> str:
@@ -230,9 +205,6 @@ class XgbBackend(InProcessBackend):
     def _owns(self, entry: ModelEntry) -> bool:
         return is_xgb_entry(entry)
 
-    def _fingerprint(self, entry: ModelEntry) -> tuple:
-        return fingerprint(entry)
-
     def _open(self, entry: ModelEntry) -> tuple[Opened | None, str | None]:
         loaded, error = self._load(entry)
         if loaded is None:
@@ -260,7 +232,7 @@ class XgbBackend(InProcessBackend):
         if entry.config.input and entry.config.input[0].name != INPUT_NAME:
             return None, (f"{config_path}: FIL's input is named '{INPUT_NAME}', not "
                           f"'{entry.config.input[0].name}'")
-        version = served_version(entry, filename)
+        version = entry.version
         if version is None or version not in entry.versions:
             return None, f"{entry.path}: no version directory with {filename}"
         path = entry.versions[version] / filename
