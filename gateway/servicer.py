@@ -52,14 +52,22 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
                         context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:
+        with_members = False
+
         async def forward() -> AsyncIterator[object]:
+            nonlocal with_members
             async for msg in request_iterator:
+                if msg.WhichOneof("item") == "header":
+                    with_members = msg.header.options.return_member_outputs
                 yield _engagement_message(msg, engagement_pb.ScoreClipRequest)
 
         route = self.routes.engagement
         reply = await route.call(route.stub.ScoreClip(forward(), timeout=self.routes.timeout(context, "stream")))
         rules, version = self.rules.current()
-        return answers.clip_answer(reply, rules, version)
+        answer = answers.clip_answer(reply, rules, version)
+        if with_members:
+            answer.members.extend(reply.outputs)
+        return answer
 
     async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:

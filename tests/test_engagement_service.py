@@ -231,3 +231,18 @@ def test_hostile_frames(client: TesseraClient, png_bomb: bytes) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.score_clip([huge])
     assert _code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_clip_members_on_request_refuse_to_the_answer(client: TesseraClient) -> None:
+    frames = [encode_jpeg(f) for f in make_clip(LEVELS, n_frames=20, seed=4)]
+    plain = client.score_clip(frames, fps=30)
+    assert not plain.members
+    reply = client.score_clip(frames, fps=30, return_member_outputs=True)
+    members = {m.model: {AFFECT_NAME[a.affect]: np.asarray(a.probabilities) for a in m.affects}
+               for m in reply.members}
+    assert set(members) == {"engagement_temporal", "engagement_xgb"}
+    # The members, fused by the rules, are the answer.
+    fused = {d.affect: d for d in decide({"temporal": members["engagement_temporal"],
+                                          "xgboost": members["engagement_xgb"]}, FusionRules().engagement)}
+    for level in reply.affects:
+        np.testing.assert_allclose(level.probabilities, fused[AFFECT_NAME[level.affect]].probabilities, atol=1e-6)

@@ -23,56 +23,57 @@ _sym_db = _symbol_database.Default()
 
 
 from tessera.common.v1 import common_pb2 as tessera_dot_common_dot_v1_dot_common__pb2
+from tessera.engagement.v1 import engagement_service_pb2 as tessera_dot_engagement_dot_v1_dot_engagement__service__pb2
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tessera/gateway/v1/gateway_service.proto\x12\x12tessera.gateway.v1\x1a\x1etessera/common/v1/common.proto\x1a.tessera/proxylabel/v1/proxylabel_service.proto\"\x8f\x01\n\x16\x43lassifyEmotionRequest\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.tessera.common.v1.Image\x12-\n\x04mode\x18\x02 \x01(\x0e\x32\x1f.tessera.gateway.v1.EmotionMode\x12\x1c\n\x14return_member_logits\x18\x03 \x01(\x08\"-\n\x0cMemberLogits\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\"\xac\x01\n\x0b\x46\x61\x63\x65\x45motion\x12+\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x1e.tessera.common.v1.BoundingBox\x12\x17\n\x0f\x64\x65tection_score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\r\n\x05label\x18\x04 \x01(\t\x12\x31\n\x07members\x18\x05 \x03(\x0b\x32 .tessera.gateway.v1.MemberLogits\"n\n\rImageEmotions\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12.\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x1f.tessera.gateway.v1.FaceEmotion\"\xd5\x01\n\x17\x43lassifyEmotionResponse\x12\x31\n\x06images\x18\x01 \x03(\x0b\x32!.tessera.gateway.v1.ImageEmotions\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12-\n\x04mode\x18\x03 \x01(\x0e\x32\x1f.tessera.gateway.v1.EmotionMode\x12,\n\x06models\x18\x04 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x15\n\rrules_version\x18\x05 \x01(\t\",\n\x0b\x43lipOptions\x12\x1d\n\x15return_member_outputs\x18\x01 \x01(\x08\"\\\n\nClipHeader\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x02\x12\x30\n\x07options\x18\x03 \x01(\x0b\x32\x1f.tessera.gateway.v1.ClipOptions\"|\n\x10ScoreClipRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tessera.gateway.v1.ClipHeaderH\x00\x12.\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.VideoFrameH\x00\x42\x06\n\x04item\"\x86\x01\n\x0b\x41\x66\x66\x65\x63tLevel\x12)\n\x06\x61\x66\x66\x65\x63t\x18\x01 \x01(\x0e\x32\x19.tessera.common.v1.Affect\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x12\n\nconfidence\x18\x05 \x01(\x02\"\xce\x01\n\x11ScoreClipResponse\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\x12\x30\n\x07\x61\x66\x66\x65\x63ts\x18\x02 \x03(\x0b\x32\x1f.tessera.gateway.v1.AffectLevel\x12\x17\n\x0f\x66rames_received\x18\x03 \x01(\x05\x12\x18\n\x10\x66rames_with_face\x18\x04 \x01(\x05\x12,\n\x06models\x18\x05 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x15\n\rrules_version\x18\x06 \x01(\t\"~\n\x12StreamVideoRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tessera.gateway.v1.ClipHeaderH\x00\x12.\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.VideoFrameH\x00\x42\x06\n\x04item\"\x84\x02\n\x13StreamVideoResponse\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12.\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x1f.tessera.gateway.v1.FaceEmotion\x12\x33\n\nengagement\x18\x03 \x03(\x0b\x32\x1f.tessera.gateway.v1.AffectLevel\x12\x15\n\rrules_version\x18\x04 \x01(\t\x12-\n\x06status\x18\x05 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12,\n\x04\x66\x61\x63\x65\x18\x06 \x01(\x0b\x32\x1e.tessera.common.v1.BoundingBox\"A\n\x11ScoreTextsRequest\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tessera.proxylabel.v1.TextRow\"\x94\x01\n\tTextScore\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\r\n\x05label\x18\x03 \x01(\x05\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12\x12\n\ndecided_by\x18\x06 \x01(\t\"\x86\x01\n\x12ScoreTextsResponse\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.tessera.gateway.v1.TextScore\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x15\n\rrules_version\x18\x03 \x01(\t\"P\n\x11ScoreShardRequest\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x12\n\nbatch_rows\x18\x03 \x01(\x05\"\x8f\x01\n\x12ScoreShardResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.tessera.proxylabel.v1.ShardProgressH\x00\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardSummaryH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10GetStatusRequest\"w\n\x11GetStatusResponse\x12\x32\n\x08services\x18\x01 \x03(\x0b\x32 .tessera.common.v1.ServiceStatus\x12\x15\n\rrules_version\x18\x02 \x01(\t\x12\x17\n\x0fgateway_version\x18\x03 \x01(\t*`\n\x0b\x45motionMode\x12\x1c\n\x18\x45MOTION_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45MOTION_MODE_ENSEMBLE\x10\x01\x12\x18\n\x14\x45MOTION_MODE_STUDENT\x10\x02\x32\xd2\x04\n\x0eGatewayService\x12j\n\x0f\x43lassifyEmotion\x12*.tessera.gateway.v1.ClassifyEmotionRequest\x1a+.tessera.gateway.v1.ClassifyEmotionResponse\x12Z\n\tScoreClip\x12$.tessera.gateway.v1.ScoreClipRequest\x1a%.tessera.gateway.v1.ScoreClipResponse(\x01\x12\x62\n\x0bStreamVideo\x12&.tessera.gateway.v1.StreamVideoRequest\x1a\'.tessera.gateway.v1.StreamVideoResponse(\x01\x30\x01\x12[\n\nScoreTexts\x12%.tessera.gateway.v1.ScoreTextsRequest\x1a&.tessera.gateway.v1.ScoreTextsResponse\x12]\n\nScoreShard\x12%.tessera.gateway.v1.ScoreShardRequest\x1a&.tessera.gateway.v1.ScoreShardResponse0\x01\x12X\n\tGetStatus\x12$.tessera.gateway.v1.GetStatusRequest\x1a%.tessera.gateway.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tessera/gateway/v1/gateway_service.proto\x12\x12tessera.gateway.v1\x1a\x1etessera/common/v1/common.proto\x1a.tessera/engagement/v1/engagement_service.proto\x1a.tessera/proxylabel/v1/proxylabel_service.proto\"\x8f\x01\n\x16\x43lassifyEmotionRequest\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.tessera.common.v1.Image\x12-\n\x04mode\x18\x02 \x01(\x0e\x32\x1f.tessera.gateway.v1.EmotionMode\x12\x1c\n\x14return_member_logits\x18\x03 \x01(\x08\"-\n\x0cMemberLogits\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06logits\x18\x02 \x03(\x02\"\xac\x01\n\x0b\x46\x61\x63\x65\x45motion\x12+\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x1e.tessera.common.v1.BoundingBox\x12\x17\n\x0f\x64\x65tection_score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\r\n\x05label\x18\x04 \x01(\t\x12\x31\n\x07members\x18\x05 \x03(\x0b\x32 .tessera.gateway.v1.MemberLogits\"n\n\rImageEmotions\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12.\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x1f.tessera.gateway.v1.FaceEmotion\"\xd5\x01\n\x17\x43lassifyEmotionResponse\x12\x31\n\x06images\x18\x01 \x03(\x0b\x32!.tessera.gateway.v1.ImageEmotions\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12-\n\x04mode\x18\x03 \x01(\x0e\x32\x1f.tessera.gateway.v1.EmotionMode\x12,\n\x06models\x18\x04 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x15\n\rrules_version\x18\x05 \x01(\t\",\n\x0b\x43lipOptions\x12\x1d\n\x15return_member_outputs\x18\x01 \x01(\x08\"\\\n\nClipHeader\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x02\x12\x30\n\x07options\x18\x03 \x01(\x0b\x32\x1f.tessera.gateway.v1.ClipOptions\"|\n\x10ScoreClipRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tessera.gateway.v1.ClipHeaderH\x00\x12.\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.VideoFrameH\x00\x42\x06\n\x04item\"\x86\x01\n\x0b\x41\x66\x66\x65\x63tLevel\x12)\n\x06\x61\x66\x66\x65\x63t\x18\x01 \x01(\x0e\x32\x19.tessera.common.v1.Affect\x12\r\n\x05level\x18\x02 \x01(\x05\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x12\n\nconfidence\x18\x05 \x01(\x02\"\x83\x02\n\x11ScoreClipResponse\x12\x0f\n\x07\x63lip_id\x18\x01 \x01(\t\x12\x30\n\x07\x61\x66\x66\x65\x63ts\x18\x02 \x03(\x0b\x32\x1f.tessera.gateway.v1.AffectLevel\x12\x17\n\x0f\x66rames_received\x18\x03 \x01(\x05\x12\x18\n\x10\x66rames_with_face\x18\x04 \x01(\x05\x12,\n\x06models\x18\x05 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12\x33\n\x07members\x18\x07 \x03(\x0b\x32\".tessera.engagement.v1.ModelOutput\"~\n\x12StreamVideoRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.tessera.gateway.v1.ClipHeaderH\x00\x12.\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.VideoFrameH\x00\x42\x06\n\x04item\"\x84\x02\n\x13StreamVideoResponse\x12\x14\n\x0ctimestamp_us\x18\x01 \x01(\x03\x12.\n\x05\x66\x61\x63\x65s\x18\x02 \x03(\x0b\x32\x1f.tessera.gateway.v1.FaceEmotion\x12\x33\n\nengagement\x18\x03 \x03(\x0b\x32\x1f.tessera.gateway.v1.AffectLevel\x12\x15\n\rrules_version\x18\x04 \x01(\t\x12-\n\x06status\x18\x05 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12,\n\x04\x66\x61\x63\x65\x18\x06 \x01(\x0b\x32\x1e.tessera.common.v1.BoundingBox\"A\n\x11ScoreTextsRequest\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tessera.proxylabel.v1.TextRow\"\x94\x01\n\tTextScore\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\r\n\x05label\x18\x03 \x01(\x05\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12\x12\n\ndecided_by\x18\x06 \x01(\t\"\x86\x01\n\x12ScoreTextsResponse\x12+\n\x04rows\x18\x01 \x03(\x0b\x32\x1d.tessera.gateway.v1.TextScore\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x15\n\rrules_version\x18\x03 \x01(\t\"P\n\x11ScoreShardRequest\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x12\n\nbatch_rows\x18\x03 \x01(\x05\"\x8f\x01\n\x12ScoreShardResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.tessera.proxylabel.v1.ShardProgressH\x00\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardSummaryH\x00\x42\x07\n\x05\x65vent\"\x12\n\x10GetStatusRequest\"w\n\x11GetStatusResponse\x12\x32\n\x08services\x18\x01 \x03(\x0b\x32 .tessera.common.v1.ServiceStatus\x12\x15\n\rrules_version\x18\x02 \x01(\t\x12\x17\n\x0fgateway_version\x18\x03 \x01(\t*`\n\x0b\x45motionMode\x12\x1c\n\x18\x45MOTION_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45MOTION_MODE_ENSEMBLE\x10\x01\x12\x18\n\x14\x45MOTION_MODE_STUDENT\x10\x02\x32\xd2\x04\n\x0eGatewayService\x12j\n\x0f\x43lassifyEmotion\x12*.tessera.gateway.v1.ClassifyEmotionRequest\x1a+.tessera.gateway.v1.ClassifyEmotionResponse\x12Z\n\tScoreClip\x12$.tessera.gateway.v1.ScoreClipRequest\x1a%.tessera.gateway.v1.ScoreClipResponse(\x01\x12\x62\n\x0bStreamVideo\x12&.tessera.gateway.v1.StreamVideoRequest\x1a\'.tessera.gateway.v1.StreamVideoResponse(\x01\x30\x01\x12[\n\nScoreTexts\x12%.tessera.gateway.v1.ScoreTextsRequest\x1a&.tessera.gateway.v1.ScoreTextsResponse\x12]\n\nScoreShard\x12%.tessera.gateway.v1.ScoreShardRequest\x1a&.tessera.gateway.v1.ScoreShardResponse0\x01\x12X\n\tGetStatus\x12$.tessera.gateway.v1.GetStatusRequest\x1a%.tessera.gateway.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.gateway.v1.gateway_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMOTIONMODE']._serialized_start=2567
-  _globals['_EMOTIONMODE']._serialized_end=2663
-  _globals['_CLASSIFYEMOTIONREQUEST']._serialized_start=145
-  _globals['_CLASSIFYEMOTIONREQUEST']._serialized_end=288
-  _globals['_MEMBERLOGITS']._serialized_start=290
-  _globals['_MEMBERLOGITS']._serialized_end=335
-  _globals['_FACEEMOTION']._serialized_start=338
-  _globals['_FACEEMOTION']._serialized_end=510
-  _globals['_IMAGEEMOTIONS']._serialized_start=512
-  _globals['_IMAGEEMOTIONS']._serialized_end=622
-  _globals['_CLASSIFYEMOTIONRESPONSE']._serialized_start=625
-  _globals['_CLASSIFYEMOTIONRESPONSE']._serialized_end=838
-  _globals['_CLIPOPTIONS']._serialized_start=840
-  _globals['_CLIPOPTIONS']._serialized_end=884
-  _globals['_CLIPHEADER']._serialized_start=886
-  _globals['_CLIPHEADER']._serialized_end=978
-  _globals['_SCORECLIPREQUEST']._serialized_start=980
-  _globals['_SCORECLIPREQUEST']._serialized_end=1104
-  _globals['_AFFECTLEVEL']._serialized_start=1107
-  _globals['_AFFECTLEVEL']._serialized_end=1241
-  _globals['_SCORECLIPRESPONSE']._serialized_start=1244
-  _globals['_SCORECLIPRESPONSE']._serialized_end=1450
-  _globals['_STREAMVIDEOREQUEST']._serialized_start=1452
-  _globals['_STREAMVIDEOREQUEST']._serialized_end=1578
-  _globals['_STREAMVIDEORESPONSE']._serialized_start=1581
-  _globals['_STREAMVIDEORESPONSE']._serialized_end=1841
-  _globals['_SCORETEXTSREQUEST']._serialized_start=1843
-  _globals['_SCORETEXTSREQUEST']._serialized_end=1908
-  _globals['_TEXTSCORE']._serialized_start=1911
-  _globals['_TEXTSCORE']._serialized_end=2059
-  _globals['_SCORETEXTSRESPONSE']._serialized_start=2062
-  _globals['_SCORETEXTSRESPONSE']._serialized_end=2196
-  _globals['_SCORESHARDREQUEST']._serialized_start=2198
-  _globals['_SCORESHARDREQUEST']._serialized_end=2278
-  _globals['_SCORESHARDRESPONSE']._serialized_start=2281
-  _globals['_SCORESHARDRESPONSE']._serialized_end=2424
-  _globals['_GETSTATUSREQUEST']._serialized_start=2426
-  _globals['_GETSTATUSREQUEST']._serialized_end=2444
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2446
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2565
-  _globals['_GATEWAYSERVICE']._serialized_start=2666
-  _globals['_GATEWAYSERVICE']._serialized_end=3260
+  _globals['_EMOTIONMODE']._serialized_start=2668
+  _globals['_EMOTIONMODE']._serialized_end=2764
+  _globals['_CLASSIFYEMOTIONREQUEST']._serialized_start=193
+  _globals['_CLASSIFYEMOTIONREQUEST']._serialized_end=336
+  _globals['_MEMBERLOGITS']._serialized_start=338
+  _globals['_MEMBERLOGITS']._serialized_end=383
+  _globals['_FACEEMOTION']._serialized_start=386
+  _globals['_FACEEMOTION']._serialized_end=558
+  _globals['_IMAGEEMOTIONS']._serialized_start=560
+  _globals['_IMAGEEMOTIONS']._serialized_end=670
+  _globals['_CLASSIFYEMOTIONRESPONSE']._serialized_start=673
+  _globals['_CLASSIFYEMOTIONRESPONSE']._serialized_end=886
+  _globals['_CLIPOPTIONS']._serialized_start=888
+  _globals['_CLIPOPTIONS']._serialized_end=932
+  _globals['_CLIPHEADER']._serialized_start=934
+  _globals['_CLIPHEADER']._serialized_end=1026
+  _globals['_SCORECLIPREQUEST']._serialized_start=1028
+  _globals['_SCORECLIPREQUEST']._serialized_end=1152
+  _globals['_AFFECTLEVEL']._serialized_start=1155
+  _globals['_AFFECTLEVEL']._serialized_end=1289
+  _globals['_SCORECLIPRESPONSE']._serialized_start=1292
+  _globals['_SCORECLIPRESPONSE']._serialized_end=1551
+  _globals['_STREAMVIDEOREQUEST']._serialized_start=1553
+  _globals['_STREAMVIDEOREQUEST']._serialized_end=1679
+  _globals['_STREAMVIDEORESPONSE']._serialized_start=1682
+  _globals['_STREAMVIDEORESPONSE']._serialized_end=1942
+  _globals['_SCORETEXTSREQUEST']._serialized_start=1944
+  _globals['_SCORETEXTSREQUEST']._serialized_end=2009
+  _globals['_TEXTSCORE']._serialized_start=2012
+  _globals['_TEXTSCORE']._serialized_end=2160
+  _globals['_SCORETEXTSRESPONSE']._serialized_start=2163
+  _globals['_SCORETEXTSRESPONSE']._serialized_end=2297
+  _globals['_SCORESHARDREQUEST']._serialized_start=2299
+  _globals['_SCORESHARDREQUEST']._serialized_end=2379
+  _globals['_SCORESHARDRESPONSE']._serialized_start=2382
+  _globals['_SCORESHARDRESPONSE']._serialized_end=2525
+  _globals['_GETSTATUSREQUEST']._serialized_start=2527
+  _globals['_GETSTATUSREQUEST']._serialized_end=2545
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2547
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2666
+  _globals['_GATEWAYSERVICE']._serialized_start=2767
+  _globals['_GATEWAYSERVICE']._serialized_end=3361
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from tessera.common.v1 import common_pb2 as _common_pb2
+from tessera.engagement.v1 import engagement_service_pb2 as _engagement_service_pb2
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as _proxylabel_service_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -111,20 +112,22 @@ class AffectLevel(_message.Message):
     def __init__(self, affect: _Optional[_Union[_common_pb2.Affect, str]] = ..., level: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., decided_by: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class ScoreClipResponse(_message.Message):
-    __slots__ = ("clip_id", "affects", "frames_received", "frames_with_face", "models", "rules_version")
+    __slots__ = ("clip_id", "affects", "frames_received", "frames_with_face", "models", "rules_version", "members")
     CLIP_ID_FIELD_NUMBER: _ClassVar[int]
     AFFECTS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_WITH_FACE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     clip_id: str
     affects: _containers.RepeatedCompositeFieldContainer[AffectLevel]
     frames_received: int
     frames_with_face: int
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
     rules_version: str
-    def __init__(self, clip_id: _Optional[str] = ..., affects: _Optional[_Iterable[_Union[AffectLevel, _Mapping]]] = ..., frames_received: _Optional[int] = ..., frames_with_face: _Optional[int] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ..., rules_version: _Optional[str] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[_engagement_service_pb2.ModelOutput]
+    def __init__(self, clip_id: _Optional[str] = ..., affects: _Optional[_Iterable[_Union[AffectLevel, _Mapping]]] = ..., frames_received: _Optional[int] = ..., frames_with_face: _Optional[int] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ..., rules_version: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_engagement_service_pb2.ModelOutput, _Mapping]]] = ...) -> None: ...
 
 class StreamVideoRequest(_message.Message):
     __slots__ = ("header", "frame")
