@@ -29,6 +29,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ARCHS_HELP = "timm architecture, e.g. resnet18, tf_efficientnet_b3, convnext_tiny, mobilenetv3_large_100"
@@ -123,82 +124,72 @@ def main(argv: list[str] | None = None) -> int:
     return _timm(args)
 
 
-def _temporal(args: argparse.Namespace) -> int:
-    from services.vision.preprocess import load_params
-    from tools.export.temporal_export import export_temporal
+def _bad_settings(exc: Exception | str) -> int:
+    print(f"export failed: {exc}", file=sys.stderr)
+    return 2
+
+
+def _run(export: Callable[[], Path]) -> int:
+    """Run one export: 0 once the version is written, 1 when it was refused (nothing written)."""
+    # The light module's error class, which every exporter raises: importing an exporter here
+    # would load torch before a cached export needs it.
     from tools.export.versions import ExportError
-
-    try:
-        params = load_params(args.preprocess)
-    except ValueError as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 2
-    try:
-        out = export_temporal(args.model, params, args.name, args.repo, version=args.version)
-    except ExportError as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"{out} written")
-    return 0
-
-
-def _xgboost(args: argparse.Namespace) -> int:
-    from services.engagement.features import HogParams
-    from tools.export.versions import ExportError
-    from tools.export.xgb_export import export_xgboost
-
-    try:
-        hog = HogParams.load(args.hog) if args.hog else None
-        out = export_xgboost(args.booster, args.name, args.repo, version=args.version, hog=hog)
-    except ValueError as exc:  # a bad hog.json (ConfigError)
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 2
-    except ExportError as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"{out} written")
-    return 0
-
-
-def _sentence_transformers(args: argparse.Namespace) -> int:
-    # Not tools.export.timm_export's: importing it loads timm and torch, which a cached export skips.
-    from tools.export.st_export import ExportError, export_sentence_transformer
 
     started = time.perf_counter()
     try:
-        out = export_sentence_transformer(args.checkpoint, args.name, args.repo, version=args.version,
-                                          cache_dir=args.cache, opset=args.opset,
-                                          embedder_name=args.embedder_name)
+        out = export()
     except ExportError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
     print(f"{out} written in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _temporal(args: argparse.Namespace) -> int:
+    from services.vision.preprocess import load_params
+    from tools.export.temporal_export import export_temporal
+
+    try:
+        params = load_params(args.preprocess)
+    except ValueError as exc:
+        return _bad_settings(exc)
+    return _run(lambda: export_temporal(args.model, params, args.name, args.repo, version=args.version))
+
+
+def _xgboost(args: argparse.Namespace) -> int:
+    from services.engagement.features import HogParams
+    from tools.export.xgb_export import export_xgboost
+
+    try:
+        hog = HogParams.load(args.hog) if args.hog else None
+    except ValueError as exc:  # a bad hog.json (ConfigError)
+        return _bad_settings(exc)
+    return _run(lambda: export_xgboost(args.booster, args.name, args.repo, version=args.version, hog=hog))
+
+
+def _sentence_transformers(args: argparse.Namespace) -> int:
+    from tools.export.st_export import export_sentence_transformer
+
+    return _run(lambda: export_sentence_transformer(
+        args.checkpoint, args.name, args.repo, version=args.version, cache_dir=args.cache, opset=args.opset,
+        embedder_name=args.embedder_name))
 
 
 def _timm(args: argparse.Namespace) -> int:
     # Imported after parsing so --help and usage errors do not wait for torch.
     from services.vision.preprocess import ClaheParams
-    from tools.export.timm_export import ExportError, export_timm
+    from tools.export.timm_export import export_timm
 
-    started = time.perf_counter()
     try:
         clahe = None if args.clahe_space == "none" else ClaheParams(
             clip_limit=args.clahe_clip, tile_grid=(args.clahe_tile, args.clahe_tile),
             space=args.clahe_space)
     except ValueError as exc:
-        print(f"export failed: bad CLAHE settings: {exc}", file=sys.stderr)
-        return 2
-    try:
-        out = export_timm(args.arch, args.checkpoint, args.num_classes, args.name, args.repo,
-                          version=args.version, input_size=args.input_size, clahe=clahe,
-                          temperature=args.temperature, class_names=args.class_names,
-                          seed=args.seed, cache_dir=args.cache)
-    except ExportError as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"{out} written in {time.perf_counter() - started:.1f}s")
-    return 0
+        return _bad_settings(f"bad CLAHE settings: {exc}")
+    return _run(lambda: export_timm(args.arch, args.checkpoint, args.num_classes, args.name, args.repo,
+                                    version=args.version, input_size=args.input_size, clahe=clahe,
+                                    temperature=args.temperature, class_names=args.class_names,
+                                    seed=args.seed, cache_dir=args.cache))
 
 
 if __name__ == "__main__":
