@@ -53,7 +53,8 @@ TEMPORAL_MODEL = temporal.MODEL_NAME
 MODELS = (*XGB_MODELS, TEMPORAL_MODEL)
 # Modules whose source is the recipe: found, not imported (xgb_demo would import xgboost).
 SOURCES = ("tools.engagement.generate", "tools.engagement.temporal", "tools.engagement.demo",
-           "services.engagement.features", "services.vision.preprocess", "tools.models.xgb_demo")
+           "services.engagement.features", "services.vision.preprocess", "tools.models.xgb_demo",
+           "tools.export.temporal_export")
 LIBRARIES = (("numpy",), ("opencv-python-headless", "opencv-python"), ("xgboost-cpu", "xgboost"),
              ("scikit-learn",), ("onnx",), ("onnxruntime-gpu", "onnxruntime"))
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.engagement.features import AFFECTS, CROP_SIZE
 from services.vision.preprocess import PreprocessParams, preprocess_faces
-from tools.models.fer_student import _validate_config, _write_atomic
+from tools.export.temporal_export import export_temporal
 
 MODEL_NAME = "engagement_temporal"
 LEVEL_NAMES = ("very low", "low", "high", "very high")
@@ -42,7 +41,6 @@ FRAMES = 30
 OPSET = 17
 IR_VERSION = 8  # what opset 17 shipped with; older runtimes refuse newer IRs (see fer_student)
 FEATURES_OUTPUT = "clip_features"
-PREPROCESS_FILENAME = "preprocess.json"
 
 PREPROCESS = PreprocessParams(
     input_name="frames", output_name="probabilities", input_size=(CROP_SIZE, CROP_SIZE), color="gray",
@@ -264,53 +262,11 @@ def fold_heads(heads: list[Any]) -> Head:
 # ---------------------------------------------------------------------------------------------
 # Writing the repository entry
 
-CONFIG_TEMPLATE = """\
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [
-  {{
-    name: "{input_name}"
-    data_type: TYPE_FP32
-    dims: [ {frames}, 1, {size}, {size} ]
-  }}
-]
-output [
-  {{
-    name: "{output_name}"
-    data_type: TYPE_FP32
-    dims: [ {affects}, {levels} ]
-  }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: 2000
-}}
-parameters {{
-  key: "demo"
-  value {{ string_value: "true" }}
-}}
-"""
-
-
-def config_text(frames: int = FRAMES) -> str:
-    """The model's config.pbtxt: [frames, 1, 64, 64] in, [4, 4] out, batched, marked demo."""
-    text = CONFIG_TEMPLATE.format(name=MODEL_NAME, input_name=PREPROCESS.input_name, frames=frames,
-                                  size=CROP_SIZE, output_name=PREPROCESS.output_name, affects=len(AFFECTS),
-                                  levels=len(LEVEL_NAMES))
-    _validate_config(text)
-    return text
-
-
 def write_temporal(repo: Path, model: onnx.ModelProto) -> Path:
-    """`<repo>/engagement_temporal/` with its version 1 appearing whole (staged, then renamed)."""
-    frames = model.graph.input[0].type.tensor_type.shape.dim[1].dim_value
-    config = config_text(frames)
-    model_dir = repo / MODEL_NAME
-    staging = model_dir / f".1.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    _write_atomic(staging / PREPROCESS_FILENAME, (PREPROCESS.model_dump_json(indent=2) + "\n").encode())
-    _write_atomic(staging / "model.onnx", model.SerializeToString())
-    shutil.rmtree(model_dir / "1", ignore_errors=True)
-    os.replace(staging, model_dir / "1")
-    _write_atomic(model_dir / "config.pbtxt", config.encode())
-    return model_dir
+    """`<repo>/engagement_temporal/1`, written (and checked) as the temporal exporter writes a
+    modeller's network, marked demo."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save(model, path)
+        export_temporal(path, PREPROCESS, MODEL_NAME, repo, version=1, demo=True)
+    return repo / MODEL_NAME

@@ -49,6 +49,12 @@ dynamic_batching {{
   max_queue_delay_microseconds: 2000
 }}
 """
+DEMO_PARAMETER = """\
+parameters {
+  key: "demo"
+  value { string_value: "true" }
+}
+"""
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
@@ -95,7 +101,7 @@ def check_probabilities(model: onnx.ModelProto, params: PreprocessParams, shape:
 
 
 def export_temporal(model_path: Path, params: PreprocessParams, name: str, repo: Path, *,
-                    version: int | None = None, max_batch: int = 8) -> Path:
+                    version: int | None = None, max_batch: int = 8, demo: bool = False) -> Path:
     try:
         model = onnx.load(str(model_path))
         onnx.checker.check_model(model)
@@ -106,7 +112,7 @@ def export_temporal(model_path: Path, params: PreprocessParams, name: str, repo:
     frames, channels, height, width = shape
     config = CONFIG.format(name=name, max_batch=max_batch, input_name=params.input_name, frames=frames,
                            channels=channels, height=height, width=width, output_name=params.output_name,
-                           affects=len(AFFECTS), levels=LEVELS)
+                           affects=len(AFFECTS), levels=LEVELS) + (DEMO_PARAMETER if demo else "")
 
     def fill(staging: Path) -> None:
         (staging / "model.onnx").write_bytes(model.SerializeToString())
