@@ -108,7 +108,7 @@ class EngagementPipeline:
         out = []
         for name in self.model_names:
             if name in ready:
-                demo = name in self.repository and is_demo(dict(self.repository.get(name).parameters))
+                demo = name in self.repository and is_demo(self.repository.get(name).parameters)
                 out.append(ServedModel(name, ready[name].version, ready[name].backend, demo))
         return out
 

@@ -134,7 +134,7 @@ class ProxyLabelPipeline:
                 if entry.config is not None and entry.config.max_batch_size > 0:
                     mlp_max_batch = entry.config.max_batch_size
                 models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
-                                          is_demo(dict(entry.parameters)) or mlp.demo))
+                                          is_demo(entry.parameters) or mlp.demo))
             except Exception as exc:  # noqa: BLE001
                 log.error("MLP %s not usable: %s", config.mlp_model, exc)
                 mlp = None
@@ -148,7 +148,7 @@ class ProxyLabelPipeline:
         if embedder is not None and config.embedder_model in ready:
             entry = repository.get(config.embedder_model)
             models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
-                                      is_demo(dict(entry.parameters))))
+                                      is_demo(entry.parameters)))
         pipeline = cls(config, backend, metrics, knn, mlp, embedder, models, mlp_max_batch)
         pipeline.knn_fingerprint = knn_fingerprint
         return pipeline
@@ -175,7 +175,7 @@ class ProxyLabelPipeline:
                 return kept.knn, kept_served, kept.knn_fingerprint
             log.error("kNN index %s not loaded: %s", config.knn_model, exc)
             return None, None, ()
-        served = ServedModel(entry.name, entry.version, KNN_BACKEND, is_demo(dict(entry.parameters)) or knn.meta.demo)
+        served = ServedModel(entry.name, entry.version, KNN_BACKEND, is_demo(entry.parameters) or knn.meta.demo)
         return knn, served, entry.fingerprint
 
     # -- what a request needs

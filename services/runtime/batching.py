@@ -267,7 +267,7 @@ class DynamicBatcher:
             self._queue = deque(r for i, r in enumerate(self._queue) if i not in taken)
             try:
                 await self._execute(batch)
-            except Exception:
+            except Exception:  # the loop must survive anything a run does
                 log.exception("batcher of model %s: unexpected error", self.model)
                 for r in batch:
                     if not r.future.done():

@@ -44,7 +44,7 @@ class RepositoryPoller:
             try:
                 for source in self.sources:
                     changed += await source.reload()
-            except Exception:
+            except Exception:  # keep polling; the served models are unaffected
                 log.exception("model repository reload failed")
                 continue
             if changed:
@@ -52,7 +52,7 @@ class RepositoryPoller:
                 if self.on_change:
                     try:
                         await self.on_change(changed)
-                    except Exception:
+                    except Exception:  # the models already in use keep serving
                         log.exception("models changed (%s) but applying the change failed", ", ".join(changed))
 
     async def stop(self) -> None:

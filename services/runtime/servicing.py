@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tessera.common.v1 import common_pb2
@@ -23,7 +24,7 @@ class ServedModel:
                                     backend=self.backend, demo=self.demo)
 
 
-def is_demo(parameters: dict[str, str]) -> bool:
+def is_demo(parameters: Mapping[str, str]) -> bool:
     """Whether a model's config marks it as a demo model (trained at setup on generated data)."""
     return parameters.get("demo", "").lower() == "true"
 
