@@ -41,11 +41,19 @@ def next_version(model_dir: Path) -> int:
     return max(existing, default=0) + 1
 
 
+def check_onnx_signature(config: mc.ModelConfig, staging: Path) -> None:
+    """The staged model.onnx declares what the config says."""
+    problems = check_signature(config, *onnx_signature(staging / "model.onnx"))
+    if problems:
+        raise ExportError("exported model disagrees with its config: " + "; ".join(problems))
+
+
 def write_version(repo: Path, name: str, version: int | None, config: str,
-                  fill: Callable[[Path], None]) -> Path:
-    """`fill(staging)` writes the version's files (model.onnx and what lies beside it); they are
-    checked against `config`, renamed into `<repo>/<name>/<version>`, then the config is written.
-    Returns the version directory."""
+                  fill: Callable[[Path], None],
+                  check: Callable[[mc.ModelConfig, Path], None] = check_onnx_signature) -> Path:
+    """`fill(staging)` writes the version's files (the model and what lies beside it); `check`
+    holds them against `config` (an ONNX model's signature by default), then they are renamed
+    into `<repo>/<name>/<version>` and the config is written. Returns the version directory."""
     parsed = parse_config(config, name)
     model_dir = Path(repo) / name
     created = not model_dir.exists()
@@ -59,9 +67,7 @@ def write_version(repo: Path, name: str, version: int | None, config: str,
     staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
         fill(staging)
-        problems = check_signature(parsed, *onnx_signature(staging / "model.onnx"))
-        if problems:
-            raise ExportError("exported model disagrees with its config: " + "; ".join(problems))
+        check(parsed, staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a server may run as another user
         try:
             os.rename(staging, final)

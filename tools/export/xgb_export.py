@@ -12,7 +12,6 @@ the way the service loads it and must predict what the modeller's booster predic
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,9 @@ import xgboost as xgb
 
 from services.engagement.features import HOG_FILENAME, HogParams
 from services.runtime.backends.xgb import load_booster
-from tools.export.versions import ExportError, next_version
-from tools.models.xgb_demo import MODEL_FILENAME, booster_classes, write_xgb_model
+from tools.export import versions
+from tools.export.versions import ExportError
+from tools.models.xgb_demo import MODEL_FILENAME, booster_classes, fil_config
 
 
 def read_booster(path: Path) -> xgb.Booster:
@@ -60,16 +60,15 @@ def export_xgboost(booster_path: Path, name: str, repo: Path, *, version: int | 
     if booster.num_features() != hog.dimension:
         raise ExportError(f"{booster_path} takes {booster.num_features()} features, but the HOG parameters give "
                           f"{hog.dimension}: pass the hog.json it was trained with (--hog)")
-    model_dir = Path(repo) / name
-    if version is None:
-        version = next_version(model_dir) if model_dir.is_dir() else 1
-    if (model_dir / str(version)).exists():
-        raise ExportError(f"{model_dir / str(version)} already exists: versions are never overwritten; "
-                          "leave --version out to take the next one")
-    # The bytes the repository will hold, loaded back as the service loads them.
-    with tempfile.TemporaryDirectory() as tmp:
-        written = Path(tmp) / MODEL_FILENAME
-        written.write_bytes(bytes(booster.save_raw(raw_format="json")))
-        check_served_equal(booster, written, booster.num_features())
-    return write_xgb_model(booster, repo, name, version, n_classes=classes, demo=demo,
-                           extra_files={HOG_FILENAME: hog.dumps().encode()})
+    data = bytes(booster.save_raw(raw_format="json"))
+
+    def fill(staging: Path) -> None:
+        (staging / HOG_FILENAME).write_text(hog.dumps())
+        (staging / MODEL_FILENAME).write_bytes(data)
+
+    def check(_config: object, staging: Path) -> None:
+        # The bytes the repository will hold, loaded back as the service loads them.
+        check_served_equal(booster, staging / MODEL_FILENAME, booster.num_features())
+
+    return versions.write_version(repo, name, version, fil_config(name, booster.num_features(), classes, demo=demo),
+                                  fill, check)

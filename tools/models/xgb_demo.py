@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import xgboost as xgb
 
+from tools.export.versions import next_version
 from tools.models.fer_student import _validate_config, _write_atomic
 
 MODEL_FILENAME = "xgboost.json"  # FIL's default for model_type xgboost_json
@@ -83,11 +84,6 @@ def fil_config(name: str, n_features: int, n_classes: int, *, demo: bool,
     return text
 
 
-def _next_version(model_dir: Path) -> int:
-    existing = [int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit()]
-    return max(existing, default=0) + 1
-
-
 def write_xgb_model(
     booster: xgb.Booster,
     repo: Path | str,
@@ -120,7 +116,7 @@ def write_xgb_model(
     data = bytes(booster.save_raw(raw_format="json"))
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    version = _next_version(model_dir) if version is None else version
+    version = next_version(model_dir) if version is None else version
     version_dir = model_dir / str(version)
     if extra_files and MODEL_FILENAME in extra_files:
         raise ValueError(f"extra_files cannot replace {MODEL_FILENAME}")
