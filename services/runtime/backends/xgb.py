@@ -173,21 +173,23 @@ def check_config(config: mc.ModelConfig, model: _Model) -> list[str]:
     if len(config.input) != 1:
         problems.append(f"needs exactly one input ('{INPUT_NAME}'), has {len(config.input)}")
     else:
-        t = config.input[0]
-        if t.data_type != mc.TYPE_FP32:
-            problems.append(f"input '{t.name}' must be TYPE_FP32, is {mc.DataType.Name(t.data_type)}")
-        if list(t.dims) not in ([model.n_features], [-1]):
-            problems.append(f"input '{t.name}' dims {list(t.dims)}; the booster has "
-                            f"{model.n_features} features")
+        problems += _tensor_problems("input", config.input[0], model.n_features,
+                                     f"the booster has {model.n_features} features")
     if len(config.output) < 1:
         problems.append(f"needs an output ('{OUTPUT_NAME}')")
     else:
-        t = config.output[0]
-        if t.data_type != mc.TYPE_FP32:
-            problems.append(f"output '{t.name}' must be TYPE_FP32, is {mc.DataType.Name(t.data_type)}")
-        if list(t.dims) not in ([model.output_dim], [-1]):
-            problems.append(f"output '{t.name}' dims {list(t.dims)}; the booster gives "
-                            f"{model.describe}: [{model.output_dim}]")
+        problems += _tensor_problems("output", config.output[0], model.output_dim,
+                                     f"the booster gives {model.describe}: [{model.output_dim}]")
+    return problems
+
+
+def _tensor_problems(kind: str, t: mc.ModelInput | mc.ModelOutput, width: int, booster_says: str) -> list[str]:
+    """A FIL tensor is FP32 with one dimension: the booster's width (or -1)."""
+    problems = []
+    if t.data_type != mc.TYPE_FP32:
+        problems.append(f"{kind} '{t.name}' must be TYPE_FP32, is {mc.DataType.Name(t.data_type)}")
+    if list(t.dims) not in ([width], [-1]):
+        problems.append(f"{kind} '{t.name}' dims {list(t.dims)}; {booster_says}")
     return problems
 
 
