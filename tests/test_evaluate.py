@@ -16,11 +16,11 @@ from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, log_loss
 
 from client import TesseraClient
 from launcher.suite import Suite
-from services.fusion.emotion import CLASS_NAMES, fuse_logits
+from services.fusion.emotion import CLASS_NAMES, fuse_logits, fused_logits
 from services.fusion.rules import parse_rules
 from tools.evaluate import metrics
 from tools.evaluate.__main__ import main
-from tools.evaluate.emotion import Answers, fused_logits, parse_label, summarise
+from tools.evaluate.emotion import Answers, parse_label, summarise
 
 K = 7
 

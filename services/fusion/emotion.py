@@ -29,27 +29,35 @@ def members_for(rules: EmotionRules, mode: EmotionModeName) -> dict[str, float]:
     return {m.model: m.weight for m in rules.members}
 
 
-def fuse_logits(
-    member_logits: Mapping[str, np.ndarray],
-    weights: Mapping[str, float],
-    temperature: float,
-    space: str = "logit",
-) -> np.ndarray:
-    """Probabilities [faces, classes] from each member's logits [faces, classes].
-
-    Weights are normalised to sum to 1, so 0.4/0.4/0.2 and 2/2/1 mean the same ensemble.
-    """
+def _normalised(member_logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> dict[str, float]:
+    """The weights scaled to sum to 1, so 0.4/0.4/0.2 and 2/2/1 mean the same ensemble."""
     missing = [m for m in weights if m not in member_logits]
     if missing:
         raise KeyError(f"no logits for members {missing}")
     total = float(sum(weights.values()))
     if total <= 0:
         raise ValueError("member weights sum to zero")
+    return {m: w / total for m, w in weights.items()}
+
+
+def fused_logits(member_logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """Σ w_m·l_m (float64, normalised weights): the logit-space ensemble before its temperature and
+    softmax (what a temperature is fitted on)."""
+    return sum(w * np.asarray(member_logits[m], dtype=np.float64)
+               for m, w in _normalised(member_logits, weights).items())
+
+
+def fuse_logits(
+    member_logits: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    temperature: float,
+    space: str = "logit",
+) -> np.ndarray:
+    """Probabilities [faces, classes] from each member's logits [faces, classes], weights normalised."""
     if space == "logit":
-        fused = sum((w / total) * np.asarray(member_logits[m], dtype=np.float64) for m, w in weights.items())
-        return softmax(fused / temperature).astype(np.float32)
+        return softmax(fused_logits(member_logits, weights) / temperature).astype(np.float32)
     if space == "prob":
-        probs = sum((w / total) * softmax(np.asarray(member_logits[m], dtype=np.float64) / temperature)
-                    for m, w in weights.items())
+        probs = sum(w * softmax(np.asarray(member_logits[m], dtype=np.float64) / temperature)
+                    for m, w in _normalised(member_logits, weights).items())
         return np.asarray(probs, dtype=np.float32)
     raise ValueError(f"unknown fusion space {space!r}")

@@ -30,7 +30,7 @@ from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tqdm import tqdm
 
 from client.client import TesseraClient, status_code, to_image
-from services.fusion.emotion import CLASS_NAMES, fuse_logits, members_for, resolve_temperature
+from services.fusion.emotion import CLASS_NAMES, fuse_logits, fused_logits, members_for, resolve_temperature
 from services.fusion.rules import EmotionModeName, EmotionRules, FusionRules, RulesError, parse_rules
 from tools.evaluate.metrics import (
     ECE_BINS,
@@ -242,17 +242,6 @@ def collect(client: TesseraClient, rows: Sequence[ManifestRow], mode: str | None
 
 
 # Fusion --------------------------------------------------------------------------------------
-def fused_logits(member_logits: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Σ w_m·l_m with the weights normalised to 1: what fuse_logits divides by T in logit space.
-
-    fuse_logits returns only probabilities; its pre-softmax sum is rebuilt here with the same
-    arithmetic because the temperature is fitted on logits, and log(fuse_logits(..)) would lose the
-    tail its float32 answer rounds to 0. The tests hold the two to agreement.
-    """
-    total = float(sum(weights.values()))
-    return sum((w / total) * np.asarray(member_logits[m], dtype=np.float64) for m, w in weights.items())
-
-
 def temperature_source(rules: EmotionRules, mode: EmotionModeName, stored: float | None) -> str:
     """Which rule of resolve_temperature's precedence gave the served temperature, in words."""
     if mode in rules.temperature:
