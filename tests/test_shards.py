@@ -21,10 +21,9 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, recal
 
 from launcher.suite import ROOT
 from services.fusion.rules import KnnRules, ProxyLabelRules
-from services.proxylabel.config import ProxyLabelConfig
 from services.proxylabel.features import compute_features
 from services.proxylabel.knn import KnnOptions
-from services.proxylabel.pipeline import ProxyLabelPipeline
+from services.proxylabel.pipeline import local_pipeline
 from services.proxylabel.shards import (
     MANIFEST,
     Progress,
@@ -36,10 +35,7 @@ from services.proxylabel.shards import (
     read_output,
     run_shard,
 )
-from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
 from services.runtime.errors import ServingError
-from services.runtime.metrics import Metrics
-from services.runtime.repository import ModelRepository
 from tools.proxylabel.build_index import build_index, labelled_rows
 from tools.proxylabel.generate import SYNTHETIC_EMBEDDER, schema, write_shard
 from tools.proxylabel.train_mlp import train_mlp, write_mlp
@@ -73,16 +69,9 @@ def shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def _job(repo: Path, source: Path, output: Path, rules: ProxyLabelRules, batch_rows: int = 0,
                version: str = "v-test") -> list[Progress | Summary]:
-    metrics = Metrics("test")
-    repository = ModelRepository(repo)
-    backend = OnnxBackend(repository, OnnxConfig(), metrics)
-    await backend.start()
-    try:
-        pipeline = await ProxyLabelPipeline.load(ProxyLabelConfig(model_repository=repo), repository, backend, metrics)
+    async with local_pipeline(repo) as pipeline:
         plan = plan_shard(ShardJob(source, output, rules, version, batch_rows), pipeline)
         return [event async for event in run_shard(plan, pipeline)]
-    finally:
-        await backend.close()
 
 
 def run_job(repo: Path, source: Path, output: Path, rules: ProxyLabelRules | None = None, **kw: object

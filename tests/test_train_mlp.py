@@ -19,13 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import numpy_helper
 
-from services.proxylabel.config import ProxyLabelConfig
 from services.proxylabel.features import Conversations, FeatureStats, compute_features
 from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, KnnOptions
-from services.proxylabel.pipeline import MLP_META_FILE, MlpMeta, ProxyLabelPipeline
-from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
-from services.runtime.metrics import Metrics
-from services.runtime.repository import ModelRepository
+from services.proxylabel.pipeline import MLP_META_FILE, MlpMeta, local_pipeline
 from tools.proxylabel import train_mlp as cli
 from tools.proxylabel.build_index import LabelledRows, labelled_rows
 from tools.proxylabel.generate import write_shard
@@ -184,19 +180,12 @@ def test_the_mlp_learns_the_signal(tm: ModuleType, train_rows, fresh_rows) -> No
 
 async def served_probabilities(repo: Path, embeddings: np.ndarray, conversations: Conversations) -> np.ndarray:
     """The MLP's probabilities as the proxylabel service computes them (repository → ONNX backend)."""
-    metrics = Metrics("test")
-    repository = ModelRepository(repo)
-    backend = OnnxBackend(repository, OnnxConfig(), metrics)
-    await backend.start()
-    try:
-        pipeline = await ProxyLabelPipeline.load(ProxyLabelConfig(model_repository=repo), repository, backend, metrics)
+    async with local_pipeline(repo) as pipeline:
         assert pipeline.mlp is not None, "the service did not load the MLP"
         assert [m.demo for m in pipeline.models if m.name == MODEL_NAME] == [True]
         scores = await pipeline.score(embeddings, conversations, KnnOptions(), run_knn=False, run_mlp=True)
         assert scores.mlp is not None
         return scores.mlp
-    finally:
-        await backend.close()
 
 
 @pytest.mark.parametrize("trainer", [pytest.param("torch", marks=pytest.mark.torch), "sklearn"])

@@ -8,9 +8,11 @@ CPU-heavy steps (faiss search, text features) run in worker threads so the event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import Field
@@ -326,3 +328,19 @@ def embedding_problem(embeddings: np.ndarray, dimension: int) -> list[str]:
     for i in np.flatnonzero(~finite | zero):
         reasons[i] = "embedding has NaN or infinite values" if not finite[i] else "embedding is all zeros"
     return reasons
+
+
+@contextlib.asynccontextmanager
+async def local_pipeline(repo: Path, metrics: Metrics | None = None) -> AsyncIterator[ProxyLabelPipeline]:
+    """A pipeline over a repository with its own in-process ONNX Runtime backend, closed on exit:
+    what shard jobs outside the service (the CLI, tests) run on."""
+    from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
+
+    metrics = metrics or Metrics("proxylabel-local")
+    repository = ModelRepository(repo)
+    backend = OnnxBackend(repository, OnnxConfig(), metrics)
+    await backend.start()
+    try:
+        yield await ProxyLabelPipeline.load(ProxyLabelConfig(model_repository=repo), repository, backend, metrics)
+    finally:
+        await backend.close()

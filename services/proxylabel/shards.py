@@ -584,11 +584,9 @@ def read_output(output: Path) -> pa.Table:
 
 def main(argv: list[str] | None = None) -> int:
     from services.fusion.rules import KnnRules
-    from services.proxylabel.config import ProxyLabelConfig
-    from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
+    from services.proxylabel.pipeline import local_pipeline
     from services.runtime.errors import ServingError
     from services.runtime.metrics import Metrics
-    from services.runtime.repository import ModelRepository
 
     p = argparse.ArgumentParser(prog="python -m services.proxylabel.shards", description="Score a shard in process.")
     p.add_argument("input", type=Path)
@@ -603,23 +601,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     async def run() -> int:
-        config = ProxyLabelConfig(model_repository=args.repo)
-        metrics = Metrics("proxylabel-cli")
-        repository = ModelRepository(args.repo)
-        backend = OnnxBackend(repository, OnnxConfig(), metrics)
-        await backend.start()
         try:
-            pipeline = await ProxyLabelPipeline.load(config, repository, backend, metrics)
-            rules = ProxyLabelRules(mode=args.mode, alpha=args.alpha, knn=KnnRules.model_validate_json(args.knn))
-            job = ShardJob(args.input.resolve(), args.output.resolve(), rules, args.rules_version, args.batch_rows)
-            plan = plan_shard(job, pipeline)
-            async for event in run_shard(plan, pipeline, throttle_seconds=args.throttle_seconds):
-                print(json.dumps({type(event).__name__.lower(): _as_dict(event)}), flush=True)
+            async with local_pipeline(args.repo, Metrics("proxylabel-cli")) as pipeline:
+                rules = ProxyLabelRules(mode=args.mode, alpha=args.alpha, knn=KnnRules.model_validate_json(args.knn))
+                job = ShardJob(args.input.resolve(), args.output.resolve(), rules, args.rules_version,
+                               args.batch_rows)
+                plan = plan_shard(job, pipeline)
+                async for event in run_shard(plan, pipeline, throttle_seconds=args.throttle_seconds):
+                    print(json.dumps({type(event).__name__.lower(): _as_dict(event)}), flush=True)
         except ServingError as exc:
             print(f"{exc.code.name}: {exc.message}", file=sys.stderr)
             return 1
-        finally:
-            await backend.close()
         return 0
 
     return asyncio.run(run())
