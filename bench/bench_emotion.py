@@ -145,7 +145,7 @@ class InProcess:
         await self.backend.close()
 
     async def classify(self, image: ImageInput) -> np.ndarray:
-        (out,) = await self.pipeline.run([image], ["emotion_student"])
+        (out,) = await self.pipeline.run([image], self.pipeline.check_models(["emotion_student"]))
         logits = np.stack([f.logits["emotion_student"] for f in out.faces])
         return fuse_logits({"emotion_student": logits}, {"emotion_student": 1.0}, 1.0)
 

@@ -92,9 +92,9 @@ class EmotionPipeline:
                 f"served: {', '.join(sorted(served)) or 'none'}")
         return [served[m] for m in models]
 
-    async def run(self, images: Sequence[ImageInput], models: Sequence[str]) -> list[ImageOutput]:
+    async def run(self, images: Sequence[ImageInput], served: Sequence[ServedModel]) -> list[ImageOutput]:
+        """Each face of each image with the logits of the models `check_models` returned."""
         check_batch_size(len(images), self.config.max_images_per_request, "images")
-        served = self.check_models(models)
         outputs = await asyncio.gather(*(asyncio.to_thread(self._faces, image) for image in images))
         crops = [crop for out, image_crops in outputs for crop in image_crops]
         results = [out for out, _ in outputs]

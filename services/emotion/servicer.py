@@ -35,7 +35,7 @@ class EmotionServicer(pb_grpc.EmotionServiceServicer):
     async def InferFaces(self, request: pb.InferFacesRequest, context: grpc.aio.ServicerContext
                          ) -> pb.InferFacesResponse:
         served = self.pipeline.check_models(list(request.models))
-        outputs = await self.pipeline.run([image_from_pb(i) for i in request.images], list(request.models))
+        outputs = await self.pipeline.run([image_from_pb(i) for i in request.images], served)
         return pb.InferFacesResponse(images=[image_to_pb(o) for o in outputs],
                                      models=[model_info(m) for m in served],
                                      class_names=list(served[0].class_names))
