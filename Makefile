@@ -12,11 +12,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install install-export models demo serve test test-fast bench protos check-stubs lint-protos ci clean prometheus
 
-$(INSTALLED): requirements/serve.txt pyproject.toml
+# The server runs from this checkout (editable); the API stubs (gen/) and the client (client/) are
+# distributions of their own, installed here from their folders.
+$(INSTALLED): requirements/serve.txt pyproject.toml gen/pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv==0.13.8
 	$(UV) pip install -q --python $(PY) -r requirements/serve.txt
-	$(UV) pip install -q --python $(PY) --no-deps -e .
+	$(UV) pip install -q --python $(PY) --no-deps -e gen -e client -e .
 	touch $@
 
 install: $(INSTALLED)
@@ -30,13 +32,13 @@ $(EXPORT_INSTALLED): $(INSTALLED) requirements/export.txt
 install-export: $(EXPORT_INSTALLED)
 
 models: $(INSTALLED)
-	$(PY) -m tools.models --repo model_repository --cache $(CACHE)
+	$(VENV)/bin/tessera-models --repo model_repository --cache $(CACHE)
 
 demo: $(INSTALLED) models
-	$(PY) -m launcher demo
+	$(VENV)/bin/tessera-demo
 
 serve: $(INSTALLED) models
-	$(PY) -m launcher serve
+	$(VENV)/bin/tessera-serve
 
 # A real Prometheus (and promtool) for the deploy tests: Debian's package; its system service is
 # stopped, the tests start their own.
@@ -61,7 +63,7 @@ bench: $(INSTALLED) $(EXPORT_INSTALLED) models
 	$(PY) bench/bench_shards.py
 
 protos: $(INSTALLED)
-	$(PY) tools/gen_stubs.py
+	$(PY) -m tools.codegen.gen_stubs
 
 # Fails when the committed stubs differ from what the protos generate.
 check-stubs: protos

@@ -3,10 +3,10 @@
     .venv/bin/python bench/bench_backends.py [--quick] [--archs resnet18 ...] [--batches 1 16]
 
 The models are the four teacher/student architectures, seeded random init, exported by
-`tools.export` in a subprocess (torch never loads in this process, so its threads cannot disturb
+`tools.modeller.export` in a subprocess (torch never loads in this process, so its threads cannot disturb
 the timings) and cached under .cache/exports. Both sides use the backend's own session options
 (intra_op 2, no spinning). Calls alternate between the two sides so drift on a shared machine
-hits both alike; the table gives medians and their ratio (DESIGN.md §8: ratios within one run).
+hits both alike; the table gives medians and their ratio (docs/benchmarks.md#targets: ratios within one run).
 
 Two backend columns: the model as exported (its config's max_queue_delay applies when a request
 is not a preferred batch size, as at batch 1), and the same model with the delay set to 0, which
@@ -43,7 +43,7 @@ INPUT_SIZE = 224
 _EXPORT = """
 import sys
 from pathlib import Path
-from tools.export.timm_export import DEFAULT_CACHE, export_timm
+from tools.modeller.export.timm_export import DEFAULT_CACHE, export_timm
 base = Path(sys.argv[1])
 for arch in sys.argv[2:]:
     export_timm(arch, None, 7, arch, base / arch, seed={seed}, input_size={size},

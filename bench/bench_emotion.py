@@ -1,4 +1,4 @@
-"""Emotion serving benchmarks, as ratios against baselines measured in the same run (DESIGN.md §8).
+"""Emotion serving benchmarks, as ratios against baselines measured in the same run (docs/benchmarks.md#targets).
 
     .venv/bin/python bench/bench_emotion.py [--quick]
 
@@ -34,7 +34,7 @@ from skimage import data as skdata
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client import TesseraClient  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.emotion.config import EmotionConfig  # noqa: E402
 from services.emotion.pipeline import EmotionPipeline, ImageInput  # noqa: E402
@@ -44,12 +44,12 @@ from services.runtime.metrics import Metrics  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.vision.faces import build_detector  # noqa: E402
 from tessera.gateway.v1 import gateway_service_pb2 as pb  # noqa: E402
-from tools.models.fer_student import build_fer_student  # noqa: E402
+from tools.builders.fer_student import build_fer_student  # noqa: E402
 
 _EXPORT = """
 import sys
 from pathlib import Path
-from tools.export.timm_export import DEFAULT_CACHE, export_timm
+from tools.modeller.export.timm_export import DEFAULT_CACHE, export_timm
 export_timm("mobilenetv3_large_100", None, 7, "emotion_student", Path(sys.argv[1]), seed=7, input_size=224,
             clahe=None, cache_dir=DEFAULT_CACHE)
 """

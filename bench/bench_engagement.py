@@ -1,4 +1,4 @@
-"""Live video through the gateway: one 640×480 stream at 30 fps (DESIGN.md §8).
+"""Live video through the gateway: one 640×480 stream at 30 fps (docs/benchmarks.md#targets).
 
     .venv/bin/python bench/bench_engagement.py [--seconds 20] [--fps 30]
 
@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client import TesseraClient  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
-from tools.engagement.generate import encode_jpeg, make_clip  # noqa: E402
+from tools.modeller.engagement.generate import encode_jpeg, make_clip  # noqa: E402
 
 LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 

@@ -1,5 +1,5 @@
 """The emotion ensemble at batch 1 through the gateway vs its members' own ONNX Runtime times
-(DESIGN.md §8: ≤ 1.1 × the sum).
+(docs/benchmarks.md#targets: ≤ 1.1 × the sum).
 
     .venv/bin/python bench/bench_ensemble.py [--iters 20]
 
@@ -27,18 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_emotion import crop_jpeg  # noqa: E402
-from client import TesseraClient  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.emotion.config import EmotionConfig  # noqa: E402
 from services.runtime.backends.onnx import session_options  # noqa: E402
 from tessera.gateway.v1 import gateway_service_pb2 as pb  # noqa: E402
-from tools.models.fer_student import build_fer_student  # noqa: E402
+from tools.builders.fer_student import build_fer_student  # noqa: E402
 
 MEMBERS = {"emotion_rn18": "resnet18", "emotion_b3": "tf_efficientnet_b3", "emotion_cnxt": "convnext_tiny"}
 _EXPORT = """
 import sys
 from pathlib import Path
-from tools.export.timm_export import DEFAULT_CACHE, export_timm
+from tools.modeller.export.timm_export import DEFAULT_CACHE, export_timm
 repo = Path(sys.argv[1])
 for pair in sys.argv[2:]:
     name, arch = pair.split("=")

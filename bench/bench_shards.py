@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_shards.py [--rows 300000] [--labelled 30000] [--dim 1024]
                                            [--mode knn|ensemble] [--quick]
 
-DESIGN.md §8: end-to-end rows/s ≥ 0.8 × faiss exact search alone (IndexFlatIP, K=50); memory
+docs/benchmarks.md#targets: end-to-end rows/s ≥ 0.8 × faiss exact search alone (IndexFlatIP, K=50); memory
 independent of shard size. The shards (synthetic unit-vector embeddings, row groups of 10k rows)
 are generated once per (rows, labelled, dim) under .cache/bench/; the kNN index and a demo MLP of
 the matching input dimension are built into a temporary repository (no text embedder: every row
@@ -28,14 +28,14 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client import TesseraClient  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.proxylabel.features import compute_features  # noqa: E402
 from services.proxylabel.knn import KnnOptions  # noqa: E402
-from tools.proxylabel import generate  # noqa: E402
-from tools.proxylabel.build_index import build_index, labelled_rows  # noqa: E402
-from tools.proxylabel.train_mlp import train_mlp as fit_mlp  # noqa: E402
-from tools.proxylabel.train_mlp import write_mlp  # noqa: E402
+from tools.modeller.proxylabel import generate  # noqa: E402
+from tools.modeller.proxylabel.build_index import build_index, labelled_rows  # noqa: E402
+from tools.modeller.proxylabel.train_mlp import train_mlp as fit_mlp  # noqa: E402
+from tools.modeller.proxylabel.train_mlp import write_mlp  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 ROW_GROUP_ROWS = 10_000

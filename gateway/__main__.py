@@ -1,4 +1,4 @@
-"""`python -m gateway`: run the public gateway."""
+"""`tessera-gateway`: run the public gateway."""
 
 from __future__ import annotations
 

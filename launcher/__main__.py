@@ -1,4 +1,4 @@
-"""`python -m launcher serve|demo`: run the suite locally."""
+"""`tessera-serve` / `tessera-demo` (`make serve` / `make demo`): run the suite locally."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher")
+    parser = argparse.ArgumentParser(prog="tessera")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run gateway and services until Ctrl-C")
     p.add_argument("--port", type=int, default=50051, help="gateway port")
@@ -53,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo()
     return serve(args)
+
+
+def serve_main() -> int:
+    """`tessera-serve [--port …]`."""
+    return main(["serve", *sys.argv[1:]])
+
+
+def demo_main() -> int:
+    """`tessera-demo`."""
+    return main(["demo", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ import cv2
 import grpc
 from skimage import data as skdata
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.fusion.rules import AFFECTS
-from tools.engagement.generate import encode_jpeg, make_clip
+from tools.modeller.engagement.generate import encode_jpeg, make_clip
 
 DEMO_LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 AFFECT_NAMES = dict(enumerate(("unspecified", *AFFECTS)))
@@ -31,7 +31,7 @@ def _sample_shard(root: Path) -> Path:
     path = root / "demo_shard.parquet"
     if not path.exists():
         from services.proxylabel.embedder import embed_offline
-        from tools.proxylabel.generate import write_shard
+        from tools.modeller.proxylabel.generate import write_shard
 
         embedder = ROOT / "model_repository" / "text_embedder"
         write_shard(path, 64, labelled_fraction=1.0, seed=7, row_group_rows=16, id_prefix="demo",

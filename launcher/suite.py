@@ -24,6 +24,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     ready_file: Path
     log_file: Path
+    env: dict[str, str] = field(default_factory=dict)
     info: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -67,18 +68,22 @@ class Suite:
         self.processes: dict[str, Process] = {}
 
     # ------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, module: str, env: dict[str, str], port: int = 0) -> Process:
+    def _spawn(self, name: str, env: dict[str, str], port: int = 0, metrics_port: int = 0) -> Process:
         self.workdir.mkdir(parents=True, exist_ok=True)
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log_file = self.workdir / f"{name}.log"
-        args = [sys.executable, "-m", module, "--port", str(port), "--metrics-port", "0", "--ready-file", str(ready)]
+        if log_file.exists():  # a restart: keep the previous run's log beside the new one
+            log_file.replace(log_file.with_suffix(".previous.log"))
+        # The process's stable command name, from the environment this launcher runs in.
+        args = [command_path(f"tessera-{name}"), "--port", str(port), "--metrics-port", str(metrics_port),
+                "--ready-file", str(ready)]
         if name in self.config_files:
             args += ["--config", str(self.config_files[name])]
         with log_file.open("wb") as log:
             popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env, **self.extra_env},
                                      stdout=log, stderr=subprocess.STDOUT)
-        proc = Process(name, popen, ready, log_file)
+        proc = Process(name, popen, ready, log_file, env)
         self.processes[name] = proc
         return proc
 
@@ -101,11 +106,11 @@ class Suite:
                 env = {f"TESSERA_{name.upper()}__MODEL_REPOSITORY": str(self.repository)}
                 if name == "proxylabel":
                     env |= {"TESSERA_PROXYLABEL__INPUT_ROOTS": roots, "TESSERA_PROXYLABEL__OUTPUT_ROOTS": roots}
-                services.append(self._spawn(name, f"services.{name}", env))
+                services.append(self._spawn(name, env))
             self._wait_ready(services, timeout)
             env = {f"TESSERA_GATEWAY__TARGETS__{p.name.upper()}": p.target for p in services}
             env["TESSERA_GATEWAY__RULES_PATH"] = str(self.rules)
-            gateway = self._spawn("gateway", "gateway", env, self.gateway_port)
+            gateway = self._spawn("gateway", env, self.gateway_port)
             self._wait_ready([gateway], timeout)
             for proc in self.processes.values():
                 wait_serving(proc.target, timeout=timeout)
@@ -113,6 +118,28 @@ class Suite:
             self.stop()
             raise
         return self
+
+    def restart(self, name: str, timeout: float = 60.0) -> Process:
+        """Start a process again on the port it had (its peers keep their targets), wait SERVING.
+        A process still running is stopped first (SIGTERM, then SIGKILL after `timeout`)."""
+        old = self.processes[name]
+        if old.popen.poll() is None:
+            old.popen.send_signal(signal.SIGTERM)
+            try:
+                old.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                old.popen.kill()
+                old.popen.wait()
+        proc = self._spawn(name, old.env, old.port, old.metrics_port)
+        self._wait_ready([proc], timeout)
+        wait_serving(proc.target, timeout=timeout)
+        return proc
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Send a signal to one process (SIGKILL by default) and wait for it to end; its exit code."""
+        proc = self.processes[name]
+        proc.popen.send_signal(sig)
+        return proc.popen.wait(30)
 
     @property
     def gateway(self) -> Process:
@@ -141,6 +168,12 @@ class Suite:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def command_path(name: str) -> str:
+    """A console script of this environment (beside its interpreter), or from PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
 
 
 def wait_serving(target: str, service: str = "", timeout: float = 30.0) -> None:

@@ -11,7 +11,7 @@ from skimage import data as skdata
 
 from launcher.suite import ROOT, Suite
 from tests.images import png_bomb as make_png_bomb
-from tools.models.fer_student import build_fer_student
+from tools.builders.fer_student import build_fer_student
 
 CACHE = ROOT / ".cache"
 # Small limits so oversized-input tests stay cheap.

@@ -27,7 +27,7 @@ import grpc
 import pytest
 import yaml
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from launcher.suite import ROOT, SERVICES, Suite
 from services.fusion.rules import parse_rules
 from services.runtime.config import load_config
@@ -153,14 +153,13 @@ def validate_env(process: str, env: dict[str, str]) -> None:
 
 def test_every_process_has_a_deployment_service_and_cpu_hpa() -> None:
     deployments, services, hpas = objects_of("Deployment"), objects_of("Service"), objects_of("HorizontalPodAutoscaler")
-    modules = {"gateway": "gateway", **{s: f"services.{s}" for s in SERVICES}}
     for name in PROCESSES:
         dep = deployments[name]
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert labels["app.kubernetes.io/part-of"] == "tessera"
         (c,) = _containers(dep)
-        assert c["command"] == ["python", "-m", modules[name]]
+        assert c["command"] == [f"tessera-{name}"]
         env = _env(c)
         prefix = f"TESSERA_{name.upper()}__"
         assert env[prefix + "SERVER__HOST"] == "0.0.0.0"
@@ -217,7 +216,7 @@ def test_shard_job_is_indexed_and_scores_its_shard_through_the_gateway() -> None
     assert spec["completionMode"] == "Indexed" and spec["completions"] >= 1 and spec["parallelism"] >= 1
     (c,) = _containers(job)
     script = " ".join(c["command"] + c.get("args", []))
-    assert "python -m tools.proxylabel.score_shard" in script and "--target" in script
+    assert "tessera-score-shard" in script and "--gateway" in script
     assert script.count("${JOB_COMPLETION_INDEX}") == 2  # input and output path
     target = _env(c)["GATEWAY_TARGET"]
     host, port = re.fullmatch(r"(?:dns:///)?([a-z0-9-]+):(\d+)", target).groups()  # type: ignore[union-attr]
@@ -242,9 +241,8 @@ def test_compose_runs_every_process_from_one_image_with_prometheus_and_grafana()
     services = compose["services"]
     images = {services[p]["image"] for p in PROCESSES}
     assert len(images) == 1
-    modules = {"gateway": "gateway", **{s: f"services.{s}" for s in SERVICES}}
     for p in PROCESSES:
-        assert services[p]["command"] == ["python", "-m", modules[p]]
+        assert services[p]["command"] == [f"tessera-{p}"]
         assert services[p]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
     assert {"prometheus", "grafana"} <= services.keys()
     here = DEPLOY / "compose"
@@ -279,7 +277,7 @@ def test_dockerfile_builds_the_serving_image_without_torch() -> None:
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", text, re.MULTILINE)
     assert "pip install -r /tmp/src/requirements/serve.txt" in text
-    assert "python -m tools.models" in text
+    assert "tessera-models" in text
     assert "torch" not in re.sub(r"#.*", "", text)
     for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE):
         for source in line.split()[:-1]:

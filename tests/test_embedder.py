@@ -27,7 +27,7 @@ from services.proxylabel.embedder import (
 from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
-from tools.models.minilm import build_text_embedder, unpack_checkpoint
+from tools.builders.minilm import build_text_embedder, unpack_checkpoint
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 DIM = 384

@@ -40,8 +40,9 @@ from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
 from services.vision.faces import Box, HaarConfig, HaarDetector, iou
 from services.vision.preprocess import load_params
-from tools.engagement import demo, temporal
-from tools.engagement.generate import (
+from tools.builders import engagement_demo as demo
+from tools.builders import engagement_temporal as temporal
+from tools.modeller.engagement.generate import (
     BoxNoise,
     as_levels,
     clip_crops,
@@ -224,9 +225,9 @@ def test_encode_jpeg_round_trips() -> None:
 
 
 def run_build(repo: Path) -> tuple[float, str]:
-    """`python -m tools.models` (engagement only: the other families have their own tests)."""
+    """`tessera-models` (engagement only: the other families have their own tests)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tools.models", "--repo", str(repo), "--cache", str(CACHE),
+    proc = subprocess.run([sys.executable, "-m", "tools.builders", "--repo", str(repo), "--cache", str(CACHE),
                            "--only", "engagement"], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -283,7 +284,7 @@ def test_second_build_is_cached(repo: Path) -> None:
 
 
 def test_default_build_includes_engagement() -> None:
-    from tools.models.__main__ import BUILDERS
+    from tools.builders.__main__ import BUILDERS
 
     assert BUILDERS["engagement"] is demo.build_engagement_demo
     assert list(BUILDERS)[-1] == "engagement"

@@ -16,16 +16,16 @@ import xgboost as xgb
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from launcher.suite import Suite
 from services.engagement.features import HogParams, face_crop, hog_features
 from services.engagement.pipeline import evenly_spaced
 from services.fusion.engagement import decide
 from services.fusion.rules import AFFECTS, FusionRules
 from tests.conftest import CACHE, start_suite
-from tools.engagement.demo import build_engagement_demo
-from tools.engagement.generate import encode_jpeg, make_clip, make_clip_with_boxes
-from tools.models.fer_student import build_fer_student
+from tools.builders.engagement_demo import build_engagement_demo
+from tools.modeller.engagement.generate import encode_jpeg, make_clip, make_clip_with_boxes
+from tools.builders.fer_student import build_fer_student
 
 LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 MAX_FRAMES = 120

@@ -15,12 +15,12 @@ from skimage import data as skdata
 pytest.importorskip("timm")
 import torch  # noqa: E402
 
-from client import TesseraClient  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import ROOT  # noqa: E402
 from services.vision.preprocess import load_params, preprocess_faces  # noqa: E402
 from tests.conftest import CACHE, start_suite  # noqa: E402
-from tools.export.timm_export import DEFAULT_CACHE, build_model, export_timm  # noqa: E402
-from tools.models.fer_student import build_fer_student  # noqa: E402
+from tools.modeller.export.timm_export import DEFAULT_CACHE, build_model, export_timm  # noqa: E402
+from tools.builders.fer_student import build_fer_student  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

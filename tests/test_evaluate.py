@@ -1,4 +1,4 @@
-"""tools.evaluate: the metrics against scikit-learn and explicit references, temperature fitting on
+"""tools.modeller.evaluate: the metrics against scikit-learn and explicit references, temperature fitting on
 data with a known temperature, and the CLI end to end against the real suite."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from scipy.special import softmax
 from skimage import data as skdata
 from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, log_loss
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from launcher.suite import Suite
 from services.fusion.emotion import CLASS_NAMES, fuse_logits, fused_logits
 from services.fusion.rules import parse_rules
-from tools.evaluate import metrics
-from tools.evaluate.__main__ import main
-from tools.evaluate.emotion import Answers, parse_label, summarise
+from tools.modeller.evaluate import metrics
+from tools.modeller.evaluate.__main__ import main
+from tools.modeller.evaluate.emotion import Answers, parse_label, summarise
 
 K = 7
 

@@ -28,8 +28,8 @@ from services.runtime.backends.onnx import OnnxBackend, OnnxConfig  # noqa: E402
 from services.runtime.metrics import Metrics  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.vision.preprocess import load_params, preprocess_faces  # noqa: E402
-from tools.export import __main__ as cli  # noqa: E402
-from tools.export import timm_export as te  # noqa: E402
+from tools.modeller.export import __main__ as cli  # noqa: E402
+from tools.modeller.export import timm_export as te  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -269,7 +269,7 @@ def test_serving_path_imports_no_torch() -> None:
 @pytest.fixture(scope="module")
 def triton_backend_url(repo: Path):
     """The real tritonserver on the four exports (python-backend overlay running ONNX Runtime)."""
-    from tools.triton.local import LocalTriton
+    from tools.devtriton.local import LocalTriton
 
     server = LocalTriton(repo, ROOT / ".cache")
     server.prepare()

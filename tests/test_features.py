@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from services.proxylabel import features as F
-from tools.proxylabel.generate import MESSAGES_TYPE, conversation
+from tools.modeller.proxylabel.generate import MESSAGES_TYPE, conversation
 
 A = re.ASCII
 

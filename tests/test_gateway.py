@@ -15,7 +15,7 @@ from skimage import data as skdata
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 
-from client import ItemError, TesseraClient
+from tessera_client import ItemError, TesseraClient
 from launcher.suite import ROOT, Suite
 from tests.conftest import start_suite
 

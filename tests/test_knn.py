@@ -27,7 +27,7 @@ D = 24
 
 def brute_force(x: np.ndarray, labelled: np.ndarray, labels: np.ndarray, o: KnnOptions,
                 priors: np.ndarray) -> list[tuple[list[float], float, int, bool]]:
-    """The formulas of DESIGN.md §5, one row and one neighbour at a time, in plain Python."""
+    """The formulas of docs/operations.md#fusion-rules, one row and one neighbour at a time, in plain Python."""
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     ln = labelled / np.linalg.norm(labelled, axis=1, keepdims=True)
     out = []

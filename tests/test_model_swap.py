@@ -8,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from tests.conftest import CACHE, start_suite
-from tools.models.fer_student import build_fer_student
+from tools.builders.fer_student import build_fer_student
 
 
 def test_new_version_swaps_in_under_load(tmp_path: Path, astronaut_jpeg: bytes) -> None:

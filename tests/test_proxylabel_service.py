@@ -16,15 +16,15 @@ import pytest
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
-from client import TesseraClient
+from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.proxylabel.embedder import embed_offline
 from services.proxylabel.knn import INDEX_FILE, KnnIndex
 from services.proxylabel.shards import read_output
 from tests.conftest import CACHE, start_suite
-from tools.models.minilm import build_text_embedder
-from tools.proxylabel.demo import build_demo_models
-from tools.proxylabel.generate import write_shard
+from tools.builders.minilm import build_text_embedder
+from tools.builders.proxylabel_demo import build_demo_models
+from tools.modeller.proxylabel.generate import write_shard
 
 # Fewer rows than `make models` builds, so a first run (MiniLM on CPU) stays short; cached after.
 DEMO_ROWS = 300

@@ -36,9 +36,9 @@ from services.proxylabel.shards import (
     run_shard,
 )
 from services.runtime.errors import ServingError
-from tools.proxylabel.build_index import build_index, labelled_rows
-from tools.proxylabel.generate import SYNTHETIC_EMBEDDER, schema, write_shard
-from tools.proxylabel.train_mlp import train_mlp, write_mlp
+from tools.modeller.proxylabel.build_index import build_index, labelled_rows
+from tools.modeller.proxylabel.generate import SYNTHETIC_EMBEDDER, schema, write_shard
+from tools.modeller.proxylabel.train_mlp import train_mlp, write_mlp
 
 DIM = 16
 

@@ -28,10 +28,10 @@ from services.runtime.backends.onnx import OnnxBackend, OnnxConfig  # noqa: E402
 from services.runtime.metrics import Metrics  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from tests.test_embedder import LONG, TEXTS  # noqa: E402
-from tools.export import __main__ as cli  # noqa: E402
-from tools.export import st_export  # noqa: E402
-from tools.export.st_export import ExportError, export_sentence_transformer  # noqa: E402
-from tools.models.minilm import EMBEDDER_NAME, build_text_embedder, unpack_checkpoint  # noqa: E402
+from tools.modeller.export import __main__ as cli  # noqa: E402
+from tools.modeller.export import st_export  # noqa: E402
+from tools.modeller.export.st_export import ExportError, export_sentence_transformer  # noqa: E402
+from tools.builders.minilm import EMBEDDER_NAME, build_text_embedder, unpack_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -1,4 +1,4 @@
-"""`python -m tools.export temporal`: a temporal engagement network already in ONNX, checked
+"""`tessera-export temporal`: a temporal engagement network already in ONNX, checked
 (clip in, affect × level probabilities out) and served as ONNX Runtime runs it."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
 from services.vision.preprocess import PreprocessParams
-from tools.export.__main__ import main as export_main
+from tools.modeller.export.__main__ import main as export_main
 
 FRAMES, SIZE = 30, 64
 PARAMS = PreprocessParams(input_name="frames", output_name="probabilities", input_size=(SIZE, SIZE), color="gray",

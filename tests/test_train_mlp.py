@@ -22,10 +22,10 @@ from onnx import numpy_helper
 from services.proxylabel.features import Conversations, FeatureStats, compute_features
 from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, KnnOptions
 from services.proxylabel.pipeline import MLP_META_FILE, MlpMeta, local_pipeline
-from tools.proxylabel import train_mlp as cli
-from tools.proxylabel.build_index import LabelledRows, labelled_rows
-from tools.proxylabel.generate import write_shard
-from tools.proxylabel.train_mlp import MODEL_NAME, design_matrix, onnx_probabilities, write_mlp
+from tools.modeller.proxylabel import train_mlp as cli
+from tools.modeller.proxylabel.build_index import LabelledRows, labelled_rows
+from tools.modeller.proxylabel.generate import write_shard
+from tools.modeller.proxylabel.train_mlp import MODEL_NAME, design_matrix, onnx_probabilities, write_mlp
 
 DIM = 16
 
@@ -34,7 +34,7 @@ DIM = 16
 def tm() -> ModuleType:
     """The torch trainer module (the test is skipped without torch)."""
     pytest.importorskip("torch")
-    from tools.proxylabel import train_mlp_torch
+    from tools.modeller.proxylabel import train_mlp_torch
 
     return train_mlp_torch
 
@@ -223,7 +223,7 @@ def test_cli_without_torch_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_
                                            capsys: pytest.CaptureFixture[str]) -> None:
     # As if torch were not installed (None in sys.modules makes its import fail).
     monkeypatch.setitem(sys.modules, "torch", None)
-    monkeypatch.delitem(sys.modules, "tools.proxylabel.train_mlp_torch", raising=False)
+    monkeypatch.delitem(sys.modules, "tools.modeller.proxylabel.train_mlp_torch", raising=False)
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(tmp_path / "unread.parquet"), "--repo", str(tmp_path)])
     assert exit_.value.code == 2

@@ -1,4 +1,4 @@
-"""The Triton backend against the real tritonserver (tools.triton.local), compared with the
+"""The Triton backend against the real tritonserver (tools.devtriton.local), compared with the
 in-process ONNX Runtime backend on the same models and inputs.
 
 The first run downloads the pytriton wheel and builds the stub's site-packages under .cache
@@ -29,9 +29,9 @@ from services.runtime.errors import (
 )
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
-from tools.models.fer_student import MODEL_NAME as STUDENT
-from tools.models.fer_student import build_fer_student
-from tools.triton.local import LocalTriton
+from tools.builders.fer_student import MODEL_NAME as STUDENT
+from tools.builders.fer_student import build_fer_student
+from tools.devtriton.local import LocalTriton
 
 pytestmark = pytest.mark.triton
 
@@ -277,7 +277,7 @@ def test_start_failure_shows_the_server_log(tmp_path: Path) -> None:
 
 def test_gateway_serves_the_student_through_triton_by_configuration_alone(
         repo: Path, triton: LocalTriton, tmp_path: Path, astronaut_jpeg: bytes) -> None:
-    from client import TesseraClient
+    from tessera_client import TesseraClient
     from tests.conftest import start_suite
 
     suite = start_suite(tmp_path, repo, data_roots=(tmp_path,), extra_env={

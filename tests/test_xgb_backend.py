@@ -20,7 +20,7 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFoun
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
 from tests.test_onnx_backend import DIN, B, W, add_model, linear_graph
-from tools.models.xgb_demo import train_demo_booster, write_xgb_model
+from tools.builders.xgb_demo import train_demo_booster, write_xgb_model
 
 N_FEATURES = 12
 LEVELS = 4  # engagement levels 0-3

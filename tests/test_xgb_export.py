@@ -1,4 +1,4 @@
-"""`python -m tools.export xgboost`: a modeller's booster into the FIL layout with its HOG
+"""`tessera-export xgboost`: a modeller's booster into the FIL layout with its HOG
 parameters, served by the XGBoost backend exactly as the booster predicts."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from services.engagement.features import HOG_FILENAME, HogParams
 from services.runtime.backends.xgb import XgbBackend, XgbConfig
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
-from tools.export.__main__ import main as export_main
+from tools.modeller.export.__main__ import main as export_main
 
 
 def _booster(n_features: int, seed: int = 0) -> tuple[xgb.Booster, np.ndarray]:

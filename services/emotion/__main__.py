@@ -1,4 +1,4 @@
-"""`python -m services.emotion`: run the emotion service."""
+"""`tessera-emotion`: run the emotion service."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m services.engagement`: run the engagement service."""
+"""`tessera-engagement`: run the engagement service."""
 
 from __future__ import annotations
 

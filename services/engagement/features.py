@@ -2,7 +2,7 @@
 
 The crop (grey, 64x64) feeds both models: HOG over each crop, averaged over the clip's frames, is
 the XGBoost boosters' input; a stack of crops is the temporal network's. The HOG parameters are
-stored as ``hog.json`` beside each booster (DESIGN.md §2: preprocessing lives with the model).
+stored as ``hog.json`` beside each booster (docs/architecture.md: preprocessing lives with the model).
 
 HOG is OpenCV's ``HOGDescriptor`` (Dalal & Triggs): one 64x64 window, [-1, 0, 1] gradients, unsigned
 orientations, votes interpolated between neighbouring bins and cells, a Gaussian window over each

@@ -1,4 +1,4 @@
-"""Emotion: fuse member logits into calibrated probabilities (DESIGN.md §5)."""
+"""Emotion: fuse member logits into calibrated probabilities (docs/operations.md#fusion-rules)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Proxy labels: soft voting of the kNN and MLP probabilities (DESIGN.md §5)."""
+"""Proxy labels: soft voting of the kNN and MLP probabilities (docs/operations.md#fusion-rules)."""
 
 from __future__ import annotations
 

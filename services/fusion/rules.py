@@ -1,6 +1,6 @@
 """The fusion rules file: schema, validation, version and reload without restart.
 
-One YAML file drives every final answer (DESIGN.md §5). Unknown keys are errors. The version
+One YAML file drives every final answer (docs/operations.md#fusion-rules). Unknown keys are errors. The version
 is the file's declared ``version`` (if any) joined to a hash of its content, so an edit that
 forgets to bump the declared version still changes the version callers see.
 """

@@ -1,4 +1,4 @@
-"""`python -m services.proxylabel`: run the proxylabel service."""
+"""`tessera-proxylabel`: run the proxylabel service."""
 
 from __future__ import annotations
 

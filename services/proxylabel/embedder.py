@@ -1,6 +1,6 @@
 """Text embeddings for rows that come without one: the repository's text-embedding model.
 
-The model directory (built by `tools.models.minilm`) holds an ONNX encoder whose output is already
+The model directory (built by `tools.builders.minilm`) holds an ONNX encoder whose output is already
 the pooled, normalised sentence embedding, its `tokenizer.json` (HF `tokenizers`), and an
 `embedder.json` saying which embedder it is and how it tokenises. No torch here: the serving path
 runs the graph through the suite's backend (batched like every other model), and the offline helper

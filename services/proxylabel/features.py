@@ -1,7 +1,7 @@
 """Shallow text features of a conversation (v1), vectorised over a row group, and the
 conversation parsing that feeds them and the embedder.
 
-The research (seeds/003 §4.1) lists the v1 features without defining them; `FEATURES_V1` is the
+The research (docs/models.md#proxy-label-models) lists the v1 features without defining them; `FEATURES_V1` is the
 definition, versioned beside the MLP (`mlp.json` records `FEATURE_VERSION` and the names), so a
 served MLP always sees the features it was trained on. Everything is computed with pyarrow string
 kernels (RE2 regexes) and numpy over whole arrays: no Python loop per row. RE2's `\\w`, `\\s` and

@@ -1,5 +1,5 @@
 """The kNN proxy labeller: a faiss exact inner-product index over L2-normalised embeddings of
-labelled rows, and the vote that turns neighbours into six probabilities (DESIGN.md §1, §5).
+labelled rows, and the vote that turns neighbours into six probabilities (docs/architecture.md, docs/operations.md#fusion-rules).
 
 Repository layout (a model kind Triton cannot serve, so it stays in process):
 

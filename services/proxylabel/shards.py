@@ -11,10 +11,10 @@ and run again resumes after the last committed part (an uncommitted part file is
 the output holds every input id exactly once. Parts are fixed row ranges of the input, so a rerun
 cuts them the same way. The shard is read by row group, never whole.
 
-The whole request is validated before any work (DESIGN.md §7); a problem with one row (NaN
+The whole request is validated before any work (docs/operations.md#errors); a problem with one row (NaN
 embedding, empty text, …) is written on that row with a reason, never dropped.
 
-    python -m services.proxylabel.shards --repo model_repository in.parquet out_dir
+    tessera-score-shard-offline --repo model_repository in.parquet out_dir
 """
 
 from __future__ import annotations
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.runtime.errors import ServingError
     from services.runtime.metrics import Metrics
 
-    p = argparse.ArgumentParser(prog="python -m services.proxylabel.shards", description="Score a shard in process.")
+    p = argparse.ArgumentParser(prog="tessera-score-shard-offline", description="Score a shard in process.")
     p.add_argument("input", type=Path)
     p.add_argument("output", type=Path)
     p.add_argument("--repo", type=Path, default=Path("model_repository"))

@@ -5,7 +5,7 @@ is kept apart from merging and splitting (``plan_batch``, ``merge``, ``split``: 
 numpy arrays, unit-tested alone). Rows are counted, not requests: axis 0 of every input array is
 that request's rows, and a request is never split across runs.
 
-What keeps the batcher from hanging (the bugs STYLE.md §5 lists): the queue is bounded and a
+What keeps the batcher from hanging (lost futures, unbounded queues, one run failing everyone): the queue is bounded and a
 full queue is an explicit RESOURCE_EXHAUSTED; every run is guarded, so a failing run fails only its
 own requests (each is retried alone, so one bad request fails only itself); futures already done
 (cancelled callers) are skipped; the output length is checked against the rows sent.

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(process: str, argv: Sequence[str] | None) -> tuple[Path | None, dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog=f"python -m {process}", description=f"Run the {process} server.")
+    parser = argparse.ArgumentParser(prog=f"tessera-{process}", description=f"Run the {process} server.")
     parser.add_argument("--config", type=Path, help="YAML config file")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)

@@ -1,7 +1,7 @@
 """In-process XGBoost backend for models in the Triton FIL backend's layout.
 
 The same repository directory production Triton serves with the FIL backend is served here with
-the ``xgboost`` Booster (DESIGN.md §3):
+the ``xgboost`` Booster (docs/architecture.md#real-parts):
 
     <repo>/<model>/config.pbtxt            backend: "fil", parameters model_type / output_class /
                                            predict_proba / threshold, input__0, output__0
