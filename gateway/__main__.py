@@ -12,13 +12,14 @@ from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 
 from gateway.auth import bearer_authenticator, load_tokens
 from gateway.config import GatewayConfig
-from gateway.routes import Routes
+from gateway.routes import Route, Routes
 from gateway.servicer import SERVICE_NAME, GatewayServicer
 from services.fusion.rules import RulesError, RulesStore
 from services.runtime.config import ConfigError
 from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
 from services.runtime.server import Servicer, ServingProcess
+from services.runtime.streams import Drain
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +31,36 @@ async def build(config: GatewayConfig, metrics: Metrics) -> App:
     except (OSError, RulesError) as exc:
         raise ConfigError(f"fusion rules {config.rules_path}: {exc}") from None
     routes = Routes(config)
-    servicer = Servicer(SERVICE_NAME, GatewayServicer(config, routes, rules), pb_grpc.add_GatewayServiceServicer_to_server)
-    watcher: asyncio.Task[None] | None = None
-
-    async def watch_health(server: ServingProcess) -> None:
-        # The gateway's own health entry per downstream service, so one health check tells it all.
-        while True:
-            await routes.refresh_all()
-            for route in routes.all:
-                await server.set_serving(route.service, route.state == common_pb2.SERVING_STATE_SERVING)
-            rules.current()  # picks up an edited rules file even when no request comes
-            await asyncio.sleep(config.health_poll_seconds)
+    drain = Drain(config.server.drain_streams_after_seconds)
+    servicer = Servicer(SERVICE_NAME, GatewayServicer(config, routes, rules, drain),
+                        pb_grpc.add_GatewayServiceServicer_to_server)
+    watchers: list[asyncio.Task[None]] = []
 
     async def on_start(server: ServingProcess) -> None:
-        nonlocal watcher
-        watcher = asyncio.create_task(watch_health(server))
+        async def publish(route: Route) -> None:
+            # The gateway's own health entry per downstream service, so one health check tells it all.
+            await server.set_serving(route.service, route.state == common_pb2.SERVING_STATE_SERVING)
+
+        async def poll_health() -> None:
+            while True:
+                await routes.refresh_all()
+                for route in routes.all:
+                    await publish(route)
+                rules.current()  # picks up an edited rules file even when no request comes
+                await asyncio.sleep(config.health_poll_seconds)
+
+        watchers.append(asyncio.create_task(poll_health()))
+        watchers.extend(asyncio.create_task(routes.watch_connectivity(r, publish)) for r in routes.all)
 
     async def cleanup() -> None:
-        if watcher is not None:
-            watcher.cancel()
+        for task in watchers:
+            task.cancel()
+        for task in watchers:
             with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+                await task
         await routes.close()
 
-    return App([servicer], on_start=on_start, cleanup=cleanup,
+    return App([servicer], on_start=on_start, cleanup=cleanup, drain=drain,
                authenticate=bearer_authenticator(load_tokens(config.auth)))
 
 

@@ -21,8 +21,19 @@ class Deadlines(StrictModel):
     """Seconds a downstream call may take when the caller set no (shorter) deadline."""
 
     unary: float = Field(30.0, gt=0)
-    stream: float = Field(3600.0, gt=0)
+    stream: float | None = Field(
+        None, gt=0, description="Cap on streams (live video, clips, shard watches); null: as long as the caller "
+        "wants (a lecture lasts 45 minutes, a school day six hours).")
     status: float = Field(2.0, gt=0)
+
+
+class Reconnect(StrictModel):
+    """How fast the gateway's channels reconnect to a service that went away (gRPC connect backoff)."""
+
+    initial_backoff_ms: int = Field(100, gt=0)
+    max_backoff_ms: int = Field(1_000, gt=0, description="gRPC's own default is 120 s: far too slow for a "
+                                "restarted local service.")
+    min_connect_timeout_ms: int = Field(1_000, gt=0)
 
 
 class RetryPolicy(StrictModel):
@@ -46,6 +57,7 @@ class GatewayConfig(ProcessConfig):
     rules_path: Path = Path("config/fusion_rules.yaml")
     deadlines: Deadlines = Deadlines()
     retry: RetryPolicy = RetryPolicy()
+    reconnect: Reconnect = Reconnect()
     auth: AuthConfig = AuthConfig()
     health_poll_seconds: float = Field(2.0, gt=0)
     max_images_per_request: int = Field(32, gt=0)

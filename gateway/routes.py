@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as proxylabel_grpc
 
 from gateway.config import GatewayConfig, RetryPolicy
 from services.runtime.errors import ServingError, error_for
+from services.runtime.request_ids import client_interceptors
 from services.runtime.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,18 @@ class Route:
 class Routes:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        reconnect = config.reconnect
         options = [
             *channel_options(config.server),
             ("grpc.service_config", service_config(config.retry)),
             ("grpc.enable_retries", 1),
+            ("grpc.initial_reconnect_backoff_ms", reconnect.initial_backoff_ms),
+            ("grpc.max_reconnect_backoff_ms", reconnect.max_backoff_ms),
+            ("grpc.min_reconnect_backoff_ms", reconnect.min_connect_timeout_ms),
         ]
 
         def route(name: str, target: str, stub_cls: Any, pb: Any, service: str) -> Route:
-            channel = grpc.aio.insecure_channel(target, options=options)
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())
             full = pb.DESCRIPTOR.services_by_name[service].full_name
             return Route(name, full, target, channel, stub_cls(channel), health_pb2_grpc.HealthStub(channel),
                          pb.ListModelsRequest)
@@ -115,11 +120,30 @@ class Routes:
                                 "ProxyLabelService")
         self.all = [self.emotion, self.engagement, self.proxylabel]
 
-    def timeout(self, context: grpc.aio.ServicerContext, kind: str = "unary") -> float:
-        """The caller's remaining deadline, capped by the configured one: never wait forever."""
-        cap = getattr(self.config.deadlines, kind)
+    def timeout(self, context: grpc.aio.ServicerContext, kind: str = "unary") -> float | None:
+        """The caller's remaining deadline, capped by the configured one (streams may have none)."""
+        cap: float | None = getattr(self.config.deadlines, kind)
         remaining = context.time_remaining()
-        return cap if remaining is None else max(0.0, min(cap, remaining))
+        if remaining is None:
+            return cap
+        return max(0.0, remaining if cap is None else min(cap, remaining))
+
+    async def watch_connectivity(self, route: Route, on_change: Callable[[Route], Awaitable[None]]) -> None:
+        """Follow a channel's connectivity: READY again means the service is back now (its health is
+        checked at once), not at the next poll; a lost connection marks it unreachable at once."""
+        state = route.channel.get_state(try_to_connect=True)
+        while True:
+            await route.channel.wait_for_state_change(state)
+            state = route.channel.get_state(try_to_connect=True)
+            if state == grpc.ChannelConnectivity.READY:
+                await route.refresh(self.config.deadlines.status)
+            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                route.state = common_pb2.SERVING_STATE_UNREACHABLE
+                route.detail = "connection lost; reconnecting"
+            else:
+                continue
+            log.info("%s service (%s): %s", route.name, route.target, common_pb2.ServingState.Name(route.state))
+            await on_change(route)
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(r.refresh(self.config.deadlines.status) for r in self.all))

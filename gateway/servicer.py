@@ -20,6 +20,7 @@ from services.fusion.engagement import Smoother
 from services.fusion.rules import AFFECTS, FusionRules, RulesStore, Smoothing
 from services.runtime.errors import ServingError, item_status
 from services.runtime.servicing import check_batch_size
+from services.runtime.streams import Drain, until_drained
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 VERSION = "0.1.0"
@@ -33,10 +34,11 @@ def _engagement_message(msg: pb.ScoreClipRequest | pb.StreamVideoRequest, cls: t
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
-    def __init__(self, config: GatewayConfig, routes: Routes, rules: RulesStore) -> None:
+    def __init__(self, config: GatewayConfig, routes: Routes, rules: RulesStore, drain: Drain | None = None) -> None:
         self.config = config
         self.routes = routes
         self.rules = rules
+        self.drain = drain or Drain()
 
     async def ClassifyEmotion(self, request: pb.ClassifyEmotionRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ClassifyEmotionResponse:
@@ -71,6 +73,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
+        # A live stream outlives any grace period: a drain ends it (UNAVAILABLE) and the caller resumes.
+        async for reply in until_drained(self._live(request_iterator, context), self.drain, "gateway live stream"):
+            yield reply
+
+    async def _live(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
         # The engagement service answers every message after the header, in order: keep each
         # frame until its answer comes, to ask the emotion service about the face it found.
         pending: deque[common_pb2.Image | None] = deque()

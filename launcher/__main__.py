@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 from launcher.suite import ROOT, Suite
+from launcher.supervisor import CrashLoop, RestartPolicy, Supervisor
 
 
 def serve(args: argparse.Namespace) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="tessera-"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tessera-"))
     suite = Suite(workdir, repository=args.repository, rules=args.rules, gateway_port=args.port).start()
     print(f"gateway SERVING on 127.0.0.1:{suite.gateway.port} (metrics :{suite.gateway.metrics_port}); "
           f"services: " + ", ".join(f"{p.name} {p.target} (metrics :{p.metrics_port})"
-                                    for p in suite.processes.values() if p.name != "gateway"))
-    print(f"logs in {workdir}; Ctrl-C stops everything")
+                                    for p in suite.processes.values() if p.name != "gateway"), flush=True)
+    print(f"logs in {workdir}; a process that ends is restarted on its port; Ctrl-C stops everything", flush=True)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -27,13 +28,16 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    while not stop:
-        dead = [p for p in suite.processes.values() if p.popen.poll() is not None]
-        if dead:
-            print(f"{dead[0].name} exited ({dead[0].popen.returncode}):\n{dead[0].log_tail()}", file=sys.stderr)
-            suite.stop()
-            return 1
-        time.sleep(0.5)
+    policy = RestartPolicy(max_restarts=args.max_restarts, window_seconds=args.restart_window)
+    supervisor = Supervisor(suite, policy, say=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        while not stop:
+            supervisor.check()
+            time.sleep(0.2)
+    except CrashLoop as exc:
+        print(str(exc), file=sys.stderr, flush=True)
+        suite.stop()
+        return 1
     codes = suite.stop()
     print("stopped: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
     return 0 if all(c == 0 for c in codes.values()) else 1
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051, help="gateway port")
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--rules", type=Path, default=ROOT / "config" / "fusion_rules.yaml")
+    p.add_argument("--workdir", type=Path, help="logs and ready files (default: a new temporary folder)")
+    p.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
+                   help="restarts of one process within --restart-window before the suite stops (crash loop)")
+    p.add_argument("--restart-window", type=float, default=RestartPolicy.window_seconds, metavar="SECONDS")
     sub.add_parser("demo", help="start the suite, call every public RPC once, stop")
     args = parser.parse_args(argv)
     if args.command == "demo":

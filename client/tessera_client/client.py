@@ -5,7 +5,10 @@ It imports only the generated stubs (and numpy / OpenCV for pixels and video fil
 
 from __future__ import annotations
 
+import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,9 +153,15 @@ class TesseraClient:
         return self.score_clip(frames(), fps=fps, clip_id=Path(path).name, **kwargs)
 
     def stream_video(self, frames: Iterable[ImageLike], *, fps: float = 30.0, stream_id: str = "",
-                     timeout: float | None = None) -> Iterator[pb.StreamVideoResponse]:
-        messages = self._clip_messages(pb.StreamVideoRequest, frames, fps, stream_id, False)
-        return self.stub.StreamVideo(messages, **self._kw(timeout or 24 * 3600.0))
+                     timeout: float | None = None, reconnect_seconds: float = 60.0
+                     ) -> Iterator[pb.StreamVideoResponse]:
+        """One answer per frame, in order. When the stream is cut with UNAVAILABLE (a gateway or
+        service restarting, a drain), it is reopened with the same stream id for up to
+        `reconnect_seconds` (0: never) and the frames not yet answered are sent again, so every
+        frame gets exactly one answer. Server-side state (the tracked face, the engagement window
+        and its smoothing) starts afresh on the new stream."""
+        return _ResumableStream(self, frames, fps, stream_id or uuid.uuid4().hex, timeout,
+                                reconnect_seconds).answers()
 
     def stream_webcam(self, device: int = 0, **kwargs: Any) -> Iterator[pb.StreamVideoResponse]:
         import cv2
@@ -192,3 +201,70 @@ class TesseraClient:
         reply = health_pb2_grpc.HealthStub(self.channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class _ResumableStream:
+    """A StreamVideo call that reopens itself on UNAVAILABLE without losing or repeating a frame."""
+
+    def __init__(self, client: TesseraClient, frames: Iterable[ImageLike], fps: float, stream_id: str,
+                 timeout: float | None, reconnect_seconds: float) -> None:
+        self.client = client
+        self.frames = iter(frames)
+        self.fps = fps
+        self.stream_id = stream_id
+        self.timeout = timeout
+        self.reconnect_seconds = reconnect_seconds
+        self.sent = 0
+        self.unanswered: deque[pb.StreamVideoRequest] = deque()  # sent, answer not yet received
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.reconnects = 0
+
+    def _messages(self, generation: int) -> Iterator[pb.StreamVideoRequest]:
+        """One call's requests: the header, the frames an earlier call left unanswered, then new ones.
+        gRPC reads this in its own thread; a superseded call's reader stops taking frames."""
+        yield pb.StreamVideoRequest(header=pb.ClipHeader(clip_id=self.stream_id, fps=self.fps))
+        with self.lock:
+            resend = list(self.unanswered)
+        yield from resend
+        while True:
+            with self.lock:
+                if generation != self.generation:
+                    return
+                frame = next(self.frames, None)
+                if frame is None:
+                    return
+                stamp = int(self.sent * 1e6 / self.fps) if self.fps > 0 else int(time.monotonic() * 1e6)
+                message = pb.StreamVideoRequest(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
+                self.sent += 1
+                self.unanswered.append(message)
+            yield message
+
+    def answers(self) -> Iterator[pb.StreamVideoResponse]:
+        give_up_at: float | None = None
+        backoff = 0.1
+        while True:
+            call = self.client.stub.StreamVideo(self._messages(self.generation),
+                                                **self.client._kw(self.timeout or 24 * 3600.0))
+            try:
+                for reply in call:
+                    with self.lock:
+                        if self.unanswered:
+                            self.unanswered.popleft()
+                    give_up_at, backoff = None, 0.1  # answers flow again: a later cut gets a new budget
+                    yield reply
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or self.reconnect_seconds <= 0:
+                    raise
+                now = time.monotonic()
+                give_up_at = now + self.reconnect_seconds if give_up_at is None else give_up_at
+                if now >= give_up_at:
+                    raise
+                with self.lock:
+                    self.generation += 1
+                self.reconnects += 1
+                time.sleep(min(backoff, max(0.0, give_up_at - now)))
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                call.cancel()

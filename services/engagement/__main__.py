@@ -17,6 +17,7 @@ from services.runtime.process import App, run
 from services.runtime.reloader import RepositoryPoller
 from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
+from services.runtime.streams import Drain
 from services.vision.faces import build_detector
 
 
@@ -30,8 +31,10 @@ async def build(config: EngagementConfig, metrics: Metrics) -> App:
     pipeline = EngagementPipeline(config, repository, backend, build_detector(config.detector), metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)
 
-    return App([Servicer(SERVICE_NAME, EngagementServicer(pipeline), pb_grpc.add_EngagementServiceServicer_to_server)],
-               cleanup=backend.close, background=[poller])
+    drain = Drain(config.server.drain_streams_after_seconds)
+    servicer = EngagementServicer(pipeline, drain)
+    return App([Servicer(SERVICE_NAME, servicer, pb_grpc.add_EngagementServiceServicer_to_server)],
+               cleanup=backend.close, background=[poller], drain=drain)
 
 
 def main() -> int:

@@ -13,6 +13,7 @@ from services.engagement.pipeline import EngagementPipeline, FrameFace, ModelOut
 from services.engagement.stream import Clip, LiveWindow
 from services.fusion.rules import AFFECTS
 from services.runtime.errors import InvalidArgument, ServingError, item_status
+from services.runtime.streams import Drain, until_drained
 from services.vision.inputs import image_from_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngagementService"].full_name
@@ -50,8 +51,9 @@ def frame_of(msg: ClipMessage, frames_before: int) -> common_pb2.VideoFrame:
 
 
 class EngagementServicer(pb_grpc.EngagementServiceServicer):
-    def __init__(self, pipeline: EngagementPipeline) -> None:
+    def __init__(self, pipeline: EngagementPipeline, drain: Drain | None = None) -> None:
         self.pipeline = pipeline
+        self.drain = drain or Drain()
 
     async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
                         context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:
@@ -87,18 +89,23 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
         except ServingError:
             await drain(stream, self.pipeline.config.max_frames_per_clip)  # see ScoreClip
             raise
-        async for msg in stream:
-            timestamp = msg.frame.timestamp_us
-            try:
-                face, outputs = await window.add(image_from_pb(frame_of(msg, window.received).image))
-            except ServingError as exc:
-                # One bad message is reported on its answer; a live stream goes on.
-                code, message = item_status(exc)
-                yield pb.StreamVideoResponse(timestamp_us=timestamp,
-                                             status=common_pb2.ItemStatus(code=code, message=message))
-                continue
-            yield pb.StreamVideoResponse(timestamp_us=timestamp, face=face_box(face),
-                                         has_face=face.box is not None, outputs=outputs_to_pb(outputs))
+
+        async def answers() -> AsyncIterator[pb.StreamVideoResponse]:
+            async for msg in stream:
+                timestamp = msg.frame.timestamp_us
+                try:
+                    face, outputs = await window.add(image_from_pb(frame_of(msg, window.received).image))
+                except ServingError as exc:
+                    # One bad message is reported on its answer; a live stream goes on.
+                    code, message = item_status(exc)
+                    yield pb.StreamVideoResponse(timestamp_us=timestamp,
+                                                 status=common_pb2.ItemStatus(code=code, message=message))
+                    continue
+                yield pb.StreamVideoResponse(timestamp_us=timestamp, face=face_box(face),
+                                             has_face=face.box is not None, outputs=outputs_to_pb(outputs))
+
+        async for answer in until_drained(answers(), self.drain, "engagement live stream"):
+            yield answer
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:

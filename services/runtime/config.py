@@ -40,7 +40,12 @@ class ServerConfig(StrictModel):
     max_concurrent_rpcs: int | None = Field(None, gt=0)
     max_connection_age_ms: int | None = Field(
         300_000, gt=0, description="Clients reconnect (and re-resolve DNS) after this, so new replicas get traffic.")
-    max_connection_age_grace_ms: int = Field(30_000, ge=0)
+    max_connection_age_grace_ms: int | None = Field(
+        None, ge=0, description="How long calls in flight on an aged connection may go on; null: as long as they "
+        "last (an hour-long live stream must not be cut by connection ageing; new calls go to a new connection).")
+    drain_streams_after_seconds: float = Field(
+        1.0, ge=0, description="On SIGTERM, long-lived streams end with UNAVAILABLE (saying so) this long after the "
+        "drain starts, so callers resume elsewhere; unary calls get the whole grace_seconds.")
     ready_file: Path | None = Field(
         None, description="Written (JSON: ports, pid) once the server is SERVING; for launchers and tests."
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from services.runtime import request_ids
 from services.runtime.errors import ServingError, status_of
 from services.runtime.metrics import Metrics
 
@@ -35,10 +36,13 @@ def _code_name(code: Any) -> str:
 class _Call:
     """Bookkeeping of one RPC: in-flight gauge, duration, final code."""
 
-    def __init__(self, metrics: Metrics, service: str, method: str) -> None:
+    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
         self.metrics, self.service, self.method = metrics, service, method
         self.code = grpc.StatusCode.OK
+        self.message = ""
         self.start = time.perf_counter()
+        self.request_id = request_ids.begin(context.invocation_metadata())
+        self.peer = context.peer()
         metrics.requests_in_flight.labels(service, method).inc()
 
     async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
@@ -52,19 +56,23 @@ class _Call:
             raise exc
         code, message = status_of(exc)
         if not isinstance(exc, (ServingError, grpc.RpcError)):
-            log.error("unhandled error in %s/%s", self.service, self.method, exc_info=exc)
-        self.code = code
+            log.error("unhandled error in %s id=%s", self.method, self.request_id, exc_info=exc)
+        self.code, self.message = code, message
         await context.abort(code, message)
 
     def finish(self, context: grpc.aio.ServicerContext) -> None:
         if self.code is grpc.StatusCode.OK and context.code() not in (None, grpc.StatusCode.OK):
             self.code = context.code()
         name = _code_name(self.code)
+        seconds = time.perf_counter() - self.start
         m = self.metrics
         m.requests_in_flight.labels(self.service, self.method).dec()
-        m.request_duration.labels(self.service, self.method, name).observe(time.perf_counter() - self.start)
+        m.request_duration.labels(self.service, self.method, name).observe(seconds)
         if name != "OK":
             m.request_errors.labels(self.service, self.method, name).inc()
+        # One line per call, findable by its id in the gateway's and the service's logs alike.
+        log.info("%s %s id=%s peer=%s %.1f ms%s", self.method, name, self.request_id, self.peer, seconds * 1e3,
+                 f": {self.message}" if self.message else "")
 
 
 class ServingInterceptor(grpc.aio.ServerInterceptor):
@@ -93,7 +101,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary or handler.stream_unary
 
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(metrics, service, method)
+                call = _Call(metrics, service, method, context)
                 try:
                     check(context)
                     return await inner(request, context)
@@ -110,7 +118,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(metrics, service, method)
+            call = _Call(metrics, service, method, context)
             try:
                 check(context)
                 async for item in inner_stream(request, context):

@@ -56,6 +56,9 @@ class Metrics:
             ["version"], registry=r)
         self.rules_reload_errors = Counter(
             "tessera_fusion_rules_reload_errors_total", "Rules files rejected at reload.", registry=r)
+        self.decoder_warnings = Counter(
+            "tessera_decoder_warnings_total", "Warnings image decoders (libpng, libjpeg) printed; the image's "
+            "own answer already reports a bad image.", ["library"], registry=r)
         self.http_port: int | None = None
         self._http_server = None
 

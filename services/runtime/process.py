@@ -13,9 +13,10 @@ from typing import Any, Protocol, TypeVar
 
 from services.runtime.config import ConfigError, ProcessConfig, load_config
 from services.runtime.interceptors import Authenticator
-from services.runtime.logs import setup_logging
+from services.runtime.logs import NativeStderr, setup_logging
 from services.runtime.metrics import Metrics
 from services.runtime.server import Servicer, ServingProcess
+from services.runtime.streams import Drain
 
 C = TypeVar("C", bound=ProcessConfig)
 
@@ -42,6 +43,8 @@ class App:
     cleanup: Callable[[], Awaitable[None]] = _nothing
     authenticate: Authenticator | None = None
     background: list[Background] = field(default_factory=list)
+    # Streams of the servicers watch it; the server starts it on SIGTERM.
+    drain: Drain = field(default_factory=Drain)
 
 
 Builder = Callable[[C, Metrics], Awaitable[App]]
@@ -71,11 +74,12 @@ def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | N
         print(f"{process}: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.logging, process)
+    metrics = Metrics(process)
+    NativeStderr(lambda library: metrics.decoder_warnings.labels(library).inc()).start()
 
     async def main() -> None:
-        metrics = Metrics(process)
         app = await build(config, metrics)
-        server = ServingProcess(process, config.server, app.servicers, metrics, app.authenticate)
+        server = ServingProcess(process, config.server, app.servicers, metrics, app.authenticate, app.drain)
         await server.start()
         try:
             await app.on_start(server)

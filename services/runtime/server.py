@@ -18,8 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from services.runtime.config import ServerConfig
 from services.runtime.interceptors import Authenticator, ServingInterceptor
 from services.runtime.metrics import Metrics
+from services.runtime.streams import Drain
 
 log = logging.getLogger(__name__)
+
+# gRPC's "infinite" for millisecond options (INT_MAX: about 24.8 days).
+UNBOUNDED_MS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -53,16 +57,20 @@ class ServingProcess:
         servicers: Sequence[Servicer],
         metrics: Metrics | None = None,
         authenticate: Authenticator | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.process = process
         self.config = config
         self.servicers = list(servicers)
         self.metrics = metrics or Metrics(process)
         self.health = health.aio.HealthServicer()
+        # Set when the drain starts: long-lived streams watch it (see services.runtime.streams).
+        self.drain = drain or Drain(config.drain_streams_after_seconds)
         options = channel_options(config)
         if config.max_connection_age_ms is not None:
+            grace = config.max_connection_age_grace_ms
             options += [("grpc.max_connection_age_ms", config.max_connection_age_ms),
-                        ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms)]
+                        ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS if grace is None else grace)]
         self.server = grpc.aio.server(
             interceptors=[ServingInterceptor(self.metrics, authenticate)],
             options=options,
@@ -117,6 +125,7 @@ class ServingProcess:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("%s stopping: draining in-flight calls for up to %.1fs", self.process, grace)
         await self.health.enter_graceful_shutdown()
+        self.drain.start()
         await self.server.stop(grace)
         self.metrics.close()
         self._stopped.set()

@@ -203,6 +203,40 @@ class ScoreShardResponse(_message.Message):
     summary: _proxylabel_service_pb2.ShardSummary
     def __init__(self, progress: _Optional[_Union[_proxylabel_service_pb2.ShardProgress, _Mapping]] = ..., summary: _Optional[_Union[_proxylabel_service_pb2.ShardSummary, _Mapping]] = ...) -> None: ...
 
+class GetShardJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetShardJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: _proxylabel_service_pb2.ShardJob
+    def __init__(self, job: _Optional[_Union[_proxylabel_service_pb2.ShardJob, _Mapping]] = ...) -> None: ...
+
+class ListShardJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListShardJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[_proxylabel_service_pb2.ShardJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_proxylabel_service_pb2.ShardJob, _Mapping]]] = ...) -> None: ...
+
+class CancelShardJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelShardJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: _proxylabel_service_pb2.ShardJob
+    def __init__(self, job: _Optional[_Union[_proxylabel_service_pb2.ShardJob, _Mapping]] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

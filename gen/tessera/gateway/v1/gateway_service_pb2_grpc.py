@@ -61,6 +61,21 @@ class GatewayServiceStub:
                 request_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ScoreShardRequest.SerializeToString,
                 response_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ScoreShardResponse.FromString,
                 _registered_method=True)
+        self.GetShardJob = channel.unary_unary(
+                '/tessera.gateway.v1.GatewayService/GetShardJob',
+                request_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetShardJobRequest.SerializeToString,
+                response_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetShardJobResponse.FromString,
+                _registered_method=True)
+        self.ListShardJobs = channel.unary_unary(
+                '/tessera.gateway.v1.GatewayService/ListShardJobs',
+                request_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ListShardJobsRequest.SerializeToString,
+                response_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ListShardJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelShardJob = channel.unary_unary(
+                '/tessera.gateway.v1.GatewayService/CancelShardJob',
+                request_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelShardJobRequest.SerializeToString,
+                response_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelShardJobResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/tessera.gateway.v1.GatewayService/GetStatus',
                 request_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetStatusRequest.SerializeToString,
@@ -102,7 +117,29 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreShard(self, request, context):
-        """Proxy labels for a parquet shard: progress events, then a summary.
+        """Proxy labels for a parquet shard: progress events, then a summary. The job runs in the
+        proxylabel service, not in the call: the same request again re-attaches to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShardJob(self, request, context):
+        """A shard job by id (from the first ScoreShard event).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListShardJobs(self, request, context):
+        """The shard jobs under the proxylabel service's output roots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelShardJob(self, request, context):
+        """Stops a shard job at its next part boundary; finished parts stay.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,6 +179,21 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ScoreShard,
                     request_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ScoreShardRequest.FromString,
                     response_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ScoreShardResponse.SerializeToString,
+            ),
+            'GetShardJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShardJob,
+                    request_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetShardJobRequest.FromString,
+                    response_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetShardJobResponse.SerializeToString,
+            ),
+            'ListShardJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShardJobs,
+                    request_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ListShardJobsRequest.FromString,
+                    response_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ListShardJobsResponse.SerializeToString,
+            ),
+            'CancelShardJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelShardJob,
+                    request_deserializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelShardJobRequest.FromString,
+                    response_serializer=tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelShardJobResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -286,6 +338,87 @@ class GatewayService:
             '/tessera.gateway.v1.GatewayService/ScoreShard',
             tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ScoreShardRequest.SerializeToString,
             tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ScoreShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShardJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.gateway.v1.GatewayService/GetShardJob',
+            tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetShardJobRequest.SerializeToString,
+            tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.GetShardJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShardJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.gateway.v1.GatewayService/ListShardJobs',
+            tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ListShardJobsRequest.SerializeToString,
+            tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.ListShardJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelShardJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.gateway.v1.GatewayService/CancelShardJob',
+            tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelShardJobRequest.SerializeToString,
+            tessera_dot_gateway_dot_v1_dot_gateway__service__pb2.CancelShardJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tessera.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -27,6 +30,22 @@ class KnnAggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KNN_AGGREGATION_UNSPECIFIED: _ClassVar[KnnAggregation]
     KNN_AGGREGATION_VOTE: _ClassVar[KnnAggregation]
     KNN_AGGREGATION_REGRESSION: _ClassVar[KnnAggregation]
+
+class ShardJobAttachment(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARD_JOB_ATTACHMENT_UNSPECIFIED: _ClassVar[ShardJobAttachment]
+    SHARD_JOB_ATTACHMENT_STARTED: _ClassVar[ShardJobAttachment]
+    SHARD_JOB_ATTACHMENT_RESUMED: _ClassVar[ShardJobAttachment]
+    SHARD_JOB_ATTACHMENT_REATTACHED: _ClassVar[ShardJobAttachment]
+
+class ShardJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARD_JOB_STATE_UNSPECIFIED: _ClassVar[ShardJobState]
+    SHARD_JOB_STATE_RUNNING: _ClassVar[ShardJobState]
+    SHARD_JOB_STATE_SUCCEEDED: _ClassVar[ShardJobState]
+    SHARD_JOB_STATE_FAILED: _ClassVar[ShardJobState]
+    SHARD_JOB_STATE_CANCELLED: _ClassVar[ShardJobState]
+    SHARD_JOB_STATE_ORPHANED: _ClassVar[ShardJobState]
 PROXY_MODE_UNSPECIFIED: ProxyMode
 PROXY_MODE_KNN: ProxyMode
 PROXY_MODE_MLP: ProxyMode
@@ -38,6 +57,16 @@ KNN_WEIGHTING_UNIFORM: KnnWeighting
 KNN_AGGREGATION_UNSPECIFIED: KnnAggregation
 KNN_AGGREGATION_VOTE: KnnAggregation
 KNN_AGGREGATION_REGRESSION: KnnAggregation
+SHARD_JOB_ATTACHMENT_UNSPECIFIED: ShardJobAttachment
+SHARD_JOB_ATTACHMENT_STARTED: ShardJobAttachment
+SHARD_JOB_ATTACHMENT_RESUMED: ShardJobAttachment
+SHARD_JOB_ATTACHMENT_REATTACHED: ShardJobAttachment
+SHARD_JOB_STATE_UNSPECIFIED: ShardJobState
+SHARD_JOB_STATE_RUNNING: ShardJobState
+SHARD_JOB_STATE_SUCCEEDED: ShardJobState
+SHARD_JOB_STATE_FAILED: ShardJobState
+SHARD_JOB_STATE_CANCELLED: ShardJobState
+SHARD_JOB_STATE_ORPHANED: ShardJobState
 
 class KnnOptions(_message.Message):
     __slots__ = ("k", "tau", "weighting", "power_alpha", "aggregation", "similarity_threshold", "prior_calibration")
@@ -131,17 +160,27 @@ class ScoreShardRequest(_message.Message):
     batch_rows: int
     def __init__(self, input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., rules: _Optional[_Union[FusionRules, _Mapping]] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
+class ShardJobInfo(_message.Message):
+    __slots__ = ("job_id", "attachment")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attachment: ShardJobAttachment
+    def __init__(self, job_id: _Optional[str] = ..., attachment: _Optional[_Union[ShardJobAttachment, str]] = ...) -> None: ...
+
 class ShardProgress(_message.Message):
-    __slots__ = ("rows_done", "rows_total", "rows_per_second", "rows_failed")
+    __slots__ = ("rows_done", "rows_total", "rows_per_second", "rows_failed", "job")
     ROWS_DONE_FIELD_NUMBER: _ClassVar[int]
     ROWS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ROWS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     rows_done: int
     rows_total: int
     rows_per_second: float
     rows_failed: int
-    def __init__(self, rows_done: _Optional[int] = ..., rows_total: _Optional[int] = ..., rows_per_second: _Optional[float] = ..., rows_failed: _Optional[int] = ...) -> None: ...
+    job: ShardJobInfo
+    def __init__(self, rows_done: _Optional[int] = ..., rows_total: _Optional[int] = ..., rows_per_second: _Optional[float] = ..., rows_failed: _Optional[int] = ..., job: _Optional[_Union[ShardJobInfo, _Mapping]] = ...) -> None: ...
 
 class ShardEvaluation(_message.Message):
     __slots__ = ("rows_labelled", "accuracy", "macro_f1", "mean_absolute_error", "per_class_accuracy")
@@ -158,7 +197,7 @@ class ShardEvaluation(_message.Message):
     def __init__(self, rows_labelled: _Optional[int] = ..., accuracy: _Optional[float] = ..., macro_f1: _Optional[float] = ..., mean_absolute_error: _Optional[float] = ..., per_class_accuracy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ShardSummary(_message.Message):
-    __slots__ = ("output_path", "rows_done", "rows_failed", "rows_resumed", "seconds", "rules_version", "evaluation", "models")
+    __slots__ = ("output_path", "rows_done", "rows_failed", "rows_resumed", "seconds", "rules_version", "evaluation", "models", "job_id")
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     ROWS_DONE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +206,7 @@ class ShardSummary(_message.Message):
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
     output_path: str
     rows_done: int
     rows_failed: int
@@ -175,7 +215,8 @@ class ShardSummary(_message.Message):
     rules_version: str
     evaluation: ShardEvaluation
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
-    def __init__(self, output_path: _Optional[str] = ..., rows_done: _Optional[int] = ..., rows_failed: _Optional[int] = ..., rows_resumed: _Optional[int] = ..., seconds: _Optional[float] = ..., rules_version: _Optional[str] = ..., evaluation: _Optional[_Union[ShardEvaluation, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
+    job_id: str
+    def __init__(self, output_path: _Optional[str] = ..., rows_done: _Optional[int] = ..., rows_failed: _Optional[int] = ..., rows_resumed: _Optional[int] = ..., seconds: _Optional[float] = ..., rules_version: _Optional[str] = ..., evaluation: _Optional[_Union[ShardEvaluation, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class ScoreShardResponse(_message.Message):
     __slots__ = ("progress", "summary")
@@ -184,6 +225,76 @@ class ScoreShardResponse(_message.Message):
     progress: ShardProgress
     summary: ShardSummary
     def __init__(self, progress: _Optional[_Union[ShardProgress, _Mapping]] = ..., summary: _Optional[_Union[ShardSummary, _Mapping]] = ...) -> None: ...
+
+class ShardJob(_message.Message):
+    __slots__ = ("job_id", "state", "input_path", "output_path", "rows_done", "rows_total", "rows_failed", "parts_done", "parts_total", "batch_rows", "rules_version", "error", "owner", "update_time", "heartbeat_time", "cancel_requested")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    PARTS_DONE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: ShardJobState
+    input_path: str
+    output_path: str
+    rows_done: int
+    rows_total: int
+    rows_failed: int
+    parts_done: int
+    parts_total: int
+    batch_rows: int
+    rules_version: str
+    error: _common_pb2.ItemStatus
+    owner: str
+    update_time: _timestamp_pb2.Timestamp
+    heartbeat_time: _timestamp_pb2.Timestamp
+    cancel_requested: bool
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[ShardJobState, str]] = ..., input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., rows_done: _Optional[int] = ..., rows_total: _Optional[int] = ..., rows_failed: _Optional[int] = ..., parts_done: _Optional[int] = ..., parts_total: _Optional[int] = ..., batch_rows: _Optional[int] = ..., rules_version: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., owner: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+
+class GetShardJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetShardJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: ShardJob
+    def __init__(self, job: _Optional[_Union[ShardJob, _Mapping]] = ...) -> None: ...
+
+class ListShardJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListShardJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[ShardJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[ShardJob, _Mapping]]] = ...) -> None: ...
+
+class CancelShardJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelShardJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: ShardJob
+    def __init__(self, job: _Optional[_Union[ShardJob, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -46,6 +46,21 @@ class ProxyLabelServiceStub:
                 request_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ScoreShardRequest.SerializeToString,
                 response_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ScoreShardResponse.FromString,
                 _registered_method=True)
+        self.GetShardJob = channel.unary_unary(
+                '/tessera.proxylabel.v1.ProxyLabelService/GetShardJob',
+                request_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.GetShardJobRequest.SerializeToString,
+                response_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.GetShardJobResponse.FromString,
+                _registered_method=True)
+        self.ListShardJobs = channel.unary_unary(
+                '/tessera.proxylabel.v1.ProxyLabelService/ListShardJobs',
+                request_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListShardJobsRequest.SerializeToString,
+                response_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListShardJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelShardJob = channel.unary_unary(
+                '/tessera.proxylabel.v1.ProxyLabelService/CancelShardJob',
+                request_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.CancelShardJobRequest.SerializeToString,
+                response_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.CancelShardJobResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tessera.proxylabel.v1.ProxyLabelService/ListModels',
                 request_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListModelsRequest.SerializeToString,
@@ -65,7 +80,32 @@ class ProxyLabelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreShard(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Starts a shard job, or re-attaches to it: the same input, output, batch_rows and rules make
+        the same job id. Streams progress from where the job is (the first event names the job), then
+        the summary. The job runs in the service, not in the call: it goes on when the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShardJob(self, request, context):
+        """A shard job's state, read from its output directory: any replica answers about any job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListShardJobs(self, request, context):
+        """The shard jobs under the configured output roots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelShardJob(self, request, context):
+        """Stops a shard job at its next part boundary; finished parts stay, and ScoreShard with the same
+        request resumes it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -88,6 +128,21 @@ def add_ProxyLabelServiceServicer_to_server(servicer, server):
                     servicer.ScoreShard,
                     request_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ScoreShardRequest.FromString,
                     response_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ScoreShardResponse.SerializeToString,
+            ),
+            'GetShardJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShardJob,
+                    request_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.GetShardJobRequest.FromString,
+                    response_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.GetShardJobResponse.SerializeToString,
+            ),
+            'ListShardJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShardJobs,
+                    request_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListShardJobsRequest.FromString,
+                    response_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListShardJobsResponse.SerializeToString,
+            ),
+            'CancelShardJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelShardJob,
+                    request_deserializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.CancelShardJobRequest.FromString,
+                    response_serializer=tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.CancelShardJobResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -151,6 +206,87 @@ class ProxyLabelService:
             '/tessera.proxylabel.v1.ProxyLabelService/ScoreShard',
             tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ScoreShardRequest.SerializeToString,
             tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ScoreShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShardJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.proxylabel.v1.ProxyLabelService/GetShardJob',
+            tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.GetShardJobRequest.SerializeToString,
+            tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.GetShardJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShardJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.proxylabel.v1.ProxyLabelService/ListShardJobs',
+            tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListShardJobsRequest.SerializeToString,
+            tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.ListShardJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelShardJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.proxylabel.v1.ProxyLabelService/CancelShardJob',
+            tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.CancelShardJobRequest.SerializeToString,
+            tessera_dot_proxylabel_dot_v1_dot_proxylabel__service__pb2.CancelShardJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,68 @@
+"""Request ids: one per call, taken from the caller's `x-request-id` metadata or made here, carried
+to downstream calls, and written on every log line about the call (gateway and service alike)."""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+METADATA_KEY = "x-request-id"
+MAX_LENGTH = 64  # a caller's id is echoed into logs: bounded, printable
+
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def current() -> str:
+    """The id of the call this code runs for ("" outside a call)."""
+    return _current.get()
+
+
+def _acceptable(value: str) -> bool:
+    return 0 < len(value) <= MAX_LENGTH and value.isprintable() and " " not in value
+
+
+def begin(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """Set (and return) the current call's id: the caller's, when it sent a sane one, else a new one."""
+    given = next((str(v) for k, v in (metadata or ()) if k == METADATA_KEY), "")
+    rid = given if _acceptable(given) else uuid.uuid4().hex[:16]
+    _current.set(rid)
+    return rid
+
+
+def _with_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    rid = current()
+    if not rid:
+        return details
+    metadata = [(k, v) for k, v in (details.metadata or ()) if k != METADATA_KEY] + [(METADATA_KEY, rid)]
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata),
+                                      details.credentials, details.wait_for_ready)
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_id(details), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_id(details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(_with_id(details), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(_with_id(details), request_iterator)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for a channel to downstream services: each call carries the current request id."""
+    # One object per kind: grpc.aio files an interceptor under the first kind it is an instance of.
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
