@@ -61,6 +61,7 @@ bench: $(INSTALLED) $(EXPORT_INSTALLED) models
 	$(PY) bench/bench_ensemble.py
 	$(PY) bench/bench_engagement.py
 	$(PY) bench/bench_shards.py
+	$(PY) bench/bench_recovery.py
 
 protos: $(INSTALLED)
 	$(PY) -m tools.codegen.gen_stubs

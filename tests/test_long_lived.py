@@ -65,11 +65,12 @@ def aged_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path)
     s.stop()
 
 
-def test_live_stream_outlives_connection_ageing(aged_suite: Suite) -> None:
-    frames = [_frame_bytes()] * 50
+@pytest.mark.parametrize("seconds", [4, pytest.param(300, marks=pytest.mark.slow)])
+def test_live_stream_outlives_connection_ageing(aged_suite: Suite, seconds: int) -> None:
+    frames = [_frame_bytes()] * (seconds * 12)
     with grpc.insecure_channel(aged_suite.gateway.target) as channel:
         replies = list(pb_grpc.GatewayServiceStub(channel).StreamVideo(
-            _raw_stream(aged_suite.gateway.target, _paced(frames, 12)), timeout=120))
+            _raw_stream(aged_suite.gateway.target, _paced(frames, 12)), timeout=seconds * 3 + 60))
     assert len(replies) == len(frames)
     assert all(r.status.code == 0 and r.HasField("face") for r in replies)
 
