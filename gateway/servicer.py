@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -31,6 +32,29 @@ def _engagement_message(msg: pb.ScoreClipRequest | pb.StreamVideoRequest, cls: t
     if msg.WhichOneof("item") == "header":
         return cls(header=engagement_pb.ClipHeader(clip_id=msg.header.clip_id, fps=msg.header.fps))
     return cls(frame=msg.frame)
+
+
+class _Relay:
+    """Forwards a caller's stream to a downstream call. A bad message raises in gRPC's sender task,
+    where nobody would see it and the call would hang until its deadline: the error is kept, the
+    downstream call cancelled, and the handler raises it (INVALID_ARGUMENT at once)."""
+
+    def __init__(self) -> None:
+        self.error: ServingError | None = None
+        self.call: grpc.aio.Call | None = None
+
+    async def messages(self, source: AsyncIterator[object]) -> AsyncIterator[object]:
+        try:
+            async for message in source:
+                yield message
+        except ServingError as exc:
+            self.error = exc
+            if self.call is not None:
+                self.call.cancel()
+
+    def raise_kept(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
@@ -64,7 +88,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 yield _engagement_message(msg, engagement_pb.ScoreClipRequest)
 
         route = self.routes.engagement
-        reply = await route.call(route.stub.ScoreClip(forward(), timeout=self.routes.timeout(context, "stream")))
+        relay = _Relay()
+        relay.call = call = route.stub.ScoreClip(relay.messages(forward()), timeout=self.routes.timeout(context, "stream"))
+        try:
+            reply = await route.call(call)
+        except (ServingError, asyncio.CancelledError):
+            relay.raise_kept()
+            raise
         rules, version = self.rules.current()
         answer = answers.clip_answer(reply, rules, version)
         if with_members:
@@ -94,7 +124,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         rules, version = self.rules.current()
         smoothers = {a: Smoother(rules.engagement.smoothing.get(a, Smoothing())) for a in AFFECTS}
         route = self.routes.engagement
-        call = route.stub.StreamVideo(forward(), timeout=self.routes.timeout(context, "stream"))
+        relay = _Relay()
+        relay.call = call = route.stub.StreamVideo(relay.messages(forward()),
+                                                   timeout=self.routes.timeout(context, "stream"))
         try:
             async for update in call:
                 image = pending.popleft() if pending else None
@@ -115,7 +147,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     reply.engagement.extend(levels)
                 yield reply
         except grpc.aio.AioRpcError as exc:
+            relay.raise_kept()
             raise route.error(exc) from None
+        except asyncio.CancelledError:
+            relay.raise_kept()
+            raise
+        relay.raise_kept()
 
     async def _frame_emotion(self, reply: pb.StreamVideoResponse, image: common_pb2.Image,
                              face: common_pb2.BoundingBox, rules: FusionRules,

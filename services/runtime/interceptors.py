@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from services.runtime import request_ids
-from services.runtime.errors import ServingError, status_of
+from services.runtime.errors import InvalidArgument, ServingError, status_of
 from services.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,45 @@ log = logging.getLogger(__name__)
 UNMEASURED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 Authenticator = Callable[[grpc.aio.ServicerContext], None]
+
+
+class _Undecodable:
+    """Stands in for request bytes that do not parse, so the handler (not gRPC's reader, which
+    would answer UNKNOWN with a traceback) fails the call with INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad bytes
+            return _Undecodable(f"{type(exc).__name__}: {exc}"[:200])
+
+    return parse
+
+
+def _decoded(request: Any, method: str) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the {method} request is not a valid protobuf message ({request.reason})")
+    return request
+
+
+async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(f"message {index} of the {method} stream is not a valid protobuf message "
+                                  f"({request.reason})")
+        index += 1
+        yield request
 
 
 def _split(full_method: str) -> tuple[str, str]:
@@ -100,10 +139,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
 
+            streaming_request = handler.stream_unary is not None
+
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(metrics, service, method, context)
                 try:
                     check(context)
+                    request = _decoded_stream(request, method) if streaming_request else _decoded(request, method)
                     return await inner(request, context)
                 except BaseException as exc:  # noqa: BLE001 - mapped, then re-raised by abort
                     await call.fail(exc, context)
@@ -112,15 +154,18 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
-            return factory(unary_response, request_deserializer=handler.request_deserializer,
+            return factory(unary_response, request_deserializer=_tolerant(handler.request_deserializer),
                            response_serializer=handler.response_serializer)
 
         inner_stream = handler.unary_stream or handler.stream_stream
+
+        streaming = handler.stream_stream is not None
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(metrics, service, method, context)
             try:
                 check(context)
+                request = _decoded_stream(request, method) if streaming else _decoded(request, method)
                 async for item in inner_stream(request, context):
                     yield item
             except BaseException as exc:  # noqa: BLE001
@@ -130,5 +175,5 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                    else grpc.stream_stream_rpc_method_handler)
-        return factory(stream_response, request_deserializer=handler.request_deserializer,
+        return factory(stream_response, request_deserializer=_tolerant(handler.request_deserializer),
                        response_serializer=handler.response_serializer)
