@@ -26,6 +26,24 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Limit(StrictModel):
+    max_concurrent: int | None = Field(None, gt=0, description="Calls running at once; null: no bound.")
+    max_queued: int = Field(0, ge=0, description="Calls waiting for a slot; beyond, RESOURCE_EXHAUSTED at once.")
+
+
+class AdmissionConfig(StrictModel):
+    unary: Limit = Field(Limit(max_concurrent=64, max_queued=128), description="Every unary call of the process "
+                         "(the model services default to 8 running, 32 waiting: their calls are CPU-bound).")
+    streams: Limit = Field(Limit(max_concurrent=256, max_queued=0),
+                           description="Calls that stream requests or answers (live video, clips, shard jobs).")
+    methods: dict[str, Limit] = Field(default_factory=dict,
+                                      description="A gate of its own for these RPC names (e.g. ClassifyEmotion).")
+    exempt: list[str] = Field(["GetStatus", "ListModels", "GetShardJob", "ListShardJobs"],
+                              description="RPC names that are never held back (operators must see an overloaded process).")
+    early_drop: bool = Field(True, description="Drop a queued call whose remaining deadline is shorter than the "
+                             "method's typical run (an average of its recent successful calls).")
+
+
 class ServerConfig(StrictModel):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
@@ -46,6 +64,8 @@ class ServerConfig(StrictModel):
     drain_streams_after_seconds: float = Field(
         1.0, ge=0, description="On SIGTERM, long-lived streams end with UNAVAILABLE (saying so) this long after the "
         "drain starts, so callers resume elsewhere; unary calls get the whole grace_seconds.")
+    admission: AdmissionConfig = Field(AdmissionConfig(), description="Bounds on calls running and waiting: "
+                                       "overload is answered at once (services.runtime.admission).")
     ready_file: Path | None = Field(
         None, description="Written (JSON: ports, pid) once the server is SERVING; for launchers and tests."
     )
@@ -142,15 +162,24 @@ def load_config(
     env = env_overrides(process, environ)
     if env:
         source += " + environment"
-    data = _deep_merge(_deep_merge(data, env), overrides or {})
+    # Start from the model's own defaults, so a partial section (one key of `server.admission`)
+    # keeps the sibling defaults of its class (a service's admission bounds differ from the gateway's).
+    data = _deep_merge(_deep_merge(_deep_merge(model().model_dump(), data), env), overrides or {})
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
 
 
+# A model service's unary calls are CPU-bound: a few at once keep both cores busy, more only wait
+# (holding their decoded images) and finish late together.
+SERVICE_SERVER = ServerConfig(admission=AdmissionConfig(unary=Limit(max_concurrent=8, max_queued=32)))
+
+
 class ServiceConfig(ProcessConfig):
     """What every model service has beyond a process: the model repository it serves from."""
+
+    server: ServerConfig = SERVICE_SERVER
 
     model_repository: Path = Field(Path("model_repository"), description="Triton-layout model repository.")
     repository_poll_seconds: float | None = Field(

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from services.runtime import request_ids
+from services.runtime.admission import Admission
 from services.runtime.errors import InvalidArgument, ServingError, status_of
 from services.runtime.metrics import Metrics
 
@@ -59,6 +60,12 @@ async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIte
                                   f"({request.reason})")
         index += 1
         yield request
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the monotonic clock (None: the caller set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _split(full_method: str) -> tuple[str, str]:
@@ -117,9 +124,11 @@ class _Call:
 class ServingInterceptor(grpc.aio.ServerInterceptor):
     """Times every RPC, checks auth, and maps domain errors to statuses."""
 
-    def __init__(self, metrics: Metrics, authenticate: Authenticator | None = None) -> None:
+    def __init__(self, metrics: Metrics, authenticate: Authenticator | None = None,
+                 admission: Admission | None = None) -> None:
         self.metrics = metrics
         self.authenticate = authenticate
+        self.admission = admission
 
     async def intercept_service(
         self,
@@ -130,7 +139,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(UNMEASURED_PREFIXES):
             return handler
         service, method = _split(details.method)
-        metrics, authenticate = self.metrics, self.authenticate
+        metrics, authenticate, admission = self.metrics, self.authenticate, self.admission
 
         def check(context: grpc.aio.ServicerContext) -> None:
             if authenticate is not None:
@@ -141,15 +150,27 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
             streaming_request = handler.stream_unary is not None
 
+            gate = admission.gate(method, streaming_request) if admission else None
+
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 call = _Call(metrics, service, method, context)
+                admitted = False
                 try:
                     check(context)
                     request = _decoded_stream(request, method) if streaming_request else _decoded(request, method)
-                    return await inner(request, context)
+                    if gate is not None and admission is not None:
+                        await gate.enter(method, _deadline(context), admission.typical(method))
+                        admitted = True
+                    start = time.perf_counter()
+                    result = await inner(request, context)
+                    if admission is not None and not streaming_request:
+                        admission.observe(method, time.perf_counter() - start)
+                    return result
                 except BaseException as exc:  # noqa: BLE001 - mapped, then re-raised by abort
                     await call.fail(exc, context)
                 finally:
+                    if admitted and gate is not None:
+                        gate.leave()
                     call.finish(context)
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
@@ -161,16 +182,24 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
         streaming = handler.stream_stream is not None
 
+        stream_gate = admission.gate(method, True) if admission else None
+
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(metrics, service, method, context)
+            admitted = False
             try:
                 check(context)
                 request = _decoded_stream(request, method) if streaming else _decoded(request, method)
+                if stream_gate is not None:
+                    await stream_gate.enter(method, _deadline(context), 0.0)
+                    admitted = True
                 async for item in inner_stream(request, context):
                     yield item
             except BaseException as exc:  # noqa: BLE001
                 await call.fail(exc, context)
             finally:
+                if admitted and stream_gate is not None:
+                    stream_gate.leave()
                 call.finish(context)
 
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream

@@ -59,6 +59,12 @@ class Metrics:
         self.decoder_warnings = Counter(
             "tessera_decoder_warnings_total", "Warnings image decoders (libpng, libjpeg) printed; the image's "
             "own answer already reports a bad image.", ["library"], registry=r)
+        self.admission_rejected = Counter(
+            "tessera_admission_rejected_total", "Calls refused before running: gate full (RESOURCE_EXHAUSTED) "
+            "or deadline passed or unmeetable while queued (DEADLINE_EXCEEDED).", ["method", "reason"], registry=r)
+        self.admission_queued = Gauge(
+            "tessera_admission_queued", "Calls waiting for a slot, per gate (unary, stream, or a method).",
+            ["gate"], registry=r)
         self.http_port: int | None = None
         self._http_server = None
 

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime.admission import Admission
 from services.runtime.config import ServerConfig
 from services.runtime.interceptors import Authenticator, ServingInterceptor
 from services.runtime.metrics import Metrics
@@ -72,7 +73,7 @@ class ServingProcess:
             options += [("grpc.max_connection_age_ms", config.max_connection_age_ms),
                         ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS if grace is None else grace)]
         self.server = grpc.aio.server(
-            interceptors=[ServingInterceptor(self.metrics, authenticate)],
+            interceptors=[ServingInterceptor(self.metrics, authenticate, Admission(config.admission, self.metrics))],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
