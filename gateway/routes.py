@@ -20,7 +20,7 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as proxylabel_grpc
 
 from gateway.config import GatewayConfig, RetryPolicy
-from services.runtime.errors import ServingError, error_for
+from services.runtime.errors import ServingError, Unavailable, error_for
 from services.runtime.request_ids import client_interceptors
 from services.runtime.server import channel_options
 
@@ -64,16 +64,51 @@ class Route:
     state: int = common_pb2.SERVING_STATE_UNSPECIFIED
     detail: str = ""
     models: list[common_pb2.ModelInfo] = field(default_factory=list)
+    timeouts: int = 0  # health checks in a row that got no answer in time
+    inflight: set[asyncio.Future[Any]] = field(default_factory=set)
+    cut: set[asyncio.Future[Any]] = field(default_factory=set)
+
+    @property
+    def unreachable(self) -> bool:
+        return self.state == common_pb2.SERVING_STATE_UNREACHABLE
+
+    def unavailable(self) -> Unavailable:
+        return Unavailable(f"{self.name} service ({self.target}) is unreachable ({self.detail}); not waiting for it")
+
+    def ensure_reachable(self) -> None:
+        """Fail fast: a service known to be down is not waited for until the caller's deadline."""
+        if self.unreachable:
+            raise self.unavailable()
+
+    def mark_unreachable(self, detail: str) -> None:
+        """Known down (connection lost, or frozen: no health answer): unary calls waiting on it end
+        UNAVAILABLE now rather than DEADLINE_EXCEEDED later."""
+        self.state, self.detail = common_pb2.SERVING_STATE_UNREACHABLE, detail
+        for pending in self.inflight:
+            self.cut.add(pending)
+            pending.cancel()
 
     def error(self, exc: grpc.aio.AioRpcError) -> ServingError:
         """A downstream failure as the same status, naming this service."""
         return error_for(exc.code(), f"{self.name} service ({self.target}): {exc.details()}")
 
     async def call(self, pending: Awaitable[T]) -> T:
+        future = asyncio.ensure_future(pending)
+        if self.unreachable:
+            future.cancel()
+            raise self.unavailable()
+        self.inflight.add(future)
         try:
-            return await pending
+            return await future
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
+        except asyncio.CancelledError:
+            if future in self.cut:
+                raise self.unavailable() from None
+            raise
+        finally:
+            self.inflight.discard(future)
+            self.cut.discard(future)
 
     async def refresh(self, timeout: float) -> None:
         """Poll health and the model inventory."""
@@ -84,9 +119,16 @@ class Route:
             self.detail = "" if self.state == common_pb2.SERVING_STATE_SERVING else "health check says NOT_SERVING"
             listed = await self.stub.ListModels(self.list_request(), timeout=timeout)
             self.models = list(listed.models)
+            self.timeouts = 0
         except grpc.aio.AioRpcError as exc:
-            self.state = common_pb2.SERVING_STATE_UNREACHABLE
-            self.detail = f"{exc.code().name}: {exc.details()}"
+            detail = f"{exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Connected but silent (frozen, or a loop stalled for a moment): twice in a row is down.
+                self.timeouts += 1
+                if self.timeouts < 2:
+                    self.detail = detail
+                    return
+            self.mark_unreachable(detail)
 
     def status(self) -> common_pb2.ServiceStatus:
         return common_pb2.ServiceStatus(name=self.name, target=self.target, state=self.state,
@@ -138,8 +180,7 @@ class Routes:
             if state == grpc.ChannelConnectivity.READY:
                 await route.refresh(self.config.deadlines.status)
             elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                route.state = common_pb2.SERVING_STATE_UNREACHABLE
-                route.detail = "connection lost; reconnecting"
+                route.mark_unreachable("connection lost; reconnecting")
             else:
                 continue
             log.info("%s service (%s): %s", route.name, route.target, common_pb2.ServingState.Name(route.state))

@@ -88,6 +88,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 yield _engagement_message(msg, engagement_pb.ScoreClipRequest)
 
         route = self.routes.engagement
+        route.ensure_reachable()
         relay = _Relay()
         relay.call = call = route.stub.ScoreClip(relay.messages(forward()), timeout=self.routes.timeout(context, "stream"))
         try:
@@ -124,6 +125,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         rules, version = self.rules.current()
         smoothers = {a: Smoother(rules.engagement.smoothing.get(a, Smoothing())) for a in AFFECTS}
         route = self.routes.engagement
+        route.ensure_reachable()
         relay = _Relay()
         relay.call = call = route.stub.StreamVideo(relay.messages(forward()),
                                                    timeout=self.routes.timeout(context, "stream"))
