@@ -10,7 +10,6 @@ import sys
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 
-from gateway.auth import bearer_authenticator, load_tokens
 from gateway.config import GatewayConfig
 from gateway.routes import Route, Routes
 from gateway.servicer import SERVICE_NAME, GatewayServicer
@@ -60,8 +59,7 @@ async def build(config: GatewayConfig, metrics: Metrics) -> App:
                 await task
         await routes.close()
 
-    return App([servicer], on_start=on_start, cleanup=cleanup, drain=drain,
-               authenticate=bearer_authenticator(load_tokens(config.auth)))
+    return App([servicer], on_start=on_start, cleanup=cleanup, drain=drain)
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from services.runtime.config import ProcessConfig, StrictModel
+from services.runtime.config import ChannelTls, ProcessConfig, StrictModel
 
 
 class Targets(StrictModel):
@@ -45,11 +45,13 @@ class RetryPolicy(StrictModel):
     backoff_multiplier: float = Field(2.0, ge=1)
 
 
-class AuthConfig(StrictModel):
-    """Bearer tokens accepted in the `authorization` metadata; empty = no authentication."""
+class Downstream(StrictModel):
+    """How the gateway reaches the model services: TLS or mTLS, and the token it shows them."""
 
-    tokens: list[str] = Field(default_factory=list)
-    token_file: Path | None = Field(None, description="One token per line; read at start.")
+    tls: ChannelTls | None = Field(None, description="null: plaintext (local runs).")
+    token_file: Path | None = Field(
+        None, description="A bearer token the services accept (re-read when it changes); not needed with mTLS "
+        "when the services trust the gateway's certificate.")
 
 
 class GatewayConfig(ProcessConfig):
@@ -58,7 +60,7 @@ class GatewayConfig(ProcessConfig):
     deadlines: Deadlines = Deadlines()
     retry: RetryPolicy = RetryPolicy()
     reconnect: Reconnect = Reconnect()
-    auth: AuthConfig = AuthConfig()
+    downstream: Downstream = Downstream()
     health_poll_seconds: float = Field(2.0, gt=0)
     max_images_per_request: int = Field(32, gt=0)
     max_rows_per_request: int = Field(4096, gt=0)

@@ -21,7 +21,10 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as proxylabel_grpc
 
 from gateway.config import GatewayConfig, RetryPolicy
 from services.runtime.errors import ServingError, Unavailable, error_for
+from services.runtime.auth import FileSecret
+from services.runtime.config import ConfigError
 from services.runtime.request_ids import client_interceptors
+from services.runtime.security import channel_credentials
 from services.runtime.server import channel_options
 
 log = logging.getLogger(__name__)
@@ -148,8 +151,26 @@ class Routes:
             ("grpc.min_reconnect_backoff_ms", reconnect.min_connect_timeout_ms),
         ]
 
+        down = config.downstream
+        extra = None
+        if down.token_file is not None:
+            try:
+                secret = FileSecret(down.token_file)
+            except ValueError as exc:
+                raise ConfigError(f"downstream.token_file: {exc}") from None
+
+            def extra() -> list[tuple[str, str]]:
+                return [("authorization", f"Bearer {secret.value()}")]
+        credentials = None
+        if down.tls is not None:
+            credentials, tls_options = channel_credentials(down.tls)
+            options += tls_options
+
         def route(name: str, target: str, stub_cls: Any, pb: Any, service: str) -> Route:
-            channel = grpc.aio.insecure_channel(target, options=options, interceptors=client_interceptors())
+            interceptors = client_interceptors(extra)
+            channel = (grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+                       if credentials is None else
+                       grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors))
             full = pb.DESCRIPTOR.services_by_name[service].full_name
             return Route(name, full, target, channel, stub_cls(channel), health_pb2_grpc.HealthStub(channel),
                          pb.ListModelsRequest)

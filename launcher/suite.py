@@ -50,6 +50,21 @@ class SuiteError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """How the launcher's health checks reach processes that serve TLS (mTLS with cert and key)."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    def channel(self, target: str) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(target, creds, options=options)
+
+
 class Suite:
     """The whole suite on loopback. Ports are chosen by the processes (port 0) and read back
     from their ready files, so parallel suites never race for a port."""
@@ -57,7 +72,7 @@ class Suite:
     def __init__(self, workdir: Path, *, repository: Path = ROOT / "model_repository",
                  rules: Path = ROOT / "config" / "fusion_rules.yaml", gateway_port: int = 0,
                  data_roots: tuple[Path, ...] = (ROOT / "data",), extra_env: dict[str, str] | None = None,
-                 config_files: dict[str, Path] | None = None) -> None:
+                 config_files: dict[str, Path] | None = None, tls: ClientTls | None = None) -> None:
         self.workdir = workdir
         self.repository = repository
         self.rules = rules
@@ -65,6 +80,7 @@ class Suite:
         self.data_roots = data_roots
         self.extra_env = extra_env or {}
         self.config_files = config_files or {}
+        self.tls = tls
         self.processes: dict[str, Process] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -113,7 +129,7 @@ class Suite:
             gateway = self._spawn("gateway", env, self.gateway_port)
             self._wait_ready([gateway], timeout)
             for proc in self.processes.values():
-                wait_serving(proc.target, timeout=timeout)
+                wait_serving(proc.target, timeout=timeout, tls=self.tls)
         except BaseException:
             self.stop()
             raise
@@ -132,7 +148,7 @@ class Suite:
                 old.popen.wait()
         proc = self._spawn(name, old.env, old.port, old.metrics_port)
         self._wait_ready([proc], timeout)
-        wait_serving(proc.target, timeout=timeout)
+        wait_serving(proc.target, timeout=timeout, tls=self.tls)
         return proc
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
@@ -176,10 +192,10 @@ def command_path(name: str) -> str:
     return str(beside) if beside.exists() else name
 
 
-def wait_serving(target: str, service: str = "", timeout: float = 30.0) -> None:
+def wait_serving(target: str, service: str = "", timeout: float = 30.0, tls: ClientTls | None = None) -> None:
     """Poll grpc.health.v1 until the service says SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    with (grpc.insecure_channel(target) if tls is None else tls.channel(target)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -71,12 +71,19 @@ class TesseraClient:
     """Blocking client of the gateway. Use as a context manager, or call close()."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, timeout: float = 30.0,
+                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None, server_name: str | None = None, timeout: float = 30.0,
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        """`tls` (implied by `root_certificates`): TLS with that CA (None: the system's roots);
+        `certificate_chain` + `private_key`: a client certificate for mutual TLS; `server_name`: the
+        name expected in the server's certificate when the target's host differs."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls or root_certificates is not None or certificate_chain is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key,
+                                                 certificate_chain=certificate_chain)
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)

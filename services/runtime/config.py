@@ -44,6 +44,23 @@ class AdmissionConfig(StrictModel):
                              "method's typical run (an average of its recent successful calls).")
 
 
+class ServerTls(StrictModel):
+    cert_file: Path = Field(description="PEM certificate chain the server presents.")
+    key_file: Path = Field(description="PEM private key of that certificate.")
+    client_ca_file: Path | None = Field(
+        None, description="Require client certificates signed by this CA (mutual TLS); null: any client.")
+    reload_seconds: float = Field(5.0, gt=0, description="How often, at most, the files are checked for a change.")
+
+
+class ChannelTls(StrictModel):
+    ca_file: Path = Field(description="CA that signed the server's certificate.")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS (with key_file).")
+    key_file: Path | None = None
+    server_name: str | None = Field(
+        None, description="Name expected in the server's certificate, when the target's host differs "
+        "(e.g. an IP address, or a Kubernetes Service name the certificate does not carry).")
+
+
 class ServerConfig(StrictModel):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
@@ -64,6 +81,7 @@ class ServerConfig(StrictModel):
     drain_streams_after_seconds: float = Field(
         1.0, ge=0, description="On SIGTERM, long-lived streams end with UNAVAILABLE (saying so) this long after the "
         "drain starts, so callers resume elsewhere; unary calls get the whole grace_seconds.")
+    tls: ServerTls | None = Field(None, description="Serve TLS (mTLS with client_ca_file); null: plaintext.")
     admission: AdmissionConfig = Field(AdmissionConfig(), description="Bounds on calls running and waiting: "
                                        "overload is answered at once (services.runtime.admission).")
     ready_file: Path | None = Field(
@@ -76,11 +94,47 @@ class LoggingConfig(StrictModel):
     json_format: bool = False
 
 
+ALL_SCOPES = "admin"
+REFLECTION_SCOPE = "reflection"
+
+# The public API's scopes; a model service's RPCs fall to `default_scope`.
+GATEWAY_SCOPES = {
+    "ClassifyEmotion": "classify", "ScoreTexts": "classify",
+    "ScoreClip": "stream", "StreamVideo": "stream",
+    "ScoreShard": "shard", "GetShardJob": "shard", "ListShardJobs": "shard", "CancelShardJob": "shard",
+    "GetStatus": "status",
+}
+
+
+class TokenEntry(StrictModel):
+    token: str = Field(min_length=1)
+    name: str = Field(min_length=1, description="Who holds it: in logs, and the owner of its shard jobs.")
+    scopes: list[str] = Field([ALL_SCOPES], min_length=1)
+    rate_per_second: float | None = Field(None, gt=0, description="Calls per second allowed (burst: one second's).")
+
+
+class TokenFile(StrictModel):
+    tokens: list[TokenEntry]
+
+
+class AuthConfig(StrictModel):
+    """Bearer tokens accepted in the `authorization` metadata; none and no trusted peers = open."""
+
+    tokens: list[str] = Field(default_factory=list, description="Tokens with every scope (small setups, tests).")
+    token_file: Path | None = Field(None, description="Token file, re-read when it changes (one per line, or YAML).")
+    method_scopes: dict[str, str] = Field(default_factory=lambda: dict(GATEWAY_SCOPES))
+    default_scope: str = Field("internal", description="Scope of RPCs not in method_scopes.")
+    trusted_peers: list[str] = Field(
+        default_factory=list, description="Client-certificate names (CN or DNS SAN) let in with every scope (mTLS).")
+    open_reflection: bool = Field(False, description="Serve gRPC reflection without a token.")
+
+
 class ProcessConfig(StrictModel):
     """What every process has; each service and the gateway extend it."""
 
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
+    auth: AuthConfig = AuthConfig()
 
 
 class ConfigError(ValueError):

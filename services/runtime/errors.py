@@ -54,10 +54,14 @@ class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(ServingError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ServingError]] = {
     cls.code: cls
     for cls in (InvalidArgument, ResourceExhausted, NotFound, FailedPrecondition, Unavailable,
-                DeadlineExceeded, Unauthenticated)
+                DeadlineExceeded, Unauthenticated, PermissionDenied)
 }
 
 

@@ -12,6 +12,7 @@ import grpc
 
 from services.runtime import request_ids
 from services.runtime.admission import Admission
+from services.runtime.auth import Authorizer
 from services.runtime.errors import InvalidArgument, ServingError, status_of
 from services.runtime.metrics import Metrics
 
@@ -19,8 +20,7 @@ log = logging.getLogger(__name__)
 
 # Long-lived or operational calls that would drown the request metrics.
 UNMEASURED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-
-Authenticator = Callable[[grpc.aio.ServicerContext], None]
+REFLECTION_PREFIX = "/grpc.reflection."
 
 
 class _Undecodable:
@@ -124,10 +124,10 @@ class _Call:
 class ServingInterceptor(grpc.aio.ServerInterceptor):
     """Times every RPC, checks auth, and maps domain errors to statuses."""
 
-    def __init__(self, metrics: Metrics, authenticate: Authenticator | None = None,
+    def __init__(self, metrics: Metrics, authorizer: Authorizer | None = None,
                  admission: Admission | None = None) -> None:
         self.metrics = metrics
-        self.authenticate = authenticate
+        self.authorizer = authorizer
         self.admission = admission
 
     async def intercept_service(
@@ -136,14 +136,18 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(UNMEASURED_PREFIXES):
+        if handler is None:
             return handler
+        if details.method.startswith(REFLECTION_PREFIX) and self.authorizer is not None:
+            return _reflection_behind_auth(handler, self.authorizer)
+        if details.method.startswith(UNMEASURED_PREFIXES):
+            return handler  # health stays open: probes carry no token
         service, method = _split(details.method)
-        metrics, authenticate, admission = self.metrics, self.authenticate, self.admission
+        metrics, authorizer, admission = self.metrics, self.authorizer, self.admission
 
         def check(context: grpc.aio.ServicerContext) -> None:
-            if authenticate is not None:
-                authenticate(context)
+            if authorizer is not None:
+                authorizer.check(context, method)
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
@@ -206,3 +210,19 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                    else grpc.stream_stream_rpc_method_handler)
         return factory(stream_response, request_deserializer=_tolerant(handler.request_deserializer),
                        response_serializer=handler.response_serializer)
+
+
+def _reflection_behind_auth(handler: grpc.RpcMethodHandler, authorizer: Authorizer) -> grpc.RpcMethodHandler:
+    """Server reflection tells the API to whoever asks: only with the reflection scope, unless open."""
+    inner = handler.stream_stream
+
+    async def reflect(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            authorizer.check(context, "ServerReflectionInfo", reflection=True)
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
+        async for reply in inner(requests, context):
+            yield reply
+
+    return grpc.stream_stream_rpc_method_handler(reflect, request_deserializer=handler.request_deserializer,
+                                                 response_serializer=handler.response_serializer)

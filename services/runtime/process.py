@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from services.runtime.config import ConfigError, ProcessConfig, load_config
-from services.runtime.interceptors import Authenticator
+from services.runtime.auth import Authorizer
 from services.runtime.logs import NativeStderr, setup_logging
 from services.runtime.metrics import Metrics
 from services.runtime.server import Servicer, ServingProcess
@@ -41,7 +41,6 @@ class App:
     servicers: list[Servicer]
     on_start: Callable[[ServingProcess], Awaitable[None]] = _nothing
     cleanup: Callable[[], Awaitable[None]] = _nothing
-    authenticate: Authenticator | None = None
     background: list[Background] = field(default_factory=list)
     # Streams of the servicers watch it; the server starts it on SIGTERM.
     drain: Drain = field(default_factory=Drain)
@@ -75,11 +74,16 @@ def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | N
         return 2
     setup_logging(config.logging, process)
     metrics = Metrics(process)
+    try:
+        authorizer = Authorizer(config.auth)
+    except ValueError as exc:
+        print(f"{process}: {exc}", file=sys.stderr)
+        return 2
     NativeStderr(lambda library: metrics.decoder_warnings.labels(library).inc()).start()
 
     async def main() -> None:
         app = await build(config, metrics)
-        server = ServingProcess(process, config.server, app.servicers, metrics, app.authenticate, app.drain)
+        server = ServingProcess(process, config.server, app.servicers, metrics, authorizer, app.drain)
         await server.start()
         try:
             await app.on_start(server)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -33,36 +33,49 @@ def begin(metadata: Sequence[tuple[str, Any]] | None) -> str:
     return rid
 
 
-def _with_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+Extra = Callable[[], Sequence[tuple[str, str]]]
+
+
+def _with_id(details: grpc.aio.ClientCallDetails, extra: Extra | None) -> grpc.aio.ClientCallDetails:
+    added = list(extra()) if extra is not None else []
     rid = current()
-    if not rid:
+    if rid:
+        added.append((METADATA_KEY, rid))
+    if not added:
         return details
-    metadata = [(k, v) for k, v in (details.metadata or ()) if k != METADATA_KEY] + [(METADATA_KEY, rid)]
+    keys = {k for k, _ in added}
+    metadata = [(k, v) for k, v in (details.metadata or ()) if k not in keys] + added
     return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata),
                                       details.credentials, details.wait_for_ready)
 
 
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+class _Adds:
+    def __init__(self, extra: Extra | None) -> None:
+        self.extra = extra
+
+
+class _UnaryUnary(_Adds, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_id(details), request)
+        return await continuation(_with_id(details, self.extra), request)
 
 
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(_Adds, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_id(details), request)
+        return await continuation(_with_id(details, self.extra), request)
 
 
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnary(_Adds, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_id(details), request_iterator)
+        return await continuation(_with_id(details, self.extra), request_iterator)
 
 
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+class _StreamStream(_Adds, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_id(details), request_iterator)
+        return await continuation(_with_id(details, self.extra), request_iterator)
 
 
-def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors for a channel to downstream services: each call carries the current request id."""
+def client_interceptors(extra: Extra | None = None) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for a channel to downstream services: each call carries the current request id,
+    and whatever `extra` returns at call time (e.g. the gateway's bearer token for the services)."""
     # One object per kind: grpc.aio files an interceptor under the first kind it is an instance of.
-    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
+    return [_UnaryUnary(extra), _UnaryStream(extra), _StreamUnary(extra), _StreamStream(extra)]

@@ -17,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from services.runtime.admission import Admission
 from services.runtime.config import ServerConfig
-from services.runtime.interceptors import Authenticator, ServingInterceptor
+from services.runtime.auth import Authorizer
+from services.runtime.interceptors import ServingInterceptor
+from services.runtime.security import server_credentials
 from services.runtime.metrics import Metrics
 from services.runtime.streams import Drain
 
@@ -57,7 +59,7 @@ class ServingProcess:
         config: ServerConfig,
         servicers: Sequence[Servicer],
         metrics: Metrics | None = None,
-        authenticate: Authenticator | None = None,
+        authorizer: Authorizer | None = None,
         drain: Drain | None = None,
     ) -> None:
         self.process = process
@@ -73,7 +75,7 @@ class ServingProcess:
             options += [("grpc.max_connection_age_ms", config.max_connection_age_ms),
                         ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS if grace is None else grace)]
         self.server = grpc.aio.server(
-            interceptors=[ServingInterceptor(self.metrics, authenticate, Admission(config.admission, self.metrics))],
+            interceptors=[ServingInterceptor(self.metrics, authorizer, Admission(config.admission, self.metrics))],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
@@ -91,7 +93,10 @@ class ServingProcess:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        tls = self.config.tls
+        self.port = (self.server.add_secure_port(address, server_credentials(tls)) if tls is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self.server.start()
@@ -100,8 +105,8 @@ class ServingProcess:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._write_ready_file()
-        log.info("%s serving on %s:%d (metrics port %s)", self.process, self.config.host, self.port,
-                 self.metrics.http_port)
+        log.info("%s serving on %s:%d (%s; metrics port %s)", self.process, self.config.host, self.port,
+                 "plaintext" if tls is None else "mTLS" if tls.client_ca_file else "TLS", self.metrics.http_port)
         return self.port
 
     def _write_ready_file(self) -> None:
