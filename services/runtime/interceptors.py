@@ -12,7 +12,7 @@ import grpc
 
 from services.runtime import request_ids
 from services.runtime.admission import Admission
-from services.runtime.auth import Authorizer
+from services.runtime.auth import Authorizer, current_identity
 from services.runtime.errors import InvalidArgument, ServingError, status_of
 from services.runtime.metrics import Metrics
 
@@ -117,7 +117,9 @@ class _Call:
         if name != "OK":
             m.request_errors.labels(self.service, self.method, name).inc()
         # One line per call, findable by its id in the gateway's and the service's logs alike.
-        log.info("%s %s id=%s peer=%s %.1f ms%s", self.method, name, self.request_id, self.peer, seconds * 1e3,
+        identity = current_identity()
+        log.info("%s %s id=%s peer=%s%s %.1f ms%s", self.method, name, self.request_id, self.peer,
+                 f" caller={identity.name}" if identity else "", seconds * 1e3,
                  f": {self.message}" if self.message else "")
 
 
