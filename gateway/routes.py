@@ -93,7 +93,11 @@ class Route:
 
     def error(self, exc: grpc.aio.AioRpcError) -> ServingError:
         """A downstream failure as the same status, naming this service."""
-        return error_for(exc.code(), f"{self.name} service ({self.target}): {exc.details()}")
+        error = error_for(exc.code(), f"{self.name} service ({self.target}): {exc.details()}")
+        # The same status also for codes without a class of their own (a cancelled shard job
+        # ends its watchers with CANCELLED), which error_for would make INTERNAL.
+        error.code = exc.code()
+        return error
 
     async def call(self, pending: Awaitable[T]) -> T:
         future = asyncio.ensure_future(pending)

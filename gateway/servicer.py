@@ -193,8 +193,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def ScoreShard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.ScoreShardResponse]:
+        # The job runs in the proxylabel service; this stream only watches it. A drain ends the
+        # watch (UNAVAILABLE) and the caller re-attaches with the same request: the job goes on.
+        watch = self._watch_shard(request, context)
+        async for reply in until_drained(watch, self.drain, "gateway shard job watch"):
+            yield reply
+
+    async def _watch_shard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.ScoreShardResponse]:
         rules, version = self.rules.current()
         route = self.routes.proxylabel
+        route.ensure_reachable()  # known down: UNAVAILABLE now, and the caller re-attaches later
         call = route.stub.ScoreShard(
             proxylabel_pb.ScoreShardRequest(input_path=request.input_path, output_path=request.output_path,
                                             rules=answers.proxy_rules(rules, version), batch_rows=request.batch_rows),
@@ -205,6 +214,29 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 yield pb.ScoreShardResponse(**{kind: getattr(event, kind)})
         except grpc.aio.AioRpcError as exc:
             raise route.error(exc) from None
+        finally:
+            call.cancel()  # the caller left: stop watching (the job itself goes on)
+
+    async def GetShardJob(self, request: pb.GetShardJobRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.GetShardJobResponse:
+        route = self.routes.proxylabel
+        reply = await route.call(route.stub.GetShardJob(
+            proxylabel_pb.GetShardJobRequest(job_id=request.job_id), timeout=self.routes.timeout(context)))
+        return pb.GetShardJobResponse(job=reply.job)
+
+    async def ListShardJobs(self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListShardJobsResponse:
+        route = self.routes.proxylabel
+        reply = await route.call(route.stub.ListShardJobs(proxylabel_pb.ListShardJobsRequest(),
+                                                          timeout=self.routes.timeout(context)))
+        return pb.ListShardJobsResponse(jobs=reply.jobs)
+
+    async def CancelShardJob(self, request: pb.CancelShardJobRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.CancelShardJobResponse:
+        route = self.routes.proxylabel
+        reply = await route.call(route.stub.CancelShardJob(
+            proxylabel_pb.CancelShardJobRequest(job_id=request.job_id), timeout=self.routes.timeout(context)))
+        return pb.CancelShardJobResponse(job=reply.job)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
                         ) -> pb.GetStatusResponse:

@@ -270,3 +270,52 @@ def test_no_neighbour_above_the_threshold(repo: Path, shard: Path, tmp_path: Pat
     run_job(repo, shard, tmp_path / "ens", ProxyLabelRules(mode="ensemble", knn=strict))
     ens = read_output(tmp_path / "ens")
     assert ens.column("label").null_count == 0 and ens.column("reason")[0].as_py().startswith("no labelled")
+
+
+def test_a_failed_job_is_recorded_and_resumes(repo: Path, shard: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure mid-job is written in the manifest (the job's state lives with its output), its
+    finished parts stay, and a rerun resumes after them."""
+    from services.proxylabel import jobs, shards
+
+    real = shards.score_part
+
+    async def failing(plan, pipeline, table, first_row):  # type: ignore[no-untyped-def]
+        if first_row >= 300:
+            raise RuntimeError("disk on fire")
+        return await real(plan, pipeline, table, first_row)
+
+    monkeypatch.setattr(shards, "score_part", failing)
+    with pytest.raises(RuntimeError):
+        run_job(repo, shard, tmp_path / "out", batch_rows=100)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["state"] == "failed" and manifest["error"]["code"] == "INTERNAL"
+    assert len(manifest["parts"]) == 3 and not manifest["complete"]
+    status = jobs.read_status(tmp_path / "out", 30.0)
+    assert status.state == "failed" and status.error_code == "INTERNAL" and status.rows_done == 300
+    assert status.job_id == ShardJob(shard, tmp_path / "out", ProxyLabelRules(), "v-test", 100).job_id
+    monkeypatch.setattr(shards, "score_part", real)
+    events = run_job(repo, shard, tmp_path / "out", batch_rows=100)
+    assert events[0].rows_done == 300 and events[-1].rows_resumed == 300 and events[-1].rows_done == 1000
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["state"] == "succeeded" and manifest["error"] is None and len(manifest["runs"]) == 2
+    ids = read_output(tmp_path / "out").column("id").to_pylist()
+    assert ids == pq.read_table(shard).column("id").to_pylist()
+
+
+def test_a_second_writer_of_the_same_output_is_refused(repo: Path, shard: Path, tmp_path: Path) -> None:
+    async def both() -> tuple[grpc.StatusCode, str]:
+        async with local_pipeline(repo) as pipeline:
+            plan = plan_shard(ShardJob(shard, tmp_path / "out", ProxyLabelRules(), "v", 100), pipeline)
+            first = run_shard(plan, pipeline)
+            await anext(first)  # the first job holds the lock now
+            try:
+                with pytest.raises(ServingError) as err:
+                    async for _ in run_shard(plan, pipeline):
+                        pass
+                return err.value.code, err.value.message
+            finally:
+                await first.aclose()
+
+    code, message = asyncio.run(both())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "another job is writing" in message

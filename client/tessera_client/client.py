@@ -196,9 +196,26 @@ class TesseraClient:
 
     def score_shard(self, input_path: str | Path, output_path: str | Path, *, batch_rows: int = 0,
                     timeout: float | None = None) -> Iterator[pb.ScoreShardResponse]:
+        """Start the shard job, or re-attach to it (the same request is the same job): progress
+        events (the first names the job: `progress.job`), then the summary. The job runs in the
+        service: it goes on when this stream ends; call again to re-attach
+        (`tessera_client.score_shard` does it by itself)."""
         request = pb.ScoreShardRequest(input_path=str(input_path), output_path=str(output_path),
                                        batch_rows=batch_rows)
         return self.stub.ScoreShard(request, **self._kw(timeout or 24 * 3600.0))
+
+    def get_shard_job(self, job_id: str, *, timeout: float | None = None) -> proxylabel_pb.ShardJob:
+        """A shard job's state (RUNNING, SUCCEEDED, FAILED, CANCELLED, ORPHANED), rows, owner."""
+        return self.stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), **self._kw(timeout)).job
+
+    def list_shard_jobs(self, *, timeout: float | None = None) -> list[proxylabel_pb.ShardJob]:
+        """The shard jobs under the proxylabel service's output roots, most recently updated first."""
+        return list(self.stub.ListShardJobs(pb.ListShardJobsRequest(), **self._kw(timeout)).jobs)
+
+    def cancel_shard_job(self, job_id: str, *, timeout: float | None = None) -> proxylabel_pb.ShardJob:
+        """Stop a shard job at its next part boundary (finished parts stay; the same ScoreShard
+        resumes it). Returns the job: CANCELLED, or RUNNING with cancel_requested until it stops."""
+        return self.stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id), **self._kw(timeout)).job
 
     # Operations ------------------------------------------------------------------------------
     def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:

@@ -12,10 +12,13 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
 from services.fusion.rules import KnnRules, ProxyLabelRules
 from services.proxylabel.config import ProxyLabelConfig
+from services.proxylabel.jobs import ORPHANED, JobStatus, relative_to_roots
 from services.proxylabel.paths import confine
 from services.proxylabel.pipeline import ProxyLabelPipeline, RowInput
-from services.proxylabel.shards import Progress, ShardJob, Summary, plan_shard, run_shard
+from services.proxylabel.runner import REATTACHED, RESUMED, STARTED, Attached, ShardJobs
+from services.proxylabel.shards import CANCELLED, FAILED, RUNNING, SUCCEEDED, Progress, ShardJob, Summary
 from services.runtime.errors import InvalidArgument, NotFound, ResourceExhausted, item_status
+from services.runtime.streams import Drain, until_drained
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProxyLabelService"].full_name
 
@@ -23,6 +26,11 @@ _WEIGHTING = {pb.KNN_WEIGHTING_SOFTMAX: "softmax", pb.KNN_WEIGHTING_POWER: "powe
               pb.KNN_WEIGHTING_UNIFORM: "uniform"}
 _AGGREGATION = {pb.KNN_AGGREGATION_VOTE: "vote", pb.KNN_AGGREGATION_REGRESSION: "regression"}
 _MODES = {pb.PROXY_MODE_KNN: "knn", pb.PROXY_MODE_MLP: "mlp", pb.PROXY_MODE_ENSEMBLE: "ensemble"}
+_ATTACHMENTS = {STARTED: pb.SHARD_JOB_ATTACHMENT_STARTED, RESUMED: pb.SHARD_JOB_ATTACHMENT_RESUMED,
+                REATTACHED: pb.SHARD_JOB_ATTACHMENT_REATTACHED}
+_STATES = {RUNNING: pb.SHARD_JOB_STATE_RUNNING, SUCCEEDED: pb.SHARD_JOB_STATE_SUCCEEDED,
+           FAILED: pb.SHARD_JOB_STATE_FAILED, CANCELLED: pb.SHARD_JOB_STATE_CANCELLED,
+           ORPHANED: pb.SHARD_JOB_STATE_ORPHANED}
 
 
 def knn_rules(options: pb.KnnOptions) -> KnnRules:
@@ -49,9 +57,12 @@ def proxy_rules(rules: pb.FusionRules) -> ProxyLabelRules:
 
 
 class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
-    def __init__(self, config: ProxyLabelConfig, pipeline: ProxyLabelPipeline) -> None:
+    def __init__(self, config: ProxyLabelConfig, pipeline: ProxyLabelPipeline, jobs: ShardJobs | None = None,
+                 drain: Drain | None = None) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.jobs = jobs or ShardJobs(config)
+        self.drain = drain or Drain()
 
     def _models(self, pipeline: ProxyLabelPipeline | None = None) -> list[common_pb2.ModelInfo]:
         return [m.info() for m in (pipeline or self.pipeline).models]
@@ -92,23 +103,63 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
             raise NotFound(f"shard {request.input_path!r} does not exist")
         job = ShardJob(source, target, proxy_rules(request.rules), request.rules.version, request.batch_rows)
         pipeline = self.pipeline  # the job runs on the models it was planned with, even across a swap
-        plan = plan_shard(job, pipeline)
-        async for event in run_shard(plan, pipeline):
-            if isinstance(event, Progress):
-                yield pb.ScoreShardResponse(progress=pb.ShardProgress(
-                    rows_done=event.rows_done, rows_total=event.rows_total, rows_per_second=event.rows_per_second,
-                    rows_failed=event.rows_failed))
+        info: pb.ShardJobInfo | None = None
+        # The job is a task of the service: this stream only watches it, and its end (a cancelled
+        # call, a drain) leaves the job running.
+        async for event in until_drained(self.jobs.score(job, pipeline), self.drain, "shard job watch"):
+            if isinstance(event, Attached):
+                info = pb.ShardJobInfo(job_id=event.job_id, attachment=_ATTACHMENTS[event.attachment])
+            elif isinstance(event, Progress):
+                progress = pb.ShardProgress(
+                    rows_done=event.rows_done, rows_total=event.rows_total,
+                    rows_per_second=event.rows_per_second, rows_failed=event.rows_failed)
+                if info is not None:  # the stream's first event names the job
+                    progress.job.CopyFrom(info)
+                    info = None
+                yield pb.ScoreShardResponse(progress=progress)
             elif isinstance(event, Summary):
-                summary = pb.ShardSummary(
-                    output_path=event.output_path, rows_done=event.rows_done, rows_failed=event.rows_failed,
-                    rows_resumed=event.rows_resumed, seconds=event.seconds, rules_version=event.rules_version,
-                    models=self._models(pipeline))
-                if event.evaluation is not None:
-                    e = event.evaluation
-                    summary.evaluation.CopyFrom(pb.ShardEvaluation(
-                        rows_labelled=e.rows_labelled, accuracy=e.accuracy, macro_f1=e.macro_f1,
-                        mean_absolute_error=e.mean_absolute_error, per_class_accuracy=e.per_class_accuracy))
-                yield pb.ScoreShardResponse(summary=summary)
+                yield pb.ScoreShardResponse(summary=self._summary(event, pipeline))
+
+    def _summary(self, event: Summary, pipeline: ProxyLabelPipeline) -> pb.ShardSummary:
+        summary = pb.ShardSummary(
+            output_path=event.output_path, rows_done=event.rows_done, rows_failed=event.rows_failed,
+            rows_resumed=event.rows_resumed, seconds=event.seconds, rules_version=event.rules_version,
+            models=self._models(pipeline), job_id=event.job_id)
+        if event.evaluation is not None:
+            e = event.evaluation
+            summary.evaluation.CopyFrom(pb.ShardEvaluation(
+                rows_labelled=e.rows_labelled, accuracy=e.accuracy, macro_f1=e.macro_f1,
+                mean_absolute_error=e.mean_absolute_error, per_class_accuracy=e.per_class_accuracy))
+        return summary
+
+    def _job(self, status: JobStatus) -> pb.ShardJob:
+        """A job as messages show it: paths relative to the configured roots, never the server's own."""
+        job = pb.ShardJob(
+            job_id=status.job_id, state=_STATES[status.state],
+            input_path=relative_to_roots(status.input_path, self.config.input_roots),
+            output_path=relative_to_roots(status.output_path, self.config.output_roots),
+            rows_done=status.rows_done, rows_total=status.rows_total, rows_failed=status.rows_failed,
+            parts_done=status.parts_done, parts_total=status.parts_total, batch_rows=status.batch_rows,
+            rules_version=status.rules_version, owner=status.owner, cancel_requested=status.cancel_requested)
+        if status.error_code:
+            code = grpc.StatusCode.__members__.get(status.error_code, grpc.StatusCode.INTERNAL)
+            job.error.CopyFrom(common_pb2.ItemStatus(code=code.value[0], message=status.error_message))
+        job.update_time.FromNanoseconds(int(status.updated * 1e9))
+        if status.heartbeat is not None:
+            job.heartbeat_time.FromNanoseconds(int(status.heartbeat * 1e9))
+        return job
+
+    async def GetShardJob(self, request: pb.GetShardJobRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.GetShardJobResponse:
+        return pb.GetShardJobResponse(job=self._job(self.jobs.get(request.job_id)))
+
+    async def ListShardJobs(self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListShardJobsResponse:
+        return pb.ListShardJobsResponse(jobs=[self._job(s) for s in self.jobs.list_jobs()])
+
+    async def CancelShardJob(self, request: pb.CancelShardJobRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.CancelShardJobResponse:
+        return pb.CancelShardJobResponse(job=self._job(self.jobs.cancel(request.job_id)))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:

@@ -2,14 +2,18 @@
 
     <output>/part-00000.parquet …   one per part (a row group, or `batch_rows` rows), each written
                                     under a temporary name then renamed
-    <output>/manifest.json          input fingerprint, rules version, parts committed (rows, id range,
-                                    confusion counts), rewritten atomically after each part
-    <output>/.lock                  flock held while a job writes (a second job is refused)
+    <output>/manifest.json          job id, input fingerprint, rules, parts committed (rows, id range,
+                                    confusion counts), the job's state and runs; rewritten atomically
+                                    after each part: the job's state lives here, not in a process
+    <output>/.lock                  the lease of the process that runs the job, with its heartbeat
+                                    (services/proxylabel/lease.py): one writer at a time
+    <output>/.cancel                asks the job's owner to stop at the next part boundary
 
-A part is committed once its file is renamed and the manifest names it. A job killed at any point
-and run again resumes after the last committed part (an uncommitted part file is overwritten), so
-the output holds every input id exactly once. Parts are fixed row ranges of the input, so a rerun
-cuts them the same way. The shard is read by row group, never whole.
+A part is committed once its file is renamed into place and the manifest names it, both under the
+lease. A job killed at any point and run again resumes after the last committed part (an
+uncommitted part file is overwritten), so the output holds every input id exactly once. Parts are
+fixed row ranges of the input, so a rerun cuts them the same way. The shard is read by row group,
+never whole.
 
 The whole request is validated before any work (docs/operations.md#errors); a problem with one row (NaN
 embedding, empty text, …) is written on that row with a reason, never dropped.
@@ -22,17 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
+import hashlib
 import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,13 +47,18 @@ from services.fusion.proxylabel import final_labels, soft_vote
 from services.fusion.rules import ProxyLabelRules
 from services.proxylabel.features import Conversations, from_messages, from_pairs, from_texts
 from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, KnnOptions, knn_labels
+from services.proxylabel.lease import Lease, LeaseBusy, LeaseLost
 from services.proxylabel.pipeline import NO_NEIGHBOUR, ProxyLabelPipeline, embedding_problem
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, status_of
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 1  # fields added since are optional: older manifests still resume
+CANCEL_FILE = ".cancel"
+# The service's is configurable (job_lock_expiry_seconds); the offline CLI uses this.
+DEFAULT_LOCK_EXPIRY_SECONDS = 30.0
 EMBEDDER_METADATA_KEY = b"tessera.embedder"
 ID, EMBEDDING, SCORES = "id", "embedding", "gpt_scores"
+JOB_ID_LENGTH = 32  # hex digits
 T = TypeVar("T")
 
 OUTPUT_SCHEMA = pa.schema([
@@ -92,6 +102,7 @@ class Summary:
     seconds: float
     rules_version: str
     evaluation: Evaluation | None
+    job_id: str = ""
 
 
 def evaluate(confusion: np.ndarray) -> Evaluation | None:
@@ -129,6 +140,14 @@ class ShardJob:
     rules: ProxyLabelRules
     rules_version: str = ""
     batch_rows: int = 0
+
+    @property
+    def job_id(self) -> str:
+        """The same request makes the same id, so asking again re-attaches instead of starting
+        twice. Paths are the server's resolved ones: replicas mount the shared volume alike."""
+        key = {"input": str(self.input_path), "output": str(self.output_path), "batch_rows": self.batch_rows,
+               "rules_version": self.rules_version, "rules": self.rules.model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:JOB_ID_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -337,45 +356,98 @@ async def prefetched(items: Iterator[T]) -> AsyncIterator[T]:
 # Output: manifest and parts
 
 
+# What the manifest records of a job's state. A job the manifest calls running is only running
+# while its lock's holder is alive (services/proxylabel/jobs.py derives the state readers see).
+RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
 @dataclass
 class Manifest:
     path: Path
     data: dict = field(default_factory=dict)
+    fresh: bool = False  # made by this open: nothing of the job was written before
 
     @classmethod
     def open(cls, output: Path, plan: ShardPlan) -> Manifest:
         """The job's manifest: a new one, or the one of an interrupted run of the same job."""
         path = output / MANIFEST
-        fresh = {"format": MANIFEST_FORMAT, "input": plan.fingerprint, "rules_version": plan.job.rules_version,
-                 "mode": plan.job.rules.mode, "batch_rows": plan.job.batch_rows, "rows_total": plan.rows_total,
-                 "parts_total": len(plan.parts), "parts": [], "complete": False}
+        job = plan.job
+        fresh = {"format": MANIFEST_FORMAT, "job_id": job.job_id, "input": plan.fingerprint,
+                 "rules_version": job.rules_version, "mode": job.rules.mode,
+                 "rules": job.rules.model_dump(mode="json"), "batch_rows": job.batch_rows,
+                 "rows_total": plan.rows_total, "parts_total": len(plan.parts), "has_scores": plan.has_scores,
+                 "parts": [], "complete": False, "state": RUNNING, "error": None, "owner": "",
+                 "updated": time.time(), "runs": []}
         if not path.exists():
             others = [p.name for p in output.iterdir() if not p.name.startswith(".") and not p.name.startswith("part-")]
             if others:
                 raise FailedPrecondition(f"output directory {output} is not empty and holds no shard job "
                                          f"({', '.join(sorted(others)[:5])})")
-            return cls(path, fresh)
-        try:
-            old = json.loads(path.read_text())
-        except ValueError as exc:
-            raise FailedPrecondition(f"{path} is unreadable ({exc}); remove the output directory to start over") \
-                from None
-        for key in ("format", "input", "rules_version", "mode", "batch_rows", "rows_total"):
+            return cls(path, fresh, fresh=True)
+        old = read_manifest(output)
+        if old is None:
+            raise FailedPrecondition(f"{path} is unreadable; remove the output directory to start over")
+        keys = ["format", "input", "rules_version", "mode", "batch_rows", "rows_total"]
+        if "rules" in old:  # manifests written before it was recorded are checked without it
+            keys.append("rules")
+        for key in keys:
             if old.get(key) != fresh[key]:
                 raise FailedPrecondition(
                     f"output directory {output} holds a job with another {key} ({old.get(key)!r}, now "
                     f"{fresh[key]!r}); resuming would mix them: remove it or choose another output_path")
+        # Fields a manifest of an older version lacks; the job id follows the request (a moved
+        # output directory gets the id of its new place).
+        for key in ("rules", "has_scores", "error", "owner", "runs"):
+            old.setdefault(key, fresh[key])
+        old["job_id"] = job.job_id
+        old.setdefault("state", SUCCEEDED if old.get("complete") else RUNNING)
+        old.setdefault("updated", fresh["updated"])
         return cls(path, old)
 
     @property
     def parts(self) -> list[dict]:
         return self.data["parts"]
 
-    def commit(self, part: dict | None = None, complete: bool = False) -> None:
+    @property
+    def complete(self) -> bool:
+        return bool(self.data.get("complete"))
+
+    @property
+    def rows_done(self) -> int:
+        return sum(p["rows"] for p in self.parts)
+
+    @property
+    def rows_failed(self) -> int:
+        return sum(p["rows_failed"] for p in self.parts)
+
+    def start_run(self, owner: str) -> None:
+        """A run begins (a new job, a resume, a take-over): who runs it, from which part."""
+        self.data.update(state=RUNNING, error=None, owner=owner)
+        self.data["runs"].append({"owner": owner, "started": time.time(), "first_part": len(self.parts),
+                                  "seconds": 0.0, "rows_per_second": 0.0})
+
+    def finish(self, state: str, error: dict | None = None, run: dict | None = None) -> None:
+        self.data.update(state=state, error=error)
+        self.commit(complete=state == SUCCEEDED, run=run)
+
+    def commit(self, part: dict | None = None, complete: bool = False, run: dict | None = None) -> None:
         if part is not None:
             self.parts.append(part)
+        if run is not None and self.data["runs"]:
+            self.data["runs"][-1].update(run)
         self.data["complete"] = complete
+        self.data["updated"] = time.time()
         _atomic_write(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
+
+
+def read_manifest(output: Path) -> dict | None:
+    """A job's manifest as written (None when there is none or it is unreadable)."""
+    try:
+        data = json.loads((output / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -400,26 +472,14 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def write_part(output: Path, index: int, table: pa.Table) -> None:
-    tmp = output / f".{part_name(index)}.tmp"
+def write_part(output: Path, index: int, table: pa.Table, owner: str) -> Path:
+    """The part under a temporary name of its writer's own; it is renamed into place when it is
+    committed, under the lock (a writer that lost the lock meanwhile never renames it)."""
+    tmp = output / f".{part_name(index)}.{owner}.tmp"
     pq.write_table(table, tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
-    os.replace(tmp, output / part_name(index))
-
-
-@contextlib.contextmanager
-def job_lock(output: Path) -> Iterator[None]:
-    """One job per output directory; the kernel drops the lock when a killed job's process dies."""
-    fd = os.open(output / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FailedPrecondition(f"another job is writing {output}") from None
-        yield
-    finally:
-        os.close(fd)
+    return tmp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,53 +582,156 @@ async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Ta
 # The job
 
 
-async def run_shard(plan: ShardPlan, pipeline: ProxyLabelPipeline, *,
-                    throttle_seconds: float = 0.0) -> AsyncIterator[Progress | Summary]:
-    """Run a validated job: a progress event first and after every part, then the summary.
+class JobCancelled(ServingError):
+    """The job stopped at a part boundary because it was asked to (CancelShardJob)."""
 
-    `throttle_seconds` sleeps after each committed part (for tests that kill a job mid-shard).
+    code = grpc.StatusCode.CANCELLED
+
+
+def open_output(plan: ShardPlan, lock_expiry_seconds: float = DEFAULT_LOCK_EXPIRY_SECONDS
+                ) -> tuple[Lease, Manifest]:
+    """Take the output directory's lock and open the job's manifest, the run recorded in it.
+
+    Raises LeaseBusy when a live process runs the job, FailedPrecondition when the directory holds
+    something else. A complete job's manifest is returned untouched.
     """
     output = plan.job.output_path
     if output.exists() and not output.is_dir():
         raise InvalidArgument(f"output_path {str(output)!r} exists and is not a directory")
     output.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with job_lock(output):
+    lease = Lease.acquire(output, lock_expiry_seconds)
+    try:
         manifest = Manifest.open(output, plan)
-        for stale in output.glob(".part-*.tmp"):
-            stale.unlink(missing_ok=True)
-        manifest.commit()  # the job is visible (and its input pinned) before the first part
-        done = len(manifest.parts)
-        resumed = sum(p["rows"] for p in manifest.parts)
-        failed = sum(p["rows_failed"] for p in manifest.parts)
-        rows_done = resumed
-        yield Progress(rows_done, plan.rows_total, 0.0, failed)
-        metrics = pipeline.metrics
-        async for index, table in prefetched(read_parts(plan, done)):
-            first_row = plan.parts[index][0]
-            result = await score_part(plan, pipeline, table, first_row)
-            await asyncio.to_thread(write_part, output, index, result.table)
-            ids = result.table.column("id")
-            manifest.commit({
-                "index": index, "file": part_name(index), "rows": result.table.num_rows,
-                "rows_failed": result.rows_failed, "start": first_row, "stop": plan.parts[index][1],
-                "first_id": ids[0].as_py() if len(ids) else None, "last_id": ids[-1].as_py() if len(ids) else None,
-                "confusion": result.confusion.tolist(),
-            })
-            rows_done += result.table.num_rows
-            failed += result.rows_failed
-            elapsed = time.perf_counter() - started
-            rate = (rows_done - resumed) / elapsed if elapsed > 0 else 0.0
-            metrics.rows_scored.inc(result.table.num_rows)
-            metrics.rows_per_second.set(rate)
-            yield Progress(rows_done, plan.rows_total, rate, failed)
-            if throttle_seconds:
-                await asyncio.sleep(throttle_seconds)
-        manifest.commit(complete=True)
-    confusion = np.sum([np.asarray(p["confusion"]) for p in manifest.parts], axis=0) if manifest.parts else \
+        if not manifest.complete:
+            with lease.guard():
+                for stale in output.glob(".part-*.tmp"):
+                    stale.unlink(missing_ok=True)
+                # Asked to run again: a cancel of an earlier run no longer applies.
+                (output / CANCEL_FILE).unlink(missing_ok=True)
+                manifest.start_run(lease.holder.label)
+                manifest.commit()  # the job is visible (and its input pinned) before the first part
+    except BaseException:
+        lease.release()
+        raise
+    return lease, manifest
+
+
+def summary_of(manifest: Manifest, rows_resumed: int, seconds: float | None = None) -> Summary:
+    """The summary of a complete job (seconds: those of its last run, unless given)."""
+    parts = manifest.parts
+    confusion = np.sum([np.asarray(p["confusion"]) for p in parts], axis=0) if parts else \
         np.zeros((NUM_CLASSES, NUM_CLASSES))
-    yield Summary(str(output), rows_done, failed, resumed, time.perf_counter() - started, plan.job.rules_version,
-                  evaluate(confusion) if plan.has_scores else None)
+    runs = manifest.data.get("runs") or [{}]
+    data = manifest.data
+    return Summary(str(manifest.path.parent), manifest.rows_done, manifest.rows_failed, rows_resumed,
+                   runs[-1].get("seconds", 0.0) if seconds is None else seconds, data["rules_version"],
+                   evaluate(confusion) if data.get("has_scores") else None, data.get("job_id", ""))
+
+
+async def _written(output: Path, index: int, table: pa.Table, owner: str) -> Path:
+    """write_part in a worker thread. Stopped meanwhile (the service stops), the job waits for
+    the write to end and removes its file before it lets the lock go: a thread finishing later
+    would leave it behind a new owner's back."""
+    writing = asyncio.ensure_future(asyncio.to_thread(write_part, output, index, table, owner))
+    try:
+        return await asyncio.shield(writing)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            (await writing).unlink(missing_ok=True)
+        raise
+
+
+def _commit_part(lease: Lease, manifest: Manifest, tmp: Path, index: int, part: dict, run: dict) -> None:
+    """Rename the part into place and name it in the manifest, both under the lease."""
+    try:
+        with lease.guard():
+            os.replace(tmp, manifest.path.parent / part_name(index))
+            manifest.commit(part, run=run)
+    except LeaseLost:
+        tmp.unlink(missing_ok=True)  # ours alone (its name has our token): nobody else removes it
+        raise
+
+
+def _error_record(exc: BaseException) -> dict:
+    code, message = status_of(exc)
+    return {"code": code.name, "message": message}
+
+
+async def score_job(plan: ShardPlan, pipeline: ProxyLabelPipeline, lease: Lease, manifest: Manifest, *,
+                    should_stop: Callable[[], bool] = lambda: False,
+                    throttle_seconds: float = 0.0) -> AsyncIterator[Progress | Summary]:
+    """Score the parts the manifest lacks: a progress event first and after every part, then the
+    summary. Stops at a part boundary when `should_stop()` says so or a cancel file appears
+    (JobCancelled), and when the lock was lost (LeaseLost; nothing more is written). A failure is
+    recorded in the manifest before it propagates."""
+    output = plan.job.output_path
+    started = time.perf_counter()
+    resumed, failed = manifest.rows_done, manifest.rows_failed
+    rows_done = resumed
+    yield Progress(rows_done, plan.rows_total, 0.0, failed)
+    if not manifest.complete:
+        try:
+            metrics = pipeline.metrics
+            async for index, table in prefetched(read_parts(plan, len(manifest.parts))):
+                if lease.lost:
+                    raise LeaseLost(f"the lock of {output} was lost")
+                if should_stop() or (output / CANCEL_FILE).exists():
+                    with lease.guard():
+                        manifest.finish(CANCELLED)
+                    raise JobCancelled(f"shard job {plan.job.job_id} was cancelled after {rows_done} of "
+                                       f"{plan.rows_total} rows; its finished parts stay")
+                first_row = plan.parts[index][0]
+                result = await score_part(plan, pipeline, table, first_row)
+                tmp = await _written(output, index, result.table, lease.owner)
+                ids = result.table.column("id")
+                elapsed = time.perf_counter() - started
+                rate = (rows_done + result.table.num_rows - resumed) / elapsed if elapsed > 0 else 0.0
+                _commit_part(lease, manifest, tmp, index, {
+                    "index": index, "file": part_name(index), "rows": result.table.num_rows,
+                    "rows_failed": result.rows_failed, "start": first_row, "stop": plan.parts[index][1],
+                    "first_id": ids[0].as_py() if len(ids) else None,
+                    "last_id": ids[-1].as_py() if len(ids) else None,
+                    "confusion": result.confusion.tolist(),
+                }, run={"seconds": elapsed, "rows_per_second": rate})
+                rows_done += result.table.num_rows
+                failed += result.rows_failed
+                metrics.rows_scored.inc(result.table.num_rows)
+                metrics.rows_per_second.set(rate)
+                yield Progress(rows_done, plan.rows_total, rate, failed)
+                if throttle_seconds:
+                    await asyncio.sleep(throttle_seconds)
+            with lease.guard():
+                manifest.finish(SUCCEEDED, run={"seconds": time.perf_counter() - started})
+        except (LeaseLost, JobCancelled):
+            raise
+        except Exception as exc:
+            # Recorded for every reader (GetShardJob, other replicas); unless someone else holds
+            # the job now, whose record this is not.
+            with contextlib.suppress(LeaseLost, OSError, ServingError), lease.guard():
+                manifest.finish(FAILED, _error_record(exc))
+            raise
+    yield summary_of(manifest, resumed, time.perf_counter() - started)
+
+
+async def run_shard(plan: ShardPlan, pipeline: ProxyLabelPipeline, *, throttle_seconds: float = 0.0,
+                    lock_expiry_seconds: float = DEFAULT_LOCK_EXPIRY_SECONDS
+                    ) -> AsyncIterator[Progress | Summary]:
+    """Run a validated job in this process: a progress event first and after every part, then the
+    summary. FAILED_PRECONDITION when a live process runs the same output.
+
+    `throttle_seconds` sleeps after each committed part (for tests that kill a job mid-shard).
+    """
+    try:
+        lease, manifest = open_output(plan, lock_expiry_seconds)
+    except LeaseBusy as busy:
+        raise FailedPrecondition(f"another job is writing {plan.job.output_path} "
+                                 f"({busy.holder.label})") from None
+    try:
+        async with lease.kept_alive():
+            async for event in score_job(plan, pipeline, lease, manifest, throttle_seconds=throttle_seconds):
+                yield event
+    finally:
+        lease.release()
 
 
 def read_output(output: Path) -> pa.Table:
@@ -585,7 +748,6 @@ def read_output(output: Path) -> pa.Table:
 def main(argv: list[str] | None = None) -> int:
     from services.fusion.rules import KnnRules
     from services.proxylabel.pipeline import local_pipeline
-    from services.runtime.errors import ServingError
     from services.runtime.metrics import Metrics
 
     p = argparse.ArgumentParser(prog="tessera-score-shard-offline", description="Score a shard in process.")
@@ -597,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn", default="{}", help='kNN overrides as JSON, e.g. {"k": 20, "weighting": "power"}')
     p.add_argument("--rules-version", default="cli")
     p.add_argument("--batch-rows", type=int, default=0)
+    p.add_argument("--lock-expiry-seconds", type=float, default=DEFAULT_LOCK_EXPIRY_SECONDS,
+                   help="a lock whose heartbeat is older than this is stale: its job may be taken over")
     p.add_argument("--throttle-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -607,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                 job = ShardJob(args.input.resolve(), args.output.resolve(), rules, args.rules_version,
                                args.batch_rows)
                 plan = plan_shard(job, pipeline)
-                async for event in run_shard(plan, pipeline, throttle_seconds=args.throttle_seconds):
+                async for event in run_shard(plan, pipeline, throttle_seconds=args.throttle_seconds,
+                                                 lock_expiry_seconds=args.lock_expiry_seconds):
                     print(json.dumps({type(event).__name__.lower(): _as_dict(event)}), flush=True)
         except ServingError as exc:
             print(f"{exc.code.name}: {exc.message}", file=sys.stderr)

@@ -44,6 +44,7 @@ async def until_drained(items: AsyncIterator[T], drain: Drain, what: str) -> Asy
         raise Unavailable(f"{what}: the server is shutting down; reconnect and resume")
     cut = asyncio.ensure_future(drain.wait_for_cut())
     iterator = aiter(items)
+    step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(iterator))
@@ -62,6 +63,10 @@ async def until_drained(items: AsyncIterator[T], drain: Drain, what: str) -> Asy
                               "with the same id")
     finally:
         cut.cancel()
+        if step is not None and not step.done():  # the caller left mid-wait: stop the pending step too
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
         closer = getattr(iterator, "aclose", None)
         if closer is not None:
             with contextlib.suppress(Exception):
