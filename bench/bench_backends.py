@@ -32,6 +32,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import results  # noqa: E402
 from services.runtime.backends.onnx import CPU, OnnxBackend, OnnxConfig, session_options  # noqa: E402
 from services.runtime.metrics import Metrics  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
@@ -113,12 +114,19 @@ async def run(args: argparse.Namespace) -> None:
               f"{os.cpu_count()} cores, medians of {args.iters} alternating calls")
         print(header)
         print("-" * len(header))
+        rows = []
         for arch in args.archs:
             for batch in args.batches:
                 iters = max(3, args.iters // 4) if batch >= 16 else args.iters
                 plain, served, bare = await measure(base / arch, arch, batch, iters, args.warmup, config)
                 print(f"{arch:<24}{batch:>6}{plain * 1e3:>12.2f}{served * 1e3:>12.2f}"
                       f"{served / plain:>8.3f}{bare * 1e3:>13.2f}{bare / plain:>8.3f}", flush=True)
+                rows += [results.row(f"{arch}, batch {batch}: backend as exported vs bare session.run",
+                                     served * 1e3, "ms", baseline=plain * 1e3),
+                         results.row(f"{arch}, batch {batch}: backend without queue delay vs bare "
+                                     "session.run", bare * 1e3, "ms", baseline=plain * 1e3)]
+        results.record("bench_backends", rows, quick=args.quick, settings=f"medians of {args.iters} "
+                       f"alternating calls, intra_op {config.intra_op_threads}")
 
 
 def main(argv: list[str] | None = None) -> int:

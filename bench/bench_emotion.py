@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tessera_client import TesseraClient  # noqa: E402
+from bench import results  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.emotion.config import EmotionConfig  # noqa: E402
 from services.emotion.pipeline import EmotionPipeline, ImageInput  # noqa: E402
@@ -286,6 +287,18 @@ def main() -> int:
         print("\ndefault student (fer mini-Xception) on astronaut 512², in process, mean ms per request")
         for stage, ms in split.items():
             print(f"  {stage:<14}{ms:>8.2f}")
+        results.record("bench_emotion", [
+            results.row("mobilenetv3 224² crop, batch 1: added p50 (gateway − in process) vs the two-hop "
+                        "echo floor", added * 1e3, "ms", baseline=floor * 1e3, target="≤ 1.25",
+                        meets_target=added / floor <= 1.25,
+                        note=f"gateway {gw_p50 * 1e3:.2f} vs in process {in_p50 * 1e3:.2f} ms"),
+            results.row("same, 32 concurrent clients: gateway throughput vs in process", gw_tput, "/s",
+                        baseline=in_tput, target="≥ 0.8", meets_target=gw_tput / in_tput >= 0.8),
+            results.row("default student on astronaut 512², in process, end to end (median)",
+                        split["end to end"], "ms",
+                        note=", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "end to end")),
+        ], quick=args.quick,
+            settings=f"{n} latency samples in {rounds} rounds, throughput 2 × {seconds / 2:g} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_emotion import crop_jpeg  # noqa: E402
+from bench import results  # noqa: E402
 from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.emotion.config import EmotionConfig  # noqa: E402
@@ -103,6 +104,14 @@ def main() -> int:
     print(f"  {'ensemble through the gateway':<36}{served:>16.1f} ms   ratio {served / total:.3f}   target ≤ 1.1")
     q = statistics.quantiles(per_round, n=4)
     print(f"  per-round ratios: median {statistics.median(per_round):.3f}, quartiles {q[0]:.3f}–{q[2]:.3f}")
+    results.record("bench_ensemble", [
+        results.row("ensemble (resnet18 + tf_efficientnet_b3 + convnext_tiny) at batch 1 through the gateway "
+                    "vs the sum of the members' bare session.run", served, "ms", baseline=total,
+                    target="≤ 1.1",
+                    meets_target=served / total <= 1.1,
+                    note=f"per-round median {statistics.median(per_round):.2f}; "
+                    + ", ".join(f"{n} {ms:.1f} ms" for n, ms in member_ms.items())),
+    ], quick=args.iters < 20, settings=f"medians of {args.iters} alternating rounds")
     return 0 if served / total <= 1.1 else 1
 
 

@@ -24,6 +24,7 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import results  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 from tessera_client import TesseraClient  # noqa: E402
@@ -59,6 +60,12 @@ def main() -> int:
     print(f"then the gateway's first OK: median {statistics.median(reconnect) * 1e3:.0f} ms "
           f"(max {max(reconnect) * 1e3:.0f} ms); ratio to the service's own start-up "
           f"{statistics.median(reconnect) / statistics.median(ready):.2f}")
+    results.record("bench_recovery", [
+        results.row("emotion killed and restarted: the gateway's first OK after SERVING vs the service's "
+                    "own start-up", statistics.median(reconnect) * 1e3, "ms",
+                    baseline=statistics.median(ready) * 1e3,
+                    note=f"medians of {args.rounds} rounds, max {max(reconnect) * 1e3:.0f} ms"),
+    ], quick=args.rounds < 5, settings=f"{args.rounds} rounds")
     return 0
 
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import results  # noqa: E402
 from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.proxylabel.features import compute_features  # noqa: E402
@@ -212,6 +213,19 @@ def main() -> int:
             print(f"{'evaluation (labelled rows)':<46}{ev.rows_labelled:>8} acc {ev.accuracy:.3f} "
                   f"F1 {ev.macro_f1:.3f} MAE {ev.mean_absolute_error:.3f}")
         print(f"{'output: every id exactly once':<46}{'yes' if ok else 'NO':>16}   ({detail})")
+        results.record("bench_shards", [
+            results.row(f"shard job through the gateway, {args.mode}, {args.rows:,} rows × {args.dim}-d, "
+                        f"{args.labelled:,} labelled: rows/s vs faiss exact search alone", e2e_rps, "rows/s",
+                        baseline=faiss_rps,
+                        target="(not the target's case)" if args.quick else "≥ 0.8 (300k × 1024-d)",
+                        meets_target=None if args.quick else e2e_rps / faiss_rps >= 0.8),
+            results.row("proxylabel RSS after the job vs after the first part", e2e["rss_end"] / 1024, "MiB",
+                        baseline=round(e2e["rss_first_part"] / 1024, 1), target="independent of shard size",
+                        note=f"max at progress events {e2e['rss_during'] / 1024:.0f} MiB, "
+                        f"VmHWM {e2e['hwm_end'] / 1024:.0f} MiB"),
+            results.row("output: every id exactly once", None, target="yes", meets_target=ok, note=detail),
+        ], quick=args.quick,
+            settings=f"{args.rows} rows, {args.labelled} labelled, {args.dim}-d, mode {args.mode}")
         return 0 if ok else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
