@@ -19,6 +19,8 @@ from gateway.config import GatewayConfig
 from gateway.routes import Routes
 from services.fusion.engagement import Smoother
 from services.fusion.rules import AFFECTS, FusionRules, RulesStore, Smoothing
+from services.runtime.auth import current_identity
+from services.runtime.config import ALL_SCOPES
 from services.runtime.errors import ServingError, item_status
 from services.runtime.servicing import check_batch_size
 from services.runtime.streams import Drain, until_drained
@@ -55,6 +57,15 @@ class _Relay:
     def raise_kept(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def _shard_caller() -> proxylabel_pb.Caller | None:
+    """The authenticated caller of the running call, for the proxylabel service's shard jobs (a
+    job belongs to the caller that started it); None when the gateway is open."""
+    identity = current_identity()
+    if identity is None:
+        return None
+    return proxylabel_pb.Caller(name=identity.name, admin=identity.allows(ALL_SCOPES))
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
@@ -195,18 +206,19 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                          ) -> AsyncIterator[pb.ScoreShardResponse]:
         # The job runs in the proxylabel service; this stream only watches it. A drain ends the
         # watch (UNAVAILABLE) and the caller re-attaches with the same request: the job goes on.
-        watch = self._watch_shard(request, context)
+        watch = self._watch_shard(request, context, _shard_caller())
         async for reply in until_drained(watch, self.drain, "gateway shard job watch"):
             yield reply
 
-    async def _watch_shard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
-                           ) -> AsyncIterator[pb.ScoreShardResponse]:
+    async def _watch_shard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext,
+                           caller: proxylabel_pb.Caller | None) -> AsyncIterator[pb.ScoreShardResponse]:
         rules, version = self.rules.current()
         route = self.routes.proxylabel
         route.ensure_reachable()  # known down: UNAVAILABLE now, and the caller re-attaches later
         call = route.stub.ScoreShard(
             proxylabel_pb.ScoreShardRequest(input_path=request.input_path, output_path=request.output_path,
-                                            rules=answers.proxy_rules(rules, version), batch_rows=request.batch_rows),
+                                            rules=answers.proxy_rules(rules, version), batch_rows=request.batch_rows,
+                                            caller=caller),
             timeout=self.routes.timeout(context, "stream"))
         try:
             async for event in call:
@@ -221,13 +233,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                           ) -> pb.GetShardJobResponse:
         route = self.routes.proxylabel
         reply = await route.call(route.stub.GetShardJob(
-            proxylabel_pb.GetShardJobRequest(job_id=request.job_id), timeout=self.routes.timeout(context)))
+            proxylabel_pb.GetShardJobRequest(job_id=request.job_id, caller=_shard_caller()),
+            timeout=self.routes.timeout(context)))
         return pb.GetShardJobResponse(job=reply.job)
 
     async def ListShardJobs(self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListShardJobsResponse:
         route = self.routes.proxylabel
-        reply = await route.call(route.stub.ListShardJobs(proxylabel_pb.ListShardJobsRequest(),
+        reply = await route.call(route.stub.ListShardJobs(proxylabel_pb.ListShardJobsRequest(caller=_shard_caller()),
                                                           timeout=self.routes.timeout(context)))
         return pb.ListShardJobsResponse(jobs=reply.jobs)
 
@@ -235,7 +248,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                              ) -> pb.CancelShardJobResponse:
         route = self.routes.proxylabel
         reply = await route.call(route.stub.CancelShardJob(
-            proxylabel_pb.CancelShardJobRequest(job_id=request.job_id), timeout=self.routes.timeout(context)))
+            proxylabel_pb.CancelShardJobRequest(job_id=request.job_id, caller=_shard_caller()),
+            timeout=self.routes.timeout(context)))
         return pb.CancelShardJobResponse(job=reply.job)
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext

@@ -205,16 +205,20 @@ class TesseraClient:
         return self.stub.ScoreShard(request, **self._kw(timeout or 24 * 3600.0))
 
     def get_shard_job(self, job_id: str, *, timeout: float | None = None) -> proxylabel_pb.ShardJob:
-        """A shard job's state (RUNNING, SUCCEEDED, FAILED, CANCELLED, ORPHANED), rows, owner."""
+        """A shard job's state (RUNNING, SUCCEEDED, FAILED, CANCELLED, ORPHANED), rows, owner. A job
+        belongs to the token that started it (`started_by`): another token's job is NOT_FOUND,
+        unless this token has the admin scope."""
         return self.stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), **self._kw(timeout)).job
 
     def list_shard_jobs(self, *, timeout: float | None = None) -> list[proxylabel_pb.ShardJob]:
-        """The shard jobs under the proxylabel service's output roots, most recently updated first."""
+        """This token's shard jobs (every job for an admin token) under the proxylabel service's
+        output roots, most recently updated first."""
         return list(self.stub.ListShardJobs(pb.ListShardJobsRequest(), **self._kw(timeout)).jobs)
 
     def cancel_shard_job(self, job_id: str, *, timeout: float | None = None) -> proxylabel_pb.ShardJob:
         """Stop a shard job at its next part boundary (finished parts stay; the same ScoreShard
-        resumes it). Returns the job: CANCELLED, or RUNNING with cancel_requested until it stops."""
+        resumes it). Returns the job: CANCELLED, or RUNNING with cancel_requested until it stops.
+        Only the token that started the job, or an admin token, may (PERMISSION_DENIED)."""
         return self.stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id), **self._kw(timeout)).job
 
     # Operations ------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ def _strings(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.Ar
     arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, pa.string())
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type):
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_large_string(arr.type) or pa.types.is_string_view(arr.type) or pa.types.is_null(arr.type):
         arr = arr.cast(pa.string())
     return pc.fill_null(arr, "")
 

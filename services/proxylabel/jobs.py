@@ -62,6 +62,7 @@ class JobStatus:
     error_code: str  # a grpc.StatusCode name, when FAILED
     error_message: str
     owner: str  # host:pid of the live holder, else of the last run
+    started_by: str  # the caller that started the job ("" without one: services/proxylabel/access.py)
     updated: float  # wall clock of the manifest's last change
     heartbeat: float | None  # the holder's last heartbeat, if a lock was ever taken
     cancel_requested: bool
@@ -111,6 +112,7 @@ def read_status(output: Path, expiry_seconds: float) -> JobStatus | None:
         error_code=error.get("code", "") if state == FAILED else "",
         error_message=error.get("message", "") if state == FAILED else "",
         owner=holder.label if alive and holder else manifest.get("owner", ""),
+        started_by=str(manifest.get("started_by") or ""),
         updated=float(manifest.get("updated", 0.0)),
         heartbeat=last.heartbeat if last is not None else None,
         cancel_requested=cancel_requested and state in (RUNNING, CANCELLED),
@@ -157,9 +159,9 @@ def register(job_id: str, output: Path, roots: Sequence[Path]) -> None:
 def _indexed(root: Path, entry: Path) -> Path | None:
     try:
         rel = json.loads(entry.read_text())["output"]
-    except (OSError, ValueError, KeyError, TypeError):
+        output = (root / rel).resolve()
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError):  # RuntimeError: a symlink loop
         return None
-    output = (root / rel).resolve()
     # An entry must not point outside its root (the index is data on a shared volume).
     return output if output.is_relative_to(root) else None
 
@@ -176,7 +178,13 @@ def find(job_id: str, roots: Sequence[Path], expiry_seconds: float) -> JobStatus
         status = read_status(output, expiry_seconds)
         if status is not None and status.job_id == job_id:
             return status
-    raise NotFound(f"no shard job {job_id} under the output roots")
+    raise not_found(job_id)
+
+
+def not_found(job_id: str) -> NotFound:
+    """The answer about a job that is not there, or not the caller's (the same: it does not say
+    whether a job of another caller exists)."""
+    return NotFound(f"no shard job {job_id} under the output roots")
 
 
 def list_jobs(roots: Sequence[Path], expiry_seconds: float) -> list[JobStatus]:

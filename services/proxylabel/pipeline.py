@@ -189,8 +189,8 @@ class ProxyLabelPipeline:
                   ([self.config.mlp_model] if run_mlp and self.mlp is None else [])
         if missing:
             raise FailedPrecondition(
-                f"{purpose} needs model(s) {', '.join(missing)}, which are not loaded from the model repository "
-                f"{self.config.model_repository}; build them with `make models` or the proxylabel tools")
+                f"{purpose} needs model(s) {', '.join(missing)}, which are not loaded from the service's model "
+                "repository; build them with `make models` or the proxylabel tools")
         if run_knn and run_mlp and self.knn and self.mlp and (
                 self.knn.embedder != self.mlp.embedder.name or self.knn.dimension != self.mlp.embedder.dimension):
             raise FailedPrecondition(
@@ -277,7 +277,13 @@ class ProxyLabelPipeline:
             else:
                 conv = from_texts([rows[i].text for i in to_embed], [rows[i].response for i in to_embed])
                 embedded = await self.embed(conv.rendered())
-                vectors.update(zip(to_embed, embedded, strict=True))
+                # What the embedder made is checked like a given embedding: never scored when unusable.
+                for i, vector, problem in zip(to_embed, embedded, embedding_problem(embedded, expected.dimension),
+                                              strict=True):
+                    if problem:
+                        results[i].error = FailedPrecondition(f"the text embedder's {problem}")
+                    else:
+                        vectors[i] = vector
         ok = sorted(vectors)
         if not ok:
             return results
@@ -316,17 +322,38 @@ class ProxyLabelPipeline:
         return InvalidArgument(problem) if problem else None
 
 
+# An embedding is scored only when its L2 norm is well inside what float32 normalisation handles:
+# below the minimum its squares underflow (a subnormal or tiny vector normalises to zero, or to
+# noise), above the maximum they overflow (normalised to zero). Either way the row would be
+# scored on a vector that is not the one given, so it is refused with a reason instead.
+MIN_EMBEDDING_NORM = 1e-12
+MAX_EMBEDDING_NORM = 1e18
+
+
 def embedding_problem(embeddings: np.ndarray, dimension: int) -> list[str]:
     """Per row: why the embedding is unusable ("" when it is fine)."""
     if embeddings.ndim != 2 or embeddings.shape[1] != dimension:
         width = embeddings.shape[1] if embeddings.ndim == 2 else 0
         return [f"embedding has {width} values, the models take {dimension}"] * len(embeddings)
-    # Two reductions, no temporary the size of the matrix: shard parts are 10k × 1024 floats.
+    # Reductions only, no temporary the size of the matrix: shard parts are 10k × 1024 floats.
     finite = np.isfinite(embeddings).all(axis=1)
     zero = ~embeddings.any(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # In float64, where neither underflows nor overflows for float32 values.
+        norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))
     reasons = [""] * len(embeddings)
-    for i in np.flatnonzero(~finite | zero):
-        reasons[i] = "embedding has NaN or infinite values" if not finite[i] else "embedding is all zeros"
+    bad = ~finite | zero | ~(norms >= MIN_EMBEDDING_NORM) | ~(norms <= MAX_EMBEDDING_NORM)
+    for i in np.flatnonzero(bad):
+        if not finite[i]:
+            reasons[i] = "embedding has NaN or infinite values"
+        elif zero[i]:
+            reasons[i] = "embedding is all zeros"
+        elif norms[i] < MIN_EMBEDDING_NORM:
+            reasons[i] = (f"embedding's norm {norms[i]:.3g} is too close to zero to normalise (it must be at "
+                          f"least {MIN_EMBEDDING_NORM:g})")
+        else:
+            reasons[i] = (f"embedding's norm {norms[i]:.3g} is too large to normalise (it must be at most "
+                          f"{MAX_EMBEDDING_NORM:g})")
     return reasons
 
 

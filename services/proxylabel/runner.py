@@ -12,6 +12,9 @@
 The first event says which (`Attached`). A job ends on its own (summary), on a cancel request (at
 the next part boundary, JobCancelled), on an error (recorded in its manifest), or when the service
 stops (its lock is released; the next ScoreShard resumes it, here or on another replica).
+
+A job belongs to the caller that started it (services/proxylabel/access.py): another caller may
+neither watch, resume, see nor cancel it (an admin may).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.proxylabel import jobs
+from services.proxylabel.access import Caller, may_access
 from services.proxylabel.config import ProxyLabelConfig
 from services.proxylabel.jobs import JobStatus
 from services.proxylabel.lease import Lease, LeaseBusy, LeaseLost
@@ -47,7 +51,14 @@ from services.proxylabel.shards import (
     score_job,
     summary_of,
 )
-from services.runtime.errors import FailedPrecondition, NotFound, ServingError, Unavailable, error_for
+from services.runtime.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    ServingError,
+    Unavailable,
+    error_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +151,7 @@ class ShardJobs:
         Request problems raise before the first event, with their documented status."""
         running = self.running.get(job.job_id)
         if running is not None:
+            _check_access(job, str(running.manifest.data.get("started_by") or ""))
             yield Attached(job.job_id, REATTACHED)
             async for event in self._watch(running, pipeline):
                 yield event
@@ -149,9 +161,11 @@ class ShardJobs:
             started = self._start(plan, pipeline)
         except LeaseBusy:
             other = jobs.read_status(job.output_path, self.expiry)
+            if other is not None:
+                _check_access(job, other.started_by)
             if other is not None and other.job_id != job.job_id:
-                where = jobs.relative_to_roots(job.output_path, self.config.output_roots)
-                raise FailedPrecondition(f"another shard job ({other.job_id}) is writing {where}") from None
+                raise FailedPrecondition(f"another shard job ({other.job_id}) is writing "
+                                         f"{job.shown_output!r}") from None
             yield Attached(job.job_id, REATTACHED)
             async for event in self._follow(plan, pipeline):
                 yield event
@@ -245,6 +259,7 @@ class ShardJobs:
                 return
             status = jobs.read_status(job.output_path, self.expiry)
             if status is not None:
+                _check_access(job, status.started_by)
                 if status.job_id != job.job_id:
                     raise FailedPrecondition(f"shard job {job.job_id} was replaced by job {status.job_id} in "
                                              "its output directory")
@@ -279,16 +294,25 @@ class ShardJobs:
 
     # -- by id ----------------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> JobStatus:
-        return jobs.find(job_id, self.config.output_roots, self.expiry)
+    def get(self, job_id: str, caller: Caller | None = None) -> JobStatus:
+        """The job; NOT_FOUND for a job of another caller too (its existence is not revealed)."""
+        status = jobs.find(job_id, self.config.output_roots, self.expiry)
+        if not may_access(caller, status.started_by):
+            raise jobs.not_found(job_id)
+        return status
 
-    def list_jobs(self) -> list[JobStatus]:
-        return jobs.list_jobs(self.config.output_roots, self.expiry)
+    def list_jobs(self, caller: Caller | None = None) -> list[JobStatus]:
+        """The caller's jobs (every job for an admin, or without a caller)."""
+        return [s for s in jobs.list_jobs(self.config.output_roots, self.expiry) if may_access(caller, s.started_by)]
 
-    def cancel(self, job_id: str) -> JobStatus:
+    def cancel(self, job_id: str, caller: Caller | None = None) -> JobStatus:
         """Ask the job to stop at its next part boundary, wherever it runs; a job nobody runs is
-        marked cancelled at once. A finished job is returned unchanged."""
+        marked cancelled at once. A finished job is returned unchanged. Only the caller that
+        started the job, or an admin, may (PERMISSION_DENIED)."""
         status = self.get(job_id)
+        if not may_access(caller, status.started_by):
+            raise PermissionDenied(f"shard job {job_id} was started by another caller: only that caller or an "
+                                   "admin may cancel it")
         handle = self.running.get(job_id)
         if handle is not None:
             handle.cancel_requested = True
@@ -328,6 +352,12 @@ class ShardJobs:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _check_access(job: ShardJob, started_by: str) -> None:
+    if not may_access(job.caller, started_by):
+        raise PermissionDenied(f"output directory {job.shown_output!r} holds a shard job of another caller; "
+                               "choose another output_path")
 
 
 def _status_error(status: JobStatus) -> ServingError:

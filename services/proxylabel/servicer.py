@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -11,13 +12,14 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
 from services.fusion.rules import KnnRules, ProxyLabelRules
+from services.proxylabel.access import Caller
 from services.proxylabel.config import ProxyLabelConfig
 from services.proxylabel.jobs import ORPHANED, JobStatus, relative_to_roots
-from services.proxylabel.paths import confine
+from services.proxylabel.paths import INPUT_ROOTS, OUTPUT_ROOTS, check_input, check_output, confine, shown
 from services.proxylabel.pipeline import ProxyLabelPipeline, RowInput
 from services.proxylabel.runner import REATTACHED, RESUMED, STARTED, Attached, ShardJobs
 from services.proxylabel.shards import CANCELLED, FAILED, RUNNING, SUCCEEDED, Progress, ShardJob, Summary
-from services.runtime.errors import InvalidArgument, NotFound, ResourceExhausted, item_status
+from services.runtime.errors import InvalidArgument, ResourceExhausted, item_status
 from services.runtime.streams import Drain, until_drained
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProxyLabelService"].full_name
@@ -54,6 +56,14 @@ def proxy_rules(rules: pb.FusionRules) -> ProxyLabelRules:
         return ProxyLabelRules(mode=_MODES[rules.mode], alpha=rules.alpha, knn=knn_rules(rules.knn))
     except ValueError as exc:
         raise InvalidArgument(f"invalid fusion rules: {exc}") from None
+
+
+def caller_of(request: pb.ScoreShardRequest | pb.GetShardJobRequest | pb.ListShardJobsRequest
+              | pb.CancelShardJobRequest) -> Caller | None:
+    """Who asks, as the gateway says (it alone reaches this service); None: an open gateway."""
+    if not request.HasField("caller"):
+        return None
+    return Caller(request.caller.name, request.caller.admin)
 
 
 class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
@@ -97,11 +107,17 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
 
     async def ScoreShard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.ScoreShardResponse]:
-        source = confine(request.input_path, self.config.input_roots, "input_path")
-        target = confine(request.output_path, self.config.output_roots, "output_path")
-        if not source.exists():
-            raise NotFound(f"shard {request.input_path!r} does not exist")
-        job = ShardJob(source, target, proxy_rules(request.rules), request.rules.version, request.batch_rows)
+        # Every path problem is answered here, before any work: both paths under their roots first
+        # (outside them is refused whether the path exists or not), then what they are. Messages
+        # name the paths relative to the configured roots, never as the server's absolute paths.
+        source = confine(request.input_path, self.config.input_roots, "input_path", INPUT_ROOTS)
+        target = confine(request.output_path, self.config.output_roots, "output_path", OUTPUT_ROOTS)
+        check_input(source, self.config.input_roots)
+        check_output(target, self.config.output_roots)
+        job = ShardJob(source, target, proxy_rules(request.rules), request.rules.version, request.batch_rows,
+                       caller=caller_of(request),
+                       input_label=shown(source, self.config.input_roots, INPUT_ROOTS),
+                       output_label=shown(target, self.config.output_roots, OUTPUT_ROOTS))
         pipeline = self.pipeline  # the job runs on the models it was planned with, even across a swap
         info: pb.ShardJobInfo | None = None
         # The job is a task of the service: this stream only watches it, and its end (a cancelled
@@ -122,9 +138,9 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
 
     def _summary(self, event: Summary, pipeline: ProxyLabelPipeline) -> pb.ShardSummary:
         summary = pb.ShardSummary(
-            output_path=event.output_path, rows_done=event.rows_done, rows_failed=event.rows_failed,
-            rows_resumed=event.rows_resumed, seconds=event.seconds, rules_version=event.rules_version,
-            models=self._models(pipeline), job_id=event.job_id)
+            output_path=relative_to_roots(Path(event.output_path), self.config.output_roots),
+            rows_done=event.rows_done, rows_failed=event.rows_failed, rows_resumed=event.rows_resumed,
+            seconds=event.seconds, rules_version=event.rules_version, models=self._models(pipeline), job_id=event.job_id)
         if event.evaluation is not None:
             e = event.evaluation
             summary.evaluation.CopyFrom(pb.ShardEvaluation(
@@ -140,7 +156,8 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
             output_path=relative_to_roots(status.output_path, self.config.output_roots),
             rows_done=status.rows_done, rows_total=status.rows_total, rows_failed=status.rows_failed,
             parts_done=status.parts_done, parts_total=status.parts_total, batch_rows=status.batch_rows,
-            rules_version=status.rules_version, owner=status.owner, cancel_requested=status.cancel_requested)
+            rules_version=status.rules_version, owner=status.owner, cancel_requested=status.cancel_requested,
+            started_by=status.started_by)
         if status.error_code:
             code = grpc.StatusCode.__members__.get(status.error_code, grpc.StatusCode.INTERNAL)
             job.error.CopyFrom(common_pb2.ItemStatus(code=code.value[0], message=status.error_message))
@@ -151,15 +168,15 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
 
     async def GetShardJob(self, request: pb.GetShardJobRequest, context: grpc.aio.ServicerContext
                           ) -> pb.GetShardJobResponse:
-        return pb.GetShardJobResponse(job=self._job(self.jobs.get(request.job_id)))
+        return pb.GetShardJobResponse(job=self._job(self.jobs.get(request.job_id, caller_of(request))))
 
     async def ListShardJobs(self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListShardJobsResponse:
-        return pb.ListShardJobsResponse(jobs=[self._job(s) for s in self.jobs.list_jobs()])
+        return pb.ListShardJobsResponse(jobs=[self._job(s) for s in self.jobs.list_jobs(caller_of(request))])
 
     async def CancelShardJob(self, request: pb.CancelShardJobRequest, context: grpc.aio.ServicerContext
                              ) -> pb.CancelShardJobResponse:
-        return pb.CancelShardJobResponse(job=self._job(self.jobs.cancel(request.job_id)))
+        return pb.CancelShardJobResponse(job=self._job(self.jobs.cancel(request.job_id, caller_of(request))))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:

@@ -15,8 +15,11 @@ uncommitted part file is overwritten), so the output holds every input id exactl
 fixed row ranges of the input, so a rerun cuts them the same way. The shard is read by row group,
 never whole.
 
-The whole request is validated before any work (docs/operations.md#errors); a problem with one row (NaN
-embedding, empty text, …) is written on that row with a reason, never dropped.
+The whole request is validated before any work or output (docs/operations.md#errors): the shard's
+columns by their types, its embedder metadata, the paths; a problem with one row (NaN, zero,
+underflowing or overflowing embedding, empty text, …) is written on that row with a reason, never
+dropped. Messages name paths as the job's labels give them (relative to the service's roots), never
+as absolute server paths.
 
     tessera-score-shard-offline --repo model_repository in.parquet out_dir
 """
@@ -45,11 +48,19 @@ import pyarrow.parquet as pq
 
 from services.fusion.proxylabel import final_labels, soft_vote
 from services.fusion.rules import ProxyLabelRules
+from services.proxylabel.access import Caller, may_access, started_by
 from services.proxylabel.features import Conversations, from_messages, from_pairs, from_texts
 from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, KnnOptions, knn_labels
 from services.proxylabel.lease import Lease, LeaseBusy, LeaseLost
 from services.proxylabel.pipeline import NO_NEIGHBOUR, ProxyLabelPipeline, embedding_problem
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, status_of
+from services.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ServingError,
+    status_of,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1  # fields added since are optional: older manifests still resume
@@ -140,6 +151,19 @@ class ShardJob:
     rules: ProxyLabelRules
     rules_version: str = ""
     batch_rows: int = 0
+    # Who asks (services/proxylabel/access.py); None: no identity (an open gateway, the CLI).
+    caller: Caller | None = None
+    # How messages name the paths (relative to the service's roots); the paths themselves when unset.
+    input_label: str = ""
+    output_label: str = ""
+
+    @property
+    def shown_input(self) -> str:
+        return self.input_label or str(self.input_path)
+
+    @property
+    def shown_output(self) -> str:
+        return self.output_label or str(self.output_path)
 
     @property
     def job_id(self) -> str:
@@ -173,29 +197,74 @@ class ShardPlan:
         return self.parts[-1][1] if self.parts else 0
 
 
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    """Strings (also dictionary-encoded, or a column of nulls only)."""
+    if pa.types.is_dictionary(t):
+        return _is_string(t.value_type)
+    return _is_string(t) or pa.types.is_null(t)
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return _is_text(t) or pa.types.is_integer(t) or (pa.types.is_dictionary(t) and pa.types.is_integer(t.value_type))
+
+
+def _column_type(schema: pa.Schema, name: str) -> pa.DataType:
+    found = schema.get_all_field_indices(name)
+    if len(found) > 1:
+        raise InvalidArgument(f"the shard has {len(found)} columns named '{name}'; expected one")
+    return schema.field(found[0]).type
+
+
+def _expect(ok: bool, name: str, t: pa.DataType, expected: str) -> None:
+    if not ok:
+        raise InvalidArgument(f"column '{name}' has type {t}; expected {expected}")
+
+
 def text_kind(schema: pa.Schema) -> tuple[str, list[str]]:
-    """Which conversation columns a shard has; INVALID_ARGUMENT when it has none."""
+    """Which conversation columns a shard has, checked by type; INVALID_ARGUMENT when it has none,
+    or when they hold something else than text."""
     names = set(schema.names)
     if "messages" in names:
-        t = schema.field("messages").type
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type) or \
-                {"role", "content"} - {f.name for f in t.value_type}:
-            raise InvalidArgument(f"column 'messages' has type {t}; expected list<struct<role, content>>")
+        t = _column_type(schema, "messages")
+        ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
+        fields = {f.name: f.type for f in t.value_type} if ok else {}
+        ok = ok and {"role", "content"} <= set(fields) and all(
+            _is_string(fields[k]) or pa.types.is_null(fields[k]) for k in ("role", "content"))
+        _expect(ok, "messages", t, "list<struct<role: string, content: string>>")
         return "messages", ["messages"]
     if {"prompt", "response"} <= names:
+        for name in ("prompt", "response"):
+            t = _column_type(schema, name)
+            _expect(_is_text(t), name, t, "string")
         return "pairs", ["prompt", "response"]
     if "text" in names:
+        t = _column_type(schema, "text")
+        _expect(_is_text(t), "text", t, "string")
         return "text", ["text"]
     raise InvalidArgument(f"the shard has no conversation column: expected 'messages' (list of {{role, content}}), "
-                          f"'prompt' and 'response', or 'text'; it has {sorted(names)}")
+                          f"'prompt' and 'response', or 'text'; it has {sorted(names)[:20]}")
+
+
+def _plain(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One array; dictionary-encoded values decoded, a column of nulls only as strings."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_null(arr.type):
+        arr = arr.cast(pa.string())
+    return arr
 
 
 def conversations_of(table: pa.Table | pa.RecordBatch, kind: str) -> Conversations:
     if kind == "messages":
         return from_messages(table.column("messages"))
     if kind == "pairs":
-        return from_pairs(table.column("prompt"), table.column("response"))
-    return from_texts([t or "" for t in table.column("text").to_pylist()])
+        return from_pairs(_plain(table.column("prompt")), _plain(table.column("response")))
+    return from_texts([t or "" for t in _plain(table.column("text")).to_pylist()])
 
 
 def _embedding_dimensions(pf: pq.ParquetFile) -> set[int]:
@@ -206,8 +275,8 @@ def _embedding_dimensions(pf: pq.ParquetFile) -> set[int]:
     if pa.types.is_fixed_size_list(t):
         found.add(t.list_size)
     meta = _embedder_metadata(pf)
-    if meta and meta.get("dimension"):
-        found.add(int(meta["dimension"]))
+    if meta and meta.get("dimension") is not None:
+        found.add(meta["dimension"])
     for batch in pf.iter_batches(batch_size=64, columns=[EMBEDDING]):
         lengths = pc.list_value_length(batch.column(0)).drop_null()
         if len(lengths):
@@ -217,14 +286,35 @@ def _embedding_dimensions(pf: pq.ParquetFile) -> set[int]:
 
 
 def _embedder_metadata(pf: pq.ParquetFile) -> dict | None:
+    """The shard's `tessera.embedder` metadata, checked: a JSON object whose `name` is a string and
+    whose `dimension` a positive whole number (INVALID_ARGUMENT otherwise); None without it."""
     raw = (pf.schema_arrow.metadata or {}).get(EMBEDDER_METADATA_KEY)
     if not raw:
         return None
+    key = EMBEDDER_METADATA_KEY.decode()
     try:
         meta = json.loads(raw)
-    except ValueError:
-        return None
-    return meta if isinstance(meta, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"the shard's '{key}' metadata is not JSON; expected an object "
+                              '{"name": <embedder>, "dimension": <width>}') from None
+    if not isinstance(meta, dict):
+        raise InvalidArgument(f"the shard's '{key}' metadata is a {type(meta).__name__}; expected an object "
+                              '{"name": <embedder>, "dimension": <width>}')
+    name, dimension = meta.get("name"), meta.get("dimension")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument(f"the shard's '{key}' metadata has name {_brief(name)} "
+                              f"({type(name).__name__}); expected a string")
+    if isinstance(dimension, str) and dimension.strip().isdigit():
+        dimension = int(dimension)
+    if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0):
+        raise InvalidArgument(f"the shard's '{key}' metadata has dimension {_brief(dimension)} "
+                              f"({type(dimension).__name__}); expected a positive whole number")
+    return {**meta, "dimension": dimension}
+
+
+def _brief(value: object) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def fingerprint(path: Path) -> dict:
@@ -232,15 +322,21 @@ def fingerprint(path: Path) -> dict:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def open_shard(path: Path) -> pq.ParquetFile:
-    if not path.exists():
-        raise NotFound(f"shard {str(path)!r} does not exist")
-    if not path.is_file():
-        raise InvalidArgument(f"shard {str(path)!r} is not a file")
+def _scrubbed(exc: BaseException, path: Path, label: str) -> str:
+    """An exception's text without the server's path in it."""
+    return str(exc).replace(str(path), label)
+
+
+def open_shard(path: Path, label: str | None = None) -> pq.ParquetFile:
+    label = str(path) if label is None else label
     try:
+        if not path.exists():
+            raise NotFound(f"shard {label!r} does not exist")
+        if not path.is_file():
+            raise InvalidArgument(f"shard {label!r} is not a file")
         return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InvalidArgument(f"shard {str(path)!r} is not a parquet file: {exc}") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InvalidArgument(f"shard {label!r} is not a parquet file: {_scrubbed(exc, path, label)}") from None
 
 
 def cut_parts(row_group_rows: list[int], batch_rows: int) -> list[tuple[int, int]]:
@@ -260,8 +356,9 @@ def plan_shard(job: ShardJob, pipeline: ProxyLabelPipeline) -> ShardPlan:
     run_knn, run_mlp = mode in ("knn", "ensemble"), mode in ("mlp", "ensemble")
     pipeline.require(run_knn, run_mlp, "shard scoring")
     expected = pipeline.expected_embedder(run_knn, run_mlp)
-    pf = open_shard(job.input_path)
+    pf = open_shard(job.input_path, job.shown_input)
     schema = pf.schema_arrow
+    # Every column the job reads is checked by type here, before anything is written.
     kind, text_columns = text_kind(schema)
     names = set(schema.names)
     columns = list(text_columns)
@@ -269,22 +366,27 @@ def plan_shard(job: ShardJob, pipeline: ProxyLabelPipeline) -> ShardPlan:
     has_embedding = EMBEDDING in names
     has_scores = SCORES in names
     if has_id:
+        t = _column_type(schema, ID)
+        _expect(_is_id(t), ID, t, "strings or integers")
         columns.insert(0, ID)
     if has_scores:
-        t = schema.field(SCORES).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
-            raise InvalidArgument(f"column '{SCORES}' has type {t}; expected numbers 0-5")
+        t = _column_type(schema, SCORES)
+        _expect(pa.types.is_integer(t) or pa.types.is_floating(t), SCORES, t, "numbers 0-5")
         columns.append(SCORES)
     if has_embedding:
-        t = schema.field(EMBEDDING).type
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or \
-                not (pa.types.is_floating(t.value_type)):
-            raise InvalidArgument(f"column '{EMBEDDING}' has type {t}; expected a list of floats")
+        t = _column_type(schema, EMBEDDING)
+        _expect((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+                and pa.types.is_floating(t.value_type), EMBEDDING, t, "a list of floats")
         meta = _embedder_metadata(pf)
         if meta and meta.get("name") and meta["name"] != expected.name:
             raise FailedPrecondition(f"the shard's embeddings were made by {meta['name']}, the index by "
                                      f"{expected.name}: embeddings of different embedders cannot be compared")
-        wrong = sorted(_embedding_dimensions(pf) - {expected.dimension})
+        try:
+            dimensions = _embedding_dimensions(pf)
+        except (pa.ArrowException, OSError) as exc:
+            raise InvalidArgument(f"shard {job.shown_input!r}: its embeddings cannot be read: "
+                                  f"{_scrubbed(exc, job.input_path, job.shown_input)}") from None
+        wrong = sorted(dimensions - {expected.dimension})
         if wrong:
             raise InvalidArgument(f"the shard's embeddings have dimension {wrong[0]}, the index {expected.dimension}")
         columns.append(EMBEDDING)
@@ -313,8 +415,9 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
     buffer: list[pa.RecordBatch] = []
     buffered = 0
     i = first
-    for batch in pf.iter_batches(batch_size=max(1, min(widest, 65_536)), row_groups=range(rg, pf.num_row_groups),
-                                 columns=plan.columns, use_threads=True):
+    batches = pf.iter_batches(batch_size=max(1, min(widest, 65_536)), row_groups=range(rg, pf.num_row_groups),
+                              columns=plan.columns, use_threads=True)
+    for batch in _readable(batches, plan, lambda: position):
         if position + len(batch) <= start:
             position += len(batch)
             continue
@@ -331,6 +434,21 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
             rest = table.slice(b - a)
             buffer, buffered, start = rest.to_batches(), len(rest), b
             i += 1
+
+
+def _readable(batches: Iterator[pa.RecordBatch], plan: ShardPlan, where: Callable[[], int]
+              ) -> Iterator[pa.RecordBatch]:
+    """The batches; data the reader cannot decode (a corrupt page) is INVALID_ARGUMENT naming where."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            job = plan.job
+            raise InvalidArgument(f"shard {job.shown_input!r} cannot be read from row {where()}: "
+                                  f"{_scrubbed(exc, job.input_path, job.shown_input)}") from None
+        yield batch
 
 
 async def prefetched(items: Iterator[T]) -> AsyncIterator[T]:
@@ -373,7 +491,9 @@ class Manifest:
         """The job's manifest: a new one, or the one of an interrupted run of the same job."""
         path = output / MANIFEST
         job = plan.job
-        fresh = {"format": MANIFEST_FORMAT, "job_id": job.job_id, "input": plan.fingerprint,
+        shown = job.shown_output
+        fresh = {"format": MANIFEST_FORMAT, "job_id": job.job_id, "started_by": started_by(job.caller),
+                 "input": plan.fingerprint,
                  "rules_version": job.rules_version, "mode": job.rules.mode,
                  "rules": job.rules.model_dump(mode="json"), "batch_rows": job.batch_rows,
                  "rows_total": plan.rows_total, "parts_total": len(plan.parts), "has_scores": plan.has_scores,
@@ -382,24 +502,34 @@ class Manifest:
         if not path.exists():
             others = [p.name for p in output.iterdir() if not p.name.startswith(".") and not p.name.startswith("part-")]
             if others:
-                raise FailedPrecondition(f"output directory {output} is not empty and holds no shard job "
-                                         f"({', '.join(sorted(others)[:5])})")
+                raise FailedPrecondition(f"output directory {shown!r} is not empty and holds no shard job "
+                                         f"({', '.join(repr(o) for o in sorted(others)[:5])})")
             return cls(path, fresh, fresh=True)
         old = read_manifest(output)
         if old is None:
-            raise FailedPrecondition(f"{path} is unreadable; remove the output directory to start over")
+            raise FailedPrecondition(f"the manifest of output directory {shown!r} is unreadable; remove the "
+                                     "directory to start over")
+        if not may_access(job.caller, str(old.get("started_by") or "")):
+            raise PermissionDenied(f"output directory {shown!r} holds a shard job of another caller; choose "
+                                   "another output_path")
         keys = ["format", "input", "rules_version", "mode", "batch_rows", "rows_total"]
         if "rules" in old:  # manifests written before it was recorded are checked without it
             keys.append("rules")
         for key in keys:
             if old.get(key) != fresh[key]:
+                if key == "input":  # the fingerprint holds the server's path: say what differs instead
+                    what = ("another input shard" if old.get(key, {}).get("path") != fresh[key]["path"] else
+                            "an input shard that changed since (size or modification time)")
+                else:
+                    what = f"another {key} ({old.get(key)!r}, now {fresh[key]!r})"
                 raise FailedPrecondition(
-                    f"output directory {output} holds a job with another {key} ({old.get(key)!r}, now "
-                    f"{fresh[key]!r}); resuming would mix them: remove it or choose another output_path")
+                    f"output directory {shown!r} holds a job with {what}; resuming would mix them: remove it "
+                    "or choose another output_path")
         # Fields a manifest of an older version lacks; the job id follows the request (a moved
         # output directory gets the id of its new place).
         for key in ("rules", "has_scores", "error", "owner", "runs"):
             old.setdefault(key, fresh[key])
+        old.setdefault("started_by", "")  # a job of before ownership: nobody's (an admin's)
         old["job_id"] = job.job_id
         old.setdefault("state", SUCCEEDED if old.get("complete") else RUNNING)
         old.setdefault("updated", fresh["updated"])
@@ -517,7 +647,7 @@ def _embedding_matrix(column: pa.ChunkedArray | pa.Array, dimension: int) -> tup
 async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Table, first_row: int) -> PartResult:
     n = table.num_rows
     rules = plan.job.rules
-    ids = table.column(ID).cast(pa.string()) if plan.has_id else \
+    ids = _plain(table.column(ID)).cast(pa.string()) if plan.has_id else \
         pa.array([str(first_row + i) for i in range(n)], pa.string())
     conv = await asyncio.to_thread(conversations_of, table, plan.text_kind)
     reasons = ["" for _ in range(n)]
@@ -536,7 +666,12 @@ async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Ta
         todo = [i for i in range(n) if not reasons[i]]
         if todo:
             texts = conversations_of(table.take(pa.array(todo)), plan.text_kind).rendered()
-            emb[todo] = await pipeline.embed(texts)
+            vectors = await pipeline.embed(texts)
+            emb[todo] = vectors
+            # What the embedder made is checked like a given embedding: never scored when unusable.
+            for j, problem in enumerate(embedding_problem(vectors, plan.embedder.dimension)):
+                if problem:
+                    reasons[todo[j]] = f"the text embedder's {problem}"
     ok = np.array([not r for r in reasons], bool)
     idx = np.flatnonzero(ok)
     labels = np.full(n, -1, np.int64)
@@ -596,10 +731,15 @@ def open_output(plan: ShardPlan, lock_expiry_seconds: float = DEFAULT_LOCK_EXPIR
     something else. A complete job's manifest is returned untouched.
     """
     output = plan.job.output_path
-    if output.exists() and not output.is_dir():
-        raise InvalidArgument(f"output_path {str(output)!r} exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    lease = Lease.acquire(output, lock_expiry_seconds)
+    shown = plan.job.shown_output
+    try:
+        if output.exists() and not output.is_dir():
+            raise InvalidArgument(f"output_path {shown!r} exists and is not a directory")
+        output.mkdir(parents=True, exist_ok=True)
+        lease = Lease.acquire(output, lock_expiry_seconds)
+    except OSError as exc:
+        raise InvalidArgument(f"output_path {shown!r} cannot be written: "
+                              f"{(exc.strerror or type(exc).__name__).lower()}") from None
     try:
         manifest = Manifest.open(output, plan)
         if not manifest.complete:
@@ -724,7 +864,7 @@ async def run_shard(plan: ShardPlan, pipeline: ProxyLabelPipeline, *, throttle_s
     try:
         lease, manifest = open_output(plan, lock_expiry_seconds)
     except LeaseBusy as busy:
-        raise FailedPrecondition(f"another job is writing {plan.job.output_path} "
+        raise FailedPrecondition(f"another job is writing {plan.job.shown_output} "
                                  f"({busy.holder.label})") from None
     try:
         async with lease.kept_alive():

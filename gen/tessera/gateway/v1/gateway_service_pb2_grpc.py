@@ -125,21 +125,23 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetShardJob(self, request, context):
-        """A shard job by id (from the first ScoreShard event).
+        """A shard job by id (from the first ScoreShard event). A job belongs to the caller (token) that
+        started it: another caller's job is NOT_FOUND, unless the caller has the admin scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListShardJobs(self, request, context):
-        """The shard jobs under the proxylabel service's output roots.
+        """The caller's shard jobs under the proxylabel service's output roots (admin: every job).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelShardJob(self, request, context):
-        """Stops a shard job at its next part boundary; finished parts stay.
+        """Stops a shard job at its next part boundary; finished parts stay. Only the caller that started
+        it, or an admin (PERMISSION_DENIED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -26,23 +26,23 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tessera.common.v1 import common_pb2 as tessera_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tessera/proxylabel/v1/proxylabel_service.proto\x12\x15tessera.proxylabel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"\xcc\x02\n\nKnnOptions\x12\x0e\n\x01k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x36\n\tweighting\x18\x03 \x01(\x0e\x32#.tessera.proxylabel.v1.KnnWeighting\x12\x18\n\x0bpower_alpha\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12:\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32%.tessera.proxylabel.v1.KnnAggregation\x12!\n\x14similarity_threshold\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11prior_calibration\x18\x07 \x01(\x08H\x04\x88\x01\x01\x42\x04\n\x02_kB\x06\n\x04_tauB\x0e\n\x0c_power_alphaB\x17\n\x15_similarity_thresholdB\x14\n\x12_prior_calibration\"\x8d\x01\n\x0b\x46usionRules\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\x04mode\x18\x02 \x01(\x0e\x32 .tessera.proxylabel.v1.ProxyMode\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12.\n\x03knn\x18\x04 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\"Z\n\x07TextRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x10\n\x08\x65mbedder\x18\x05 \x01(\t\"\xab\x01\n\tRowScores\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\x19\n\x11knn_probabilities\x18\x03 \x03(\x02\x12\x19\n\x11mlp_probabilities\x18\x04 \x03(\x02\x12\x1a\n\x12knn_expected_score\x18\x05 \x01(\x02\x12\x11\n\tknn_label\x18\x06 \x01(\x05\"\x93\x01\n\x11ScoreTextsRequest\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tessera.proxylabel.v1.TextRow\x12.\n\x03knn\x18\x02 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\x12\x0f\n\x07run_knn\x18\x03 \x01(\x08\x12\x0f\n\x07run_mlp\x18\x04 \x01(\x08\"r\n\x12ScoreTextsResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .tessera.proxylabel.v1.RowScores\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\"\x83\x01\n\x11ScoreShardRequest\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x31\n\x05rules\x18\x03 \x01(\x0b\x32\".tessera.proxylabel.v1.FusionRules\x12\x12\n\nbatch_rows\x18\x04 \x01(\x05\"]\n\x0cShardJobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12=\n\nattachment\x18\x02 \x01(\x0e\x32).tessera.proxylabel.v1.ShardJobAttachment\"\x96\x01\n\rShardProgress\x12\x11\n\trows_done\x18\x01 \x01(\x03\x12\x12\n\nrows_total\x18\x02 \x01(\x03\x12\x17\n\x0frows_per_second\x18\x03 \x01(\x01\x12\x13\n\x0brows_failed\x18\x04 \x01(\x03\x12\x30\n\x03job\x18\x05 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardJobInfo\"\x85\x01\n\x0fShardEvaluation\x12\x15\n\rrows_labelled\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\x1b\n\x13mean_absolute_error\x18\x04 \x01(\x01\x12\x1a\n\x12per_class_accuracy\x18\x05 \x03(\x01\"\x83\x02\n\x0cShardSummary\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x11\n\trows_done\x18\x02 \x01(\x03\x12\x13\n\x0brows_failed\x18\x03 \x01(\x03\x12\x14\n\x0crows_resumed\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12:\n\nevaluation\x18\x07 \x01(\x0b\x32&.tessera.proxylabel.v1.ShardEvaluation\x12,\n\x06models\x18\x08 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x0e\n\x06job_id\x18\t \x01(\t\"\x8f\x01\n\x12ScoreShardResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.tessera.proxylabel.v1.ShardProgressH\x00\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardSummaryH\x00\x42\x07\n\x05\x65vent\"\xc4\x03\n\x08ShardJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.tessera.proxylabel.v1.ShardJobState\x12\x12\n\ninput_path\x18\x03 \x01(\t\x12\x13\n\x0boutput_path\x18\x04 \x01(\t\x12\x11\n\trows_done\x18\x05 \x01(\x03\x12\x12\n\nrows_total\x18\x06 \x01(\x03\x12\x13\n\x0brows_failed\x18\x07 \x01(\x03\x12\x12\n\nparts_done\x18\x08 \x01(\x05\x12\x13\n\x0bparts_total\x18\t \x01(\x05\x12\x12\n\nbatch_rows\x18\n \x01(\x05\x12\x15\n\rrules_version\x18\x0b \x01(\t\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\r\n\x05owner\x18\r \x01(\t\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eheartbeat_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x10 \x01(\x08\"$\n\x12GetShardJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"C\n\x13GetShardJobResponse\x12,\n\x03job\x18\x01 \x01(\x0b\x32\x1f.tessera.proxylabel.v1.ShardJob\"\x16\n\x14ListShardJobsRequest\"F\n\x15ListShardJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.tessera.proxylabel.v1.ShardJob\"\'\n\x15\x43\x61ncelShardJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"F\n\x16\x43\x61ncelShardJobResponse\x12,\n\x03job\x18\x01 \x01(\x0b\x32\x1f.tessera.proxylabel.v1.ShardJob\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo*h\n\tProxyMode\x12\x1a\n\x16PROXY_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROXY_MODE_KNN\x10\x01\x12\x12\n\x0ePROXY_MODE_MLP\x10\x02\x12\x17\n\x13PROXY_MODE_ENSEMBLE\x10\x03*|\n\x0cKnnWeighting\x12\x1d\n\x19KNN_WEIGHTING_UNSPECIFIED\x10\x00\x12\x19\n\x15KNN_WEIGHTING_SOFTMAX\x10\x01\x12\x17\n\x13KNN_WEIGHTING_POWER\x10\x02\x12\x19\n\x15KNN_WEIGHTING_UNIFORM\x10\x03*k\n\x0eKnnAggregation\x12\x1f\n\x1bKNN_AGGREGATION_UNSPECIFIED\x10\x00\x12\x18\n\x14KNN_AGGREGATION_VOTE\x10\x01\x12\x1e\n\x1aKNN_AGGREGATION_REGRESSION\x10\x02*\xa3\x01\n\x12ShardJobAttachment\x12$\n SHARD_JOB_ATTACHMENT_UNSPECIFIED\x10\x00\x12 \n\x1cSHARD_JOB_ATTACHMENT_STARTED\x10\x01\x12 \n\x1cSHARD_JOB_ATTACHMENT_RESUMED\x10\x02\x12#\n\x1fSHARD_JOB_ATTACHMENT_REATTACHED\x10\x03*\xc5\x01\n\rShardJobState\x12\x1f\n\x1bSHARD_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SHARD_JOB_STATE_RUNNING\x10\x01\x12\x1d\n\x19SHARD_JOB_STATE_SUCCEEDED\x10\x02\x12\x1a\n\x16SHARD_JOB_STATE_FAILED\x10\x03\x12\x1d\n\x19SHARD_JOB_STATE_CANCELLED\x10\x04\x12\x1c\n\x18SHARD_JOB_STATE_ORPHANED\x10\x05\x32\xff\x04\n\x11ProxyLabelService\x12\x61\n\nScoreTexts\x12(.tessera.proxylabel.v1.ScoreTextsRequest\x1a).tessera.proxylabel.v1.ScoreTextsResponse\x12\x63\n\nScoreShard\x12(.tessera.proxylabel.v1.ScoreShardRequest\x1a).tessera.proxylabel.v1.ScoreShardResponse0\x01\x12\x64\n\x0bGetShardJob\x12).tessera.proxylabel.v1.GetShardJobRequest\x1a*.tessera.proxylabel.v1.GetShardJobResponse\x12j\n\rListShardJobs\x12+.tessera.proxylabel.v1.ListShardJobsRequest\x1a,.tessera.proxylabel.v1.ListShardJobsResponse\x12m\n\x0e\x43\x61ncelShardJob\x12,.tessera.proxylabel.v1.CancelShardJobRequest\x1a-.tessera.proxylabel.v1.CancelShardJobResponse\x12\x61\n\nListModels\x12(.tessera.proxylabel.v1.ListModelsRequest\x1a).tessera.proxylabel.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.tessera/proxylabel/v1/proxylabel_service.proto\x12\x15tessera.proxylabel.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etessera/common/v1/common.proto\"\xcc\x02\n\nKnnOptions\x12\x0e\n\x01k\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03tau\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x36\n\tweighting\x18\x03 \x01(\x0e\x32#.tessera.proxylabel.v1.KnnWeighting\x12\x18\n\x0bpower_alpha\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12:\n\x0b\x61ggregation\x18\x05 \x01(\x0e\x32%.tessera.proxylabel.v1.KnnAggregation\x12!\n\x14similarity_threshold\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x1e\n\x11prior_calibration\x18\x07 \x01(\x08H\x04\x88\x01\x01\x42\x04\n\x02_kB\x06\n\x04_tauB\x0e\n\x0c_power_alphaB\x17\n\x15_similarity_thresholdB\x14\n\x12_prior_calibration\"\x8d\x01\n\x0b\x46usionRules\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\x04mode\x18\x02 \x01(\x0e\x32 .tessera.proxylabel.v1.ProxyMode\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12.\n\x03knn\x18\x04 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\"Z\n\x07TextRow\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x10\n\x08\x65mbedder\x18\x05 \x01(\t\"\xab\x01\n\tRowScores\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\x19\n\x11knn_probabilities\x18\x03 \x03(\x02\x12\x19\n\x11mlp_probabilities\x18\x04 \x03(\x02\x12\x1a\n\x12knn_expected_score\x18\x05 \x01(\x02\x12\x11\n\tknn_label\x18\x06 \x01(\x05\"\x93\x01\n\x11ScoreTextsRequest\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tessera.proxylabel.v1.TextRow\x12.\n\x03knn\x18\x02 \x01(\x0b\x32!.tessera.proxylabel.v1.KnnOptions\x12\x0f\n\x07run_knn\x18\x03 \x01(\x08\x12\x0f\n\x07run_mlp\x18\x04 \x01(\x08\"r\n\x12ScoreTextsResponse\x12.\n\x04rows\x18\x01 \x03(\x0b\x32 .tessera.proxylabel.v1.RowScores\x12,\n\x06models\x18\x02 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\"%\n\x06\x43\x61ller\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\"\xb2\x01\n\x11ScoreShardRequest\x12\x12\n\ninput_path\x18\x01 \x01(\t\x12\x13\n\x0boutput_path\x18\x02 \x01(\t\x12\x31\n\x05rules\x18\x03 \x01(\x0b\x32\".tessera.proxylabel.v1.FusionRules\x12\x12\n\nbatch_rows\x18\x04 \x01(\x05\x12-\n\x06\x63\x61ller\x18\x05 \x01(\x0b\x32\x1d.tessera.proxylabel.v1.Caller\"]\n\x0cShardJobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12=\n\nattachment\x18\x02 \x01(\x0e\x32).tessera.proxylabel.v1.ShardJobAttachment\"\x96\x01\n\rShardProgress\x12\x11\n\trows_done\x18\x01 \x01(\x03\x12\x12\n\nrows_total\x18\x02 \x01(\x03\x12\x17\n\x0frows_per_second\x18\x03 \x01(\x01\x12\x13\n\x0brows_failed\x18\x04 \x01(\x03\x12\x30\n\x03job\x18\x05 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardJobInfo\"\x85\x01\n\x0fShardEvaluation\x12\x15\n\rrows_labelled\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x10\n\x08macro_f1\x18\x03 \x01(\x01\x12\x1b\n\x13mean_absolute_error\x18\x04 \x01(\x01\x12\x1a\n\x12per_class_accuracy\x18\x05 \x03(\x01\"\x83\x02\n\x0cShardSummary\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\x11\n\trows_done\x18\x02 \x01(\x03\x12\x13\n\x0brows_failed\x18\x03 \x01(\x03\x12\x14\n\x0crows_resumed\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x15\n\rrules_version\x18\x06 \x01(\t\x12:\n\nevaluation\x18\x07 \x01(\x0b\x32&.tessera.proxylabel.v1.ShardEvaluation\x12,\n\x06models\x18\x08 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo\x12\x0e\n\x06job_id\x18\t \x01(\t\"\x8f\x01\n\x12ScoreShardResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.tessera.proxylabel.v1.ShardProgressH\x00\x12\x36\n\x07summary\x18\x02 \x01(\x0b\x32#.tessera.proxylabel.v1.ShardSummaryH\x00\x42\x07\n\x05\x65vent\"\xd8\x03\n\x08ShardJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.tessera.proxylabel.v1.ShardJobState\x12\x12\n\ninput_path\x18\x03 \x01(\t\x12\x13\n\x0boutput_path\x18\x04 \x01(\t\x12\x11\n\trows_done\x18\x05 \x01(\x03\x12\x12\n\nrows_total\x18\x06 \x01(\x03\x12\x13\n\x0brows_failed\x18\x07 \x01(\x03\x12\x12\n\nparts_done\x18\x08 \x01(\x05\x12\x13\n\x0bparts_total\x18\t \x01(\x05\x12\x12\n\nbatch_rows\x18\n \x01(\x05\x12\x15\n\rrules_version\x18\x0b \x01(\t\x12,\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1d.tessera.common.v1.ItemStatus\x12\r\n\x05owner\x18\r \x01(\t\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eheartbeat_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x10 \x01(\x08\x12\x12\n\nstarted_by\x18\x11 \x01(\t\"S\n\x12GetShardJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1d.tessera.proxylabel.v1.Caller\"C\n\x13GetShardJobResponse\x12,\n\x03job\x18\x01 \x01(\x0b\x32\x1f.tessera.proxylabel.v1.ShardJob\"E\n\x14ListShardJobsRequest\x12-\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x1d.tessera.proxylabel.v1.Caller\"F\n\x15ListShardJobsResponse\x12-\n\x04jobs\x18\x01 \x03(\x0b\x32\x1f.tessera.proxylabel.v1.ShardJob\"V\n\x15\x43\x61ncelShardJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12-\n\x06\x63\x61ller\x18\x02 \x01(\x0b\x32\x1d.tessera.proxylabel.v1.Caller\"F\n\x16\x43\x61ncelShardJobResponse\x12,\n\x03job\x18\x01 \x01(\x0b\x32\x1f.tessera.proxylabel.v1.ShardJob\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.tessera.common.v1.ModelInfo*h\n\tProxyMode\x12\x1a\n\x16PROXY_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePROXY_MODE_KNN\x10\x01\x12\x12\n\x0ePROXY_MODE_MLP\x10\x02\x12\x17\n\x13PROXY_MODE_ENSEMBLE\x10\x03*|\n\x0cKnnWeighting\x12\x1d\n\x19KNN_WEIGHTING_UNSPECIFIED\x10\x00\x12\x19\n\x15KNN_WEIGHTING_SOFTMAX\x10\x01\x12\x17\n\x13KNN_WEIGHTING_POWER\x10\x02\x12\x19\n\x15KNN_WEIGHTING_UNIFORM\x10\x03*k\n\x0eKnnAggregation\x12\x1f\n\x1bKNN_AGGREGATION_UNSPECIFIED\x10\x00\x12\x18\n\x14KNN_AGGREGATION_VOTE\x10\x01\x12\x1e\n\x1aKNN_AGGREGATION_REGRESSION\x10\x02*\xa3\x01\n\x12ShardJobAttachment\x12$\n SHARD_JOB_ATTACHMENT_UNSPECIFIED\x10\x00\x12 \n\x1cSHARD_JOB_ATTACHMENT_STARTED\x10\x01\x12 \n\x1cSHARD_JOB_ATTACHMENT_RESUMED\x10\x02\x12#\n\x1fSHARD_JOB_ATTACHMENT_REATTACHED\x10\x03*\xc5\x01\n\rShardJobState\x12\x1f\n\x1bSHARD_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17SHARD_JOB_STATE_RUNNING\x10\x01\x12\x1d\n\x19SHARD_JOB_STATE_SUCCEEDED\x10\x02\x12\x1a\n\x16SHARD_JOB_STATE_FAILED\x10\x03\x12\x1d\n\x19SHARD_JOB_STATE_CANCELLED\x10\x04\x12\x1c\n\x18SHARD_JOB_STATE_ORPHANED\x10\x05\x32\xff\x04\n\x11ProxyLabelService\x12\x61\n\nScoreTexts\x12(.tessera.proxylabel.v1.ScoreTextsRequest\x1a).tessera.proxylabel.v1.ScoreTextsResponse\x12\x63\n\nScoreShard\x12(.tessera.proxylabel.v1.ScoreShardRequest\x1a).tessera.proxylabel.v1.ScoreShardResponse0\x01\x12\x64\n\x0bGetShardJob\x12).tessera.proxylabel.v1.GetShardJobRequest\x1a*.tessera.proxylabel.v1.GetShardJobResponse\x12j\n\rListShardJobs\x12+.tessera.proxylabel.v1.ListShardJobsRequest\x1a,.tessera.proxylabel.v1.ListShardJobsResponse\x12m\n\x0e\x43\x61ncelShardJob\x12,.tessera.proxylabel.v1.CancelShardJobRequest\x1a-.tessera.proxylabel.v1.CancelShardJobResponse\x12\x61\n\nListModels\x12(.tessera.proxylabel.v1.ListModelsRequest\x1a).tessera.proxylabel.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.proxylabel.v1.proxylabel_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROXYMODE']._serialized_start=2935
-  _globals['_PROXYMODE']._serialized_end=3039
-  _globals['_KNNWEIGHTING']._serialized_start=3041
-  _globals['_KNNWEIGHTING']._serialized_end=3165
-  _globals['_KNNAGGREGATION']._serialized_start=3167
-  _globals['_KNNAGGREGATION']._serialized_end=3274
-  _globals['_SHARDJOBATTACHMENT']._serialized_start=3277
-  _globals['_SHARDJOBATTACHMENT']._serialized_end=3440
-  _globals['_SHARDJOBSTATE']._serialized_start=3443
-  _globals['_SHARDJOBSTATE']._serialized_end=3640
+  _globals['_PROXYMODE']._serialized_start=3182
+  _globals['_PROXYMODE']._serialized_end=3286
+  _globals['_KNNWEIGHTING']._serialized_start=3288
+  _globals['_KNNWEIGHTING']._serialized_end=3412
+  _globals['_KNNAGGREGATION']._serialized_start=3414
+  _globals['_KNNAGGREGATION']._serialized_end=3521
+  _globals['_SHARDJOBATTACHMENT']._serialized_start=3524
+  _globals['_SHARDJOBATTACHMENT']._serialized_end=3687
+  _globals['_SHARDJOBSTATE']._serialized_start=3690
+  _globals['_SHARDJOBSTATE']._serialized_end=3887
   _globals['_KNNOPTIONS']._serialized_start=139
   _globals['_KNNOPTIONS']._serialized_end=471
   _globals['_FUSIONRULES']._serialized_start=474
@@ -55,36 +55,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORETEXTSREQUEST']._serialized_end=1031
   _globals['_SCORETEXTSRESPONSE']._serialized_start=1033
   _globals['_SCORETEXTSRESPONSE']._serialized_end=1147
-  _globals['_SCORESHARDREQUEST']._serialized_start=1150
-  _globals['_SCORESHARDREQUEST']._serialized_end=1281
-  _globals['_SHARDJOBINFO']._serialized_start=1283
-  _globals['_SHARDJOBINFO']._serialized_end=1376
-  _globals['_SHARDPROGRESS']._serialized_start=1379
-  _globals['_SHARDPROGRESS']._serialized_end=1529
-  _globals['_SHARDEVALUATION']._serialized_start=1532
-  _globals['_SHARDEVALUATION']._serialized_end=1665
-  _globals['_SHARDSUMMARY']._serialized_start=1668
-  _globals['_SHARDSUMMARY']._serialized_end=1927
-  _globals['_SCORESHARDRESPONSE']._serialized_start=1930
-  _globals['_SCORESHARDRESPONSE']._serialized_end=2073
-  _globals['_SHARDJOB']._serialized_start=2076
-  _globals['_SHARDJOB']._serialized_end=2528
-  _globals['_GETSHARDJOBREQUEST']._serialized_start=2530
-  _globals['_GETSHARDJOBREQUEST']._serialized_end=2566
-  _globals['_GETSHARDJOBRESPONSE']._serialized_start=2568
-  _globals['_GETSHARDJOBRESPONSE']._serialized_end=2635
-  _globals['_LISTSHARDJOBSREQUEST']._serialized_start=2637
-  _globals['_LISTSHARDJOBSREQUEST']._serialized_end=2659
-  _globals['_LISTSHARDJOBSRESPONSE']._serialized_start=2661
-  _globals['_LISTSHARDJOBSRESPONSE']._serialized_end=2731
-  _globals['_CANCELSHARDJOBREQUEST']._serialized_start=2733
-  _globals['_CANCELSHARDJOBREQUEST']._serialized_end=2772
-  _globals['_CANCELSHARDJOBRESPONSE']._serialized_start=2774
-  _globals['_CANCELSHARDJOBRESPONSE']._serialized_end=2844
-  _globals['_LISTMODELSREQUEST']._serialized_start=2846
-  _globals['_LISTMODELSREQUEST']._serialized_end=2865
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2867
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2933
-  _globals['_PROXYLABELSERVICE']._serialized_start=3643
-  _globals['_PROXYLABELSERVICE']._serialized_end=4282
+  _globals['_CALLER']._serialized_start=1149
+  _globals['_CALLER']._serialized_end=1186
+  _globals['_SCORESHARDREQUEST']._serialized_start=1189
+  _globals['_SCORESHARDREQUEST']._serialized_end=1367
+  _globals['_SHARDJOBINFO']._serialized_start=1369
+  _globals['_SHARDJOBINFO']._serialized_end=1462
+  _globals['_SHARDPROGRESS']._serialized_start=1465
+  _globals['_SHARDPROGRESS']._serialized_end=1615
+  _globals['_SHARDEVALUATION']._serialized_start=1618
+  _globals['_SHARDEVALUATION']._serialized_end=1751
+  _globals['_SHARDSUMMARY']._serialized_start=1754
+  _globals['_SHARDSUMMARY']._serialized_end=2013
+  _globals['_SCORESHARDRESPONSE']._serialized_start=2016
+  _globals['_SCORESHARDRESPONSE']._serialized_end=2159
+  _globals['_SHARDJOB']._serialized_start=2162
+  _globals['_SHARDJOB']._serialized_end=2634
+  _globals['_GETSHARDJOBREQUEST']._serialized_start=2636
+  _globals['_GETSHARDJOBREQUEST']._serialized_end=2719
+  _globals['_GETSHARDJOBRESPONSE']._serialized_start=2721
+  _globals['_GETSHARDJOBRESPONSE']._serialized_end=2788
+  _globals['_LISTSHARDJOBSREQUEST']._serialized_start=2790
+  _globals['_LISTSHARDJOBSREQUEST']._serialized_end=2859
+  _globals['_LISTSHARDJOBSRESPONSE']._serialized_start=2861
+  _globals['_LISTSHARDJOBSRESPONSE']._serialized_end=2931
+  _globals['_CANCELSHARDJOBREQUEST']._serialized_start=2933
+  _globals['_CANCELSHARDJOBREQUEST']._serialized_end=3019
+  _globals['_CANCELSHARDJOBRESPONSE']._serialized_start=3021
+  _globals['_CANCELSHARDJOBRESPONSE']._serialized_end=3091
+  _globals['_LISTMODELSREQUEST']._serialized_start=3093
+  _globals['_LISTMODELSREQUEST']._serialized_end=3112
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3114
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3180
+  _globals['_PROXYLABELSERVICE']._serialized_start=3890
+  _globals['_PROXYLABELSERVICE']._serialized_end=4529
 # @@protoc_insertion_point(module_scope)

@@ -148,17 +148,27 @@ class ScoreTextsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelInfo]
     def __init__(self, rows: _Optional[_Iterable[_Union[RowScores, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.ModelInfo, _Mapping]]] = ...) -> None: ...
 
+class Caller(_message.Message):
+    __slots__ = ("name", "admin")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    admin: bool
+    def __init__(self, name: _Optional[str] = ..., admin: _Optional[bool] = ...) -> None: ...
+
 class ScoreShardRequest(_message.Message):
-    __slots__ = ("input_path", "output_path", "rules", "batch_rows")
+    __slots__ = ("input_path", "output_path", "rules", "batch_rows", "caller")
     INPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     input_path: str
     output_path: str
     rules: FusionRules
     batch_rows: int
-    def __init__(self, input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., rules: _Optional[_Union[FusionRules, _Mapping]] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+    caller: Caller
+    def __init__(self, input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., rules: _Optional[_Union[FusionRules, _Mapping]] = ..., batch_rows: _Optional[int] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class ShardJobInfo(_message.Message):
     __slots__ = ("job_id", "attachment")
@@ -227,7 +237,7 @@ class ScoreShardResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[ShardProgress, _Mapping]] = ..., summary: _Optional[_Union[ShardSummary, _Mapping]] = ...) -> None: ...
 
 class ShardJob(_message.Message):
-    __slots__ = ("job_id", "state", "input_path", "output_path", "rows_done", "rows_total", "rows_failed", "parts_done", "parts_total", "batch_rows", "rules_version", "error", "owner", "update_time", "heartbeat_time", "cancel_requested")
+    __slots__ = ("job_id", "state", "input_path", "output_path", "rows_done", "rows_total", "rows_failed", "parts_done", "parts_total", "batch_rows", "rules_version", "error", "owner", "update_time", "heartbeat_time", "cancel_requested", "started_by")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INPUT_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +254,7 @@ class ShardJob(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_BY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: ShardJobState
     input_path: str
@@ -260,13 +271,16 @@ class ShardJob(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     heartbeat_time: _timestamp_pb2.Timestamp
     cancel_requested: bool
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[ShardJobState, str]] = ..., input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., rows_done: _Optional[int] = ..., rows_total: _Optional[int] = ..., rows_failed: _Optional[int] = ..., parts_done: _Optional[int] = ..., parts_total: _Optional[int] = ..., batch_rows: _Optional[int] = ..., rules_version: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., owner: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+    started_by: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[ShardJobState, str]] = ..., input_path: _Optional[str] = ..., output_path: _Optional[str] = ..., rows_done: _Optional[int] = ..., rows_total: _Optional[int] = ..., rows_failed: _Optional[int] = ..., parts_done: _Optional[int] = ..., parts_total: _Optional[int] = ..., batch_rows: _Optional[int] = ..., rules_version: _Optional[str] = ..., error: _Optional[_Union[_common_pb2.ItemStatus, _Mapping]] = ..., owner: _Optional[str] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ..., started_by: _Optional[str] = ...) -> None: ...
 
 class GetShardJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "caller")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    caller: Caller
+    def __init__(self, job_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class GetShardJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -275,8 +289,10 @@ class GetShardJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[ShardJob, _Mapping]] = ...) -> None: ...
 
 class ListShardJobsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("caller",)
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    caller: Caller
+    def __init__(self, caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class ListShardJobsResponse(_message.Message):
     __slots__ = ("jobs",)
@@ -285,10 +301,12 @@ class ListShardJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[ShardJob, _Mapping]]] = ...) -> None: ...
 
 class CancelShardJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "caller")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    caller: Caller
+    def __init__(self, job_id: _Optional[str] = ..., caller: _Optional[_Union[Caller, _Mapping]] = ...) -> None: ...
 
 class CancelShardJobResponse(_message.Message):
     __slots__ = ("job",)

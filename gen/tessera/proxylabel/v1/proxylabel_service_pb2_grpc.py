@@ -90,13 +90,14 @@ class ProxyLabelServiceServicer:
 
     def GetShardJob(self, request, context):
         """A shard job's state, read from its output directory: any replica answers about any job.
+        NOT_FOUND for a job of another caller (unless the caller is an admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListShardJobs(self, request, context):
-        """The shard jobs under the configured output roots.
+        """The caller's shard jobs under the configured output roots (an admin's: every job).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,7 +105,7 @@ class ProxyLabelServiceServicer:
 
     def CancelShardJob(self, request, context):
         """Stops a shard job at its next part boundary; finished parts stay, and ScoreShard with the same
-        request resumes it.
+        request resumes it. Only the caller that started it, or an admin (PERMISSION_DENIED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
