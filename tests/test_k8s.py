@@ -135,10 +135,18 @@ class Cluster:
 
     def volume(self, pod: str, volume: dict[str, Any]) -> Path:
         if "secret" in volume:
-            assert "items" not in volume["secret"]
             path = self.secrets / volume["secret"]["secretName"]
             assert path.is_dir(), f"Secret {volume['secret']['secretName']} is not provided"
-            return path
+            items = volume["secret"].get("items")
+            if not items:
+                return path
+            # Only the listed keys, under their paths, as the kubelet projects them.
+            projected = self.root / "pods" / pod / volume["name"]
+            for item in items:
+                target = projected / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes((path / item["key"]).read_bytes())
+            return projected
         if "configMap" in volume:
             name = volume["configMap"]["name"]
             path = self.root / "configmaps" / name
@@ -487,48 +495,28 @@ def test_placeholder_tokens_let_no_call_in_and_the_drain_ends_within_the_grace_p
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def job_runner(k8s_suite: LocalSuite) -> Iterator[tuple[LocalPod, LocalPod, Path]]:
-    """The Job's pod, the proxylabel pod whose paths the Job names, and the shards folder.
-
-    The rendered gateway serves TLS, which `tessera-score-shard` cannot speak yet (it has no CA
-    option): the Job's command runs against a second gateway started from the same Deployment
-    without its server.tls (every other setting, the tokens included, as rendered)."""
+    """The Job's pod (reaching the rendered TLS gateway with the CA it mounts), the proxylabel pod
+    whose paths the Job names, and the shards folder."""
     cluster = k8s_suite.cluster
-    plaintext = LocalPod("gateway-plaintext", objects("cpu", "Deployment")["gateway"], cluster,
-                         extra_env={"TESSERA_GATEWAY__SERVER__TLS__": None})
-    plaintext.start()
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with TesseraClient(plaintext.target, token=ADMIN_TOKEN) as client:
-                    if client.health(timeout=2) == "SERVING":
-                        break
-            except grpc.RpcError:
-                pass
-            assert plaintext.popen is not None and plaintext.popen.poll() is None, plaintext.log_tail()
-            assert time.monotonic() < deadline, plaintext.log_tail()
-            time.sleep(0.5)
-        register(cluster, plaintext, service="gateway-plaintext")
-        (job,) = objects("shard-job", "Job").values()
-        pod = LocalPod("proxylabel-shards", job, cluster)
-        proxylabel = k8s_suite.pods["proxylabel"]
-        shards = Path(proxylabel.local_path("/data/shards"))
-        for index in range(2):
-            path = write_shard(shards / f"part-{index}.parquet", SHARD_ROWS, labelled_fraction=0.5, seed=index,
-                               row_group_rows=8, id_prefix=f"shard{index}")
-            # Text only: the service embeds the rows itself (the demo index's embedder).
-            pq.write_table(pq.read_table(path).drop_columns(["embedding"]), path, row_group_size=8)
-        yield pod, proxylabel, shards
-    finally:
-        plaintext.stop()
+    (job,) = objects("shard-job", "Job").values()
+    pod = LocalPod("proxylabel-shards", job, cluster)
+    proxylabel = k8s_suite.pods["proxylabel"]
+    shards = Path(proxylabel.local_path("/data/shards"))
+    for index in range(2):
+        path = write_shard(shards / f"part-{index}.parquet", SHARD_ROWS, labelled_fraction=0.5, seed=index,
+                           row_group_rows=8, id_prefix=f"shard{index}")
+        # Text only: the service embeds the rows itself (the demo index's embedder).
+        pq.write_table(pq.read_table(path).drop_columns(["embedding"]), path, row_group_size=8)
+    yield pod, proxylabel, shards
 
 
-def job_command(pod: LocalPod, proxylabel: LocalPod, index: int, gateway: str = "gateway-plaintext",
+def job_command(pod: LocalPod, proxylabel: LocalPod, index: int, gateway: str = "gateway",
                 extra: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
     """The Job container's command line and environment for one completion index, as the kubelet
-    builds them; the paths are the proxylabel service's, so they are made local through its mounts."""
+    builds them; the shard paths are the proxylabel service's, so they are made local through its
+    mounts, and the Job's own mounts (the gateway's CA) through the Job pod's."""
     c = main_container(pod.obj)
-    env = pod.env(c, index=index, paths=proxylabel)
+    env = {k: pod.local_path(v) for k, v in pod.env(c, index=index, paths=proxylabel).items()}
     env["GATEWAY_TARGET"] = pod.cluster.resolve(
         next(e["value"] for e in c["env"] if e["name"] == "GATEWAY_TARGET").replace("gateway:", gateway + ":"))
     env["JOB_COMPLETION_INDEX"] = str(index)  # Kubernetes sets it too
@@ -583,9 +571,6 @@ def test_the_shard_jobs_exit_codes_are_the_ones_its_failure_policy_expects(
     assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr, out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="tessera-score-shard has no TLS option (CA file) yet, and the rendered "
-                   "gateway serves TLS: once the CLI takes one, add it to deploy/k8s/shard-job/job.yaml "
-                   "(the CA from the Secret tessera-gateway-tls) and remove this mark")
 def test_the_shard_jobs_command_reaches_the_tls_gateway(job_runner: tuple[LocalPod, LocalPod, Path]) -> None:
     pod, proxylabel, _ = job_runner
     command, env = job_command(pod, proxylabel, 0, gateway="gateway", extra=("--reconnect-seconds", "3"))

@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -96,8 +97,26 @@ def _retryable(exc: grpc.RpcError, attempt_started: float) -> bool:
         time.monotonic() - attempt_started < CALL_TIMEOUT_SECONDS - 60
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the gateway: its CA, and a client certificate for mutual TLS."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(cls, ca_file: Path | None, cert_file: Path | None, key_file: Path | None,
+                   server_name: str | None) -> Tls | None:
+        if ca_file is None:
+            return None
+        return cls(ca_file.read_bytes(), cert_file.read_bytes() if cert_file else None,
+                   key_file.read_bytes() if key_file else None, server_name)
+
+
 def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows: int = 0, token: str | None = None,
-                quiet: bool = False, reconnect_seconds: float = 120.0) -> int:
+                quiet: bool = False, reconnect_seconds: float = 120.0, tls: Tls | None = None) -> int:
     """Stream the job's events into a progress line, re-attaching when the stream breaks; returns a
     process exit code."""
     progress = ProgressLine(sys.stderr, enabled=not quiet)
@@ -109,7 +128,9 @@ def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows:
     while True:
         # A new channel per attempt: a channel that saw its target go away waits out its own
         # reconnect backoff (up to minutes), however soon the target is back.
-        client = TesseraClient(target, token=token)
+        client = (TesseraClient(target, token=token) if tls is None else
+                  TesseraClient(target, token=token, root_certificates=tls.ca, certificate_chain=tls.cert,
+                                private_key=tls.key, server_name=tls.server_name))
         attempt_started = time.monotonic()
         call = client.score_shard(input_path, output_path, batch_rows=batch_rows,
                                   timeout=CALL_TIMEOUT_SECONDS)
@@ -185,9 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconnect-seconds", type=float, default=120.0,
                    help="how long to keep re-attaching after the stream breaks, per outage (0: never)")
     p.add_argument("--quiet", action="store_true")
+    env_path = lambda name: Path(os.environ[name]) if os.environ.get(name) else None  # noqa: E731
+    p.add_argument("--ca-file", type=Path, default=env_path("TESSERA_CA_FILE"),
+                   help="TLS: the CA of the gateway's certificate (env TESSERA_CA_FILE); without it, plaintext")
+    p.add_argument("--cert-file", type=Path, default=env_path("TESSERA_CERT_FILE"),
+                   help="mutual TLS: a client certificate (env TESSERA_CERT_FILE), with --key-file")
+    p.add_argument("--key-file", type=Path, default=env_path("TESSERA_KEY_FILE"))
+    p.add_argument("--server-name", default=os.environ.get("TESSERA_SERVER_NAME") or None,
+                   help="the name in the gateway's certificate, when the target's host differs")
     args = p.parse_args(argv)
+    try:
+        tls = Tls.from_files(args.ca_file, args.cert_file, args.key_file, args.server_name)
+    except OSError as exc:
+        print(f"tessera-score-shard: cannot read a TLS file: {exc}", file=sys.stderr)
+        return 2
     return score_shard(args.gateway, args.input.resolve(), args.output.resolve(), batch_rows=args.batch_rows,
-                       token=args.token, quiet=args.quiet, reconnect_seconds=args.reconnect_seconds)
+                       token=args.token, quiet=args.quiet, reconnect_seconds=args.reconnect_seconds, tls=tls)
 
 
 if __name__ == "__main__":
