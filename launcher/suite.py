@@ -97,7 +97,9 @@ class Suite:
         if name in self.config_files:
             args += ["--config", str(self.config_files[name])]
         with log_file.open("wb") as log:
-            popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env, **self.extra_env},
+            # The process stops by itself if this launcher dies (killed tests leave no orphans).
+            popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env, **self.extra_env,
+                                                          "TESSERA_PARENT_PID": str(os.getpid())},
                                      stdout=log, stderr=subprocess.STDOUT)
         proc = Process(name, popen, ready, log_file, env)
         self.processes[name] = proc

@@ -107,3 +107,28 @@ def test_dead_services_come_back_on_their_ports_and_a_crash_loop_stops_the_suite
     assert proc.returncode == 1
     text = out.read_text()
     assert "emotion killed by signal 9 after 2 restarts within 600s: crash loop, stopping the suite" in text
+
+
+def test_processes_stop_when_their_launcher_dies(tmp_path: Path, model_repository: Path) -> None:
+    """A launcher killed outright (SIGKILL: no cleanup runs) leaves no orphans serving on."""
+    import sys
+
+    workdir = tmp_path / "suite"
+    code = ("import sys, time; from pathlib import Path; from launcher.suite import Suite; "
+            f"Suite(Path({str(workdir)!r}), repository=Path({str(model_repository)!r})).start(); "
+            "print('up', flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout is not None and launcher.stdout.readline().strip() == "up"
+        pids = [_ready(workdir, name)["pid"] for name in ("gateway", *SERVICES)]  # type: ignore[index]
+    finally:
+        launcher.kill()
+        launcher.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    _poll("every process stopped", lambda: not any(running(pid) for pid in pids), seconds=60)

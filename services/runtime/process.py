@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,26 @@ def parse_args(process: str, argv: Sequence[str] | None) -> tuple[Path | None, d
     return args.config, ({"server": server} if server else {})
 
 
+PARENT_ENV = "TESSERA_PARENT_PID"
+
+
+def _stop_when_orphaned(server: ServingProcess) -> asyncio.Task[None] | None:
+    """A process started by a launcher (which sets TESSERA_PARENT_PID) drains and stops when that
+    launcher is gone, instead of serving on as an orphan nobody will stop."""
+    raw = os.environ.get(PARENT_ENV, "")
+    if not raw.isdigit():
+        return None
+    parent = int(raw)
+
+    async def watch() -> None:
+        while os.getppid() == parent:
+            await asyncio.sleep(1.0)
+        log.warning("launcher (pid %d) is gone: stopping", parent)
+        await server.stop()
+
+    return asyncio.create_task(watch())
+
+
 def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | None = None) -> int:
     """Run one process to completion; exit code 0 after a graceful stop, 2 on bad config."""
     path, overrides = parse_args(process, argv)
@@ -85,12 +106,15 @@ def run(process: str, model: type[C], build: Builder[C], argv: Sequence[str] | N
         app = await build(config, metrics)
         server = ServingProcess(process, config.server, app.servicers, metrics, authorizer, app.drain)
         await server.start()
+        orphan_watch = _stop_when_orphaned(server)
         try:
             await app.on_start(server)
             for task in app.background:
                 task.start()
             await server.wait_for_termination()
         finally:
+            if orphan_watch is not None:
+                orphan_watch.cancel()
             for task in app.background:
                 await task.stop()
             await app.cleanup()
