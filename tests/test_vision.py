@@ -232,6 +232,37 @@ def test_haar_finds_the_astronaut(astronaut: np.ndarray) -> None:
     assert iou(full[0], small[0]) > 0.7
 
 
+def test_detection_runs_on_a_bounded_copy_by_default(astronaut: np.ndarray) -> None:
+    from services.vision.faces import DEFAULT_DETECT_MAX_SIDE
+
+    # Unbounded, a 6000² photo cost seconds of uninterruptible detection.
+    assert HaarConfig().detect_max_side == DEFAULT_DETECT_MAX_SIDE == 1280
+    detector = build_detector(HaarConfig())
+    (face,) = detector.detect(astronaut)  # 512²: detected as it is
+    # Upscaled 5× (2560²): detected on a 1280² copy, the box mapped back onto the big image.
+    found = detector.detect(cv2.resize(astronaut, (2560, 2560)))
+    scaled = Box(face.x * 5, face.y * 5, face.w * 5, face.h * 5)
+    assert max(iou(b, scaled) for b in found) > 0.7
+
+
+def test_any_detector_is_bounded_and_answers_in_original_pixels() -> None:
+    from services.vision.faces import BoundedDetector, DetectorSettings
+
+    seen: list[tuple[tuple[int, ...], int]] = []
+
+    class Recording(BoundedDetector):
+        def _find(self, image: np.ndarray, min_side: int) -> list[tuple[float, float, float, float, float]]:
+            seen.append((image.shape, min_side))
+            return [(100, 50, 64, 64, 0.9), (1270, 630, 64, 64, 0.5)]  # the second crosses the corner
+
+    boxes = Recording(DetectorSettings(min_size=50)).detect(np.zeros((3000, 6000, 3), np.uint8))
+    scale = 1280 / 6000
+    assert seen == [((640, 1280, 3), round(50 * scale))]
+    assert boxes == [Box(469, 234, 300, 300, 0.9), Box(5953, 2953, 47, 47, 0.5)]  # clipped to the image
+    assert Recording(DetectorSettings(detect_max_side=None)).detect(np.zeros((3000, 6000), np.uint8))
+    assert seen[-1] == ((3000, 6000), 50)
+
+
 def test_haar_on_grey_and_blank(astronaut: np.ndarray) -> None:
     detector = HaarDetector()
     assert len(detector.detect(cv2.cvtColor(astronaut, cv2.COLOR_BGR2GRAY))) == 1

@@ -5,6 +5,7 @@ It imports only the generated stubs (and numpy / OpenCV for pixels and video fil
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -33,6 +34,12 @@ class ItemError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+def _check_fps(fps: float) -> None:
+    """The services refuse a clip without a positive, finite frame rate; say so before sending."""
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
 
 
 def status_code(value: int) -> grpc.StatusCode:
@@ -131,11 +138,12 @@ class TesseraClient:
                                options=pb.ClipOptions(return_member_outputs=return_member_outputs))
         yield cls(header=header)
         for i, frame in enumerate(frames):
-            stamp = int(i * 1e6 / fps) if fps > 0 else int(time.monotonic() * 1e6)
+            stamp = int(i * 1e6 / fps)
             yield cls(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
 
     def score_clip(self, frames: Iterable[ImageLike], *, fps: float = 30.0, clip_id: str = "",
                    return_member_outputs: bool = False, timeout: float | None = None) -> pb.ScoreClipResponse:
+        _check_fps(fps)
         messages = self._clip_messages(pb.ScoreClipRequest, frames, fps, clip_id, return_member_outputs)
         return self.stub.ScoreClip(messages, **self._kw(timeout))
 
@@ -167,6 +175,7 @@ class TesseraClient:
         `reconnect_seconds` (0: never) and the frames not yet answered are sent again, so every
         frame gets exactly one answer. Server-side state (the tracked face, the engagement window
         and its smoothing) starts afresh on the new stream."""
+        _check_fps(fps)
         return _ResumableStream(self, frames, fps, stream_id or uuid.uuid4().hex, timeout,
                                 reconnect_seconds).answers()
 
@@ -262,7 +271,7 @@ class _ResumableStream:
                 frame = next(self.frames, None)
                 if frame is None:
                     return
-                stamp = int(self.sent * 1e6 / self.fps) if self.fps > 0 else int(time.monotonic() * 1e6)
+                stamp = int(self.sent * 1e6 / self.fps)
                 message = pb.StreamVideoRequest(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
                 self.sent += 1
                 self.unanswered.append(message)

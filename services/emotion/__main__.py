@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import sys
 
 from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
@@ -32,7 +34,31 @@ async def build(config: EmotionConfig, metrics: Metrics) -> App:
                cleanup=backend.close, background=[poller])
 
 
+# glibc raises its mmap threshold (up to 32 MB) each time a big block is freed; after that,
+# image-sized buffers come from the malloc arenas, whose freed pages stay resident. A fixed
+# threshold makes every buffer over 128 KiB a mapping of its own, returned to the system when
+# freed; the cost is a page fault per page of each such buffer. Measured over three runs of three
+# identical bursts of 6000² photos (RSS after bursts 1 → 3): 288 → 296, 323 → 330, 317 → 350 MB
+# without it; 265 → 274, 269 → 276, 270 → 277 MB with it. (Two arenas, MALLOC_ARENA_MAX=2,
+# changed nothing measurable.) Set at start, before any worker thread; an operator's
+# MALLOC_MMAP_THRESHOLD_ in the environment wins.
+MMAP_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def fix_mmap_threshold() -> bool:
+    """Set glibc's mmap threshold; False when not set (another libc, or the environment sets it)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 def main() -> int:
+    fix_mmap_threshold()
     return run("emotion", EmotionConfig, build)
 
 

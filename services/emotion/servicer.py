@@ -8,6 +8,7 @@ from tessera.emotion.v1 import emotion_service_pb2 as pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
 from services.emotion.pipeline import EmotionPipeline, ImageOutput, ServedModel
+from services.emotion.stop import StopSignal
 from services.runtime.errors import item_status
 from services.vision.inputs import image_from_pb
 
@@ -35,7 +36,14 @@ class EmotionServicer(pb_grpc.EmotionServiceServicer):
     async def InferFaces(self, request: pb.InferFacesRequest, context: grpc.aio.ServicerContext
                          ) -> pb.InferFacesResponse:
         served = self.pipeline.check_models(list(request.models))
-        outputs = await self.pipeline.run([image_from_pb(i) for i in request.images], served)
+        # The pipeline's worker threads cannot be cancelled: they check this between stages. gRPC
+        # cancels this coroutine when the caller cancels or the deadline passes; `finally` then
+        # tells the threads (and on any other end of the call, so nothing outlives it).
+        stop = StopSignal.for_call(context)
+        try:
+            outputs = await self.pipeline.run([image_from_pb(i) for i in request.images], served, stop)
+        finally:
+            stop.cancel()
         return pb.InferFacesResponse(images=[image_to_pb(o) for o in outputs],
                                      models=[model_info(m) for m in served],
                                      class_names=list(served[0].class_names))

@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 from services.fusion.rules import AFFECTS
 from services.runtime.config import ConfigError, StrictModel
 from services.runtime.errors import InvalidArgument
-from services.vision.faces import Box, crop_with_margin
+from services.vision.faces import Box, crop_view
 
 __all__ = ["AFFECTS", "CROP_SIZE", "HOG_FILENAME", "HogParams", "clip_hog", "face_crop", "hog_features"]
 
@@ -42,7 +42,7 @@ def face_crop(frame_bgr: np.ndarray, box: tuple[int, int, int, int], margin: flo
     if frame_bgr.dtype != np.uint8 or frame_bgr.ndim not in (2, 3) or frame_bgr.size == 0:
         raise InvalidArgument(f"face_crop needs a uint8 frame, got {frame_bgr.dtype} {frame_bgr.shape}")
     x, y, w, h = (int(v) for v in box)
-    crop = crop_with_margin(frame_bgr, Box(x, y, w, h), margin_ratio=margin)
+    crop = crop_view(frame_bgr, Box(x, y, w, h), margin_ratio=margin)  # no copy: converted just below
     if crop.ndim == 3:
         crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
     return cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)

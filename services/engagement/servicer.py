@@ -10,7 +10,7 @@ from tessera.engagement.v1 import engagement_service_pb2 as pb
 from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 from services.engagement.pipeline import EngagementPipeline, FrameFace, ModelOutputs
-from services.engagement.stream import Clip, LiveWindow
+from services.engagement.stream import Clip, LiveWindow, check_fps
 from services.fusion.rules import AFFECTS
 from services.runtime.errors import InvalidArgument, ServingError, item_status
 from services.runtime.streams import Drain, until_drained
@@ -63,8 +63,12 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
             clip = Clip(self.pipeline, self.pipeline.require("engagement scoring"))
             async for msg in stream:
                 frame = frame_of(msg, clip.received)
+                if not clip.received:
+                    # Checked with the first frame (before any work): a clip without frames, or
+                    # with a second header, is reported as such first.
+                    check_fps(header.fps)
                 try:
-                    await clip.add(image_from_pb(frame.image))
+                    await clip.add(image_from_pb(frame.image), frame.timestamp_us)
                 except ServingError as exc:
                     exc.message = f"frame {clip.received} (t={frame.timestamp_us} µs): {exc.message}"
                     raise
@@ -84,7 +88,7 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
         stream = aiter(request_iterator)
         try:
-            await clip_header(stream)
+            check_fps((await clip_header(stream)).fps)
             window = LiveWindow(self.pipeline, self.pipeline.require("live engagement"))
         except ServingError:
             await drain(stream, self.pipeline.config.max_frames_per_clip)  # see ScoreClip
@@ -94,7 +98,8 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
             async for msg in stream:
                 timestamp = msg.frame.timestamp_us
                 try:
-                    face, outputs = await window.add(image_from_pb(frame_of(msg, window.received).image))
+                    image = image_from_pb(frame_of(msg, window.received).image)
+                    face, outputs = await window.add(image, timestamp)
                 except ServingError as exc:
                     # One bad message is reported on its answer; a live stream goes on.
                     code, message = item_status(exc)

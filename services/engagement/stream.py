@@ -7,6 +7,7 @@ never the frames, so a 30-second clip or an endless stream holds a few megabytes
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 import numpy as np
@@ -18,8 +19,15 @@ from services.engagement.pipeline import (
     ModelOutputs,
     ModelSettings,
 )
-from services.runtime.errors import ResourceExhausted
+from services.runtime.errors import InvalidArgument, ResourceExhausted
 from services.vision.inputs import ImageInput
+
+
+def check_fps(fps: float) -> None:
+    """A clip's or stream's frame rate: a finite number > 0, or INVALID_ARGUMENT for the call."""
+    if not math.isfinite(fps) or fps <= 0:
+        raise InvalidArgument(f"ClipHeader.fps must be a finite number of frames per second above 0, "
+                              f"got {fps}")
 
 
 class _Frames:
@@ -30,9 +38,22 @@ class _Frames:
         self.faces: deque[FrameFace] = deque(maxlen=keep)
         self.received = 0
         self.with_face = 0
+        self.last_timestamp_us: int | None = None
 
-    async def _add(self, image: ImageInput) -> FrameFace:
+    def _check_timestamp(self, timestamp_us: int | None) -> None:
+        """A frame's timestamp may not go below the previous frame's. The previous frame's counts
+        even when that frame was refused, so a clock that restarts is reported on one frame, not
+        on every frame until it catches up."""
+        if timestamp_us is None:
+            return
+        previous, self.last_timestamp_us = self.last_timestamp_us, timestamp_us
+        if previous is not None and timestamp_us < previous:
+            raise InvalidArgument(f"timestamp {timestamp_us} µs goes backwards (the previous frame's was "
+                                  f"{previous} µs)")
+
+    async def _add(self, image: ImageInput, timestamp_us: int | None) -> FrameFace:
         self.received += 1
+        self._check_timestamp(timestamp_us)  # before any work on the frame
         face = await asyncio.to_thread(self.pipeline.frame_face, image, self.tracker, self.settings)
         self.faces.append(face)
         self.with_face += face.box is not None
@@ -51,11 +72,12 @@ class Clip(_Frames):
     def __init__(self, pipeline: EngagementPipeline, settings: ModelSettings) -> None:
         super().__init__(pipeline, settings, keep=None)
 
-    async def add(self, image: ImageInput) -> FrameFace:
+    async def add(self, image: ImageInput, timestamp_us: int | None = None) -> FrameFace:
+        """One more frame; its timestamp (when given) may not go backwards."""
         limit = self.pipeline.config.max_frames_per_clip
         if self.received >= limit:
             raise ResourceExhausted(f"the clip has more than {limit} frames (max_frames_per_clip)")
-        return await self._add(image)
+        return await self._add(image, timestamp_us)
 
     async def finish(self) -> ModelOutputs | None:
         """Both models' outputs, or None when too few frames had a face to judge."""
@@ -68,8 +90,10 @@ class LiveWindow(_Frames):
     def __init__(self, pipeline: EngagementPipeline, settings: ModelSettings) -> None:
         super().__init__(pipeline, settings, keep=pipeline.config.stream.window_frames)
 
-    async def add(self, image: ImageInput) -> tuple[FrameFace, ModelOutputs | None]:
-        face = await self._add(image)
+    async def add(self, image: ImageInput, timestamp_us: int | None = None
+                  ) -> tuple[FrameFace, ModelOutputs | None]:
+        """One more frame (a timestamp going backwards is InvalidArgument for this frame alone)."""
+        face = await self._add(image, timestamp_us)
         stream = self.pipeline.config.stream
         if self.received % stream.hop_frames:
             return face, None
