@@ -9,9 +9,10 @@ BUF := $(CACHE)/buf/node_modules/.bin/buf
 INSTALLED := $(VENV)/.installed
 EXPORT_INSTALLED := $(VENV)/.export-installed
 TEST_INSTALLED := $(VENV)/.test-installed
+MODELLER_INSTALLED := $(VENV)/.modeller-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-export models demo serve test test-fast bench protos check-stubs lint-protos ci clean prometheus
+.PHONY: install install-export install-modeller models demo serve test test-fast bench protos check-stubs lint-protos ci clean prometheus
 
 # The server runs from this checkout (editable); the API stubs (gen/) and the client (client/) are
 # distributions of their own, installed here from their folders.
@@ -37,6 +38,13 @@ $(TEST_INSTALLED): $(INSTALLED) requirements/test.txt
 	$(UV) pip install -q --python $(PY) -r requirements/test.txt
 	touch $@
 
+# The modeller tools' extras (matplotlib for tessera-evaluate's figures): never in the serving image.
+$(MODELLER_INSTALLED): $(INSTALLED) requirements/modeller.txt
+	$(UV) pip install -q --python $(PY) -r requirements/modeller.txt
+	touch $@
+
+install-modeller: $(MODELLER_INSTALLED)
+
 models: $(INSTALLED)
 	$(VENV)/bin/tessera-models --repo model_repository --cache $(CACHE)
 
@@ -58,11 +66,11 @@ prometheus:
 	  mkdir -p $(CACHE)/compose-spec && cd $(CACHE)/compose-spec && npm pack --silent dclint@3.1.0 >/dev/null \
 	  && tar xzf dclint-3.1.0.tgz package/schemas/compose.schema.json && rm dclint-3.1.0.tgz; }
 
-test: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models prometheus
+test: $(TEST_INSTALLED) $(MODELLER_INSTALLED) $(EXPORT_INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The same without the torch extra (its tests skip).
-test-fast: $(TEST_INSTALLED) models prometheus
+test-fast: $(TEST_INSTALLED) $(MODELLER_INSTALLED) models prometheus
 	$(PY) -m pytest -q -m "not slow and not torch" $(PYTEST_ARGS)
 
 # Every benchmark writes its rows into bench/results.json; docs/benchmarks.md is generated from it

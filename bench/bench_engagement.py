@@ -80,7 +80,7 @@ def in_process(repo: Path, frames: list[bytes]) -> float:
                                               XgbBackend(repository, config.xgb, metrics)])
         await backend.start()
         try:
-            pipeline = EngagementPipeline(config, repository, backend, build_detector(config.detector), metrics)
+            pipeline = EngagementPipeline(config, repository, backend, build_detector(config.detector, repo), metrics)
             window = LiveWindow(pipeline, pipeline.require("bench"))
             times = []
             for frame in frames:

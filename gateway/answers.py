@@ -15,10 +15,10 @@ from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
-from services.fusion.emotion import fuse_logits, members_for, resolve_temperature
+from services.fusion.emotion import fuse_logits, fusion_space_for, members_for, resolve_temperature
 from services.fusion.engagement import AffectDecision, decide
 from services.fusion.proxylabel import final_labels, soft_vote
-from services.fusion.rules import AFFECTS, EmotionModeName, FusionRules
+from services.fusion.rules import AFFECTS, EmotionModeName, FusionRules, UnknownEnsemble
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 
 MODE_NAMES: dict[int, EmotionModeName] = {pb.EMOTION_MODE_ENSEMBLE: "ensemble", pb.EMOTION_MODE_STUDENT: "student"}
@@ -27,19 +27,48 @@ AFFECT_VALUES = {name: common_pb2.Affect.Value(f"AFFECT_{name.upper()}") for nam
 AFFECT_NAMES = {value: name for name, value in AFFECT_VALUES.items()}
 
 
-def emotion_mode(request_mode: int, rules: FusionRules) -> EmotionModeName:
+def emotion_mode(request_mode: int, rules: FusionRules, ensemble: str = "") -> EmotionModeName:
+    """The request's mode; naming an ensemble implies mode ENSEMBLE (with STUDENT it is refused)."""
     if request_mode == pb.EMOTION_MODE_UNSPECIFIED:
-        return rules.emotion.default_mode
+        return "ensemble" if ensemble else rules.emotion.default_mode
     if request_mode not in MODE_NAMES:
         raise InvalidArgument(f"unknown emotion mode {request_mode}: use ENSEMBLE, STUDENT or leave it unset")
+    if ensemble and MODE_NAMES[request_mode] == "student":
+        raise InvalidArgument(f"ensemble {ensemble!r:.80} was named with mode STUDENT: name an ensemble with mode "
+                              "ENSEMBLE or unset, or leave the ensemble empty")
     return MODE_NAMES[request_mode]
 
 
+def emotion_ensemble(mode: EmotionModeName, rules: FusionRules, ensemble: str = "") -> str | None:
+    """The ensemble a request in `mode` uses (None in student mode): the named one, or the rules'
+    `emotion.ensemble`; INVALID_ARGUMENT for a name the rules do not define."""
+    if mode == "student":
+        return None
+    try:
+        return rules.emotion.ensemble_rules(ensemble or None)[0]
+    except UnknownEnsemble:
+        raise InvalidArgument(f"unknown ensemble {ensemble!r:.80}: the fusion rules define "
+                              f"{', '.join(sorted(rules.emotion.ensembles))}") from None
+
+
+def emotion_models(mode: EmotionModeName, rules: FusionRules, ensemble: str | None) -> list[str]:
+    """The models the emotion service must run for the mode (and ensemble), in the rules' order."""
+    return list(members_for(rules.emotion, mode, ensemble))
+
+
+def missing_members(exc: FailedPrecondition, ensemble: str | None) -> FailedPrecondition:
+    """The emotion service's FAILED_PRECONDITION (it names the models it lacks), naming the ensemble."""
+    if ensemble is None:
+        return exc
+    return FailedPrecondition(f"ensemble {ensemble!r} cannot be served: {exc.message}")
+
+
 def emotion_answer(reply: emotion_pb.InferFacesResponse, mode: EmotionModeName, rules: FusionRules,
-                   with_members: bool, rules_version: str) -> pb.ClassifyEmotionResponse:
-    weights = members_for(rules.emotion, mode)
+                   with_members: bool, rules_version: str, ensemble: str | None = None) -> pb.ClassifyEmotionResponse:
+    weights = members_for(rules.emotion, mode, ensemble)
     stored = {m.name: m.temperature for m in reply.models}
-    temperature = resolve_temperature(rules.emotion, mode, stored.get(rules.emotion.student))
+    temperature = resolve_temperature(rules.emotion, mode, stored.get(rules.emotion.student), ensemble)
+    space = fusion_space_for(rules.emotion, mode, ensemble)
     class_names = list(reply.class_names)
     images = []
     for image in reply.images:
@@ -50,7 +79,7 @@ def emotion_answer(reply: emotion_pb.InferFacesResponse, mode: EmotionModeName, 
             if missing:
                 raise FailedPrecondition(f"the emotion service returned no logits for {', '.join(missing)}")
             logits = {name: np.array([pf[name] for pf in per_face], dtype=np.float32) for name in weights}
-            probs = fuse_logits(logits, weights, temperature, rules.emotion.fusion_space)
+            probs = fuse_logits(logits, weights, temperature, space)
             for face, p in zip(image.faces, probs, strict=True):
                 faces.append(pb.FaceEmotion(
                     box=face.box, detection_score=face.detection_score, probabilities=p.tolist(),

@@ -21,7 +21,7 @@ from services.fusion.engagement import Smoother
 from services.fusion.rules import AFFECTS, FusionRules, RulesStore, Smoothing
 from services.runtime.auth import current_identity
 from services.runtime.config import ALL_SCOPES
-from services.runtime.errors import ServingError, item_status
+from services.runtime.errors import FailedPrecondition, ServingError, item_status
 from services.runtime.servicing import check_batch_size
 from services.runtime.streams import Drain, until_drained
 
@@ -79,13 +79,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                               ) -> pb.ClassifyEmotionResponse:
         check_batch_size(len(request.images), self.config.max_images_per_request, "images")
         rules, version = self.rules.current()
-        mode = answers.emotion_mode(request.mode, rules)
-        models = list(answers.members_for(rules.emotion, mode))
+        mode = answers.emotion_mode(request.mode, rules, request.ensemble)
+        ensemble = answers.emotion_ensemble(mode, rules, request.ensemble)
+        models = answers.emotion_models(mode, rules, ensemble)
         route = self.routes.emotion
-        reply = await route.call(route.stub.InferFaces(
-            emotion_pb.InferFacesRequest(images=request.images, models=models),
-            timeout=self.routes.timeout(context)))
-        return answers.emotion_answer(reply, mode, rules, request.return_member_logits, version)
+        try:
+            reply = await route.call(route.stub.InferFaces(
+                emotion_pb.InferFacesRequest(images=request.images, models=models),
+                timeout=self.routes.timeout(context)))
+        except FailedPrecondition as exc:
+            raise answers.missing_members(exc, ensemble) from None
+        return answers.emotion_answer(reply, mode, rules, request.return_member_logits, version, ensemble)
 
     async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
                         context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:

@@ -11,6 +11,7 @@ from typing import Any
 
 import cv2
 import grpc
+import numpy as np
 from skimage import data as skdata
 
 from tessera_client import TesseraClient
@@ -21,9 +22,13 @@ from tools.modeller.engagement.generate import encode_jpeg, make_clip
 DEMO_LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 AFFECT_NAMES = dict(enumerate(("unspecified", *AFFECTS)))
 
-# The ensemble's teachers are not in the default repository: FAILED_PRECONDITION naming them is
-# its documented answer.
-EXPECTED = (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION)
+EXPECTED = (grpc.StatusCode.OK,)
+# The research ensemble's timm teachers are not in the default repository: FAILED_PRECONDITION
+# naming them is its documented answer.
+EXPECTED_RESEARCH = (grpc.StatusCode.FAILED_PRECONDITION,)
+# The LFW face shown when matplotlib (and its grace_hopper.jpg) is not installed: one whose three
+# pretrained members agree (Neutral), upscaled from 25 px.
+LFW_FALLBACK = 15
 
 
 def _sample_shard(root: Path) -> Path:
@@ -65,7 +70,36 @@ def _stream_summary(replies: list[Any]) -> str:
             f"most often); {len(hops)} engagement updates, last: {last}")
 
 
-def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> bool:
+def second_face() -> tuple[str, bytes, bool]:
+    """(name, encoded image, is a face crop): matplotlib's grace_hopper.jpg when matplotlib is
+    installed, else a face of skimage's LFW subset."""
+    try:
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            return "grace_hopper", f.read(), False
+    except (ImportError, OSError, ValueError):
+        gray = skdata.lfw_subset()[LFW_FALLBACK]
+        gray = np.clip(np.round(gray * 255.0), 0, 255).astype(np.uint8)
+        big = cv2.resize(gray, (96, 96), interpolation=cv2.INTER_CUBIC)
+        return f"lfw_subset[{LFW_FALLBACK}]", cv2.imencode(".png", big)[1].tobytes(), True
+
+
+def _ensemble_summary(name: str) -> Callable[[Any], str]:
+    def show(reply: Any) -> str:
+        faces = reply.images[0].faces
+        parts = []
+        for f in faces:
+            votes = ", ".join(f"{m.model.removeprefix('emotion_')} {reply.class_names[int(np.argmax(m.logits))]}"
+                              for m in f.members)
+            parts.append(f"{f.label} p={max(f.probabilities):.3f} (members: {votes})")
+        models = "+".join(m.name.removeprefix("emotion_") for m in reply.models)
+        return f"{name}, ensemble {models}: {len(faces)} face(s): " + "; ".join(parts)
+    return show
+
+
+def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str],
+          expected: tuple[grpc.StatusCode, ...] = EXPECTED) -> bool:
     start = time.perf_counter()
     try:
         result = fn()
@@ -74,11 +108,12 @@ def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> bool:
         code, text = exc.code(), exc.details()
     ms = (time.perf_counter() - start) * 1000
     print(f"{name:<16} {code.name:<20} {ms:8.1f} ms  {text}")
-    return code in EXPECTED
+    return code in expected
 
 
 def main() -> int:
     astronaut = cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    other_name, other, other_crop = second_face()
     shard = _sample_shard(ROOT / "data" / "demo")
     # Two seconds of a generated webcam clip whose levels are known (the demo models were trained
     # on such clips): engagement very high, boredom very low, confusion high, frustration low.
@@ -96,8 +131,14 @@ def main() -> int:
                     _call("ClassifyEmotion", lambda: client.classify_image(astronaut),
                           lambda faces: f"{len(faces)} face(s): " + ", ".join(
                               f"{f.label} p={f.probabilities[f.label]:.3f} at {f.box}" for f in faces)),
-                    _call("ClassifyEmotion", lambda: client.classify_image(astronaut, mode="ensemble"),
-                          lambda faces: f"ensemble: {len(faces)} face(s)"),
+                    _call("ClassifyEmotion", lambda: client.classify([astronaut], mode="ensemble",
+                                                                     return_member_logits=True),
+                          _ensemble_summary("astronaut")),
+                    _call("ClassifyEmotion", lambda: client.classify([other], mode="ensemble", face_crop=other_crop,
+                                                                     return_member_logits=True),
+                          _ensemble_summary(other_name)),
+                    _call("ClassifyEmotion", lambda: client.classify([astronaut], ensemble="research"),
+                          lambda r: "research ensemble answered", EXPECTED_RESEARCH),
                     _call("ScoreClip", lambda: client.score_clip(clip, fps=30, clip_id="demo"), _clip_summary),
                     _call("StreamVideo", lambda: list(client.stream_video(clip, fps=30)), _stream_summary),
                     _call("ScoreTexts", lambda: client.score_texts(

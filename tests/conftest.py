@@ -11,6 +11,7 @@ from skimage import data as skdata
 
 from launcher.suite import ROOT, Suite
 from tests.images import png_bomb as make_png_bomb
+from tools.builders.blazeface import build_blazeface
 from tools.builders.fer_student import build_fer_student
 
 CACHE = ROOT / ".cache"
@@ -23,6 +24,7 @@ def model_repository() -> Path:
     """The default repository (what `make models` builds; built here too, idempotently)."""
     repo = ROOT / "model_repository"
     build_fer_student(repo, CACHE)
+    build_blazeface(repo, CACHE)  # the default face detector of the emotion and engagement services
     return repo
 
 

@@ -63,11 +63,19 @@ def test_env_values_parse_as_yaml_scalars_and_lists() -> None:
 def test_shipped_rules_file_is_valid_and_matches_the_design() -> None:
     rules, version = parse_rules((ROOT / "config" / "fusion_rules.yaml").read_text())
     assert rules.emotion.default_mode == "student"
-    assert members_for(rules.emotion, "ensemble") == {"emotion_rn18": 0.4, "emotion_b3": 0.4, "emotion_cnxt": 0.2}
+    assert members_for(rules.emotion, "ensemble", "research") == {"emotion_rn18": 0.4, "emotion_b3": 0.4,
+                                                                  "emotion_cnxt": 0.2}
+    # The file adds the pretrained ensemble (tests/test_pretrained_ensemble.py) and serves it in
+    # mode ENSEMBLE; the research one is the schema's default.
+    assert rules.emotion.ensemble == "pretrained"
+    assert rules.emotion.ensembles["research"] == FusionRules().emotion.ensembles["research"]
     assert rules.proxylabel.mode == "ensemble" and rules.proxylabel.alpha == 0.8
     assert rules.engagement.affects["boredom"][0].confidence_above == 0.35
     assert version.startswith("2026-11-23@")
-    assert rules == FusionRules(version="2026-11-23")  # the file spells out the defaults
+    # Otherwise the file spells out the defaults.
+    assert rules.model_copy(update={"emotion": FusionRules().emotion}) == FusionRules(version="2026-11-23")
+    assert rules.emotion.model_copy(update={"ensemble": "research", "ensembles": FusionRules().emotion.ensembles}) \
+        == FusionRules().emotion
 
 
 @pytest.mark.parametrize("text,needle", [

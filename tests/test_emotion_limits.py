@@ -45,9 +45,11 @@ COVER = [(0, 0, SIDE, SIDE)] * 32  # 32 boxes each covering the photo: 1.15 G cr
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Suite]:
-    # A gateway that takes a 9 MB photo (the shared test limit is 4 MB).
+    # A gateway that takes a 9 MB photo (the shared test limit is 4 MB). The Haar detector: these
+    # tests are about its cost (seconds on a huge photo, big scratch buffers) and its 10 % margins.
     s = start_suite(tmp_path_factory.mktemp("suite"), model_repository,
-                    extra_env={"TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(32 * MIB)})
+                    extra_env={"TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(32 * MIB),
+                               "TESSERA_EMOTION__DETECTOR__KIND": "haar"})
     yield s
     s.stop()
 

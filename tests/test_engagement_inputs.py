@@ -17,6 +17,7 @@ from tessera.gateway.v1 import gateway_service_pb2 as pb
 from launcher.suite import Suite
 from tessera_client import TesseraClient
 from tests.conftest import CACHE, start_suite
+from tools.builders.blazeface import build_blazeface
 from tools.builders.engagement_demo import build_engagement_demo
 from tools.builders.fer_student import build_fer_student
 from tools.modeller.engagement.generate import encode_jpeg, make_clip
@@ -31,6 +32,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("engagement-inputs-repo")
     build_fer_student(repo, CACHE)
+    build_blazeface(repo, CACHE)  # the face detector
     build_engagement_demo(repo, CACHE)
     return repo
 

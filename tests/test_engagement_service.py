@@ -18,11 +18,13 @@ from tessera.gateway.v1 import gateway_service_pb2 as pb
 
 from tessera_client import TesseraClient
 from launcher.suite import Suite
+from services.engagement.config import EngagementConfig
 from services.engagement.features import HogParams, face_crop, hog_features
 from services.engagement.pipeline import evenly_spaced
 from services.fusion.engagement import decide
 from services.fusion.rules import AFFECTS, FusionRules
 from tests.conftest import CACHE, start_suite
+from tools.builders.blazeface import build_blazeface
 from tools.builders.engagement_demo import build_engagement_demo
 from tools.modeller.engagement.generate import encode_jpeg, make_clip, make_clip_with_boxes
 from tools.builders.fer_student import build_fer_student
@@ -36,6 +38,7 @@ AFFECT_NAME = {common_pb2.Affect.Value(f"AFFECT_{a.upper()}"): a for a in AFFECT
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("engagement-repo")
     build_fer_student(repo, CACHE)
+    build_blazeface(repo, CACHE)  # the face detector
     build_engagement_demo(repo, CACHE)
     return repo
 
@@ -80,7 +83,9 @@ def _offline(repo: Path, frames: list[np.ndarray], boxes: list[tuple[int, int, i
     import cv2
 
     decoded = [cv2.imdecode(np.frombuffer(encode_jpeg(f), np.uint8), cv2.IMREAD_COLOR) for f in frames]
-    crops = np.stack([face_crop(f, b, margin=0.1) for f, b in zip(decoded, boxes, strict=True)])
+    # The service grows a box by its detector's margins (caller boxes too).
+    margins = EngagementConfig().crop_margins
+    crops = np.stack([face_crop(f, b, margin=margins) for f, b in zip(decoded, boxes, strict=True)])
     xgb_out = {}
     for affect in AFFECTS:
         version_dir = repo / f"engagement_xgb_{affect}" / "1"

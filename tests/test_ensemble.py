@@ -1,5 +1,6 @@
-"""The teacher ensemble end to end: three timm teachers exported by the exporter, served, fused by
-the gateway in logit space, equal to the PyTorch reference; rules edits change the answer live."""
+"""The research ensemble end to end: three timm teachers exported by the exporter, served, fused by
+the gateway in logit space (the shipped rules' ensemble `research`, named in the request), equal to
+the PyTorch reference; rules edits change the answer live."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     """
     repo = tmp_path_factory.mktemp("ensemble_repo")
     build_fer_student(repo, CACHE)
+    # The default repository's other models (the face detector the emotion service loads, …).
+    for entry in (ROOT / "model_repository").iterdir():
+        if entry.is_dir() and not entry.name.startswith("emotion_"):
+            (repo / entry.name).symlink_to(entry)
     models = {}
     crop = face_crop()
     for i, (name, arch) in enumerate(TEACHERS.items()):
@@ -89,7 +94,8 @@ def test_gateway_ensemble_equals_the_pytorch_reference_and_follows_rules_edits(
     suite = start_suite(tmp_path / "suite", repo, rules=rules, data_roots=(tmp_path,))
     try:
         with TesseraClient(suite.gateway.target, timeout=120) as client:
-            reply = client.classify([crop_png], mode="ensemble", face_crop=True, return_member_logits=True)
+            reply = client.classify([crop_png], mode="ensemble", ensemble="research", face_crop=True,
+                                    return_member_logits=True)
             (face,) = reply.images[0].faces
             expected = reference(repo, models, {"emotion_rn18": 0.4, "emotion_b3": 0.4, "emotion_cnxt": 0.2})
             np.testing.assert_allclose(face.probabilities, expected, atol=1e-4)
@@ -100,7 +106,7 @@ def test_gateway_ensemble_equals_the_pytorch_reference_and_follows_rules_edits(
             text = text.replace("temperature: {}", "temperature: {ensemble: 2.0}")
             rules.write_text(text)
             deadline = time.monotonic() + 15
-            while (again := client.classify([crop_png], mode="ensemble", face_crop=True)).rules_version \
+            while (again := client.classify([crop_png], ensemble="research", face_crop=True)).rules_version \
                     == reply.rules_version:
                 assert time.monotonic() < deadline, "rules not reloaded"
                 time.sleep(0.2)

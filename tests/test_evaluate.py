@@ -15,7 +15,7 @@ from skimage import data as skdata
 from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, log_loss
 
 from tessera_client import TesseraClient
-from launcher.suite import Suite
+from launcher.suite import ROOT, Suite
 from services.fusion.emotion import CLASS_NAMES, fuse_logits, fused_logits
 from services.fusion.rules import parse_rules
 from tools.modeller.evaluate import metrics
@@ -293,7 +293,7 @@ def test_cli_reports_what_the_gateway_serves(suite: Suite, client: TesseraClient
     manifest = _write_manifest(folder / "manifest.csv", rows)
     out = folder / "report.json"
     code = main(["emotion", str(manifest), "--gateway", suite.gateway.target, "--mode", "student", "--batch", "5",
-                 "--fit-temperature", "--json", str(out), "--quiet"])
+                 "--fit-temperature", "--json", str(out), "--quiet", "--faces", "crop", "--no-cache"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
@@ -319,11 +319,25 @@ def test_cli_reports_what_the_gateway_serves(suite: Suite, client: TesseraClient
     assert parse_rules(report["rules_snippet"])[0].emotion.temperature == {"student": round(fitted, 4)}
 
 
-def test_a_mode_whose_models_are_not_served_exits_1(suite: Suite, faces: tuple[Path, list[dict[str, str]]],
+def test_a_mode_whose_models_are_not_served_exits_1(faces: tuple[Path, list[dict[str, str]]],
                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The default repository serves the ensemble (its pretrained members): the same repository
+    # without two of them does not.
+    from tests.conftest import start_suite
+
     folder, rows = faces
+    repo = folder / "without_members"
+    repo.mkdir()
+    for entry in (ROOT / "model_repository").iterdir():
+        if entry.name not in ("emotion_facex", "emotion_pyemotion"):
+            (repo / entry.name).symlink_to(entry)
     manifest = _write_manifest(folder / "ensemble.csv", rows[:2])
-    assert main(["emotion", str(manifest), "--gateway", suite.gateway.target, "--mode", "ensemble", "--quiet"]) == 1
+    alone = start_suite(folder / "suite_without_members", repo, data_roots=(folder,))
+    try:
+        assert main(["emotion", str(manifest), "--gateway", alone.gateway.target, "--mode", "ensemble",
+                     "--quiet", "--no-cache"]) == 1
+    finally:
+        alone.stop()
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
 
 
@@ -334,7 +348,8 @@ def test_missing_and_undecodable_images_are_reported_per_image(
     bad = [*rows[:3], {"path": "img/nowhere.png", "label": "Sad"}, {"path": "img/broken.png", "label": "Fear"}]
     manifest = _write_manifest(folder / "bad_images.csv", bad, ("path", "label"))
     out = folder / "bad_images.json"
-    code = main(["emotion", str(manifest), "--gateway", suite.gateway.target, "--json", str(out), "--quiet"])
+    code = main(["emotion", str(manifest), "--gateway", suite.gateway.target, "--json", str(out), "--quiet",
+                 "--faces", "crop", "--no-cache"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())

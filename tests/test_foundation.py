@@ -75,7 +75,7 @@ def test_metrics_show_the_request_after_one_call(suite: Suite, astronaut_jpeg: b
     with TesseraClient(gw.target) as client:
         client.classify_image(astronaut_jpeg)
         with pytest.raises(grpc.RpcError) as err:
-            client.classify([astronaut_jpeg], mode="ensemble")
+            client.classify([astronaut_jpeg], mode="ensemble", ensemble="research")  # teachers absent
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert request_count(gw.metrics_port, SERVICE_NAMES["gateway"], "ClassifyEmotion", "OK") == before_gw + 1
     assert request_count(emotion.metrics_port, SERVICE_NAMES["emotion"], "InferFaces", "OK") == before_em + 1
@@ -108,8 +108,9 @@ def test_sigterm_lets_the_in_flight_call_finish_then_exits_zero(tmp_path: Path, 
     ready = tmp_path / "emotion.ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.emotion", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready)],
+        # The Haar detector: its seconds on big noisy images keep the call in flight (BlazeFace takes ms).
         cwd=ROOT, env={**os.environ, "TESSERA_EMOTION__MODEL_REPOSITORY": str(model_repository),
-             "TESSERA_EMOTION__SERVER__GRACE_SECONDS": "60"},
+             "TESSERA_EMOTION__SERVER__GRACE_SECONDS": "60", "TESSERA_EMOTION__DETECTOR__KIND": "haar"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

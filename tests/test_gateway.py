@@ -122,7 +122,8 @@ def test_whole_request_problems_fail_before_work(client: TesseraClient, request_
 
 def test_ensemble_without_teachers_names_the_missing_models(client: TesseraClient, astronaut_jpeg: bytes) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        client.classify([astronaut_jpeg], mode="ensemble")
+        # The research ensemble: its timm teachers are not in the default repository.
+        client.classify([astronaut_jpeg], mode="ensemble", ensemble="research")
     assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION
     assert all(m in err.value.details() for m in ("emotion_rn18", "emotion_b3", "emotion_cnxt"))
 
@@ -184,7 +185,9 @@ def test_shard_paths_are_confined_to_the_roots(suite: Suite, client: TesseraClie
 def test_status_lists_models_versions_and_backends(client: TesseraClient) -> None:
     status = client.status()
     emotion = next(s for s in status.services if s.name == "emotion")
-    assert [(m.name, m.version, m.backend) for m in emotion.models] == [("emotion_student", "1", "onnxruntime")]
+    # The student and the pretrained ensemble's other two members (the default repository).
+    assert [(m.name, m.version, m.backend) for m in emotion.models] == [
+        (name, "1", "onnxruntime") for name in ("emotion_facex", "emotion_pyemotion", "emotion_student")]
     assert status.gateway_version and status.rules_version
 
 

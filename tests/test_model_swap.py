@@ -10,12 +10,14 @@ from pathlib import Path
 
 from tessera_client import TesseraClient
 from tests.conftest import CACHE, start_suite
+from tools.builders.blazeface import build_blazeface
 from tools.builders.fer_student import build_fer_student
 
 
 def test_new_version_swaps_in_under_load(tmp_path: Path, astronaut_jpeg: bytes) -> None:
     repo = tmp_path / "repo"
     build_fer_student(repo, CACHE)
+    build_blazeface(repo, CACHE)  # the face detector
     suite = start_suite(tmp_path / "suite", repo, data_roots=(tmp_path,),
                         extra_env={"TESSERA_EMOTION__REPOSITORY_POLL_SECONDS": "0.2"})
     versions: list[str] = []

@@ -280,8 +280,10 @@ def test_gateway_serves_the_student_through_triton_by_configuration_alone(
     from tessera_client import TesseraClient
     from tests.conftest import start_suite
 
+    # The Haar detector: BlazeFace's models are not in this repository (nor wanted in the overlay).
     suite = start_suite(tmp_path, repo, data_roots=(tmp_path,), extra_env={
-        "TESSERA_EMOTION__BACKEND": "triton", "TESSERA_EMOTION__TRITON__URL": triton.grpc_url})
+        "TESSERA_EMOTION__BACKEND": "triton", "TESSERA_EMOTION__TRITON__URL": triton.grpc_url,
+        "TESSERA_EMOTION__DETECTOR__KIND": "haar"})
     try:
         with TesseraClient(suite.gateway.target) as client:
             reply = client.classify([astronaut_jpeg])

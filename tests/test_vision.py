@@ -245,6 +245,19 @@ def test_detection_runs_on_a_bounded_copy_by_default(astronaut: np.ndarray) -> N
     assert max(iou(b, scaled) for b in found) > 0.7
 
 
+def test_blazeface_is_bounded_too_and_answers_in_original_pixels(astronaut: np.ndarray, model_repository: Path
+                                                                 ) -> None:
+    from services.vision.faces import DEFAULT_DETECT_MAX_SIDE, BlazeFaceConfig, BoundedDetector
+
+    assert BlazeFaceConfig().detect_max_side == DEFAULT_DETECT_MAX_SIDE
+    detector = build_detector(BlazeFaceConfig(), model_repository)
+    assert isinstance(detector, BoundedDetector) and isinstance(detector, FaceDetector)
+    (face,) = detector.detect(astronaut)
+    (big,) = detector.detect(cv2.resize(astronaut, (2560, 2560)))  # on a 1280² copy, mapped back
+    assert iou(big, Box(face.x * 5, face.y * 5, face.w * 5, face.h * 5)) > 0.9
+    assert big.keypoints[2] == pytest.approx(tuple(5 * v for v in face.keypoints[2]), abs=10)
+
+
 def test_any_detector_is_bounded_and_answers_in_original_pixels() -> None:
     from services.vision.faces import BoundedDetector, DetectorSettings
 

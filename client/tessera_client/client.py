@@ -112,11 +112,15 @@ class TesseraClient:
 
     # Emotion ---------------------------------------------------------------------------------
     def classify(self, images: Sequence[ImageLike], *, mode: str | None = None, return_member_logits: bool = False,
-                 face_crop: bool = False, timeout: float | None = None) -> pb.ClassifyEmotionResponse:
+                 face_crop: bool = False, timeout: float | None = None,
+                 ensemble: str | None = None) -> pb.ClassifyEmotionResponse:
+        """Every face of every image. `ensemble` names an ensemble of the gateway's fusion rules
+        (e.g. "pretrained", "research"; implies mode "ensemble"); None: the rules' default one."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(k for k in MODES if k)} or None")
         request = pb.ClassifyEmotionRequest(images=[to_image(i, face_crop=face_crop) for i in images],
-                                            mode=MODES[mode], return_member_logits=return_member_logits)
+                                            mode=MODES[mode], return_member_logits=return_member_logits,
+                                            ensemble=ensemble or "")
         return self.stub.ClassifyEmotion(request, **self._kw(timeout))
 
     def classify_image(self, image: ImageLike, *, mode: str | None = None, face_crop: bool = False,

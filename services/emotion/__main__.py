@@ -27,7 +27,8 @@ async def build(config: EmotionConfig, metrics: Metrics) -> App:
     backend: Backend = (TritonBackend(repository, config.triton, metrics) if config.backend == "triton"
                         else OnnxBackend(repository, config.onnx, metrics, serves=config.serves))
     await backend.start()
-    pipeline = EmotionPipeline(config, repository, backend, build_detector(config.detector), metrics)
+    detector = build_detector(config.detector, config.model_repository)  # the kind is read here, at start
+    pipeline = EmotionPipeline(config, repository, backend, detector, metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)
 
     return App([Servicer(SERVICE_NAME, EmotionServicer(pipeline), pb_grpc.add_EmotionServiceServicer_to_server)],

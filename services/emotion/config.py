@@ -5,20 +5,28 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from services.runtime.backends.onnx import OnnxConfig
 from services.runtime.backends.triton import TritonConfig
-from services.runtime.config import ServiceConfig, StrictModel
+from services.runtime.config import ServiceConfig
 from services.vision.decode import DecodeLimits
-from services.vision.faces import HaarConfig
+from services.vision.faces import (
+    BlazeFaceConfig,
+    CropMargin,
+    DetectorConfig,
+    HaarConfig,
+    Margins,
+    detector_section_for_kind,
+    validate_detector_section,
+)
 
+__all__ = ["DETECTOR_DEFAULTS", "CropMargin", "EmotionConfig"]
 
-class CropMargin(StrictModel):
-    """Each side of a face box grows by pixels + ratio × side before cropping."""
-
-    pixels: int = Field(0, ge=0)
-    ratio: float = Field(0.1, ge=0, le=1)
+# The service's default detector of each kind: `detector.kind: haar` alone gives HaarConfig().
+DETECTOR_DEFAULTS = {"blazeface": BlazeFaceConfig(), "haar": HaarConfig()}
 
 
 class EmotionConfig(ServiceConfig):
@@ -27,8 +35,12 @@ class EmotionConfig(ServiceConfig):
     onnx: OnnxConfig = OnnxConfig()
     triton: TritonConfig = TritonConfig()
     decode: DecodeLimits = DecodeLimits()
-    detector: HaarConfig = HaarConfig()
-    margin: CropMargin = CropMargin()
+    detector: DetectorConfig = Field(
+        DETECTOR_DEFAULTS["blazeface"], description="The face detector, by `kind`: blazeface (MediaPipe's "
+        "BlazeFace on ONNX Runtime, the default) or haar (OpenCV's cascade: the boxes fer's models were "
+        "trained on). Read at start.")
+    margin: CropMargin = Field(CropMargin(), description="Crop margins around each face box; unset sides take "
+                               "the detector's defaults (`crop_margins`).")
     models: list[str] = Field(
         ["emotion_*"], description="Names (glob patterns) of the repository's models this service serves; "
         "the other services' models in the same repository are left alone.")
@@ -52,6 +64,21 @@ class EmotionConfig(ServiceConfig):
     preprocess_slice: int = Field(
         64, gt=0, description="Most face crops preprocessed at once into a model's input (a model's smaller "
         "max_batch_size wins): bounds the float input a request holds whatever its number of faces.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detector_defaults_follow_kind(cls, data: Any) -> Any:
+        return detector_section_for_kind(data, DETECTOR_DEFAULTS["blazeface"], DETECTOR_DEFAULTS)
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _as_its_kind(cls, section: Any) -> Any:
+        return validate_detector_section(section)
+
+    @property
+    def crop_margins(self) -> Margins:
+        """The margins crops are cut with: the configured ones over the detector's defaults."""
+        return self.margin.resolve(self.detector.margins)
 
     def serves(self, model: str) -> bool:
         return any(fnmatchcase(model, pattern) for pattern in self.models)

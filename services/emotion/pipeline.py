@@ -153,13 +153,13 @@ class EmotionPipeline:
         """Crop pixels of caller boxes. The decoder may turn a JPEG by its EXIF orientation, so
         both orientations are tried and the smaller count taken: never more than the real one (the
         exact count is checked again after decoding)."""
-        m = self.config.margin
+        margins = self.config.crop_margins
         counts = []
         for w, h in {(width, height), (height, width)}:
             total = 0
             for box in boxes:
                 try:
-                    _, _, cw, ch = crop_region(w, h, box, margin_px=m.pixels, margin_ratio=m.ratio)
+                    _, _, cw, ch = crop_region(w, h, box, margins=margins)
                 except InvalidArgument:
                     continue  # reported on its image
                 total += cw * ch
@@ -192,8 +192,8 @@ class EmotionPipeline:
                         boxes = self.detector.detect(bgr)
                 boxes = boxes[: self.config.max_faces_per_image]
                 stop.check("cropping")
-                m = self.config.margin
-                crops = [crop_view(bgr, b, margin_px=m.pixels, margin_ratio=m.ratio) for b in boxes]
+                margins = self.config.crop_margins
+                crops = [crop_view(bgr, b, margins=margins) for b in boxes]
             return ImageOutput(faces=[FaceOutput(box) for box in boxes]), crops
         except CallStopped:
             raise  # the whole call ends, not this image

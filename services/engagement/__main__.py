@@ -28,7 +28,8 @@ async def build(config: EngagementConfig, metrics: Metrics) -> App:
     backend = RoutingBackend(repository, [OnnxBackend(repository, config.onnx, metrics, serves=ours.__contains__),
                                           XgbBackend(repository, config.xgb, metrics, serves=ours.__contains__)])
     await backend.start()
-    pipeline = EngagementPipeline(config, repository, backend, build_detector(config.detector), metrics)
+    detector = build_detector(config.detector, config.model_repository)  # the kind is read here, at start
+    pipeline = EngagementPipeline(config, repository, backend, detector, metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)
 
     drain = Drain(config.server.drain_streams_after_seconds)

@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 from services.fusion.rules import AFFECTS
 from services.runtime.config import ConfigError, StrictModel
 from services.runtime.errors import InvalidArgument
-from services.vision.faces import Box, crop_view
+from services.vision.faces import Box, Margins, crop_view
 
 __all__ = ["AFFECTS", "CROP_SIZE", "HOG_FILENAME", "HogParams", "clip_hog", "face_crop", "hog_features"]
 
@@ -32,17 +32,19 @@ CROP_SIZE = 64
 HOG_FILENAME = "hog.json"
 
 
-def face_crop(frame_bgr: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.1) -> np.ndarray:
+def face_crop(frame_bgr: np.ndarray, box: tuple[int, int, int, int], margin: float | Margins = 0.1) -> np.ndarray:
     """The face as a grey CROP_SIZE x CROP_SIZE uint8 image.
 
-    ``box`` is (x, y, w, h) in frame pixels; each side grows by ``margin`` of the box's side, the
-    result is clipped to the frame and resized with INTER_AREA (the crop is nearly always shrunk).
-    A BGR or grey uint8 frame is accepted.
+    ``box`` is (x, y, w, h) in frame pixels; each side grows by ``margin`` of the box's side (or by
+    its own ratio, given `Margins`: the detector's, services.vision.faces), the result is clipped to
+    the frame and resized with INTER_AREA (the crop is nearly always shrunk). A BGR or grey uint8
+    frame is accepted.
     """
     if frame_bgr.dtype != np.uint8 or frame_bgr.ndim not in (2, 3) or frame_bgr.size == 0:
         raise InvalidArgument(f"face_crop needs a uint8 frame, got {frame_bgr.dtype} {frame_bgr.shape}")
     x, y, w, h = (int(v) for v in box)
-    crop = crop_view(frame_bgr, Box(x, y, w, h), margin_ratio=margin)  # no copy: converted just below
+    margins = margin if isinstance(margin, Margins) else Margins.even(margin)
+    crop = crop_view(frame_bgr, Box(x, y, w, h), margins=margins)  # no copy: converted just below
     if crop.ndim == 3:
         crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
     return cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA)

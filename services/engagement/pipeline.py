@@ -158,7 +158,7 @@ class EngagementPipeline:
         if box is None:
             return FrameFace(None)
         with self.metrics.stage("preprocess"):
-            crop = face_crop(bgr, (box.x, box.y, box.w, box.h), margin=self.config.tracking.margin)
+            crop = face_crop(bgr, (box.x, box.y, box.w, box.h), margin=self.config.crop_margins)
             hog = hog_features(crop[None], settings.hog)[0]
         return FrameFace(box, crop, hog)
 

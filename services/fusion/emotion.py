@@ -12,21 +12,38 @@ from services.fusion.rules import EmotionModeName, EmotionRules
 CLASS_NAMES = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 
 
-def resolve_temperature(rules: EmotionRules, mode: EmotionModeName, stored: float | None) -> float:
-    """The rules file's temperature for the mode wins; else the one stored beside the student;
-    else 1.0 (the ensemble's fused logits are calibrated once, by the rules)."""
+def resolve_temperature(rules: EmotionRules, mode: EmotionModeName, stored: float | None,
+                        ensemble: str | None = None) -> float:
+    """Which temperature wins. Student mode: the rules file's `emotion.temperature.student`; else
+    the one stored beside the student; else 1.0. Ensemble mode, for the named (or default)
+    ensemble: its own `temperature`; else `emotion.temperature.ensemble`; else 1.0 (an ensemble's
+    fused logits are calibrated once, by the rules)."""
+    if mode == "ensemble":
+        _, ens = rules.ensemble_rules(ensemble)
+        if ens.temperature is not None:
+            return ens.temperature
+        return rules.temperature.get("ensemble", 1.0)
     if mode in rules.temperature:
         return rules.temperature[mode]
-    if mode == "student" and stored and stored > 0:
+    if stored and stored > 0:
         return stored
     return 1.0
 
 
-def members_for(rules: EmotionRules, mode: EmotionModeName) -> dict[str, float]:
-    """Model name → weight for a mode (the student alone has weight 1)."""
+def members_for(rules: EmotionRules, mode: EmotionModeName, ensemble: str | None = None) -> dict[str, float]:
+    """Model name → weight for a mode (the student alone has weight 1; ensemble mode: the named
+    ensemble, or the rules' default one). UnknownEnsemble for a name the rules do not define."""
     if mode == "student":
         return {rules.student: 1.0}
-    return {m.model: m.weight for m in rules.members}
+    _, ens = rules.ensemble_rules(ensemble)
+    return {m.model: m.weight for m in ens.members}
+
+
+def fusion_space_for(rules: EmotionRules, mode: EmotionModeName, ensemble: str | None = None) -> str:
+    """The fusion space of a mode's members (one member of weight 1: both spaces agree)."""
+    if mode == "student":
+        return "logit"
+    return rules.ensemble_rules(ensemble)[1].fusion_space
 
 
 def _normalised(member_logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,31 +33,95 @@ class EmotionMember(StrictModel):
     weight: float = Field(ge=0)
 
 
-class EmotionRules(StrictModel):
-    default_mode: EmotionModeName = "student"
-    student: str = "emotion_student"
-    members: list[EmotionMember] = Field(
-        default_factory=lambda: [
-            EmotionMember(model="emotion_rn18", weight=0.4),
-            EmotionMember(model="emotion_b3", weight=0.4),
-            EmotionMember(model="emotion_cnxt", weight=0.2),
-        ],
-        min_length=1,
-    )
+def _research_members() -> list[EmotionMember]:
+    return [EmotionMember(model="emotion_rn18", weight=0.4), EmotionMember(model="emotion_b3", weight=0.4),
+            EmotionMember(model="emotion_cnxt", weight=0.2)]
+
+
+# The ensemble a rules file gets when it names none (the research's three timm teachers); the
+# shipped file adds `pretrained` and makes it the one mode ENSEMBLE uses.
+DEFAULT_ENSEMBLE = "research"
+ENSEMBLE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+class EnsembleRules(StrictModel):
+    """One named emotion ensemble: its members and how their logits are fused."""
+
+    members: list[EmotionMember] = Field(min_length=1)
     # logit: softmax(sum(w_i * l_i) / T); prob: sum(w_i * softmax(l_i / T)).
     fusion_space: Literal["logit", "prob"] = "logit"
-    # Overrides per mode; absent: the student's stored temperature, or 1.0 for the ensemble.
-    temperature: dict[EmotionModeName, float] = Field(default_factory=dict)
+    # This ensemble's temperature; absent: emotion.temperature.ensemble, else 1.0.
+    temperature: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> EmotionRules:
+    def _check(self) -> EnsembleRules:
         if sum(m.weight for m in self.members) <= 0:
             raise ValueError("ensemble member weights must not all be zero")
         if len({m.model for m in self.members}) != len(self.members):
             raise ValueError("ensemble members must be distinct models")
+        return self
+
+
+class UnknownEnsemble(KeyError):
+    """A request or the rules name an ensemble the rules do not define."""
+
+
+class EmotionRules(StrictModel):
+    default_mode: EmotionModeName = "student"
+    student: str = "emotion_student"
+    # The ensemble of mode ENSEMBLE when a request names none.
+    ensemble: str = DEFAULT_ENSEMBLE
+    ensembles: dict[str, EnsembleRules] = Field(
+        default_factory=lambda: {DEFAULT_ENSEMBLE: EnsembleRules(members=_research_members())})
+    # Overrides per mode; absent: the student's stored temperature, or for an ensemble its own
+    # `temperature`, else 1.0. `ensemble` here applies to every ensemble that sets none.
+    temperature: dict[EmotionModeName, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_form(cls, data: object) -> object:
+        """The old form, `emotion.members` / `emotion.fusion_space`: the members and space of the
+        one ensemble `emotion.ensemble` names (default `research`, members the research teachers)."""
+        if not isinstance(data, dict) or not ({"members", "fusion_space"} & data.keys()):
+            return data
+        if "ensembles" in data:
+            raise ValueError("emotion.members and emotion.fusion_space are the one-ensemble form: with "
+                             "emotion.ensembles, set them under emotion.ensembles.<name>")
+        data = dict(data)
+        one: dict[str, object] = {"members": data.pop("members") if "members" in data else _research_members()}
+        if "fusion_space" in data:
+            one["fusion_space"] = data.pop("fusion_space")
+        name = data.get("ensemble", DEFAULT_ENSEMBLE)  # not a string: reported on `emotion.ensemble`
+        data["ensembles"] = {name if isinstance(name, str) else DEFAULT_ENSEMBLE: one}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> EmotionRules:
+        bad = [name for name in self.ensembles if not re.fullmatch(ENSEMBLE_NAME, name)]
+        if bad:
+            raise ValueError(f"ensemble names must match {ENSEMBLE_NAME}: {', '.join(repr(b) for b in bad)}")
+        if self.ensemble not in self.ensembles:
+            raise ValueError(f"emotion.ensemble names {self.ensemble!r}, which emotion.ensembles does not define "
+                             f"(defined: {', '.join(sorted(self.ensembles)) or 'none'})")
         if any(t <= 0 for t in self.temperature.values()):
             raise ValueError("temperatures must be > 0")
         return self
+
+    def ensemble_rules(self, name: str | None = None) -> tuple[str, EnsembleRules]:
+        """(name, rules) of the named ensemble, or of the default one; UnknownEnsemble otherwise."""
+        name = name or self.ensemble
+        if name not in self.ensembles:
+            raise UnknownEnsemble(name)
+        return name, self.ensembles[name]
+
+    # The default ensemble's members and space, as the one-ensemble form had them.
+    @property
+    def members(self) -> list[EmotionMember]:
+        return self.ensembles[self.ensemble].members
+
+    @property
+    def fusion_space(self) -> Literal["logit", "prob"]:
+        return self.ensembles[self.ensemble].fusion_space
 
 
 class EngagementRule(StrictModel):

@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tools.builders.emotion_facex import build_facex
+from tools.builders.emotion_pyemotion import build_pyemotion
+from tools.builders.blazeface import build_blazeface
 from tools.builders.engagement_demo import build_engagement_demo
 from tools.builders.fer_student import build_fer_student
 from tools.builders.minilm import build_text_embedder
@@ -18,6 +21,13 @@ Builder = Callable[[Path, Path], Path | list[Path]]
 # In build order: the proxylabel demo embeds its rows with the text embedder built before it.
 BUILDERS: dict[str, Builder] = {
     "emotion": build_fer_student,
+    # The face detectors both the emotion and the engagement service run (MediaPipe's BlazeFace).
+    "detector": build_blazeface,
+    # The pretrained ensemble's other two members (emotion mode ENSEMBLE, ensemble `pretrained`):
+    # facex's MobileNetV2 (TFLite) and PyEmotion's CNN (a torch checkpoint), each converted
+    # without TensorFlow or torch and proved against a numpy forward pass before it is written.
+    "emotion_facex": build_facex,
+    "emotion_pyemotion": build_pyemotion,
     "embedder": build_text_embedder,
     # The demo kNN index and MLP, named `demo` in every answer: trained on generated rows
     # embedded with the text embedder above (first build ~1-2 min on 2 cores, then cached).

@@ -17,6 +17,12 @@ served model's figures can be put beside the offline ones:
 - ``brier``: multi-class, mean over samples of Σ_k (p_k − 1[y = k])². For K = 2 this is twice the
   binary score of the positive class (sklearn's ``brier_score_loss`` on p[:, 1]).
 - ``fit_temperature``: T minimising the NLL of softmax(logits / T), searched on log T.
+
+Label metrics (``confusion_matrix``, ``precision_recall_f1_support``, ``mean_absolute_error``,
+``label_report``) take predicted labels, so they serve answers whose label is not the argmax of
+their probabilities (the kNN's regression) as well. ``classes=None`` follows scikit-learn's
+default: the macro mean is over the classes present in the labels or the predictions (what the
+shard jobs' summaries report); ``classes=K`` is over all K (what the emotion report uses).
 """
 
 from __future__ import annotations
@@ -145,6 +151,10 @@ class EvaluationReport:
     support: dict[str, int] = field(default_factory=dict)
     temperature: float | None = None
     scaled: EvaluationReport | None = None
+    # Rows: the label, columns: the prediction (scikit-learn's layout), in class order.
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    per_class_precision: dict[str, float] = field(default_factory=dict)
+    per_class_recall: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,8 +167,123 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
         raise ValueError(f"{len(class_names)} class names for {p.shape[1]} classes")
     f1 = per_class_f1(p, y)
     counts = np.bincount(y, minlength=p.shape[1])
+    precision, recall, _, _ = precision_recall_f1_support(p.argmax(axis=1), y, p.shape[1])
     return EvaluationReport(
         n=len(y), accuracy=accuracy(p, y), macro_f1=float(np.mean(f1)),
         per_class_f1={c: float(v) for c, v in zip(class_names, f1, strict=True)},
         nll=nll(p, y), ece=ece(p, y, bins), brier=brier(p, y),
-        support={c: int(v) for c, v in zip(class_names, counts, strict=True)})
+        support={c: int(v) for c, v in zip(class_names, counts, strict=True)},
+        confusion_matrix=confusion_matrix(p.argmax(axis=1), y, p.shape[1]).tolist(),
+        per_class_precision={c: float(v) for c, v in zip(class_names, precision, strict=True)},
+        per_class_recall={c: float(v) for c, v in zip(class_names, recall, strict=True)})
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(edges [bins + 1], count, accuracy, mean confidence per bin; NaN where a bin is empty),
+    with the bins of ``ece``: what a reliability diagram draws."""
+    p, y = _check(probs, labels)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(index, correct, minlength=bins) / count
+        mean_conf = np.bincount(index, conf, minlength=bins) / count
+    return edges, count, acc, mean_conf
+
+
+# Label metrics ------------------------------------------------------------------------------------
+def _check_labels(predicted: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(predicted)
+    y = np.asarray(labels)
+    if pred.shape != y.shape or y.ndim != 1:
+        raise ValueError(f"{pred.shape} predictions for {y.shape} labels")
+    if len(y) == 0:
+        raise ValueError("no samples")
+    for name, v in (("labels", y), ("predictions", pred)):
+        if not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() >= k:
+            raise ValueError(f"{name} must be class indices in [0, {k})")
+    return pred.astype(np.int64), y.astype(np.int64)
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """[k, k] counts; row = label, column = prediction (scikit-learn's ``confusion_matrix``)."""
+    pred, y = _check_labels(predicted, labels, k)
+    out = np.zeros((k, k), np.int64)
+    np.add.at(out, (y, pred), 1)
+    return out
+
+
+def precision_recall_f1_support(predicted: np.ndarray, labels: np.ndarray, k: int
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per class, as scikit-learn's ``precision_recall_fscore_support(labels=range(k),
+    zero_division=0)``: 0 where a ratio is 0/0."""
+    c = confusion_matrix(predicted, labels, k).astype(np.float64)
+    tp = np.diag(c)
+    true, pred = c.sum(axis=1), c.sum(axis=0)
+    precision = np.divide(tp, pred, out=np.zeros(k), where=pred > 0)
+    recall = np.divide(tp, true, out=np.zeros(k), where=true > 0)
+    f1 = np.divide(2 * tp, true + pred, out=np.zeros(k), where=(true + pred) > 0)
+    return precision, recall, f1, true.astype(np.int64)
+
+
+def macro_f1_of_labels(predicted: np.ndarray, labels: np.ndarray, k: int, classes: int | None = None) -> float:
+    """Macro F1 over all k classes (``classes=k``) or, by default, over the classes present in the
+    labels or the predictions (scikit-learn's ``f1_score(average="macro")`` without ``labels``)."""
+    pred, y = _check_labels(predicted, labels, k)
+    _, _, f1, _ = precision_recall_f1_support(pred, y, k)
+    if classes is not None:
+        return float(np.mean(f1))
+    present = np.zeros(k, bool)
+    present[y] = True
+    present[pred] = True
+    return float(np.mean(f1[present]))
+
+
+def mean_absolute_error(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Mean |prediction − label| of ordinal labels (scikit-learn's ``mean_absolute_error``)."""
+    pred, y = np.asarray(predicted, np.float64), np.asarray(labels, np.float64)
+    if pred.shape != y.shape or len(y) == 0:
+        raise ValueError(f"{pred.shape} predictions for {y.shape} labels")
+    return float(np.mean(np.abs(pred - y)))
+
+
+@dataclass
+class LabelReport:
+    """Figures of predicted labels against known ones (ordinal classes: with the MAE)."""
+
+    n: int
+    accuracy: float
+    macro_f1: float
+    mae: float | None
+    per_class_f1: dict[str, float]
+    # Recall of each class (the shard summaries' "per-class accuracy"); None for a class no label has.
+    per_class_accuracy: dict[str, float | None]
+    support: dict[str, int]
+    predicted: dict[str, int]
+    confusion_matrix: list[list[int]]
+    nll: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def label_report(predicted: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, ordinal: bool = False,
+                 classes: int | None = None, probs: np.ndarray | None = None) -> LabelReport:
+    """Accuracy, macro-F1 (see ``macro_f1_of_labels`` for ``classes``), MAE when ordinal,
+    per-class F1 and accuracy (recall), the true and predicted distributions, the confusion
+    matrix; the NLL when the probabilities are given."""
+    k = len(class_names)
+    pred, y = _check_labels(predicted, labels, k)
+    c = confusion_matrix(pred, y, k)
+    _, recall, f1, support = precision_recall_f1_support(pred, y, k)
+    return LabelReport(
+        n=len(y), accuracy=float(np.mean(pred == y)), macro_f1=macro_f1_of_labels(pred, y, k, classes),
+        mae=mean_absolute_error(pred, y) if ordinal else None,
+        per_class_f1={n: float(v) for n, v in zip(class_names, f1, strict=True)},
+        per_class_accuracy={n: (float(r) if s else None) for n, r, s in zip(class_names, recall, support, strict=True)},
+        support={n: int(v) for n, v in zip(class_names, support, strict=True)},
+        predicted={n: int(v) for n, v in zip(class_names, c.sum(axis=0), strict=True)},
+        confusion_matrix=c.tolist(), nll=nll(probs, y) if probs is not None else None)

@@ -20,14 +20,16 @@ EMOTION_MODE_ENSEMBLE: EmotionMode
 EMOTION_MODE_STUDENT: EmotionMode
 
 class ClassifyEmotionRequest(_message.Message):
-    __slots__ = ("images", "mode", "return_member_logits")
+    __slots__ = ("images", "mode", "return_member_logits", "ensemble")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     RETURN_MEMBER_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]
     mode: EmotionMode
     return_member_logits: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., mode: _Optional[_Union[EmotionMode, str]] = ..., return_member_logits: _Optional[bool] = ...) -> None: ...
+    ensemble: str
+    def __init__(self, images: _Optional[_Iterable[_Union[_common_pb2.Image, _Mapping]]] = ..., mode: _Optional[_Union[EmotionMode, str]] = ..., return_member_logits: _Optional[bool] = ..., ensemble: _Optional[str] = ...) -> None: ...
 
 class MemberLogits(_message.Message):
     __slots__ = ("model", "logits")
