@@ -70,7 +70,7 @@ ratio; no test asserts a wall-clock time.
 | overload: 200 concurrent `ClassifyEmotion` of the astronaut, 2 s deadline | every call ends by its deadline (OK, `RESOURCE_EXHAUSTED`, `DEADLINE_EXCEEDED` or `UNAVAILABLE`); answered OK ≥ half of what the sequential rate, measured in the same run, allows in 2 s | `tests/test_load.py` (burst) |
 | hostile input, every public RPC on both hops | every call ends with a documented status (never `UNKNOWN` or `INTERNAL`) within its deadline; no process dies; memory bounded | `tests/test_fuzz.py` |
 | start-up with default models | ready (health SERVING) ≤ 5 s | not measured by a benchmark yet |
-| default emotion path end to end (detect + crop + student), 512² photo | ≥ 4 × faster than the Haar configuration of the same service, same photo, same run | not measurable yet: Haar is the only detector today |
+| default emotion path end to end (detect + crop + student), 512² photo | ≥ 4 × faster than the Haar configuration of the same service, same photo, same run | `bench_emotion.py` (`--detector` runs only this comparison) |
 | live video | two 640×480 streams at 30 fps kept up on 2 cores | not measured yet (`bench_engagement.py` runs one stream) |
 | soak: 30 min of mixed traffic, one live stream held throughout | 0 unexpected errors; resident memory of every process at the end within 10 % of after warm-up | `tests/test_load.py` (soak; 60 s in `make test`, 30 min in `make bench`) |
 
