@@ -39,8 +39,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from tools.builders.fer_student import IR_VERSION, OPSET, _validate_config, _write_atomic
-from tools.builders.wheel_weights import WheelFile, gate_crops, member_config, read_verified
+from tools.builders.fer_student import IR_VERSION, OPSET
+from tools.builders.wheel_weights import WheelFile, gate_crops, member_config, read_verified, write_member
 
 FACEX = WheelFile(
     project="facex", version="1.1.0", member="facex/assets/model_optimized.tflite", size=2_615_520,
@@ -423,26 +423,17 @@ def build_facex(repo: Path, cache: Path) -> Path:
     """Write `<repo>/emotion_facex/` (config, ONNX, preprocess.json) and return that directory.
 
     Skips the work when the directory was already built from the same file by this converter."""
-    repo, cache = Path(repo), Path(cache)
-    model_dir = repo / MODEL_NAME
-    version_dir = model_dir / "1"
-    key_file = version_dir / ".build-key"
-    content = read_verified(FACEX, cache)
+    content = read_verified(FACEX, Path(cache))
     key = (f"tflite_sha256={hashlib.sha256(content).hexdigest()} converter={CONVERTER_VERSION} "
            f"{FACEX.pin}\n")
-    outputs = [model_dir / "config.pbtxt", version_dir / "model.onnx", version_dir / "preprocess.json"]
-    if key_file.is_file() and key_file.read_text() == key and all(p.is_file() for p in outputs):
-        return model_dir
 
-    graph = read_tflite(content)
-    model = to_onnx(graph)
-    gate(model, graph, gate_batch())
-    _validate_config(CONFIG_PBTXT)
-    _write_atomic(version_dir / "model.onnx", model.SerializeToString())
-    _write_atomic(version_dir / "preprocess.json", (json.dumps(PREPROCESS, indent=2) + "\n").encode())
-    _write_atomic(model_dir / "config.pbtxt", CONFIG_PBTXT.encode())
-    _write_atomic(key_file, key.encode())  # last: an interrupted build is redone, not trusted
-    return model_dir
+    def convert() -> onnx.ModelProto:
+        graph = read_tflite(content)
+        model = to_onnx(graph)
+        gate(model, graph, gate_batch())
+        return model
+
+    return write_member(repo, MODEL_NAME, key, convert, PREPROCESS, CONFIG_PBTXT)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from tools.builders.fer_student import IR_VERSION, OPSET, _validate_config, _write_atomic
+from tools.builders.fer_student import IR_VERSION, OPSET
 from tools.builders.torch_weights import load_checkpoint
-from tools.builders.wheel_weights import WheelFile, gate_crops, member_config, read_verified
+from tools.builders.wheel_weights import WheelFile, gate_crops, member_config, read_verified, write_member
 
 PYEMOTION = WheelFile(
     project="PyEmotion", version="1.0.0", member="PyEmotion/model/main_model.pkl", size=33_017_347,
@@ -177,26 +177,17 @@ def build_pyemotion(repo: Path, cache: Path) -> Path:
     """Write `<repo>/emotion_pyemotion/` (config, ONNX, preprocess.json) and return that directory.
 
     Skips the work when the directory was already built from the same file by this converter."""
-    repo, cache = Path(repo), Path(cache)
-    model_dir = repo / MODEL_NAME
-    version_dir = model_dir / "1"
-    key_file = version_dir / ".build-key"
-    content = read_verified(PYEMOTION, cache)
+    content = read_verified(PYEMOTION, Path(cache))
     key = (f"checkpoint_sha256={hashlib.sha256(content).hexdigest()} converter={CONVERTER_VERSION} "
            f"{PYEMOTION.pin}\n")
-    outputs = [model_dir / "config.pbtxt", version_dir / "model.onnx", version_dir / "preprocess.json"]
-    if key_file.is_file() and key_file.read_text() == key and all(p.is_file() for p in outputs):
-        return model_dir
 
-    sd = state_dict(content)
-    model = to_onnx(sd)
-    gate(model, sd, gate_batch())
-    _validate_config(CONFIG_PBTXT)
-    _write_atomic(version_dir / "model.onnx", model.SerializeToString())
-    _write_atomic(version_dir / "preprocess.json", (json.dumps(PREPROCESS, indent=2) + "\n").encode())
-    _write_atomic(model_dir / "config.pbtxt", CONFIG_PBTXT.encode())
-    _write_atomic(key_file, key.encode())  # last: an interrupted build is redone, not trusted
-    return model_dir
+    def convert() -> onnx.ModelProto:
+        sd = state_dict(content)
+        model = to_onnx(sd)
+        gate(model, sd, gate_batch())
+        return model
+
+    return write_member(repo, MODEL_NAME, key, convert, PREPROCESS, CONFIG_PBTXT)
 
 
 def main(argv: list[str] | None = None) -> int:

