@@ -212,3 +212,22 @@ def test_a_rotated_certificate_is_served_without_restart(secure: Suite, pki) -> 
         raise AssertionError(f"still serving certificate {old}")
     with _client(secure, pki) as client:
         assert client.status().rules_version  # and new connections work with it
+
+
+def test_watched_files_offer_a_change_until_it_is_taken(tmp_path: Path) -> None:
+    from services.runtime.auth import FileSecret
+    from services.runtime.watched import WatchedFiles
+
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    watch = WatchedFiles([path], interval=0.0)
+    stamp = watch.poll()
+    assert stamp is not None and watch.poll() == stamp  # not taken yet: offered again
+    watch.take(stamp)
+    assert watch.poll() is None
+    secret = FileSecret(path, recheck_seconds=0.0)
+    assert secret.value() == "first"
+    path.write_text("second, longer\n")
+    assert secret.value() == "second, longer"
+    path.unlink()
+    assert secret.value() == "second, longer"  # unreadable: the previous value stays

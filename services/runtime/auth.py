@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pydantic import ValidationError
 from services.runtime.config import ALL_SCOPES, REFLECTION_SCOPE, AuthConfig, TokenEntry, TokenFile
 from services.runtime.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from services.runtime.security import peer_names
+from services.runtime.watched import Stamp, WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +69,11 @@ class TokenStore:
 
     def __init__(self, config: AuthConfig, recheck_seconds: float = 1.0) -> None:
         self.config = config
-        self.recheck_seconds = recheck_seconds
         self._lock = threading.Lock()
-        self._checked = 0.0
-        self._stamp: tuple[int, int] | None = None
+        self.file = WatchedFiles([config.token_file] if config.token_file else [], recheck_seconds)
         self._entries: list[TokenEntry] = []
         self._buckets: dict[str, _Bucket] = {}
-        self._load(force=True)
-
-    def _file_stamp(self) -> tuple[int, int] | None:
-        path = self.config.token_file
-        if path is None:
-            return None
-        try:
-            st = os.stat(path)
-        except OSError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_size)
+        self._load(self.file.stamp(), first=True)
 
     def _parse(self, text: str) -> list[TokenEntry]:
         loaded = yaml.safe_load(text) if text.strip() else None
@@ -94,33 +82,29 @@ class TokenStore:
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return [TokenEntry(token=t, name=f"token-{i + 1}") for i, t in enumerate(lines)]
 
-    def _load(self, force: bool = False) -> None:
-        stamp = self._file_stamp()
-        if not force and stamp == self._stamp:
-            return
+    def _load(self, stamp: Stamp, first: bool = False) -> None:
+        self.file.take(stamp)  # a bad file is not read again until it changes
         entries = [TokenEntry(token=t, name=f"config-{i + 1}") for i, t in enumerate(self.config.tokens)]
         if self.config.token_file is not None:
             try:
                 entries += self._parse(self.config.token_file.read_text())
             except (OSError, yaml.YAMLError, ValidationError) as exc:
-                if force:
+                if first:
                     raise ValueError(f"token file {self.config.token_file}: {exc}") from None
                 log.error("token file %s changed but is invalid (%s); keeping the previous tokens",
                           self.config.token_file, exc)
-                self._stamp = stamp
                 return
-        self._entries, self._stamp = entries, stamp
+        self._entries = entries
         self._buckets = {e.name: _Bucket(e.rate_per_second, max(e.rate_per_second, 1.0))
                          for e in entries if e.rate_per_second is not None}
-        if not force:
+        if not first:
             log.info("token file re-read: %d tokens", len(entries))
 
     def find(self, token: str) -> TokenEntry | None:
         with self._lock:
-            now = time.monotonic()
-            if now - self._checked >= self.recheck_seconds:
-                self._checked = now
-                self._load()
+            stamp = self.file.poll()
+            if stamp is not None:
+                self._load(stamp)
             entries = self._entries
         given = token.encode()
         # compare_digest against every entry: no timing side channel on the token.
@@ -185,25 +169,18 @@ class FileSecret:
 
     def __init__(self, path: Path, recheck_seconds: float = 1.0) -> None:
         self.path = path
-        self.recheck_seconds = recheck_seconds
-        self._checked = 0.0
-        self._stamp: tuple[int, int] | None = None
+        self.file = WatchedFiles([path], recheck_seconds)
         self._value = ""
-        self._lock = threading.Lock()
         self.value()
         if not self._value:
             raise ValueError(f"secret file {path} is missing or empty")
 
     def value(self) -> str:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked >= self.recheck_seconds:
-                self._checked = now
-                try:
-                    st = os.stat(self.path)
-                    stamp = (st.st_mtime_ns, st.st_size)
-                    if stamp != self._stamp:
-                        self._value, self._stamp = self.path.read_text().strip(), stamp
-                except OSError as exc:
-                    log.error("cannot read secret file %s (%s); keeping the previous value", self.path, exc)
-            return self._value
+        stamp = self.file.poll()
+        if stamp is not None:
+            try:
+                self._value = self.path.read_text().strip()
+                self.file.take(stamp)
+            except OSError as exc:  # offered again at the next look
+                log.error("cannot read secret file %s (%s); keeping the previous value", self.path, exc)
+        return self._value

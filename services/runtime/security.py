@@ -10,14 +10,13 @@ services use it to accept only the gateway.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+
 from services.runtime.config import ChannelTls, ConfigError, ServerTls
+from services.runtime.watched import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +33,9 @@ class _Rotating:
 
     def __init__(self, tls: ServerTls) -> None:
         self.tls = tls
-        self._lock = threading.Lock()
-        self._checked = 0.0
-        self._stamp = self._files_stamp()
-
-    def _files_stamp(self) -> tuple[tuple[int, int], ...]:
-        paths = [self.tls.cert_file, self.tls.key_file, *([self.tls.client_ca_file] if self.tls.client_ca_file else [])]
-        stamps = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size))
-            except OSError:
-                stamps.append((0, 0))
-        return tuple(stamps)
+        paths = [tls.cert_file, tls.key_file, *([tls.client_ca_file] if tls.client_ca_file else [])]
+        self.files = WatchedFiles(paths, tls.reload_seconds)
+        self.files.take(self.files.stamp())
 
     def configuration(self) -> Any:
         t = self.tls
@@ -57,22 +45,17 @@ class _Rotating:
 
     def fetch(self) -> Any:
         """gRPC asks at each handshake: a new configuration when the files changed, else None."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked < self.tls.reload_seconds:
-                return None
-            self._checked = now
-            stamp = self._files_stamp()
-            if stamp == self._stamp:
-                return None
-            try:
-                config = self.configuration()
-            except ValueError as exc:
-                log.error("TLS files changed but cannot be read (%s); serving the previous certificate", exc)
-                return None
-            self._stamp = stamp
-            log.info("TLS certificate files changed: serving the new certificate on new connections")
-            return config
+        stamp = self.files.poll()
+        if stamp is None:
+            return None
+        try:
+            config = self.configuration()
+        except ValueError as exc:
+            log.error("TLS files changed but cannot be read (%s); serving the previous certificate", exc)
+            return None
+        self.files.take(stamp)
+        log.info("TLS certificate files changed: serving the new certificate on new connections")
+        return config
 
 
 def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
