@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tessera_client import ClientTls
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("emotion", "engagement", "proxylabel")
@@ -48,21 +49,6 @@ class Process:
 
 class SuiteError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class ClientTls:
-    """How the launcher's health checks reach processes that serve TLS (mTLS with cert and key)."""
-
-    ca: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
-    server_name: str | None = None
-
-    def channel(self, target: str) -> grpc.Channel:
-        creds = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
-        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-        return grpc.secure_channel(target, creds, options=options)
 
 
 class Suite:

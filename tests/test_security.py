@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
 
-from launcher.suite import ClientTls, Suite
-from tessera_client import TesseraClient
+from launcher.suite import Suite
+from tessera_client import ClientTls, TesseraClient
 from tests.conftest import start_suite
 from tests.pki import Issued, TestCA
 from tools.modeller.proxylabel.generate import write_shard

@@ -74,24 +74,50 @@ class Face:
     detection_score: float
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS to a gateway (or any tessera process): its CA (None: the system's roots), a client
+    certificate and key for mutual TLS, and the name expected in the server's certificate when
+    the target's host differs."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(cls, ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None,
+                   server_name: str | None = None) -> ClientTls | None:
+        """From PEM files; None without a CA file (plaintext). Raises OSError for an unreadable file."""
+        if ca_file is None:
+            return None
+        return cls(ca_file.read_bytes(), cert_file.read_bytes() if cert_file else None,
+                   key_file.read_bytes() if key_file else None, server_name)
+
+    def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                             certificate_chain=self.cert)
+        name = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(target, creds, options=[*options, *name])
+
+
 class TesseraClient:
     """Blocking client of the gateway. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
+    def __init__(self, target: str, *, token: str | None = None, tls: bool | ClientTls = False,
                  root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
                  private_key: bytes | None = None, server_name: str | None = None, timeout: float = 30.0,
                  max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        """`tls` (implied by `root_certificates`): TLS with that CA (None: the system's roots);
-        `certificate_chain` + `private_key`: a client certificate for mutual TLS; `server_name`: the
-        name expected in the server's certificate when the target's host differs."""
+        """`tls`: a `ClientTls`, or True for TLS with the keyword arguments (implied by
+        `root_certificates` or `certificate_chain`): `root_certificates` the CA (None: the system's
+        roots), `certificate_chain` + `private_key` a client certificate for mutual TLS,
+        `server_name` the name expected in the server's certificate when the target's host differs."""
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        if server_name:
-            options.append(("grpc.ssl_target_name_override", server_name))
-        if tls or root_certificates is not None or certificate_chain is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key,
-                                                 certificate_chain=certificate_chain)
-            self.channel = grpc.secure_channel(target, creds, options=options)
+        if not isinstance(tls, ClientTls) and (tls or root_certificates is not None or certificate_chain is not None):
+            tls = ClientTls(root_certificates, certificate_chain, private_key, server_name)
+        if isinstance(tls, ClientTls):
+            self.channel = tls.channel(target, options)
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.GatewayServiceStub(self.channel)

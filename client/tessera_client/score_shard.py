@@ -17,14 +17,13 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import grpc
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
-from tessera_client.client import TesseraClient
+from tessera_client.client import ClientTls, TesseraClient
 
 INITIAL_BACKOFF_SECONDS = 0.25
 MAX_BACKOFF_SECONDS = 8.0
@@ -97,26 +96,8 @@ def _retryable(exc: grpc.RpcError, attempt_started: float) -> bool:
         time.monotonic() - attempt_started < CALL_TIMEOUT_SECONDS - 60
 
 
-@dataclass(frozen=True)
-class Tls:
-    """TLS to the gateway: its CA, and a client certificate for mutual TLS."""
-
-    ca: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
-    server_name: str | None = None
-
-    @classmethod
-    def from_files(cls, ca_file: Path | None, cert_file: Path | None, key_file: Path | None,
-                   server_name: str | None) -> Tls | None:
-        if ca_file is None:
-            return None
-        return cls(ca_file.read_bytes(), cert_file.read_bytes() if cert_file else None,
-                   key_file.read_bytes() if key_file else None, server_name)
-
-
 def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows: int = 0, token: str | None = None,
-                quiet: bool = False, reconnect_seconds: float = 120.0, tls: Tls | None = None) -> int:
+                quiet: bool = False, reconnect_seconds: float = 120.0, tls: ClientTls | None = None) -> int:
     """Stream the job's events into a progress line, re-attaching when the stream breaks; returns a
     process exit code."""
     progress = ProgressLine(sys.stderr, enabled=not quiet)
@@ -128,9 +109,7 @@ def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows:
     while True:
         # A new channel per attempt: a channel that saw its target go away waits out its own
         # reconnect backoff (up to minutes), however soon the target is back.
-        client = (TesseraClient(target, token=token) if tls is None else
-                  TesseraClient(target, token=token, root_certificates=tls.ca, certificate_chain=tls.cert,
-                                private_key=tls.key, server_name=tls.server_name))
+        client = TesseraClient(target, token=token, tls=tls or False)
         attempt_started = time.monotonic()
         call = client.score_shard(input_path, output_path, batch_rows=batch_rows,
                                   timeout=CALL_TIMEOUT_SECONDS)
@@ -216,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the name in the gateway's certificate, when the target's host differs")
     args = p.parse_args(argv)
     try:
-        tls = Tls.from_files(args.ca_file, args.cert_file, args.key_file, args.server_name)
+        tls = ClientTls.from_files(args.ca_file, args.cert_file, args.key_file, args.server_name)
     except OSError as exc:
         print(f"tessera-score-shard: cannot read a TLS file: {exc}", file=sys.stderr)
         return 2
