@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +29,15 @@ from services.runtime.server import channel_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class CancellableCall(Protocol[T_co]):
+    """A grpc.aio call: awaitable for its answer, and cancellable."""
+
+    def __await__(self) -> Generator[Any, None, T_co]: ...
+
+    def cancel(self) -> bool: ...
 
 _HEALTH_STATES = {
     health_pb2.HealthCheckResponse.SERVING: common_pb2.SERVING_STATE_SERVING,
@@ -68,8 +77,8 @@ class Route:
     detail: str = ""
     models: list[common_pb2.ModelInfo] = field(default_factory=list)
     timeouts: int = 0  # health checks in a row that got no answer in time
-    inflight: set[asyncio.Future[Any]] = field(default_factory=set)
-    cut: set[asyncio.Future[Any]] = field(default_factory=set)
+    inflight: set[Any] = field(default_factory=set)  # unary grpc.aio calls waiting on this service
+    cut: set[Any] = field(default_factory=set)
 
     @property
     def unreachable(self) -> bool:
@@ -99,23 +108,23 @@ class Route:
         error.code = exc.code()
         return error
 
-    async def call(self, pending: Awaitable[T]) -> T:
-        future = asyncio.ensure_future(pending)
+    async def call(self, pending: CancellableCall[T]) -> T:
+        """Await a unary call (a grpc.aio call object: awaitable and cancellable, no extra task)."""
         if self.unreachable:
-            future.cancel()
+            pending.cancel()
             raise self.unavailable()
-        self.inflight.add(future)
+        self.inflight.add(pending)
         try:
-            return await future
+            return await pending
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from None
         except asyncio.CancelledError:
-            if future in self.cut:
+            if pending in self.cut:
                 raise self.unavailable() from None
             raise
         finally:
-            self.inflight.discard(future)
-            self.cut.discard(future)
+            self.inflight.discard(pending)
+            self.cut.discard(pending)
 
     async def refresh(self, timeout: float) -> None:
         """Poll health and the model inventory."""
