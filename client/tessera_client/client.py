@@ -74,6 +74,28 @@ class Face:
     detection_score: float
 
 
+def video_frames(path: str | Path) -> tuple[float, Iterator[np.ndarray]]:
+    """A video file's frame rate (0.0 when the file does not say) and its BGR frames, read lazily
+    (the file is closed when they run out). Needs OpenCV (`tessera-client[video]`)."""
+    import cv2  # only callers with video files need OpenCV
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise FileNotFoundError(f"cannot open video {path}")
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    return
+                yield frame
+        finally:
+            capture.release()
+
+    return float(capture.get(cv2.CAP_PROP_FPS) or 0.0), frames()
+
+
 @dataclass(frozen=True)
 class ClientTls:
     """TLS to a gateway (or any tessera process): its CA (None: the system's roots), a client
@@ -178,24 +200,8 @@ class TesseraClient:
         return self.stub.ScoreClip(messages, **self._kw(timeout))
 
     def score_video_file(self, path: str | Path, **kwargs: Any) -> pb.ScoreClipResponse:
-        import cv2  # only callers with video files need OpenCV
-
-        capture = cv2.VideoCapture(str(path))
-        if not capture.isOpened():
-            raise FileNotFoundError(f"cannot open video {path}")
-        fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
-
-        def frames() -> Iterator[np.ndarray]:
-            try:
-                while True:
-                    ok, frame = capture.read()
-                    if not ok:
-                        return
-                    yield frame
-            finally:
-                capture.release()
-
-        return self.score_clip(frames(), fps=fps, clip_id=Path(path).name, **kwargs)
+        fps, frames = video_frames(path)
+        return self.score_clip(frames, fps=fps or 30.0, clip_id=Path(path).name, **kwargs)
 
     def stream_video(self, frames: Iterable[ImageLike], *, fps: float = 30.0, stream_id: str = "",
                      timeout: float | None = None, reconnect_seconds: float = 60.0

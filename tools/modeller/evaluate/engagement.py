@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 from tessera.common.v1 import common_pb2
-from tessera_client.client import TesseraClient
+from tessera_client.client import TesseraClient, video_frames
 
 from services.fusion.engagement import decide
 from services.fusion.rules import AFFECTS, EngagementRule, EngagementRules, FusionRules, parse_rules
@@ -141,24 +141,12 @@ def _clip_frames(row: ClipRow, default_fps: float) -> tuple[str, float, Iterator
         return sha256_folder(f, files), row.fps or default_fps, (p.read_bytes() for p in files), None
     if not f.exists():
         return "", 0.0, None, "no such file or folder"
-    import cv2
-
-    capture = cv2.VideoCapture(str(f))
-    if not capture.isOpened():
+    try:
+        video_fps, frames = video_frames(f)
+    except FileNotFoundError:
         return "", 0.0, None, "not a video OpenCV can read"
-    fps = row.fps or capture.get(cv2.CAP_PROP_FPS) or default_fps
-
-    def frames() -> Iterator[np.ndarray]:
-        try:
-            while True:
-                ok, frame = capture.read()
-                if not ok:
-                    return
-                yield frame
-        finally:
-            capture.release()
-
-    return sha256_file(f), float(fps), frames(), None
+    fps = row.fps or video_fps or default_fps
+    return sha256_file(f), float(fps), frames, None
 
 
 def _skip(row: ClipRow, sha: str, reason: str, message: str) -> dict[str, Any]:
