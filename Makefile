@@ -10,9 +10,10 @@ INSTALLED := $(VENV)/.installed
 EXPORT_INSTALLED := $(VENV)/.export-installed
 TEST_INSTALLED := $(VENV)/.test-installed
 MODELLER_INSTALLED := $(VENV)/.modeller-installed
+LINT_INSTALLED := $(VENV)/.lint-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-export install-modeller models demo serve test test-fast bench protos check-stubs lint-protos ci clean prometheus
+.PHONY: install install-export install-modeller models demo serve test test-fast bench protos check-stubs lint lint-protos ci clean prometheus
 
 # The server runs from this checkout (editable); the API stubs (gen/) and the client (client/) are
 # distributions of their own, installed here from their folders.
@@ -44,6 +45,11 @@ $(MODELLER_INSTALLED): $(INSTALLED) requirements/modeller.txt
 	touch $@
 
 install-modeller: $(MODELLER_INSTALLED)
+
+# ruff, mypy and the stubs they read: never in the serving image.
+$(LINT_INSTALLED): $(INSTALLED) requirements/lint.txt
+	$(UV) pip install -q --python $(PY) -r requirements/lint.txt
+	touch $@
 
 models: $(INSTALLED)
 	$(VENV)/bin/tessera-models --repo model_repository --cache $(CACHE)
@@ -105,10 +111,16 @@ $(BUF):
 	mkdir -p $(CACHE)/buf
 	npm install --silent --no-save --prefix $(CACHE)/buf @bufbuild/buf@1.75.0
 
+# Lint, format check and types (strict on the serving core and the client; see pyproject.toml).
+lint: $(LINT_INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 lint-protos: $(BUF)
 	cd protos && ../$(BUF) lint
 
-ci: lint-protos check-stubs test
+ci: lint-protos check-stubs lint test
 
 clean:
 	rm -rf $(VENV) $(CACHE) model_repository/*/[0-9]*
