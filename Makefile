@@ -13,7 +13,7 @@ MODELLER_INSTALLED := $(VENV)/.modeller-installed
 LINT_INSTALLED := $(VENV)/.lint-installed
 PYTEST_ARGS ?=
 
-.PHONY: install install-export install-modeller models demo serve test test-fast bench protos check-stubs lint lint-protos ci clean prometheus
+.PHONY: install install-export install-modeller models demo serve test test-fast bench protos check-stubs dashboards lint lint-protos ci clean prometheus
 
 # The server runs from this checkout (editable); the API stubs (gen/) and the client (client/) are
 # distributions of their own, installed here from their folders.
@@ -101,6 +101,11 @@ bench: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models
 
 protos: $(INSTALLED)
 	$(PY) -m tools.codegen.gen_stubs
+
+# The Grafana dashboard, from tools/codegen/dashboards.py and the recording rules it reads
+# (tests/test_dashboards.py fails when the committed JSON differs from what this writes).
+dashboards: $(INSTALLED)
+	$(PY) -m tools.codegen.dashboards
 
 # Fails when the committed stubs differ from what the protos generate.
 check-stubs: protos
