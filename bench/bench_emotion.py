@@ -38,7 +38,6 @@ from skimage import data as skdata
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tessera_client import TesseraClient  # noqa: E402
 from bench import results  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.emotion.config import EmotionConfig  # noqa: E402
@@ -49,6 +48,7 @@ from services.runtime.metrics import Metrics  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.vision.faces import build_detector  # noqa: E402
 from tessera.gateway.v1 import gateway_service_pb2 as pb  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from tools.builders.blazeface import build_blazeface  # noqa: E402
 from tools.builders.fer_student import build_fer_student  # noqa: E402
 

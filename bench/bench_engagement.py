@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import results  # noqa: E402
-from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from tools.modeller.engagement.generate import encode_jpeg, make_clip  # noqa: E402
 
 LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
@@ -38,7 +38,7 @@ def stream(target: str, frames: list[bytes], fps: float) -> tuple[list[float], i
     sent_at: dict[int, float] = {}
     lock = threading.Lock()
 
-    def paced():  # noqa: ANN202
+    def paced():
         start = time.perf_counter()
         for i, frame in enumerate(frames):
             delay = start + i / fps - time.perf_counter()

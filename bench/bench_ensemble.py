@@ -32,13 +32,13 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_emotion import crop_jpeg  # noqa: E402
 from bench import results  # noqa: E402
-from tessera_client import TesseraClient  # noqa: E402
+from bench.bench_emotion import crop_jpeg  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.emotion.config import EmotionConfig  # noqa: E402
 from services.runtime.backends.onnx import session_options  # noqa: E402
 from tessera.gateway.v1 import gateway_service_pb2 as pb  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from tools.builders.emotion_facex import build_facex  # noqa: E402
 from tools.builders.emotion_pyemotion import build_pyemotion  # noqa: E402
 from tools.builders.fer_student import build_fer_student  # noqa: E402

@@ -24,9 +24,10 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from skimage import data as skdata  # noqa: E402
+
 from bench import results  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
-from skimage import data as skdata  # noqa: E402
 from tessera_client import TesseraClient  # noqa: E402
 
 

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import results  # noqa: E402
-from tessera_client import TesseraClient  # noqa: E402
 from launcher.suite import Suite  # noqa: E402
 from services.proxylabel.features import compute_features  # noqa: E402
 from services.proxylabel.knn import KnnOptions  # noqa: E402
+from tessera_client import TesseraClient  # noqa: E402
 from tools.modeller.proxylabel import generate  # noqa: E402
 from tools.modeller.proxylabel.build_index import build_index, labelled_rows  # noqa: E402
 from tools.modeller.proxylabel.train_mlp import train_mlp as fit_mlp  # noqa: E402
@@ -76,7 +76,7 @@ def build_repo(labelled: Path, repo: Path) -> None:
     log(f"kNN index + demo MLP built in {time.perf_counter() - t:.0f}s")
 
 
-def embeddings_of(table) -> np.ndarray:  # noqa: ANN001
+def embeddings_of(table) -> np.ndarray:
     col = table.column("embedding").combine_chunks()
     flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
     return flat.reshape(len(col), -1).astype(np.float32, copy=False)
@@ -180,7 +180,7 @@ def main() -> int:
         # pools) the same search ran ~35% slower (1279 vs 1995 rows/s at full size).
         log("faiss alone …")
         t = time.perf_counter()
-        faiss_rps, n = faiss_alone(lab, scoring)
+        faiss_rps, _ = faiss_alone(lab, scoring)
         log(f"faiss alone: {faiss_rps:.0f} rows/s ({time.perf_counter() - t:.0f}s)")
         repo = work / "repo"
         build_repo(lab, repo)

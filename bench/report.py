@@ -139,7 +139,7 @@ def fmt(x: float | int | None) -> str:
     """A figure with as many digits as it deserves."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return ""
-    if isinstance(x, int) or float(x).is_integer() and abs(x) >= 1:
+    if isinstance(x, int) or (float(x).is_integer() and abs(x) >= 1):
         return f"{int(x):,}"
     a = abs(x)
     if a >= 100:

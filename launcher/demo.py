@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 from skimage import data as skdata
 
-from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.fusion.rules import AFFECTS
+from tessera_client import TesseraClient
 from tools.modeller.engagement.generate import encode_jpeg, make_clip
 
 DEMO_LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
@@ -76,8 +76,7 @@ def second_face() -> tuple[str, bytes, bool]:
     try:
         from matplotlib import cbook
 
-        with cbook.get_sample_data("grace_hopper.jpg") as f:
-            return "grace_hopper", f.read(), False
+        return "grace_hopper", Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).read_bytes(), False
     except (ImportError, OSError, ValueError):
         gray = skdata.lfw_subset()[LFW_FALLBACK]
         gray = np.clip(np.round(gray * 255.0), 0, 255).astype(np.uint8)
@@ -105,7 +104,7 @@ def _call(name: str, fn: Callable[[], Any], show: Callable[[Any], str],
         result = fn()
         code, text = grpc.StatusCode.OK, show(result)
     except grpc.RpcError as exc:
-        code, text = exc.code(), exc.details()
+        code, text = exc.code(), exc.details() or ""
     ms = (time.perf_counter() - start) * 1000
     print(f"{name:<16} {code.name:<20} {ms:8.1f} ms  {text}")
     return code in expected

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
@@ -169,7 +170,8 @@ class TesseraClient:
         request = pb.ClassifyEmotionRequest(images=[to_image(i, face_crop=face_crop) for i in images],
                                             mode=MODES[mode], return_member_logits=return_member_logits,
                                             ensemble=ensemble or "")
-        return self.stub.ClassifyEmotion(request, **self._kw(timeout))
+        reply: pb.ClassifyEmotionResponse = self.stub.ClassifyEmotion(request, **self._kw(timeout))
+        return reply
 
     def classify_image(self, image: ImageLike, *, mode: str | None = None, face_crop: bool = False,
                        timeout: float | None = None) -> list[Face]:
@@ -184,20 +186,21 @@ class TesseraClient:
 
     # Engagement ------------------------------------------------------------------------------
     @staticmethod
-    def _clip_messages(cls: type, frames: Iterable[ImageLike], fps: float, clip_id: str,
+    def _clip_messages(message: type, frames: Iterable[ImageLike], fps: float, clip_id: str,
                        return_member_outputs: bool) -> Iterator[Any]:
         header = pb.ClipHeader(clip_id=clip_id, fps=fps,
                                options=pb.ClipOptions(return_member_outputs=return_member_outputs))
-        yield cls(header=header)
+        yield message(header=header)
         for i, frame in enumerate(frames):
             stamp = int(i * 1e6 / fps)
-            yield cls(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
+            yield message(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
 
     def score_clip(self, frames: Iterable[ImageLike], *, fps: float = 30.0, clip_id: str = "",
                    return_member_outputs: bool = False, timeout: float | None = None) -> pb.ScoreClipResponse:
         _check_fps(fps)
         messages = self._clip_messages(pb.ScoreClipRequest, frames, fps, clip_id, return_member_outputs)
-        return self.stub.ScoreClip(messages, **self._kw(timeout))
+        reply: pb.ScoreClipResponse = self.stub.ScoreClip(messages, **self._kw(timeout))
+        return reply
 
     def score_video_file(self, path: str | Path, **kwargs: Any) -> pb.ScoreClipResponse:
         fps, frames = video_frames(path)
@@ -237,23 +240,26 @@ class TesseraClient:
                     timeout: float | None = None) -> pb.ScoreTextsResponse:
         """rows: TextRow messages or dicts with id, text, optional response / embedding / embedder."""
         msgs = [r if isinstance(r, proxylabel_pb.TextRow) else proxylabel_pb.TextRow(**r) for r in rows]
-        return self.stub.ScoreTexts(pb.ScoreTextsRequest(rows=msgs), **self._kw(timeout))
+        reply: pb.ScoreTextsResponse = self.stub.ScoreTexts(pb.ScoreTextsRequest(rows=msgs), **self._kw(timeout))
+        return reply
 
     def score_shard(self, input_path: str | Path, output_path: str | Path, *, batch_rows: int = 0,
-                    timeout: float | None = None) -> Iterator[pb.ScoreShardResponse]:
+                    timeout: float | None = None) -> grpc.CallIterator[pb.ScoreShardResponse]:
         """Start the shard job, or re-attach to it (the same request is the same job): progress
         events (the first names the job: `progress.job`), then the summary. The job runs in the
         service: it goes on when this stream ends; call again to re-attach
         (`tessera_client.score_shard` does it by itself)."""
         request = pb.ScoreShardRequest(input_path=str(input_path), output_path=str(output_path),
                                        batch_rows=batch_rows)
-        return self.stub.ScoreShard(request, **self._kw(timeout or 24 * 3600.0))
+        events: grpc.CallIterator[pb.ScoreShardResponse] = self.stub.ScoreShard(request, **self._kw(timeout or 24 * 3600.0))
+        return events
 
     def get_shard_job(self, job_id: str, *, timeout: float | None = None) -> proxylabel_pb.ShardJob:
         """A shard job's state (RUNNING, SUCCEEDED, FAILED, CANCELLED, ORPHANED), rows, owner. A job
         belongs to the token that started it (`started_by`): another token's job is NOT_FOUND,
         unless this token has the admin scope."""
-        return self.stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), **self._kw(timeout)).job
+        reply: pb.GetShardJobResponse = self.stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), **self._kw(timeout))
+        return reply.job
 
     def list_shard_jobs(self, *, timeout: float | None = None) -> list[proxylabel_pb.ShardJob]:
         """This token's shard jobs (every job for an admin token) under the proxylabel service's
@@ -264,16 +270,19 @@ class TesseraClient:
         """Stop a shard job at its next part boundary (finished parts stay; the same ScoreShard
         resumes it). Returns the job: CANCELLED, or RUNNING with cancel_requested until it stops.
         Only the token that started the job, or an admin token, may (PERMISSION_DENIED)."""
-        return self.stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id), **self._kw(timeout)).job
+        reply: pb.CancelShardJobResponse = self.stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id),
+                                                                     **self._kw(timeout))
+        return reply.job
 
     # Operations ------------------------------------------------------------------------------
     def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
-        return self.stub.GetStatus(pb.GetStatusRequest(), **self._kw(timeout))
+        reply: pb.GetStatusResponse = self.stub.GetStatus(pb.GetStatusRequest(), **self._kw(timeout))
+        return reply
 
     def health(self, service: str = "", *, timeout: float = 5.0) -> str:
         reply = health_pb2_grpc.HealthStub(self.channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 class _ResumableStream:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TextIO
 
 import grpc
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 from tessera_client.client import ClientTls, TesseraClient
 
 INITIAL_BACKOFF_SECONDS = 0.25
@@ -175,6 +175,10 @@ def _print_summary(s: proxylabel_pb.ShardSummary, first_done: int | None, reatta
         print("note: scored with demo models trained on generated data")
 
 
+def _env_path(name: str) -> Path | None:
+    return Path(os.environ[name]) if os.environ.get(name) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tessera-score-shard", description=(__doc__ or "").splitlines()[0])
     p.add_argument("input", type=Path, help="the shard, as the proxylabel service sees it")
@@ -185,12 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconnect-seconds", type=float, default=120.0,
                    help="how long to keep re-attaching after the stream breaks, per outage (0: never)")
     p.add_argument("--quiet", action="store_true")
-    env_path = lambda name: Path(os.environ[name]) if os.environ.get(name) else None  # noqa: E731
-    p.add_argument("--ca-file", type=Path, default=env_path("TESSERA_CA_FILE"),
+    p.add_argument("--ca-file", type=Path, default=_env_path("TESSERA_CA_FILE"),
                    help="TLS: the CA of the gateway's certificate (env TESSERA_CA_FILE); without it, plaintext")
-    p.add_argument("--cert-file", type=Path, default=env_path("TESSERA_CERT_FILE"),
+    p.add_argument("--cert-file", type=Path, default=_env_path("TESSERA_CERT_FILE"),
                    help="mutual TLS: a client certificate (env TESSERA_CERT_FILE), with --key-file")
-    p.add_argument("--key-file", type=Path, default=env_path("TESSERA_KEY_FILE"))
+    p.add_argument("--key-file", type=Path, default=_env_path("TESSERA_KEY_FILE"))
     p.add_argument("--server-name", default=os.environ.get("TESSERA_SERVER_NAME") or None,
                    help="the name in the gateway's certificate, when the target's host differs")
     args = p.parse_args(argv)

@@ -328,7 +328,7 @@ def clip_crops(levels: LevelsLike, n_frames: int = 30, size: tuple[int, int] = (
         boxes = _noisy_boxes(boxes, box_noise, np.random.default_rng([seed, 1]))
     height, width = size
     crops = np.empty((n_frames, CROP_SIZE, CROP_SIZE), np.uint8)
-    for i, (pose, (x, y, w, h)) in enumerate(zip(poses, boxes)):
+    for i, (pose, (x, y, w, h)) in enumerate(zip(poses, boxes, strict=True)):
         # The window face_crop cuts from the whole frame (same rounding and clipping).
         dx, dy = round(margin * w), round(margin * h)
         window = _intersect((x - dx, y - dy, x + w + dx, y + h + dy), (0, 0, width, height))
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(make_clip(levels, args.frames, seed=args.seed)):
         (args.out / f"{i:04d}.jpg").write_bytes(encode_jpeg(frame))
-    print(f"{args.frames} frames with levels {dict(zip(AFFECTS, levels))} in {args.out}")
+    print(f"{args.frames} frames with levels {dict(zip(AFFECTS, levels, strict=True))} in {args.out}")
     return 0
 
 

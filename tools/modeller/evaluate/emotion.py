@@ -34,9 +34,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2 as pb
-from tessera_client.client import TesseraClient, status_code, to_image
 
 from services.fusion.emotion import (
     CLASS_NAMES,
@@ -55,6 +52,9 @@ from services.fusion.rules import (
     UnknownEnsemble,
     parse_rules,
 )
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera_client.client import TesseraClient, status_code, to_image
 from tools.modeller.evaluate import figures
 from tools.modeller.evaluate.common import (
     AnswerCache,

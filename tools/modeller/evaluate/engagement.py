@@ -32,11 +32,11 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tessera.common.v1 import common_pb2
-from tessera_client.client import TesseraClient, video_frames
 
 from services.fusion.engagement import decide
 from services.fusion.rules import AFFECTS, EngagementRule, EngagementRules, FusionRules, parse_rules
+from tessera.common.v1 import common_pb2
+from tessera_client.client import TesseraClient, video_frames
 from tools.modeller.evaluate import figures
 from tools.modeller.evaluate.common import (
     AnswerCache,

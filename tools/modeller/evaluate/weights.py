@@ -191,7 +191,7 @@ def updated_rules_text(base_text: str, ensemble: str, weights: dict[str, float],
     ensembles[ensemble] = chosen.model_dump(exclude_none=True)
     emotion["ensembles"] = ensembles
     data["emotion"] = emotion
-    header = _header(base_text) + [f"# {note}"]
+    header = [*_header(base_text), f"# {note}"]
     text = "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
     rules, _ = parse_rules(text, "the written rules")  # the gateway's own validation
     _, written = rules.emotion.ensemble_rules(ensemble)
