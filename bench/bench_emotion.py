@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -107,13 +108,17 @@ class EchoFloor:
         port = self._spawn("server")
         port = self._spawn("proxy", str(port))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        self.call = self.channel.unary_unary("/bench.Echo/Echo")
+        # Raw bytes both ways (no (de)serializer), as the echo server handles them.
+        self.call = self.channel.unary_unary("/bench.Echo/Echo", request_serializer=None,
+                                             response_deserializer=None)
         return self
 
     def _spawn(self, *args: str) -> int:
         proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, *args], stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
-        return int(proc.stdout.readline())  # type: ignore[union-attr]
+        if proc.stdout is None:
+            raise RuntimeError("the echo process was started without a stdout pipe")
+        return int(proc.stdout.readline())
 
     def samples(self, payload: bytes, n: int) -> list[float]:
         times = []
@@ -229,14 +234,25 @@ def stage_split(repo: Path, n: int) -> dict[str, float]:
     return asyncio.run(run())
 
 
-def detector_comparison(repo: Path, n: int, rounds: int) -> dict[str, object]:
+@dataclass(frozen=True)
+class DetectorComparison:
+    """Median ms end to end of each detector's path, mean ms of each one's detect stage
+    (by detector), and the samples each median is of."""
+
+    blazeface: float
+    haar: float
+    detect: dict[str, float]
+    samples: int
+
+
+def detector_comparison(repo: Path, n: int, rounds: int) -> DetectorComparison:
     """Median ms of the default path (BlazeFace) and of the Haar configuration, end to end in
     process on the astronaut as a 512² PNG, measured in alternating rounds; and the mean ms of each
     one's detect stage."""
     png = cv2.imencode(".png", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
     image = ImageInput(encoded=png)
 
-    async def run() -> dict[str, object]:
+    async def run() -> DetectorComparison:
         paths = {"blazeface": InProcess(repo), "haar": InProcess(repo, {"kind": "haar"})}
         for ip in paths.values():
             await ip.__aenter__()
@@ -252,8 +268,8 @@ def detector_comparison(repo: Path, n: int, rounds: int) -> dict[str, object]:
                     times[key] += await ip.samples(image, max(1, n // rounds))
             for key, ip in paths.items():
                 detect[key] = (_stage_sums(ip.metrics).get("detect", 0.0) - before[key]) / len(times[key]) * 1000
-            return {"blazeface": p50(times["blazeface"]) * 1000, "haar": p50(times["haar"]) * 1000,
-                    "detect": detect, "samples": len(times["haar"])}
+            return DetectorComparison(blazeface=p50(times["blazeface"]) * 1000, haar=p50(times["haar"]) * 1000,
+                                      detect=detect, samples=len(times["haar"]))
         finally:
             for ip in paths.values():
                 await ip.__aexit__()
@@ -261,11 +277,11 @@ def detector_comparison(repo: Path, n: int, rounds: int) -> dict[str, object]:
     return asyncio.run(run())
 
 
-def print_detector_comparison(result: dict) -> None:
-    ratio = result["haar"] / result["blazeface"]
+def print_detector_comparison(result: DetectorComparison) -> None:
+    ratio = result.haar / result.blazeface
     print("\ndefault path (BlazeFace) vs Haar, astronaut 512² PNG, in process, median ms per request")
-    print(f"  {'blazeface':<14}{result['blazeface']:>8.2f}   detect {result['detect']['blazeface']:.2f}")
-    print(f"  {'haar':<14}{result['haar']:>8.2f}   detect {result['detect']['haar']:.2f}")
+    print(f"  {'blazeface':<14}{result.blazeface:>8.2f}   detect {result.detect['blazeface']:.2f}")
+    print(f"  {'haar':<14}{result.haar:>8.2f}   detect {result.detect['haar']:.2f}")
     print(f"  {'ratio':<14}{ratio:>8.2f}×  (target ≥ 4)")
 
 
@@ -308,8 +324,8 @@ def main() -> int:
         payload = request.SerializeToString()
         # Rounds alternate the three measurements, so load that comes and goes on a shared
         # machine falls on all of them alike; the medians pool every round.
-        lat = {"in": [], "gw": [], "echo": []}
-        tput = {"in": [], "gw": []}
+        lat: dict[str, list[float]] = {"in": [], "gw": [], "echo": []}
+        tput: dict[str, list[float]] = {"in": [], "gw": []}
         with Suite(work / "suite", repository=repo) as suite, EchoFloor() as echo, \
                 TesseraClient(suite.gateway.target) as client, asyncio.Runner() as runner:
             ip = InProcess(repo)
@@ -349,7 +365,7 @@ def main() -> int:
             print(f"  {stage:<14}{ms:>8.2f}")
         detectors = detector_comparison(default_repo, max(20, n // 2), rounds)
         print_detector_comparison(detectors)
-        speedup = detectors["haar"] / detectors["blazeface"]
+        speedup = detectors.haar / detectors.blazeface
         results.record("bench_emotion", [
             results.row("mobilenetv3 224² crop, batch 1: added p50 (gateway − in process) vs the two-hop "
                         "echo floor", added * 1e3, "ms", baseline=floor * 1e3, target="≤ 1.25",
@@ -363,9 +379,9 @@ def main() -> int:
             results.row("default path end to end (detect + crop + student), 512² photo, in process, vs the "
                         "Haar configuration of the same service, same photo, same run: speed-up",
                         speedup, "×", target="≥ 4", meets_target=speedup >= 4,
-                        note=f"BlazeFace {detectors['blazeface']:.2f} ms (detect "
-                             f"{detectors['detect']['blazeface']:.2f}) vs Haar {detectors['haar']:.2f} ms "
-                             f"(detect {detectors['detect']['haar']:.2f}), medians of {detectors['samples']} "
+                        note=f"BlazeFace {detectors.blazeface:.2f} ms (detect "
+                             f"{detectors.detect['blazeface']:.2f}) vs Haar {detectors.haar:.2f} ms "
+                             f"(detect {detectors.detect['haar']:.2f}), medians of {detectors.samples} "
                              "alternating samples each"),
         ], quick=args.quick,
             settings=f"{n} latency samples in {rounds} rounds, throughput 2 × {seconds / 2:g} s")

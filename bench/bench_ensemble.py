@@ -65,6 +65,8 @@ def member_sessions(repo: Path, members: dict[str, str]) -> dict[str, tuple[ort.
     from services.vision.preprocess import load_params, preprocess_faces
 
     crop = cv2.imdecode(np.frombuffer(crop_jpeg(), np.uint8), cv2.IMREAD_COLOR)
+    if crop is None:
+        raise RuntimeError("OpenCV cannot decode the benchmark's face crop")
     options = session_options(EmotionConfig().onnx)
     out = {}
     for name in members:

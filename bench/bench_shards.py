@@ -93,6 +93,8 @@ def faiss_alone(labelled: Path, scoring: Path) -> tuple[float, int]:
         if index is None:
             index = faiss.IndexFlatIP(x.shape[1])
         index.add(x)
+    if index is None:
+        raise ValueError(f"{labelled}: no row groups to index")
     pf = pq.ParquetFile(scoring)
     n = 0
     t = time.perf_counter()

@@ -107,7 +107,7 @@ class Payload:
     shard: Path | None = None
     shard_output: Path | None = None  # each ScoreShard call writes <shard_output>/<run>-<n>
     job_id: str = "0" * 32
-    mode: int = pb.EMOTION_MODE_UNSPECIFIED
+    mode: pb.EmotionMode = pb.EMOTION_MODE_UNSPECIFIED
 
     def ready_for(self, rpcs: Sequence[str]) -> Payload:
         """Fill what the given RPCs need and is still empty (generated once)."""
@@ -433,7 +433,7 @@ async def run_load(target: str, rpc: str, *, concurrency: int = 1, rate: float |
     finally:
         result.wall_seconds = time.perf_counter() - started
         for c in chans:
-            await c.close()
+            await c.close(None)  # grace None: cancel what is left (grpc-stubs drop the default)
     result.calls.sort(key=lambda c: c.start)
     return result
 

@@ -56,7 +56,7 @@ def row(name: str, value: float | int | None, unit: str = "", *, baseline: float
     `ratio` value / baseline unless given; `target` as the targets table words it (e.g. "≤ 1.25")."""
     value, baseline = _number(value), _number(baseline)
     if ratio is None and value is not None and baseline not in (None, 0):
-        ratio = value / baseline  # type: ignore[operator]
+        ratio = value / baseline
     return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": _number(ratio),
             "target": target, "meets_target": None if meets_target is None else bool(meets_target),
             "note": note}

@@ -145,7 +145,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _face_bgra(face: Face, gain: float, bias: float, blur: float) -> np.ndarray:
-    bgra = np.dstack([face.bgr * gain + bias, face.alpha * 255.0])
+    bgra: np.ndarray = np.dstack([face.bgr * gain + bias, face.alpha * 255.0])
     if blur > 0:
         bgra = cv2.GaussianBlur(bgra, (0, 0), blur)
     return _to_uint8(bgra)
@@ -282,7 +282,7 @@ def _add_noise(out: np.ndarray, window: Rect, style: _Style, pose: _Pose) -> Non
                       (0, 0, width, height))
     noise = np.empty((area[3] - area[1], area[2] - area[0]), np.int16)
     cv2.setRNGSeed(pose.noise_seed)
-    cv2.randn(noise, 0, 2)
+    cv2.randn(noise, 0, 2)  # type: ignore[call-overload]  # OpenCV's stubs want arrays; mean and sd may be numbers
     x0, y0, x1, y1 = _intersect(area, window)
     if x1 <= x0 or y1 <= y0:
         return

@@ -26,11 +26,18 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 
 from tools.modeller.evaluate.common import DEFAULT_CACHE, EvaluationError, ManifestError
 from tools.modeller.evaluate.figures import FiguresUnavailable
+
+
+class _Report(Protocol):
+    """What every command returns (what --json writes)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def _positive(text: str) -> int:
@@ -169,50 +176,56 @@ def main(argv: list[str] | None = None) -> int:
     rules = args.rules or default_rules_path()
     progress = not args.quiet
     cache = None if getattr(args, "no_cache", False) else getattr(args, "cache", None)
+    result: _Report
     try:
         if args.task == "emotion":
             from tools.modeller.evaluate import emotion
 
-            result = emotion.run(args.manifest, args.gateway, mode=args.mode, batch=args.batch,
-                                 fit=args.fit_temperature, token=args.token, rules_path=rules, split=args.split,
-                                 bins=args.bins, timeout=args.timeout, progress=progress, ensemble=args.ensemble,
-                                 faces=args.faces, cache_dir=cache, out=args.out)
-            print(emotion.format_markdown(result))
+            evaluated = emotion.run(args.manifest, args.gateway, mode=args.mode, batch=args.batch,
+                                    fit=args.fit_temperature, token=args.token, rules_path=rules, split=args.split,
+                                    bins=args.bins, timeout=args.timeout, progress=progress, ensemble=args.ensemble,
+                                    faces=args.faces, cache_dir=cache, out=args.out)
+            print(emotion.format_markdown(evaluated))
+            result = evaluated
         elif args.task == "search-weights":
             from tools.modeller.evaluate import weights
 
-            result = weights.run(args.manifest, args.gateway, ensemble=args.ensemble, step=args.step,
-                                 spaces=args.space, metric=args.metric, val_split=args.val_split,
-                                 test_split=args.test_split, val_fraction=args.val_fraction, seed=args.seed,
-                                 top=args.top, write_rules_to=args.write_rules, rules_path=rules, faces=args.faces,
-                                 batch=args.batch, token=args.token, timeout=args.timeout, progress=progress,
-                                 cache_dir=cache, bins=args.bins, out=args.out)
-            print(weights.format_markdown(result))
+            searched = weights.run(args.manifest, args.gateway, ensemble=args.ensemble, step=args.step,
+                                   spaces=args.space, metric=args.metric, val_split=args.val_split,
+                                   test_split=args.test_split, val_fraction=args.val_fraction, seed=args.seed,
+                                   top=args.top, write_rules_to=args.write_rules, rules_path=rules, faces=args.faces,
+                                   batch=args.batch, token=args.token, timeout=args.timeout, progress=progress,
+                                   cache_dir=cache, bins=args.bins, out=args.out)
+            print(weights.format_markdown(searched))
+            result = searched
         elif args.task == "export-softlabels":
             from tools.modeller.evaluate import softlabels
 
-            result = softlabels.run(args.manifest, args.gateway, args.out, mode=args.mode, ensemble=args.ensemble,
-                                    faces=args.faces, batch=args.batch, token=args.token, rules_path=rules,
-                                    split=args.split, timeout=args.timeout, progress=progress, cache_dir=cache)
-            print(softlabels.format_summary(result))
+            exported = softlabels.run(args.manifest, args.gateway, args.out, mode=args.mode, ensemble=args.ensemble,
+                                      faces=args.faces, batch=args.batch, token=args.token, rules_path=rules,
+                                      split=args.split, timeout=args.timeout, progress=progress, cache_dir=cache)
+            print(softlabels.format_summary(exported))
+            result = exported
         elif args.task == "engagement":
             from tools.modeller.evaluate import engagement
 
             if not (args.fps > 0):
                 raise ManifestError(f"--fps {args.fps}: must be a positive number")
             thresholds = engagement.parse_thresholds(args.thresholds) if args.sweep_threshold else None
-            result = engagement.run(args.clips, args.gateway, token=args.token, rules_path=rules, fps=args.fps,
-                                    sweep=thresholds, timeout=args.timeout, progress=progress, cache_dir=cache,
-                                    out=args.out)
-            print(engagement.format_markdown(result))
+            engaged = engagement.run(args.clips, args.gateway, token=args.token, rules_path=rules, fps=args.fps,
+                                     sweep=thresholds, timeout=args.timeout, progress=progress, cache_dir=cache,
+                                     out=args.out)
+            print(engagement.format_markdown(engaged))
+            result = engaged
         else:
             from tools.modeller.evaluate import proxylabel
 
-            result = proxylabel.run(args.shard, repo=args.repo, rules_path=rules, do_sweep=args.sweep,
-                                    folds=args.folds, seed=args.seed, ks=args.k, taus=args.tau,
-                                    weightings=args.weighting, power_alphas=args.power_alpha, alphas=args.alpha,
-                                    rank=args.rank, progress=progress, out=args.out)
-            print(proxylabel.format_markdown(result))
+            proxied = proxylabel.run(args.shard, repo=args.repo, rules_path=rules, do_sweep=args.sweep,
+                                     folds=args.folds, seed=args.seed, ks=args.k, taus=args.tau,
+                                     weightings=args.weighting, power_alphas=args.power_alpha, alphas=args.alpha,
+                                     rank=args.rank, progress=progress, out=args.out)
+            print(proxylabel.format_markdown(proxied))
+            result = proxied
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -334,7 +334,7 @@ def assemble(rows: Sequence[ManifestRow], entries: dict[str, dict[str, Any]], *,
         answers.labels.append(row.label)
         answers.probabilities.append(list(e["probabilities"]))
         answers.rows.append(row)
-        answers.boxes.append(tuple(e["box"]) if e.get("box") else None)  # type: ignore[arg-type]
+        answers.boxes.append(tuple(e["box"]) if e.get("box") else None)
         for model, logits in e["members"].items():
             answers.members.setdefault(model, []).append(list(logits))
     return answers
@@ -420,11 +420,24 @@ def load_rules(path: Path) -> tuple[FusionRules, str]:
         raise ManifestError(f"cannot use the rules file: {exc}") from None
 
 
+def _mode_name(mode: str) -> EmotionModeName | None:
+    """The rules' name for a mode given as text; None when the rules have no such mode."""
+    if mode == "ensemble":
+        return "ensemble"
+    if mode == "student":
+        return "student"
+    return None
+
+
 def _mode(answers: Answers) -> EmotionModeName:
     if len(answers.modes) != 1:
         raise EvaluationError(f"answers came in several modes {sorted(answers.modes)}: the rules' default "
                               "mode changed during the run; pass --mode")
-    return next(iter(answers.modes))  # type: ignore[return-value]
+    answered = next(iter(answers.modes))
+    mode = _mode_name(answered)
+    if mode is None:
+        raise EvaluationError(f"the gateway answered in mode {answered!r}, which the rules do not define")
+    return mode
 
 
 def member_probabilities(logits: np.ndarray) -> np.ndarray:
@@ -544,7 +557,14 @@ def resolve_request(rules: FusionRules, mode: str | None, ensemble: str | None, 
         raise ManifestError(f"--faces must be one of {', '.join(FACES)}, got {faces!r}")
     if ensemble and mode == "student":
         raise ManifestError("--ensemble names an ensemble of ensemble mode: it cannot go with --mode student")
-    resolved: EmotionModeName = "ensemble" if ensemble else (mode or rules.emotion.default_mode)  # type: ignore[assignment]
+    resolved: EmotionModeName = rules.emotion.default_mode
+    if ensemble:
+        resolved = "ensemble"
+    elif mode:
+        named = _mode_name(mode)
+        if named is None:
+            raise ManifestError(f"--mode must be student or ensemble, got {mode!r}")
+        resolved = named
     name = None
     if resolved == "ensemble":
         try:

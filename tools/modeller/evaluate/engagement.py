@@ -34,7 +34,14 @@ import grpc
 import numpy as np
 
 from services.fusion.engagement import decide
-from services.fusion.rules import AFFECTS, EngagementRule, EngagementRules, FusionRules, parse_rules
+from services.fusion.rules import (
+    AFFECTS,
+    AffectName,
+    EngagementRule,
+    EngagementRules,
+    FusionRules,
+    parse_rules,
+)
 from tessera.common.v1 import common_pb2
 from tessera_client.client import TesseraClient, video_frames
 from tools.modeller.evaluate import figures
@@ -117,7 +124,9 @@ def read_clips(path: Path) -> list[ClipRow]:
                         fps = -1.0
                     if not (fps > 0 and np.isfinite(fps)):
                         raise ManifestError(f"{where}: fps {cell('fps')!r} is not a positive number")
-                rows.append(ClipRow(reader.line_num, raw, path.parent / raw, tuple(levels), fps,  # type: ignore[arg-type]
+                engagement, boredom, confusion, frustration = levels  # one per affect, in AFFECTS order
+                rows.append(ClipRow(reader.line_num, raw, path.parent / raw,
+                                    (engagement, boredom, confusion, frustration), fps,
                                     cell("source") or None, cell("split") or None))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"cannot read clip list {path}: {exc}") from None
@@ -131,22 +140,27 @@ def _frames_of_folder(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
 
 
-def _clip_frames(row: ClipRow, default_fps: float) -> tuple[str, float, Iterator[Any] | None, str | None]:
-    """(sha256, fps, frames, problem): frames are encoded files of a folder or BGR arrays of a video."""
+class _Unreadable(Exception):
+    """A clip with no frames to send: that clip is reported (the message says why), the run goes on."""
+
+
+def _clip_frames(row: ClipRow, default_fps: float) -> tuple[str, float, Iterator[Any]]:
+    """(sha256, fps, frames): frames are encoded files of a folder or BGR arrays of a video;
+    _Unreadable (or OSError) when there are none."""
     f = row.file
     if f.is_dir():
         files = _frames_of_folder(f)
         if not files:
-            return "", 0.0, None, f"no {', '.join(FRAME_SUFFIXES)} frames in the folder"
-        return sha256_folder(f, files), row.fps or default_fps, (p.read_bytes() for p in files), None
+            raise _Unreadable(f"no {', '.join(FRAME_SUFFIXES)} frames in the folder")
+        return sha256_folder(f, files), row.fps or default_fps, (p.read_bytes() for p in files)
     if not f.exists():
-        return "", 0.0, None, "no such file or folder"
+        raise _Unreadable("no such file or folder")
     try:
         video_fps, frames = video_frames(f)
     except FileNotFoundError:
-        return "", 0.0, None, "not a video OpenCV can read"
+        raise _Unreadable("not a video OpenCV can read") from None
     fps = row.fps or video_fps or default_fps
-    return sha256_file(f), float(fps), frames, None
+    return sha256_file(f), float(fps), frames
 
 
 def _skip(row: ClipRow, sha: str, reason: str, message: str) -> dict[str, Any]:
@@ -185,11 +199,10 @@ def collect(client: TesseraClient, rows: Sequence[ClipRow], *, cache: AnswerCach
     entries: dict[str, dict[str, Any]] = {}
     for row in rows:
         try:
-            sha, fps, frames, problem = _clip_frames(row, default_fps)
-        except OSError as exc:
-            sha, fps, frames, problem = "", 0.0, None, str(exc.strerror or exc)
-        if problem is not None:
-            entries[row.key] = _skip(row, sha, "unreadable", problem)
+            sha, fps, frames = _clip_frames(row, default_fps)
+        except (_Unreadable, OSError) as exc:
+            problem = str(exc.strerror or exc) if isinstance(exc, OSError) else str(exc)
+            entries[row.key] = _skip(row, "", "unreadable", problem)
             progress.update(1, failed=1)
             continue
         hit = cache.get(row.key, sha)
@@ -199,7 +212,7 @@ def collect(client: TesseraClient, rows: Sequence[ClipRow], *, cache: AnswerCach
             progress.update(1, cached=1, failed=int(hit["status"] != "ok"))
             continue
         try:
-            reply = client.score_clip(frames, fps=fps, clip_id=Path(row.path).name,  # type: ignore[arg-type]
+            reply = client.score_clip(frames, fps=fps, clip_id=Path(row.path).name,
                                       return_member_outputs=True)
             e = _entry(row, sha, fps, reply)
         except grpc.RpcError as exc:
@@ -242,7 +255,7 @@ def decided_levels(outputs: Sequence[dict[str, dict[str, np.ndarray]]], rules: E
     return out
 
 
-def with_threshold(rules: EngagementRules, affect: str, threshold: float) -> EngagementRules:
+def with_threshold(rules: EngagementRules, affect: AffectName, threshold: float) -> EngagementRules:
     affects = dict(rules.affects)
     affects[affect] = [EngagementRule(use="temporal", confidence_above=threshold), EngagementRule(use="xgboost")]
     return rules.model_copy(update={"affects": affects})
@@ -258,8 +271,14 @@ class ThresholdSweep:
     current: dict[str, float | None]  # the rules' threshold now (None: no threshold rule)
     snippet: str
 
+    def macro_f1_at(self, affect: str, threshold: float | None) -> float | None:
+        """The affect's macro-F1 at a threshold of the grid; None off the grid (or no threshold)."""
+        if threshold is None or threshold not in self.thresholds:
+            return None
+        return self.macro_f1[affect][self.thresholds.index(threshold)]
 
-def _current_threshold(rules: EngagementRules, affect: str) -> float | None:
+
+def _current_threshold(rules: EngagementRules, affect: AffectName) -> float | None:
     first = rules.affects[affect][0]
     if first.use == "temporal" and first.confidence_above is not None:
         return first.confidence_above
@@ -273,7 +292,7 @@ def sweep_thresholds(outputs: Sequence[dict[str, dict[str, np.ndarray]]], truth:
     f1s: dict[str, list[float]] = {}
     accs: dict[str, list[float]] = {}
     best: dict[str, float] = {}
-    current = {a: _current_threshold(rules, a) for a in AFFECTS}
+    current: dict[str, float | None] = {a: _current_threshold(rules, a) for a in AFFECTS}
     for j, affect in enumerate(AFFECTS):
         f1s[affect], accs[affect] = [], []
         for c in thresholds:
@@ -287,8 +306,9 @@ def sweep_thresholds(outputs: Sequence[dict[str, dict[str, np.ndarray]]], truth:
             accs[affect].append(float(np.mean(pred[keep] == truth[keep, j])))
         values = np.nan_to_num(np.asarray(f1s[affect]), nan=-1.0)
         top = np.flatnonzero(values >= values.max() - 1e-12)
-        anchor = current[affect] if current[affect] is not None else 0.0
-        best[affect] = float(min((thresholds[i] for i in top), key=lambda c: (abs(c - anchor), c)))
+        now = current[affect]
+        anchor = now if now is not None else 0.0
+        best[affect] = float(min((thresholds[i] for i in top.tolist()), key=lambda c: (abs(c - anchor), c)))
     parts = [f"    {a}: [{{use: temporal, confidence_above: {best[a]:g}}}, {{use: xgboost}}]" for a in AFFECTS]
     snippet = "engagement:\n  affects:\n" + "\n".join(parts)
     parse_rules(snippet, "the threshold snippet")  # valid rules, by the gateway's schema
@@ -403,7 +423,7 @@ def write_outputs(ev: EngagementEvaluation, out: Path) -> None:
     ev.figures["confusion"] = figures.confusion_grid(
         out / "confusion-engagement.png", {a: np.asarray(fused[a].confusion_matrix) for a in fused}, LEVEL_SHORT,
         f"Fused answer, {ev.scored} clips (rows: true level, columns: predicted)").name
-    panels = {}
+    panels: dict[str, dict[str, list[int]]] = {}
     for affect in AFFECTS:
         series = {}
         if affect in fused:
@@ -468,8 +488,8 @@ def format_markdown(ev: EngagementEvaluation) -> str:
         lines += [f"## Table {n}. By source", "", md_table(("source", *head), srows, "lllrrrr"), ""]
         n += 1
     lines += [f"## Table {n}. Confusion matrices of the fused answer (rows: true, columns: predicted)", ""]
-    for affect, r in ev.metrics["fused"].items():
-        lines += [f"**{affect}**", "", md_table(("true \\ predicted", *LEVEL_SHORT),
+    for fused_affect, r in ev.metrics["fused"].items():
+        lines += [f"**{fused_affect}**", "", md_table(("true \\ predicted", *LEVEL_SHORT),
                                                 [[LEVEL_SHORT[i], *row] for i, row in enumerate(r.confusion_matrix)],
                                                 "lrrrr"), ""]
     if ev.sweep is not None:
@@ -482,7 +502,7 @@ def format_markdown(ev: EngagementEvaluation) -> str:
                   "c = 1: XGBoost alone)"), "", md_table(head2, rows2), "",
                   md_table(("affect", "threshold now", "best", "macro-F1 now", "macro-F1 best"),
                            [[a, f"{s.current[a]:g}" if s.current[a] is not None else None, f"{s.best[a]:g}",
-                             s.macro_f1[a][s.thresholds.index(s.current[a])] if s.current[a] in s.thresholds else None,
+                             s.macro_f1_at(a, s.current[a]),
                              s.macro_f1[a][s.thresholds.index(s.best[a])]] for a in AFFECTS], "lrrrr"), "",
                   "The rules that serve the best thresholds:", "", "```yaml", s.snippet, "```", ""]
     if ev.figures:

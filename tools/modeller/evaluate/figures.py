@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tools.modeller.evaluate.metrics import ECE_BINS, reliability_bins
+
+if TYPE_CHECKING:  # matplotlib is optional: imported only when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 100
 # (width, height) in inches; pixels are these × DPI.
@@ -44,11 +49,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig: object, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     plt = _pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=DPI, format="png")  # type: ignore[attr-defined]
+    fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     tmp.replace(path)
     return path
@@ -84,21 +89,21 @@ def reliability_diagram(path: Path, curves: Mapping[str, tuple[np.ndarray, np.nd
     return _save(fig, path)
 
 
-def _heatmap(ax: object, matrix: np.ndarray, names: Sequence[str], title: str) -> None:
+def _heatmap(ax: Axes, matrix: np.ndarray, names: Sequence[str], title: str) -> None:
     m = np.asarray(matrix, np.float64)
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)  # type: ignore[attr-defined]
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     k = len(names)
-    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)  # type: ignore[attr-defined]
-    ax.set_yticks(range(k), names, fontsize=8)  # type: ignore[attr-defined]
-    ax.set_xlabel("predicted")  # type: ignore[attr-defined]
-    ax.set_ylabel("true")  # type: ignore[attr-defined]
-    ax.set_title(title, fontsize=10)  # type: ignore[attr-defined]
+    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
     for i in range(k):
         for j in range(k):
             if m[i, j]:
-                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,  # type: ignore[attr-defined]
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
                         color="white" if share[i, j] > 0.5 else "black")
 
 

@@ -41,6 +41,7 @@ from services.proxylabel.knn import (
     EmbedderInfo,
     KnnIndex,
     KnnOptions,
+    KnnScores,
     class_priors,
     knn_labels,
     knn_probabilities,
@@ -214,7 +215,9 @@ class Scored:
 
 def _scored(pred: np.ndarray, y: np.ndarray) -> Scored:
     r = label_report(pred, y, SCORE_NAMES, ordinal=True)
-    return Scored(r.accuracy, r.macro_f1, r.mae)  # type: ignore[arg-type]
+    if r.mae is None:
+        raise EvaluationError("an ordinal label report came without its MAE")
+    return Scored(r.accuracy, r.macro_f1, r.mae)
 
 
 @dataclass
@@ -368,27 +371,33 @@ async def _run(shard: Path, repo: Path, rules: FusionRules, rules_version: str, 
             pipe.require(True, True, "the proxy-label evaluation")
         except ServingError as exc:
             raise EvaluationError(exc.message) from None
+        index = pipe.knn
+        if index is None:  # require() has refused a pipeline without one
+            raise EvaluationError("the proxy-label evaluation needs the kNN index, which is not loaded")
         data = await read_labelled(shard, pipe, progress=progress)
         if not len(data.labels):
             raise EvaluationError(f"no labelled row of {shard} could be scored "
                                   f"({dict(Counter(s.message for s in data.skipped))})")
         options = pipe.knn_options(pr.knn)
-        knn_all, mlp_all = [], []
+        knn_all: list[KnnScores] = []
+        mlp_all: list[np.ndarray] = []
         with Progress(len(data.labels), "scoring rows", enabled=progress) as bar:
             for start in range(0, len(data.labels), 1024):
                 sl = slice(start, start + 1024)
                 conv = Conversations(data.conversations.user[sl], data.conversations.assistant[sl],
                                      data.conversations.turns[sl], data.conversations.user_turns[sl])
                 scores = await pipe.score(data.embeddings[sl], conv, options, True, True)
+                if scores.knn is None or scores.mlp is None:
+                    raise EvaluationError("the pipeline left out the kNN or MLP scores it was asked for")
                 knn_all.append(scores.knn)
                 mlp_all.append(scores.mlp)
                 bar.update(len(conv))
         knn_probs = np.concatenate([k.probabilities for k in knn_all]).astype(np.float64)
         knn_own = np.concatenate([knn_labels(k, options) for k in knn_all])
         mlp = np.concatenate(mlp_all).astype(np.float64)
-        top, _ = pipe.knn.search(data.embeddings, 1)  # type: ignore[union-attr]
+        top, _ = index.search(data.embeddings, 1)
         self_matches = int((top[:, 0] >= SELF_MATCH).sum())
-        embedder = pipe.knn.meta.embedder  # type: ignore[union-attr]
+        embedder = index.meta.embedder
         models = {m.name: {"version": m.version, "demo": m.demo} for m in pipe.models}
     metrics = evaluate_rows(data, knn_probs, knn_own, mlp, pr)
     ev = ProxyLabelEvaluation(

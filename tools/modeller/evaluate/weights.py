@@ -149,13 +149,14 @@ def split_rows(labels: np.ndarray, splits: Sequence[str | None], *, val_split: s
     if not 0 < val_fraction < 1:
         raise ManifestError("--val-fraction must be between 0 and 1")
     rng = np.random.default_rng(seed)
-    val, test = [], []
+    val_rows: list[np.int64] = []
+    test_rows: list[np.int64] = []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         cut = round(len(idx) * val_fraction)
-        val.extend(idx[:cut])
-        test.extend(idx[cut:])
-    val_idx, test_idx = np.sort(np.asarray(val, np.int64)), np.sort(np.asarray(test, np.int64))
+        val_rows.extend(idx[:cut])
+        test_rows.extend(idx[cut:])
+    val_idx, test_idx = np.sort(np.asarray(val_rows, np.int64)), np.sort(np.asarray(test_rows, np.int64))
     if not len(val_idx) or not len(test_idx):
         raise ManifestError(f"{len(labels)} scored rows are too few to split into validation and test")
     return val_idx, test_idx, f"random, stratified by label: {val_fraction:g} for validation (seed {seed})"
@@ -187,7 +188,7 @@ def updated_rules_text(base_text: str, ensemble: str, weights: dict[str, float],
         emotion["ensembles"] = {emotion.get("ensemble", DEFAULT_ENSEMBLE): one}
     ensembles = dict(emotion.get("ensembles") or {})
     chosen = EnsembleRules(members=[EmotionMember(model=m, weight=w) for m, w in weights.items()],
-                           fusion_space=space, temperature=round(temperature, 4))  # type: ignore[arg-type]
+                           fusion_space=space, temperature=round(temperature, 4))
     ensembles[ensemble] = chosen.model_dump(exclude_none=True)
     emotion["ensembles"] = ensembles
     data["emotion"] = emotion
