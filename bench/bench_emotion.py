@@ -53,7 +53,7 @@ from tessera_client import TesseraClient  # noqa: E402
 from tools.builders.blazeface import build_blazeface  # noqa: E402
 from tools.builders.fer_student import build_fer_student  # noqa: E402
 
-_EXPORT = """
+EXPORT_SCRIPT = """
 import sys
 from pathlib import Path
 from tools.modeller.export.timm_export import DEFAULT_CACHE, export_timm
@@ -315,7 +315,7 @@ def main() -> int:
         return 0
     try:
         repo = work / "repo"
-        subprocess.run([sys.executable, "-c", _EXPORT, str(repo)], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(repo)], cwd=ROOT, check=True)
         build_blazeface(repo, ROOT / ".cache")  # the suite's emotion and engagement services detect with it
         crop = crop_jpeg()
         image = ImageInput(encoded=crop, is_face_crop=True)

