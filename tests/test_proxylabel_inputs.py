@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -27,17 +26,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
-from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
 from launcher.suite import Suite
 from services.proxylabel.jobs import INDEX_DIR
 from services.proxylabel.knn import normalise
+from services.proxylabel.manifest import MANIFEST
+from services.proxylabel.parts import read_output
 from services.proxylabel.pipeline import MAX_EMBEDDING_NORM, MIN_EMBEDDING_NORM, embedding_problem
-from services.proxylabel.shards import MANIFEST, read_output
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 from tessera_client import TesseraClient
-from tests.conftest import start_suite
-from tests.test_shards import DIM, build_repository
+from tests.proxylabel_helpers import DIM, start_job_suite, wait_for
 from tools.modeller.proxylabel.generate import write_shard
 
 T = TypeVar("T")
@@ -57,23 +56,15 @@ ABSOLUTE = re.compile(r"(?<![\w\].])/")
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_repository(tmp_path_factory.mktemp("input-models"))
-
-
-@pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("input-data")
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory, repo: Path, data_root: Path) -> Iterator[Suite]:
+def suite(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[Suite]:
     tokens = tmp_path_factory.mktemp("input-auth") / "tokens.yaml"
     tokens.write_text(TOKENS)
-    s = start_suite(tmp_path_factory.mktemp("suite"), repo, data_roots=(data_root,), extra_env={
-        "TESSERA_GATEWAY__AUTH__TOKEN_FILE": str(tokens),
-        "TESSERA_PROXYLABEL__JOB_LOCK_EXPIRY_SECONDS": "2",
-        "TESSERA_PROXYLABEL__JOB_POLL_SECONDS": "0.1"})
+    s = start_job_suite(tmp_path_factory, data_root, 2.0, TESSERA_GATEWAY__AUTH__TOKEN_FILE=str(tokens))
     yield s
     s.stop()
 
@@ -115,16 +106,6 @@ def assert_no_absolute_path(message: str, data_root: Path) -> None:
     for root in {str(data_root), str(data_root.resolve())}:
         assert root not in message, message
     assert not ABSOLUTE.search(message), message
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 120.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ statuses, ScoreShard end to end, and the mode switched by editing the rules file
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,15 +12,16 @@ import grpc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
-from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
-from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.proxylabel.embedder import embed_offline
 from services.proxylabel.knn import INDEX_FILE, KnnIndex
-from services.proxylabel.shards import read_output
+from services.proxylabel.parts import read_output
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
+from tessera_client import TesseraClient
 from tests.conftest import CACHE, start_suite
+from tests.proxylabel_helpers import wait_for
 from tools.builders.minilm import build_text_embedder
 from tools.builders.proxylabel_demo import build_demo_models
 from tools.modeller.proxylabel.generate import write_shard
@@ -130,13 +130,8 @@ def test_mode_follows_the_rules_file(client: TesseraClient, rules_file: Path) ->
     original = rules_file.read_text()
     try:
         rules_file.write_text(original.replace("mode: ensemble", "mode: knn"))
-        deadline = time.monotonic() + 15
-        while True:
-            row = client.score_texts([{"id": "a", "text": CONVERSATION}]).rows[0]
-            if row.decided_by == "knn":
-                break
-            assert time.monotonic() < deadline, "the rules edit was not picked up"
-            time.sleep(0.2)
+        row = wait_for(lambda: (r := client.score_texts([{"id": "a", "text": CONVERSATION}]).rows[0]).decided_by
+                       == "knn" and r, "the rules edit to be picked up", timeout=15, every=0.2)
         assert row.status.code == OK and sum(row.probabilities) == pytest.approx(1.0, abs=1e-5)
     finally:
         rules_file.write_text(original)
@@ -161,14 +156,16 @@ def test_new_index_version_is_served_without_restart(suite: Suite, demo_repo: Pa
         assert _knn_version_and_votes(stub)[0] == "1"
         # Same vectors, every neighbour now says 5: the vote moves all its mass there.
         KnnIndex(v1.index, np.full(v1.size, 5), v1.meta).save(model_dir / "2")
-        deadline = time.monotonic() + 20
-        while (got := _knn_version_and_votes(stub))[0] != "2":
-            assert time.monotonic() < deadline, "version 2 was not picked up"
-            time.sleep(0.2)
+        got = wait_for(lambda: (v := _knn_version_and_votes(stub))[0] == "2" and v, "version 2 to be picked up",
+                       timeout=20, every=0.2)
         assert got[1][5] == pytest.approx(1.0) and sum(got[1]) == pytest.approx(1.0)
+        log = suite.processes["proxylabel"].log_file
+        refused = "the new files are not loaded"  # what the service logs when it keeps the old index
+        before = log.read_text(errors="replace").count(refused)
         (model_dir / "3").mkdir()
         shutil.copy(model_dir / "2" / "index.json", model_dir / "3")
         (model_dir / "3" / INDEX_FILE).write_bytes(b"not a faiss index")
-        time.sleep(1.5)  # several polls
+        wait_for(lambda: log.read_text(errors="replace").count(refused) > before, "v3 to be tried and refused",
+                 timeout=20)
         assert _knn_version_and_votes(stub) == got
         assert suite.processes["proxylabel"].popen.poll() is None

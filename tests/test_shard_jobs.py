@@ -16,15 +16,11 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
-from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
-from tessera_client import TesseraClient
 
 from launcher.suite import ROOT, Suite, command_path
 from services.proxylabel import jobs
@@ -34,26 +30,22 @@ from services.proxylabel.lease import (
     Lease,
     LeaseBusy,
     LeaseLost,
-    _locked,
-    _process_start,
-    _write,
+    process_start,
     read_lock,
+    write_lock,
 )
-from services.proxylabel.shards import CANCEL_FILE, MANIFEST, part_name, read_output
-from tests.conftest import start_suite
-from tests.test_shards import DIM, build_repository
+from services.proxylabel.manifest import CANCEL_FILE, MANIFEST
+from services.proxylabel.parts import part_name, read_output
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
+from tessera_client import TesseraClient
+from tests.proxylabel_helpers import DIM, start_job_suite, wait_for
 from tools.modeller.proxylabel.generate import write_shard
 
 ROWS = 20_000
 BATCH = 100  # 200 parts of ~35 ms: a job runs for seconds, and acts land between parts
 PARTS = ROWS // BATCH
 EXPIRY = 2.0
-T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_repository(tmp_path_factory.mktemp("job-models"))
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +60,8 @@ def shard(data_root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory: pytest.TempPathFactory, repo: Path, data_root: Path) -> Iterator[Suite]:
-    s = start_suite(tmp_path_factory.mktemp("suite"), repo, data_roots=(data_root,), extra_env={
-        "TESSERA_PROXYLABEL__JOB_LOCK_EXPIRY_SECONDS": str(EXPIRY),
-        "TESSERA_PROXYLABEL__JOB_POLL_SECONDS": "0.1"})
+def suite(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[Suite]:
+    s = start_job_suite(tmp_path_factory, data_root, EXPIRY)
     yield s
     s.stop()
 
@@ -84,17 +74,6 @@ def client(suite: Suite) -> Iterator[TesseraClient]:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 120.0, every: float = 0.05) -> T:
-    """Poll until probe() returns something truthy; fails naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def metric(suite: Suite, name: str, **labels: str) -> float:
@@ -186,12 +165,6 @@ def get_direct(suite: Suite, job_id: str) -> pb.ShardJob:
         return stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), timeout=10).job
 
 
-def forge_lock(output: Path, holder: Holder) -> None:
-    """Write the lock as another process would (under its flock, as every holder does)."""
-    with _locked(output / LOCK_FILE, exclusive=True) as fd:
-        _write(fd, holder)
-
-
 # ---------------------------------------------------------------------------------------------
 # The lock and the state, without the service
 
@@ -204,11 +177,11 @@ def _foreign(owner: str = "someone-else", heartbeat: float | None = None) -> Hol
 
 def test_the_lock_is_taken_over_only_when_stale(tmp_path: Path) -> None:
     (tmp_path / LOCK_FILE).touch()
-    forge_lock(tmp_path, _foreign())  # another machine's holder, heartbeat fresh
+    write_lock(tmp_path, _foreign())  # another machine's holder, heartbeat fresh
     with pytest.raises(LeaseBusy) as busy:
         Lease.acquire(tmp_path, EXPIRY)
     assert busy.value.holder.label == "elsewhere:4242"
-    forge_lock(tmp_path, _foreign(heartbeat=time.time() - EXPIRY - 0.1))  # its heartbeat stopped
+    write_lock(tmp_path, _foreign(heartbeat=time.time() - EXPIRY - 0.1))  # its heartbeat stopped
     lease = Lease.acquire(tmp_path, EXPIRY)
     assert lease.took_over is not None and lease.took_over.label == "elsewhere:4242"
     assert read_lock(tmp_path).owner == lease.owner
@@ -216,7 +189,7 @@ def test_the_lock_is_taken_over_only_when_stale(tmp_path: Path) -> None:
         pass
     lease.beat()
     # Someone took it over from us (we were too slow): we may commit nothing more.
-    forge_lock(tmp_path, _foreign())
+    write_lock(tmp_path, _foreign())
     with pytest.raises(LeaseLost), lease.guard():
         pytest.fail("committed under a lost lock")
     with pytest.raises(LeaseLost):
@@ -233,16 +206,16 @@ def test_a_dead_holder_on_this_machine_is_stale_at_once(tmp_path: Path) -> None:
         mine.release()
         this_machine = read_lock(tmp_path)
         assert this_machine is not None
-        alive = replace(this_machine, owner="x", pid=sleeper.pid, start=_process_start(sleeper.pid),
+        alive = replace(this_machine, owner="x", pid=sleeper.pid, start=process_start(sleeper.pid),
                         heartbeat=time.time())
-        forge_lock(tmp_path, alive)
+        write_lock(tmp_path, alive)
         with pytest.raises(LeaseBusy):
             Lease.acquire(tmp_path, 3600)
         sleeper.kill()
         sleeper.wait()
         Lease.acquire(tmp_path, 3600).release()  # its heartbeat is fresh, but its process is gone
         # A hung holder (process alive, heartbeat stopped) is stale after the expiry all the same.
-        forge_lock(tmp_path, replace(alive, pid=os.getpid(), start=_process_start(os.getpid()),
+        write_lock(tmp_path, replace(alive, pid=os.getpid(), start=process_start(os.getpid()),
                                      heartbeat=time.time() - EXPIRY - 0.1))
         Lease.acquire(tmp_path, EXPIRY).release()
     finally:
@@ -259,11 +232,11 @@ def test_job_state_comes_from_the_manifest_and_the_lock(tmp_path: Path) -> None:
         "parts": [{"rows": 10, "rows_failed": 1}], "state": "running", "updated": time.time(),
         "owner": "a:1"}))
     (out / LOCK_FILE).touch()
-    forge_lock(out, _foreign())
+    write_lock(out, _foreign())
     status = jobs.read_status(out, EXPIRY)
     assert (status.state, status.owner, status.rows_done, status.rows_failed, status.parts_done) == \
         ("running", "elsewhere:4242", 10, 1, 1)
-    forge_lock(out, _foreign(heartbeat=time.time() - 10))
+    write_lock(out, _foreign(heartbeat=time.time() - 10))
     assert jobs.read_status(out, EXPIRY).state == jobs.ORPHANED
     (out / CANCEL_FILE).touch()
     status = jobs.read_status(out, EXPIRY)
@@ -442,12 +415,12 @@ def test_the_cli_reattaches_across_a_proxylabel_restart(suite: Suite, shard: Pat
         dead = read_lock(out)
         assert dead is not None and dead.owner
         foreign = replace(dead, host="elsewhere", kernel="another-machine", heartbeat=time.time())
-        forge_lock(out, foreign)
+        write_lock(out, foreign)
         beating.set()
 
         def heartbeat() -> None:  # the other machine's owner, alive until the test lets it die
             while beating.is_set():
-                forge_lock(out, replace(foreign, heartbeat=time.time()))
+                write_lock(out, replace(foreign, heartbeat=time.time()))
                 time.sleep(0.2)
 
         threading.Thread(target=heartbeat, daemon=True).start()

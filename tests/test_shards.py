@@ -21,39 +21,19 @@ from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, recal
 
 from launcher.suite import ROOT
 from services.fusion.rules import KnnRules, ProxyLabelRules
-from services.proxylabel.features import compute_features
-from services.proxylabel.knn import KnnOptions
+from services.proxylabel.evaluation import confusion_of, evaluate
+from services.proxylabel.manifest import MANIFEST
+from services.proxylabel.parts import read_output
 from services.proxylabel.pipeline import local_pipeline
-from services.proxylabel.shards import (
-    MANIFEST,
-    Progress,
-    ShardJob,
-    Summary,
-    confusion_of,
-    evaluate,
-    plan_shard,
-    read_output,
-    run_shard,
-)
+from services.proxylabel.shard_plan import ShardJob, plan_shard
+from services.proxylabel.shard_run import Progress, Summary, run_shard
 from services.runtime.errors import ServingError
-from tools.modeller.proxylabel.build_index import build_index, labelled_rows
+from tests.proxylabel_helpers import DIM, build_repository
 from tools.modeller.proxylabel.generate import SYNTHETIC_EMBEDDER, schema, write_shard
-from tools.modeller.proxylabel.train_mlp import train_mlp, write_mlp
 
-DIM = 16
-
-
-def build_repository(root: Path, dim: int = DIM) -> Path:
-    """A small kNN index and MLP over synthetic embeddings (fast: no text embedder)."""
-    labelled = write_shard(root / "labelled.parquet", 1200, dimension=dim, labelled_fraction=1.0, seed=11,
-                           row_group_rows=400)
-    repo = root / "repo"
-    build_index([labelled], repo, KnnOptions(k=20), demo=True)
-    rows = labelled_rows([labelled])
-    model, meta = train_mlp(rows.embeddings, compute_features(rows.conversations), rows.labels, rows.embedder,
-                            hidden=(32,), max_iter=40, demo=True)
-    write_mlp(repo, model, meta)
-    return repo
+# `tessera-score-shard-offline` in a child process, whatever script the environment installed.
+OFFLINE_CLI = ("import sys; from services.proxylabel.__main__ import score_shard_offline_main; "
+               "sys.exit(score_shard_offline_main())")
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +143,7 @@ def test_killed_job_resumes_with_every_id_once(repo: Path, shard: Path, tmp_path
     reference = tmp_path / "reference"
     run_job(repo, shard, reference, batch_rows=100, version="cli")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "services.proxylabel.shards", str(shard), str(out), "--repo", str(repo),
-           "--batch-rows", "100"]
+    cmd = [sys.executable, "-c", OFFLINE_CLI, str(shard), str(out), "--repo", str(repo), "--batch-rows", "100"]
     proc = subprocess.Popen([*cmd, "--throttle-seconds", "0.3"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -276,16 +255,16 @@ def test_a_failed_job_is_recorded_and_resumes(repo: Path, shard: Path, tmp_path:
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure mid-job is written in the manifest (the job's state lives with its output), its
     finished parts stay, and a rerun resumes after them."""
-    from services.proxylabel import jobs, shards
+    from services.proxylabel import jobs, shard_run
 
-    real = shards.score_part
+    real = shard_run.score_part
 
     async def failing(plan, pipeline, table, first_row):  # type: ignore[no-untyped-def]
         if first_row >= 300:
             raise RuntimeError("disk on fire")
         return await real(plan, pipeline, table, first_row)
 
-    monkeypatch.setattr(shards, "score_part", failing)
+    monkeypatch.setattr(shard_run, "score_part", failing)
     with pytest.raises(RuntimeError):
         run_job(repo, shard, tmp_path / "out", batch_rows=100)
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
@@ -294,7 +273,7 @@ def test_a_failed_job_is_recorded_and_resumes(repo: Path, shard: Path, tmp_path:
     status = jobs.read_status(tmp_path / "out", 30.0)
     assert status.state == "failed" and status.error_code == "INTERNAL" and status.rows_done == 300
     assert status.job_id == ShardJob(shard, tmp_path / "out", ProxyLabelRules(), "v-test", 100).job_id
-    monkeypatch.setattr(shards, "score_part", real)
+    monkeypatch.setattr(shard_run, "score_part", real)
     events = run_job(repo, shard, tmp_path / "out", batch_rows=100)
     assert events[0].rows_done == 300 and events[-1].rows_resumed == 300 and events[-1].rows_done == 1000
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())

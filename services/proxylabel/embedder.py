@@ -21,15 +21,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import onnxruntime as ort
-from tokenizers import Tokenizer
+from pydantic import Field
 
 from services.runtime.backends.base import InferResult
+from services.runtime.config import StrictModel
 from services.runtime.errors import FailedPrecondition
 from services.runtime.repository import ModelRepository
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 EMBEDDER_FILE = "embedder.json"
 DEFAULT_MODEL = "text_embedder"
@@ -40,32 +43,35 @@ class _Infers(Protocol):
     async def infer(self, model: str, inputs: dict[str, np.ndarray]) -> InferResult: ...
 
 
-@dataclass(frozen=True)
-class EmbedderInfo:
-    """Which embedder a model is and how its text is prepared (from `embedder.json`)."""
+class EmbedderInfo(StrictModel):
+    """Which embedder made some embeddings, and how the text-embedding model prepares its text.
 
-    name: str
-    dimension: int
-    max_seq_length: int
-    do_lower_case: bool = False
-    strip: bool = True
-    tokenizer: str = "tokenizer.json"
-    pad_id: int = 0
-    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
-    output: str = "sentence_embedding"
+    `name` and `dimension` say which: embeddings of two embedders cannot be compared, so the kNN
+    index (`index.json`) and the MLP (`mlp.json`) record them. The other fields are the embedding
+    model's own, read from its `embedder.json` (`from_file`), and are left out of those records.
+    """
+
+    name: str = Field(min_length=1)
+    dimension: int = Field(gt=0)
+    max_seq_length: int = Field(0, ge=0, exclude=True)  # 0: not a model's description
+    do_lower_case: bool = Field(False, exclude=True)
+    strip: bool = Field(True, exclude=True)
+    tokenizer: str = Field("tokenizer.json", exclude=True)
+    pad_id: int = Field(0, exclude=True)
+    inputs: tuple[str, ...] = Field(("input_ids", "attention_mask"), exclude=True)
+    output: str = Field("sentence_embedding", exclude=True)
 
     @classmethod
     def from_file(cls, path: Path) -> EmbedderInfo:
+        """A model's `embedder.json`; keys beyond these are its exporter's notes."""
         try:
             raw = json.loads(Path(path).read_text())
-            return cls(name=str(raw["name"]), dimension=int(raw["dimension"]),
-                       max_seq_length=int(raw["max_seq_length"]),
-                       do_lower_case=bool(raw.get("do_lower_case", False)),
-                       strip=bool(raw.get("strip", True)),
-                       tokenizer=str(raw.get("tokenizer", "tokenizer.json")),
-                       pad_id=int(raw.get("pad_id", 0)),
-                       inputs=tuple(raw.get("inputs", ("input_ids", "attention_mask"))),
-                       output=str(raw.get("output", "sentence_embedding")))
+            if not isinstance(raw, dict):
+                raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+            info = cls.model_validate({k: v for k, v in raw.items() if k in cls.model_fields})
+            if not info.max_seq_length:
+                raise KeyError("max_seq_length")
+            return info
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise FailedPrecondition(f"{path}: not a usable embedder description: {exc}") from exc
 
@@ -95,6 +101,9 @@ class Tokenization:
     """The checkpoint's tokenizer, truncating at max_seq_length as sentence-transformers does."""
 
     def __init__(self, tokenizer_file: Path, info: EmbedderInfo) -> None:
+        # Imported here: the kNN index and the MLP use EmbedderInfo, and tokenise nothing.
+        from tokenizers import Tokenizer
+
         self.info = info
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         # Enforced here too, whatever the file says: the model's own file truncates at 128.
@@ -218,6 +227,8 @@ def _version_dir(model_dir: Path) -> Path:
 @lru_cache(maxsize=2)
 def _offline_model(version_dir: Path, mtime_ns: int) -> tuple[EmbedderInfo, Tokenization,
                                                               ort.InferenceSession]:
+    import onnxruntime as ort
+
     info = EmbedderInfo.from_file(version_dir / EMBEDDER_FILE)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -1,6 +1,6 @@
 """Shard jobs as their output directories record them: state, lookup by id, listing, cancel requests.
 
-A job's state lives with its output (the manifest and the lock, services/proxylabel/shards.py and
+A job's state lives with its output (the manifest and the lock, services/proxylabel/manifest.py and
 lease.py), never only in a process, so any replica answers about any job:
 
     RUNNING     the manifest says running and the lock's holder is alive
@@ -19,7 +19,6 @@ written when the service starts a job, so neither a lookup nor a listing walks t
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -27,17 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.proxylabel.lease import read_lock
-from services.proxylabel.shards import (
+from services.proxylabel.manifest import (
     CANCEL_FILE,
     CANCELLED,
     FAILED,
-    JOB_ID_LENGTH,
     RUNNING,
     SUCCEEDED,
     TERMINAL,
     read_manifest,
 )
+from services.proxylabel.shard_plan import JOB_ID_LENGTH
 from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.model_files import write_atomic
 
 INDEX_DIR = ".shard-jobs"
 ORPHANED = "orphaned"
@@ -148,10 +148,8 @@ def register(job_id: str, output: Path, roots: Sequence[Path]) -> None:
     try:
         if entry.exists() and entry.read_text() == data:
             return
-        entry.parent.mkdir(exist_ok=True)
-        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-        tmp.write_text(data)
-        os.replace(tmp, entry)
+        # No fsync on the shared volume for it: each start of the job writes it again.
+        write_atomic(entry, data, durable=False)
     except OSError:
         pass  # the job runs all the same; only its lookup by id needs the entry
 

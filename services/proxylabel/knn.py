@@ -4,7 +4,7 @@ labelled rows, and the vote that turns neighbours into six probabilities (docs/a
 Repository layout (a model kind Triton cannot serve, so it stays in process):
 
     <repo>/proxylabel_knn/config.pbtxt      backend "faiss", default_model_filename "index.faiss"
-    <repo>/proxylabel_knn/1/index.faiss     faiss.write_index of an IndexFlatIP (no pickle)
+    <repo>/proxylabel_knn/1/index.faiss     an IndexFlatIP in faiss's own format (no pickle)
     <repo>/proxylabel_knn/1/labels.npy      int8 scores 0-5, one per indexed vector
     <repo>/proxylabel_knn/1/index.json      IndexMeta: embedder, dimension, priors, default options
 
@@ -14,17 +14,23 @@ brute-force implementation and scikit-learn without faiss in the way.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from services.fusion.rules import KnnRules
+
+# EmbedderInfo is also imported from here by tools/modeller (build_index, train_mlp, train_mlp_torch,
+# evaluate/proxylabel) and tests/test_train_mlp.py, tests/test_evaluate_search.py: re-exported for
+# them; lead to update them to services.proxylabel.embedder.
+from services.proxylabel.embedder import EmbedderInfo
 from services.runtime.config import StrictModel
+from services.runtime.model_files import ModelSpec, write_atomic, write_config
 
 NUM_CLASSES = 6
 MODEL_NAME = "proxylabel_knn"
@@ -51,11 +57,6 @@ class KnnOptions(StrictModel):
             return self
         changes = {k: v for k, v in overrides.model_dump().items() if v is not None}
         return self.model_copy(update=changes) if changes else self
-
-
-class EmbedderInfo(StrictModel):
-    name: str = Field(min_length=1)
-    dimension: int = Field(gt=0)
 
 
 class IndexMeta(StrictModel):
@@ -168,8 +169,8 @@ def normalise(embeddings: np.ndarray) -> np.ndarray:
 class KnnIndex:
     """An exact cosine index over labelled embeddings, with the options stored beside it."""
 
-    def __init__(self, index: object, labels: np.ndarray, meta: IndexMeta, version: int | None = None) -> None:
-        self.index = index
+    def __init__(self, index: Any, labels: np.ndarray, meta: IndexMeta, version: int | None = None) -> None:
+        self.index = index  # a faiss index (Any: faiss is imported only where an index is built or read)
         self.labels = labels.astype(np.int8)
         self.meta = meta
         self.version = version
@@ -222,21 +223,16 @@ class KnnIndex:
         return cls(index, labels, meta)
 
     def save(self, directory: Path) -> None:
-        """Write the version directory's three files, each to a temporary name then renamed; the
-        index file last, since its presence is what marks the version complete to a service
-        polling the repository."""
+        """Write the version directory's three files, each atomically; the index file last, since
+        its presence is what marks the version complete to a service polling the repository."""
         import faiss
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f".{LABELS_FILE}.tmp", "wb") as fh:
-            np.save(fh, self.labels, allow_pickle=False)
-        os.replace(directory / f".{LABELS_FILE}.tmp", directory / LABELS_FILE)
-        (directory / f".{META_FILE}.tmp").write_text(json.dumps(self.meta.model_dump(), indent=2) + "\n")
-        os.replace(directory / f".{META_FILE}.tmp", directory / META_FILE)
-        tmp = directory / f".{INDEX_FILE}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, directory / INDEX_FILE)
+        labels = io.BytesIO()
+        np.save(labels, self.labels, allow_pickle=False)
+        write_atomic(directory / LABELS_FILE, labels.getvalue())
+        write_atomic(directory / META_FILE, json.dumps(self.meta.model_dump(), indent=2) + "\n")
+        write_atomic(directory / INDEX_FILE, faiss.serialize_index(self.index).tobytes())
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities [n, k], indices [n, k]); queries are normalised here, so callers may
@@ -256,27 +252,10 @@ class KnnIndex:
         return knn_probabilities(sims, neighbour_labels, options, self.priors)
 
 
-def config_pbtxt(demo: bool, embedder: str) -> str:
-    return f"""\
-name: "{MODEL_NAME}"
-backend: "{BACKEND}"
-default_model_filename: "{INDEX_FILE}"
-parameters {{
-  key: "demo"
-  value {{ string_value: "{str(demo).lower()}" }}
-}}
-parameters {{
-  key: "embedder"
-  value {{ string_value: "{embedder}" }}
-}}
-"""
-
-
 def write_model(repo: Path, index: KnnIndex, version: int = 1, name: str = MODEL_NAME) -> Path:
     """Write `index` as `<repo>/<name>/<version>/` with its config; returns the model directory."""
     model_dir = Path(repo) / name
     index.save(model_dir / str(version))
-    text = config_pbtxt(index.meta.demo, index.embedder).replace(f'name: "{MODEL_NAME}"', f'name: "{name}"')
-    (model_dir / ".config.pbtxt.tmp").write_text(text)
-    os.replace(model_dir / ".config.pbtxt.tmp", model_dir / "config.pbtxt")
+    write_config(model_dir, ModelSpec(name=name, backend=BACKEND, default_model_filename=INDEX_FILE,
+                                      parameters={"demo": str(index.meta.demo).lower(), "embedder": index.embedder}))
     return model_dir

@@ -78,7 +78,7 @@ class Holder:
             # On this machine a dead holder is known at once, without waiting out the expiry.
             if self.pid == os.getpid() and self.start == me["start"]:
                 return self.owner in _HELD
-            return _process_start(self.pid) == self.start
+            return process_start(self.pid) == self.start
         return True
 
 
@@ -107,10 +107,10 @@ def _identity() -> dict:
     except OSError:
         pid_ns = ""
     return {"host": socket.gethostname(), "kernel": read("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns,
-            "start": _process_start(os.getpid())}
+            "start": process_start(os.getpid())}
 
 
-def _process_start(pid: int) -> int:
+def process_start(pid: int) -> int:
     """Field 22 of /proc/<pid>/stat (after the command name, which may hold spaces); -1 if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -161,6 +161,12 @@ def _write(fd: int, holder: Holder | None) -> None:
     data = json.dumps(asdict(holder)).encode() if holder is not None else b""
     os.pwrite(fd, data.ljust(_SIZE), 0)
     os.fsync(fd)
+
+
+def write_lock(directory: Path, holder: Holder) -> None:
+    """Record `holder` in the directory's lock as its own process would: under the flock."""
+    with _locked(directory / LOCK_FILE, exclusive=True) as fd:
+        _write(fd, holder)
 
 
 def read_lock(directory: Path) -> Holder | None:

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from services.fusion.rules import KnnRules
 from services.proxylabel.config import ProxyLabelConfig
+from services.proxylabel.embedder import EmbedderInfo, TextEmbedder
 from services.proxylabel.features import (
     FEATURE_VERSION,
     Conversations,
@@ -29,7 +30,6 @@ from services.proxylabel.features import (
 from services.proxylabel.knn import BACKEND as KNN_BACKEND
 from services.proxylabel.knn import (
     NUM_CLASSES,
-    EmbedderInfo,
     KnnIndex,
     KnnOptions,
     KnnScores,
@@ -141,8 +141,6 @@ class ProxyLabelPipeline:
                 log.error("MLP %s not usable: %s", config.mlp_model, exc)
                 mlp = None
         if embedder is None and config.embedder_model in repository and config.embedder_model in ready:
-            from services.proxylabel.embedder import TextEmbedder
-
             try:
                 embedder = TextEmbedder.from_repository(repository, backend, config.embedder_model)
             except ServingError as exc:

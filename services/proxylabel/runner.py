@@ -33,24 +33,10 @@ from services.proxylabel.access import Caller, may_access
 from services.proxylabel.config import ProxyLabelConfig
 from services.proxylabel.jobs import JobStatus
 from services.proxylabel.lease import Lease, LeaseBusy, LeaseLost
+from services.proxylabel.manifest import CANCELLED, FAILED, MANIFEST, SUCCEEDED, Manifest, read_manifest
 from services.proxylabel.pipeline import ProxyLabelPipeline
-from services.proxylabel.shards import (
-    CANCELLED,
-    FAILED,
-    MANIFEST,
-    SUCCEEDED,
-    JobCancelled,
-    Manifest,
-    Progress,
-    ShardJob,
-    ShardPlan,
-    Summary,
-    open_output,
-    plan_shard,
-    read_manifest,
-    score_job,
-    summary_of,
-)
+from services.proxylabel.shard_plan import ShardJob, ShardPlan, plan_shard
+from services.proxylabel.shard_run import JobCancelled, Progress, Summary, open_output, score_job, summary_of
 from services.runtime.errors import (
     FailedPrecondition,
     NotFound,

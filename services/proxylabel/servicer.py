@@ -7,20 +7,23 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tessera.common.v1 import common_pb2
-from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
-from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
 from services.fusion.rules import KnnRules, ProxyLabelRules
 from services.proxylabel.access import Caller
 from services.proxylabel.config import ProxyLabelConfig
 from services.proxylabel.jobs import ORPHANED, JobStatus, relative_to_roots
+from services.proxylabel.manifest import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from services.proxylabel.paths import INPUT_ROOTS, OUTPUT_ROOTS, check_input, check_output, confine, shown
 from services.proxylabel.pipeline import ProxyLabelPipeline, RowInput
 from services.proxylabel.runner import REATTACHED, RESUMED, STARTED, Attached, ShardJobs
-from services.proxylabel.shards import CANCELLED, FAILED, RUNNING, SUCCEEDED, Progress, ShardJob, Summary
-from services.runtime.errors import InvalidArgument, ResourceExhausted, item_status
+from services.proxylabel.shard_plan import ShardJob
+from services.proxylabel.shard_run import Progress, Summary
+from services.runtime.errors import InvalidArgument, item_status
+from services.runtime.servicing import check_batch_size
 from services.runtime.streams import Drain, until_drained
+from tessera.common.v1 import common_pb2
+from tessera.proxylabel.v1 import proxylabel_service_pb2 as pb
+from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ProxyLabelService"].full_name
 
@@ -79,11 +82,7 @@ class ProxyLabelServicer(pb_grpc.ProxyLabelServiceServicer):
 
     async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ScoreTextsResponse:
-        if not request.rows:
-            raise InvalidArgument("no rows to score")
-        if len(request.rows) > self.config.max_rows_per_request:
-            raise ResourceExhausted(
-                f"{len(request.rows)} rows exceed the limit of {self.config.max_rows_per_request} per request")
+        check_batch_size(len(request.rows), self.config.max_rows_per_request, "rows")
         if not (request.run_knn or request.run_mlp):
             raise InvalidArgument("ask for run_knn, run_mlp or both")
         rows = [RowInput(text=r.text, response=r.response,
