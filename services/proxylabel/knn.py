@@ -24,10 +24,6 @@ import numpy as np
 from pydantic import Field
 
 from services.fusion.rules import KnnRules
-
-# EmbedderInfo is also imported from here by tools/modeller (build_index, train_mlp, train_mlp_torch,
-# evaluate/proxylabel) and tests/test_train_mlp.py, tests/test_evaluate_search.py: re-exported for
-# them; lead to update them to services.proxylabel.embedder.
 from services.proxylabel.embedder import EmbedderInfo
 from services.runtime.config import StrictModel
 from services.runtime.model_files import ModelSpec, write_atomic, write_config

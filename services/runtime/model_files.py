@@ -100,12 +100,16 @@ def write_atomic(path: Path, data: bytes | str, *, durable: bool = True) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     payload = data.encode() if isinstance(data, str) else data
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, interrupted) leaves nothing behind
+        raise
     if durable:
         fsync_dir(path.parent)
 

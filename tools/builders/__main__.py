@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from tools.builders.blazeface import build_blazeface
+from tools.builders.cli import Builder, builder_parser
 from tools.builders.emotion_facex import build_facex
 from tools.builders.emotion_pyemotion import build_pyemotion
-from tools.builders.blazeface import build_blazeface
 from tools.builders.engagement_demo import build_engagement_demo
 from tools.builders.fer_student import build_fer_student
 from tools.builders.minilm import build_text_embedder
 from tools.builders.proxylabel_demo import build_demo_models
-
-Builder = Callable[[Path, Path], Path | list[Path]]
 
 # In build order: the proxylabel demo embeds its rows with the text embedder built before it.
 BUILDERS: dict[str, Builder] = {
@@ -39,9 +36,7 @@ BUILDERS: dict[str, Builder] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tessera-models")
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache"))
+    parser = builder_parser(__doc__.splitlines()[0], prog="tessera-models")
     parser.add_argument("--only", nargs="+", choices=list(BUILDERS), metavar="FAMILY",
                         help=f"build only these ({', '.join(BUILDERS)}; default: all)")
     args = parser.parse_args(argv)

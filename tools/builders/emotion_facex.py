@@ -36,18 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from tools.builders.fer_student import IR_VERSION, OPSET
-from tools.builders.wheel_weights import WheelFile, gate_crops, member_config, read_verified, write_member
+from services.fusion.emotion import CLASS_NAMES
+from services.runtime.model_files import IR_VERSION, OPSET
+from tools.builders.cli import builder_cli
+from tools.builders.emotion_member import check_gate, gate_batch, member_preprocess, member_spec, write_member
+from tools.builders.wheels import WheelFile, read_verified
 
 FACEX = WheelFile(
     project="facex", version="1.1.0", member="facex/assets/model_optimized.tflite", size=2_615_520,
     sha256="181e9dc6b5b19b7a4a3ee661d8de9969249b72c317b2080d79ac12d2b7027da5",
     licence_member="facex-1.1.0.dist-info/LICENSE", licence_marker="MIT License", licence="MIT")
 MODEL_NAME = "emotion_facex"
-CLASS_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 # facex's own order (`EmotionClassifier.category` in facex/core.py) and each name's canonical class.
 FACEX_CLASSES = ("anger", "disgust", "fear", "happy", "neutral", "sadness", "surprised")
 _CANONICAL_OF = {"anger": "Angry", "disgust": "Disgust", "fear": "Fear", "happy": "Happy",
@@ -57,28 +58,13 @@ CLASS_ORDER = [[_CANONICAL_OF[c] for c in FACEX_CLASSES].index(name) for name in
 INPUT_SIZE = (200, 200)
 # Bump when the converter's output changes, so existing repositories are rebuilt.
 CONVERTER_VERSION = "1"
-# The conversion gate: max |served − numpy reference| over the logits of the gate faces.
-GATE_ATOL = 1e-4
 
-PREPROCESS = {
-    "input_name": "input",
-    "output_name": "logits",
-    "input_size": list(INPUT_SIZE),
-    # facex converts the frame to grey and feeds it in 3 equal channels; the served graph sums the
-    # first kernel over them, so it takes the grey crop in 1 channel.
-    "color": "gray",
-    "layout": "NCHW",
-    "clahe": None,
-    "interpolation": "linear",
-    # facex feeds skimage's resize output: x/255, i.e. [0, 1].
-    "mean": [0.0],
-    "std": [1.0],
-    "temperature": 1.0,
-    "class_names": CLASS_NAMES,
-}
+# facex converts the frame to grey and feeds it in 3 equal channels; the served graph sums the
+# first kernel over them, so it takes the grey crop in 1 channel. facex feeds skimage's resize
+# output: x/255, i.e. [0, 1].
+PREPROCESS = member_preprocess(INPUT_SIZE, mean=0.0, std=1.0)
 
-CONFIG_PBTXT = member_config(MODEL_NAME, (1, *INPUT_SIZE), len(CLASS_NAMES), 32, (8, 16),
-                             f"{FACEX.pin} MobileNetV2 ({FACEX.licence})")
+SPEC = member_spec(MODEL_NAME, (1, *INPUT_SIZE), 32, (8, 16), f"{FACEX.pin} MobileNetV2 ({FACEX.licence})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,10 +376,6 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
 # The gate and the repository
 
 
-class ConversionError(RuntimeError):
-    """The converted graph does not reproduce its reference: nothing is written."""
-
-
 def reference_logits(graph: Graph, gray_nchw: np.ndarray) -> np.ndarray:
     """The numpy reference in the canonical class order, for the served input [N, 1, H, W]."""
     nhwc = np.repeat(gray_nchw.transpose(0, 2, 3, 1), 3, axis=3)
@@ -402,21 +384,8 @@ def reference_logits(graph: Graph, gray_nchw: np.ndarray) -> np.ndarray:
 
 def gate(model: onnx.ModelProto, graph: Graph, batch: np.ndarray,
          reference: Callable[[Graph, np.ndarray], np.ndarray] = reference_logits) -> float:
-    """max |served − reference| over the logits of `batch`; ConversionError above GATE_ATOL."""
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    served = session.run(["logits"], {"input": batch})[0].astype(np.float64)
-    expected = reference(graph, batch)
-    diff = float(np.max(np.abs(served - expected)))
-    if not diff <= GATE_ATOL:
-        raise ConversionError(f"{MODEL_NAME}: ONNX differs from the numpy reference by {diff:.3g} "
-                              f"(gate {GATE_ATOL}); nothing written")
-    return diff
-
-
-def gate_batch() -> np.ndarray:
-    from services.vision.preprocess import PreprocessParams, preprocess_faces
-
-    return preprocess_faces(gate_crops(), PreprocessParams.model_validate(PREPROCESS))
+    """max |served − reference| over the logits of `batch` (emotion_member.check_gate)."""
+    return check_gate(MODEL_NAME, model, batch, reference(graph, batch))
 
 
 def build_facex(repo: Path, cache: Path) -> Path:
@@ -430,17 +399,13 @@ def build_facex(repo: Path, cache: Path) -> Path:
     def convert() -> onnx.ModelProto:
         graph = read_tflite(content)
         model = to_onnx(graph)
-        gate(model, graph, gate_batch())
+        gate(model, graph, gate_batch(PREPROCESS))
         return model
 
-    return write_member(repo, MODEL_NAME, key, convert, PREPROCESS, CONFIG_PBTXT)
+    return write_member(repo, MODEL_NAME, key, convert, PREPROCESS, SPEC)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tools.builders.cli import builder_main
-
-    return builder_main(build_facex, __doc__.splitlines()[0], argv)
-
+main = builder_cli(build_facex, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

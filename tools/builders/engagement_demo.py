@@ -21,7 +21,6 @@ is a few file checks (xgboost, scikit-learn are imported only to train).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -37,11 +36,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from services.engagement.features import AFFECTS, CROP_SIZE, HOG_FILENAME, HogParams, hog_features
+from services.runtime.model_files import write_atomic
 from tools.builders import engagement_temporal as temporal
-from tools.modeller.engagement import generate
+from tools.builders.cli import builder_parser, report_built
 from tools.builders.engagement_temporal import FRAMES, LEVEL_NAMES, PREPROCESS
-from tools.builders.fer_student import _write_atomic
 from tools.builders.install import install_built
+from tools.modeller.engagement import generate
 
 if TYPE_CHECKING:
     import xgboost as xgb
@@ -55,7 +55,7 @@ MODELS = (*XGB_MODELS, TEMPORAL_MODEL)
 # Modules whose source is the recipe: found, not imported (xgb_demo would import xgboost).
 SOURCES = ("tools.modeller.engagement.generate", "tools.builders.engagement_temporal", "tools.builders.engagement_demo",
            "services.engagement.features", "services.vision.preprocess", "tools.builders.xgb_demo",
-           "tools.modeller.export.temporal_export")
+           "tools.modeller.export.temporal_export", "tools.modeller.export.versions", "services.runtime.model_files")
 LIBRARIES = (("numpy",), ("opencv-python-headless", "opencv-python"), ("xgboost-cpu", "xgboost"),
              ("scikit-learn",), ("onnx",), ("onnxruntime-gpu", "onnxruntime"))
 
@@ -228,7 +228,7 @@ def build_engagement_demo(repo: Path, cache: Path, recipe: Recipe | None = None)
         work = built.with_name(f".{key}.{os.getpid()}")
         shutil.rmtree(work, ignore_errors=True)
         report = _train(work, recipe)
-        _write_atomic(work / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        write_atomic(work / "report.json", json.dumps(report, indent=2) + "\n", durable=False)
         (work / ".complete").write_text(key)
         shutil.rmtree(built, ignore_errors=True)
         os.replace(work, built)
@@ -245,15 +245,12 @@ def report(cache: Path, recipe: Recipe | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.builders.engagement_demo", description=__doc__.splitlines()[0])
-    p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--cache", type=Path, default=Path(".cache"))
-    args = p.parse_args(argv)
-    start = time.perf_counter()
+    args = builder_parser(__doc__.splitlines()[0], prog="python -m tools.builders.engagement_demo").parse_args(argv)
+    started = time.perf_counter()
     paths = build_engagement_demo(args.repo, args.cache)
     summary = report(args.cache)
     print(json.dumps({"accuracy": summary["accuracy"], "majority_rate": summary["majority_rate"]}, indent=2))
-    print(f"{', '.join(p.name for p in paths)} ready in {time.perf_counter() - start:.1f}s")
+    report_built(paths, started)
     return 0
 
 

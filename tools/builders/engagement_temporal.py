@@ -32,14 +32,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from services.engagement.features import AFFECTS, CROP_SIZE
+from services.runtime.model_files import IR_VERSION, OPSET
 from services.vision.preprocess import PreprocessParams, preprocess_faces
 from tools.modeller.export.temporal_export import export_temporal
 
 MODEL_NAME = "engagement_temporal"
 LEVEL_NAMES = ("very low", "low", "high", "very high")
 FRAMES = 30
-OPSET = 17
-IR_VERSION = 8  # what opset 17 shipped with; older runtimes refuse newer IRs (see fer_student)
 FEATURES_OUTPUT = "clip_features"
 
 PREPROCESS = PreprocessParams(

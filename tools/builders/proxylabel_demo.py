@@ -10,7 +10,6 @@ the first time. Embedding the shard with MiniLM on CPU is most of the first buil
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -24,9 +23,11 @@ import numpy as np
 
 from services.proxylabel import features, knn
 from services.proxylabel.features import compute_features
+from services.runtime import model_files
+from tools.builders.cli import builder_parser, report_built
 from tools.builders.install import install_built
 from tools.modeller.proxylabel import build_index as build_index_module
-from tools.modeller.proxylabel import generate, train_mlp
+from tools.modeller.proxylabel import fusion_mlp, generate, train_mlp
 from tools.modeller.proxylabel.build_index import build_index, labelled_rows
 from tools.modeller.proxylabel.generate import write_shard
 from tools.modeller.proxylabel.train_mlp import train_mlp as fit_mlp
@@ -54,7 +55,7 @@ def _embedder_identity(embedder_dir: Path) -> tuple[str, int, str]:
 
 def _content_key(embedder: str, rows: int, seed: int) -> str:
     h = hashlib.sha256(f"{DEMO_VERSION}|{rows}|{seed}|{embedder}".encode())
-    for module in (generate, build_index_module, train_mlp, features, knn):
+    for module in (generate, build_index_module, train_mlp, fusion_mlp, model_files, features, knn):
         h.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
     return h.hexdigest()[:16]
 
@@ -101,14 +102,11 @@ def build_demo_models(repo: Path, cache: Path, embed: Embed | None = None, *, ro
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.builders.proxylabel_demo", description=__doc__.splitlines()[0])
-    p.add_argument("--repo", type=Path, default=Path("model_repository"))
-    p.add_argument("--cache", type=Path, default=Path(".cache"))
+    p = builder_parser(__doc__.splitlines()[0], prog="python -m tools.builders.proxylabel_demo")
     p.add_argument("--rows", type=int, default=DEMO_ROWS)
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    paths = build_demo_models(args.repo, args.cache, rows=args.rows)
-    print(f"{', '.join(p.name for p in paths)} ready in {time.perf_counter() - start:.1f}s")
+    started = time.perf_counter()
+    report_built(build_demo_models(args.repo, args.cache, rows=args.rows), started)
     return 0
 
 

@@ -16,51 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import xgboost as xgb
+from tritonclient.grpc import model_config_pb2 as mc
 
+from services.runtime.model_files import Batching, ModelSpec, Tensor, model_config, write_atomic, write_config
 from tools.modeller.export.versions import next_version
-from tools.builders.fer_student import _validate_config, _write_atomic
 
 MODEL_FILENAME = "xgboost.json"  # FIL's default for model_type xgboost_json
-
-CONFIG_TEMPLATE = """\
-name: "{name}"
-backend: "fil"
-max_batch_size: {max_batch_size}
-input [
-  {{
-    name: "input__0"
-    data_type: TYPE_FP32
-    dims: [ {n_features} ]
-  }}
-]
-output [
-  {{
-    name: "output__0"
-    data_type: TYPE_FP32
-    dims: [ {n_classes} ]
-  }}
-]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-dynamic_batching {{
-  max_queue_delay_microseconds: {queue_delay_us}
-}}
-parameters {{
-  key: "model_type"
-  value {{ string_value: "xgboost_json" }}
-}}
-parameters {{
-  key: "output_class"
-  value {{ string_value: "true" }}
-}}
-parameters {{
-  key: "predict_proba"
-  value {{ string_value: "true" }}
-}}
-parameters {{
-  key: "demo"
-  value {{ string_value: "{demo}" }}
-}}
-"""
 
 
 def booster_classes(booster: xgb.Booster) -> int:
@@ -75,13 +36,16 @@ def booster_classes(booster: xgb.Booster) -> int:
 
 
 def fil_config(name: str, n_features: int, n_classes: int, *, demo: bool,
-               max_batch_size: int = 256, queue_delay_us: int = 500) -> str:
-    """The FIL-backend config.pbtxt of a probability-output XGBoost classifier."""
-    text = CONFIG_TEMPLATE.format(name=name, n_features=n_features, n_classes=n_classes,
-                                  max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
-                                  demo=str(demo).lower())
-    _validate_config(text)
-    return text
+               max_batch_size: int = 256, queue_delay_us: int = 500) -> mc.ModelConfig:
+    """The FIL-backend config of a probability-output XGBoost classifier, on one CPU instance."""
+    config = model_config(ModelSpec(
+        name=name, backend="fil", max_batch_size=max_batch_size,
+        inputs=[Tensor("input__0", (n_features,))], outputs=[Tensor("output__0", (n_classes,))],
+        batching=Batching(max_queue_delay_us=queue_delay_us),
+        parameters={"model_type": "xgboost_json", "output_class": "true", "predict_proba": "true",
+                    "demo": str(demo).lower()}))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    return config
 
 
 def write_xgb_model(
@@ -123,13 +87,13 @@ def write_xgb_model(
     files = {**(extra_files or {}), MODEL_FILENAME: data}  # the model last: it marks the version whole
     if version_dir.exists():
         for filename, content in files.items():
-            _write_atomic(version_dir / filename, content)
+            write_atomic(version_dir / filename, content)
     else:
         staging = model_dir / f".{version}.tmp-{os.getpid()}"
         for filename, content in files.items():
-            _write_atomic(staging / filename, content)
+            write_atomic(staging / filename, content)
         os.replace(staging, version_dir)
-    _write_atomic(model_dir / "config.pbtxt", config.encode())
+    write_config(model_dir, config)
     return version_dir
 
 

@@ -35,10 +35,10 @@ import pyarrow as pa
 
 from services.fusion.proxylabel import final_labels, soft_vote
 from services.fusion.rules import FusionRules, ProxyLabelRules, parse_rules
+from services.proxylabel.embedder import EmbedderInfo
 from services.proxylabel.features import Conversations
 from services.proxylabel.knn import (
     NUM_CLASSES,
-    EmbedderInfo,
     KnnIndex,
     KnnOptions,
     KnnScores,

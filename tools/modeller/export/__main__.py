@@ -109,7 +109,8 @@ def _sentence_transformers_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedder-name",
                    help="the embedder's identity, which kNN index and MLP must match "
                         "(default: the checkpoint directory's name)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    # No default here: the exporter's (model_files.OPSET) is not imported before the export runs.
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the suite's, 17)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,8 +172,8 @@ def _sentence_transformers(args: argparse.Namespace) -> int:
     from tools.modeller.export.st_export import export_sentence_transformer
 
     return _run(lambda: export_sentence_transformer(
-        args.checkpoint, args.name, args.repo, version=args.version, cache_dir=args.cache, opset=args.opset,
-        embedder_name=args.embedder_name))
+        args.checkpoint, args.name, args.repo, version=args.version, cache_dir=args.cache,
+        embedder_name=args.embedder_name, **({} if args.opset is None else {"opset": args.opset})))
 
 
 def _timm(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ any checkpoint whose modules the graph can reproduce is traced with torch's ONNX
 checkpoint's own pooling, Dense/LayerNorm layers and normalisation inside the graph, so the served
 output is the sentence embedding itself, as `services.proxylabel.embedder` expects. Written:
 
-    <repo>/<name>/config.pbtxt              onnxruntime_onnx, dynamic batching (minilm's template)
+    <repo>/<name>/config.pbtxt              onnxruntime_onnx, dynamic batching (minilm's spec)
     <repo>/<name>/<version>/model.onnx      (input_ids, attention_mask) int64 [N, L] -> sentence_embedding
     <repo>/<name>/<version>/tokenizer.json  the tokenizer sentence-transformers runs, truncating at
                                             max_seq_length, unpadded (the service pads to its buckets)
@@ -35,7 +35,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +43,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from services.proxylabel.embedder import EMBEDDER_FILE, EmbedderInfo, Tokenization, embed_offline
+from services.runtime.model_files import OPSET, ModelSpec, write_atomic
+from tools.builders import minilm
 from tools.modeller.export import versions
 from tools.modeller.export.versions import ExportError
-from tools.builders import minilm
-from tools.builders.fer_student import _write_atomic as write_atomic
 
 if TYPE_CHECKING:  # torch and sentence-transformers load only when a graph is really exported
     from sentence_transformers import SentenceTransformer
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the written files change for the same checkpoint, so cached exports are redone.
 EXPORTER_VERSION = "1"
-OPSET = 17
 MIN_COSINE = 0.9999
 # |served norm / sentence-transformers norm - 1|: cosine alone would pass a missing normalisation.
 NORM_TOLERANCE = 1e-3
@@ -184,7 +183,7 @@ def load_model(checkpoint_dir: Path) -> SentenceTransformer:
         # weights on the way in (transformers 5 loads in the config's dtype by default).
         model = SentenceTransformer(str(checkpoint_dir), device="cpu", local_files_only=True,
                                     trust_remote_code=False, model_kwargs={"dtype": torch.float32})
-    except Exception as exc:  # noqa: BLE001 - loading raises many types for a broken checkpoint
+    except Exception as exc:
         raise ExportError(f"sentence-transformers cannot load {checkpoint_dir}: "
                           f"{type(exc).__name__}: {exc}") from None
     return model.float().eval()
@@ -342,7 +341,7 @@ def onnx_export(model: SentenceTransformer, opset: int = OPSET) -> bytes:
             torch.onnx.export(_encoder(model, model.truncate_dim), args, buffer, opset_version=opset,
                               input_names=list(minilm.INPUTS), output_names=[minilm.OUTPUT],
                               dynamic_axes=axes, do_constant_folding=True, dynamo=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+    except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from None
     return buffer.getvalue()
 
@@ -373,7 +372,7 @@ def check_parity(model: SentenceTransformer, bundle: Path, texts: list[str]) -> 
     reference = model.encode(texts, batch_size=CHECK_BATCH, convert_to_numpy=True, show_progress_bar=False)
     try:
         served = embed_offline(bundle, texts, batch_size=CHECK_BATCH)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for a broken graph
+    except Exception as exc:
         raise ExportError(f"the service cannot run the exported model: {type(exc).__name__}: {exc}") from None
     if served.shape != reference.shape:
         raise ExportError(f"the exported model gives {served.shape}, sentence-transformers {reference.shape}")
@@ -440,21 +439,13 @@ def _store(cache_dir: Path | None, key: str, built: Path, meta: dict) -> Path:
 # The repository files
 
 
-def config_pbtxt(name: str, dimension: int, embedder_name: str, source: str, exporter: str) -> str:
+def model_spec(name: str, dimension: int, embedder_name: str, source: str, exporter: str) -> ModelSpec:
     """minilm's config (inputs, output, batching) under ``name``, with this export's parameters."""
-    template = minilm.config_pbtxt(dimension)
-    head, found, _ = template.partition("\nparameters {")
-    if not found or f'name: "{minilm.MODEL_NAME}"' not in head:
-        raise ExportError("tools.builders.minilm's config template changed shape; update st_export")
-    head = head.replace(f'name: "{minilm.MODEL_NAME}"', f"name: {json.dumps(name)}", 1)
-    params = {"embedder": embedder_name, "source": source, "exporter": exporter}
-    return head + "\n" + "".join(
-        f'parameters {{\n  key: "{k}"\n  value {{ string_value: {json.dumps(v)} }}\n}}\n'
-        for k, v in params.items())
+    return replace(minilm.model_spec(dimension), name=name,
+                   parameters={"embedder": embedder_name, "source": source, "exporter": exporter})
 
 
-def write_version(repo: Path, name: str, version: int | None, files: Path, embedder_name: str,
-                  config: str) -> Path:
+def write_version(repo: Path, version: int | None, files: Path, embedder_name: str, spec: ModelSpec) -> Path:
     """Put one version into the repository, whole or not at all; returns its directory."""
 
     def fill(staging: Path) -> None:
@@ -464,7 +455,7 @@ def write_version(repo: Path, name: str, version: int | None, files: Path, embed
         (staging / EMBEDDER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         EmbedderInfo.from_file(staging / EMBEDDER_FILE)  # what the service will read must parse
 
-    return versions.write_version(repo, name, version, config, fill)
+    return versions.write_version(repo, version, spec, fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,8 +506,8 @@ def export_sentence_transformer(checkpoint_dir: Path | str, name: str, repo: Pat
 def _install(repo: Path | str, name: str, version: int | None, files: Path, embedder_name: str,
              source: str, meta: dict, started: float) -> Path:
     info = json.loads((files / EMBEDDER_FILE).read_text())
-    config = config_pbtxt(name, int(info["dimension"]), embedder_name, source, meta["exporter"])
-    final = write_version(Path(repo), name, version, files, embedder_name, config)
+    spec = model_spec(name, int(info["dimension"]), embedder_name, source, meta["exporter"])
+    final = write_version(Path(repo), version, files, embedder_name, spec)
     log.info("exported %s (%s) to %s in %.1fs; %s", embedder_name, source, final,
              time.perf_counter() - started, Parity(**meta["parity"]))
     return final

@@ -20,42 +20,13 @@ import numpy as np
 import onnx
 
 from services.fusion.rules import AFFECTS
+from services.runtime.model_files import Batching, ModelSpec, Tensor
 from services.vision.preprocess import PreprocessParams
 from tools.modeller.export import versions
 from tools.modeller.export.versions import ExportError
 
 LEVELS = 4
 PREPROCESS_FILE = "preprocess.json"
-
-CONFIG = """\
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch}
-input [
-  {{
-    name: "{input_name}"
-    data_type: TYPE_FP32
-    dims: [ {frames}, {channels}, {height}, {width} ]
-  }}
-]
-output [
-  {{
-    name: "{output_name}"
-    data_type: TYPE_FP32
-    dims: [ {affects}, {levels} ]
-  }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: 2000
-}}
-"""
-DEMO_PARAMETER = """\
-parameters {
-  key: "demo"
-  value { string_value: "true" }
-}
-"""
-
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
@@ -105,17 +76,17 @@ def export_temporal(model_path: Path, params: PreprocessParams, name: str, repo:
     try:
         model = onnx.load(str(model_path))
         onnx.checker.check_model(model)
-    except Exception as exc:  # noqa: BLE001 - any parse failure means it is not a usable ONNX file
+    except Exception as exc:
         raise ExportError(f"{model_path}: not a valid ONNX model: {exc}") from None
     shape = clip_shape(model, params)
     check_probabilities(model, params, shape)
-    frames, channels, height, width = shape
-    config = CONFIG.format(name=name, max_batch=max_batch, input_name=params.input_name, frames=frames,
-                           channels=channels, height=height, width=width, output_name=params.output_name,
-                           affects=len(AFFECTS), levels=LEVELS) + (DEMO_PARAMETER if demo else "")
+    spec = ModelSpec(
+        name=name, max_batch_size=max_batch,
+        inputs=[Tensor(params.input_name, shape)], outputs=[Tensor(params.output_name, (len(AFFECTS), LEVELS))],
+        batching=Batching(max_queue_delay_us=2000), parameters={"demo": "true"} if demo else {})
 
     def fill(staging: Path) -> None:
         (staging / "model.onnx").write_bytes(model.SerializeToString())
         (staging / PREPROCESS_FILE).write_text(params.model_dump_json(indent=2) + "\n")
 
-    return versions.write_version(repo, name, version, config, fill)
+    return versions.write_version(repo, version, spec, fill)

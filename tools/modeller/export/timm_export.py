@@ -34,19 +34,15 @@ import torch
 from torch import nn
 
 from services.fusion.emotion import CLASS_NAMES as CANON
+from services.runtime.model_files import IR_VERSION, OPSET, Batching, ModelSpec, Tensor, write_atomic
 from services.vision.preprocess import ClaheParams, PreprocessParams, load_params
 from tools.modeller.export import versions
 from tools.modeller.export.versions import ExportError
-from tools.builders.fer_student import _write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
 # Bump when the exported graph changes for the same inputs, so cached exports are redone.
 EXPORTER_VERSION = "1"
-OPSET = 17
-# IR 8 is what opset 17 shipped with; older onnxruntime builds (Triton's python-backend
-# site-packages) refuse files stamped newer than they know.
-IR_VERSION = 8
 # Served logits must match PyTorch's within TOLERANCE × max(1, largest |logit|).
 TOLERANCE = 1e-4
 CHECK_BATCH = 2
@@ -74,7 +70,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} holds Python objects that safe loading (weights_only=True) refuses "
             f"to unpickle ({_refused_global(exc)}). Save the weights alone: "
             f"torch.save(model.state_dict(), path)") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not a checkpoint
+    except Exception as exc:
         raise ExportError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
@@ -166,7 +162,7 @@ def onnx_export(model: nn.Module, input_size: tuple[int, int]) -> bytes:
                               output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
                               do_constant_folding=True, dynamo=False)
         data = buffer.getvalue()
-    except Exception as legacy_error:  # noqa: BLE001 - try the other exporter before giving up
+    except Exception as legacy_error:
         log.warning("TorchScript ONNX export failed (%s); trying the dynamo exporter", legacy_error)
         data = _dynamo_export(model, dummy, legacy_error)
     return _stamp_ir_version(data)
@@ -181,7 +177,7 @@ def _dynamo_export(model: nn.Module, dummy: torch.Tensor, legacy_error: Exceptio
             path = Path(tmp) / "model.onnx"
             program.save(str(path))
             return path.read_bytes()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ExportError(f"ONNX export failed with both exporters: TorchScript: {legacy_error}; "
                           f"dynamo: {type(exc).__name__}: {exc}") from None
 
@@ -234,7 +230,7 @@ def check_parity(model: nn.Module, data: bytes, input_size: tuple[int, int],
         expected = model(torch.from_numpy(x)).numpy()
     try:
         (got,) = ort_session(data).run(["logits"], {"input": x})
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for a broken graph
+    except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot run the exported graph: {exc}") from None
     if got.shape != expected.shape:
         raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
@@ -302,40 +298,17 @@ def preprocess_params(model: nn.Module, input_size: tuple[int, int], clahe: Clah
         class_names=tuple(class_names))
 
 
-def config_pbtxt(name: str, arch: str, input_size: tuple[int, int], num_classes: int,
-                 source: str) -> str:
-    params = {"demo": "false", "arch": arch, "source": source,
-              "exporter": f"tools.modeller.export timm={timm.__version__} torch={torch.__version__}"}
-    parameters = "".join(
-        f'parameters {{\n  key: "{k}"\n  value {{ string_value: {json.dumps(v)} }}\n}}\n'
-        for k, v in params.items())
-    return f"""\
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {MAX_BATCH_SIZE}
-input [
-  {{
-    name: "input"
-    data_type: TYPE_FP32
-    dims: [ 3, {input_size[0]}, {input_size[1]} ]
-  }}
-]
-output [
-  {{
-    name: "logits"
-    data_type: TYPE_FP32
-    dims: [ {num_classes} ]
-  }}
-]
-dynamic_batching {{
-  preferred_batch_size: [ 4, 8, 16, 32 ]
-  max_queue_delay_microseconds: 1000
-}}
-{parameters}"""
+def model_spec(name: str, arch: str, input_size: tuple[int, int], num_classes: int, source: str) -> ModelSpec:
+    """The classifier's config: an RGB crop in, `logits` out, dynamic batching, where it came from."""
+    return ModelSpec(
+        name=name, max_batch_size=MAX_BATCH_SIZE,
+        inputs=[Tensor("input", (3, *input_size))], outputs=[Tensor("logits", (num_classes,))],
+        batching=Batching(preferred=(4, 8, 16, 32), max_queue_delay_us=1000),
+        parameters={"demo": "false", "arch": arch, "source": source,
+                    "exporter": f"tools.modeller.export timm={timm.__version__} torch={torch.__version__}"})
 
 
-def write_version(repo: Path, name: str, version: int | None, data: bytes,
-                  params: PreprocessParams, config: str) -> Path:
+def write_version(repo: Path, version: int | None, data: bytes, params: PreprocessParams, spec: ModelSpec) -> Path:
     """Put one version into the repository: whole or not at all; returns its directory."""
 
     def fill(staging: Path) -> None:
@@ -343,7 +316,7 @@ def write_version(repo: Path, name: str, version: int | None, data: bytes,
         (staging / "preprocess.json").write_text(json.dumps(params.model_dump(mode="json"), indent=2) + "\n")
         load_params(staging / "preprocess.json")  # what the service will read must validate
 
-    return versions.write_version(repo, name, version, config, fill)
+    return versions.write_version(repo, version, spec, fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,8 +376,7 @@ def export_timm(arch: str, checkpoint: Path | None, num_classes: int, name: str,
     _store_in_cache(cache_dir, key, data, {"arch": arch, "num_classes": num_classes, "seed": seed,
                                            "input_size": list(size), "source": source})
 
-    config = config_pbtxt(name, arch, size, num_classes, source)
-    final = write_version(Path(repo), name, version, data, params, config)
+    final = write_version(Path(repo), version, data, params, model_spec(name, arch, size, num_classes, source))
     log.info("exported %s (%s) to %s in %.1fs; %s", arch, source, final,
              time.perf_counter() - started, parity)
     return final

@@ -3,6 +3,8 @@
 A version is filled in a hidden staging directory (the repository ignores non-numeric names),
 checked against the config it will be served with, then renamed into place; versions are never
 overwritten. Every exporter shares this, so a reader of the repository never sees half a model.
+The config is a `ModelSpec` (or the `ModelConfig` it makes), written by
+`services.runtime.model_files` once the version is in place.
 """
 
 from __future__ import annotations
@@ -13,27 +15,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from services.runtime.model_files import ModelSpec, model_config, write_config
 from services.runtime.repository import check_signature, onnx_signature
-from tools.builders.fer_student import _write_atomic as write_atomic
 
 
 class ExportError(RuntimeError):
     """The export was refused; nothing was written to the repository."""
-
-
-def parse_config(text: str, name: str) -> mc.ModelConfig:
-    """The generated config.pbtxt, which must parse and name the model."""
-    parsed = mc.ModelConfig()
-    try:
-        text_format.Parse(text, parsed)
-    except text_format.ParseError as exc:
-        raise ExportError(f"generated config.pbtxt does not parse: {exc}") from None
-    if parsed.name and parsed.name != name:
-        raise ExportError(f"generated config.pbtxt names {parsed.name!r}, not {name!r}")
-    return parsed
 
 
 def next_version(model_dir: Path) -> int:
@@ -48,13 +37,15 @@ def check_onnx_signature(config: mc.ModelConfig, staging: Path) -> None:
         raise ExportError("exported model disagrees with its config: " + "; ".join(problems))
 
 
-def write_version(repo: Path, name: str, version: int | None, config: str,
+def write_version(repo: Path, version: int | None, spec: ModelSpec | mc.ModelConfig,
                   fill: Callable[[Path], None],
                   check: Callable[[mc.ModelConfig, Path], None] = check_onnx_signature) -> Path:
     """`fill(staging)` writes the version's files (the model and what lies beside it); `check`
-    holds them against `config` (an ONNX model's signature by default), then they are renamed
-    into `<repo>/<name>/<version>` and the config is written. Returns the version directory."""
-    parsed = parse_config(config, name)
+    holds them against the config `spec` describes (an ONNX model's signature by default), then
+    they are renamed into `<repo>/<spec.name>/<version>` and the config is written. Returns the
+    version directory."""
+    config = spec if isinstance(spec, mc.ModelConfig) else model_config(spec)
+    name = config.name
     model_dir = Path(repo) / name
     created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +58,7 @@ def write_version(repo: Path, name: str, version: int | None, config: str,
     staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
         fill(staging)
-        check(parsed, staging)
+        check(config, staging)
         os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a server may run as another user
         try:
             os.rename(staging, final)
@@ -77,7 +68,7 @@ def write_version(repo: Path, name: str, version: int | None, config: str,
         shutil.rmtree(staging, ignore_errors=True)
         _drop_if_empty(model_dir, created)
         raise
-    write_atomic(model_dir / "config.pbtxt", config.encode())
+    write_config(model_dir, config)
     return final
 
 

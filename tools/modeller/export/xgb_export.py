@@ -19,9 +19,9 @@ import xgboost as xgb
 
 from services.engagement.features import HOG_FILENAME, HogParams
 from services.runtime.backends.xgb import load_booster
+from tools.builders.xgb_demo import MODEL_FILENAME, booster_classes, fil_config
 from tools.modeller.export import versions
 from tools.modeller.export.versions import ExportError
-from tools.builders.xgb_demo import MODEL_FILENAME, booster_classes, fil_config
 
 
 def read_booster(path: Path) -> xgb.Booster:
@@ -70,5 +70,5 @@ def export_xgboost(booster_path: Path, name: str, repo: Path, *, version: int | 
         # The bytes the repository will hold, loaded back as the service loads them.
         check_served_equal(booster, staging / MODEL_FILENAME, booster.num_features())
 
-    return versions.write_version(repo, name, version, fil_config(name, booster.num_features(), classes, demo=demo),
+    return versions.write_version(repo, version, fil_config(name, booster.num_features(), classes, demo=demo),
                                   fill, check)

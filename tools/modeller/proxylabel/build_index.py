@@ -20,8 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from services.proxylabel.embedder import EmbedderInfo
 from services.proxylabel.features import Conversations
-from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, KnnIndex, KnnOptions, write_model
+from services.proxylabel.knn import NUM_CLASSES, KnnIndex, KnnOptions, write_model
 from services.proxylabel.shards import (
     EMBEDDER_METADATA_KEY,
     EMBEDDING,

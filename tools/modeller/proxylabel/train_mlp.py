@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,20 +30,33 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from services.proxylabel.embedder import EmbedderInfo
 from services.proxylabel.features import FeatureStats, compute_features
-from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo, normalise
+from services.proxylabel.knn import NUM_CLASSES
 from services.proxylabel.pipeline import MLP_META_FILE, MlpMeta
+from services.runtime.model_files import (
+    IR_VERSION,
+    OPSET,
+    Batching,
+    ModelSpec,
+    Tensor,
+    write_atomic,
+    write_config,
+)
 from tools.modeller.proxylabel.build_index import labelled_rows
+from tools.modeller.proxylabel.fusion_mlp import (
+    ABSENT_CLASS_BIAS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    design_matrix,
+    onnx_probabilities,
+)
 
 if TYPE_CHECKING:  # torch is optional: imported only when --trainer torch runs
     from tools.modeller.proxylabel.train_mlp_torch import TorchTrainConfig
 
 MODEL_NAME = "proxylabel_mlp"
-OPSET = 17
-IR_VERSION = 8
 MAX_BATCH_SIZE = 256
-# A score the training rows never had gets this logit bias: softmax gives it probability 0.
-ABSENT_CLASS_BIAS = -1e9
 
 
 def mlp_to_onnx(clf: object, input_dim: int) -> onnx.ModelProto:
@@ -53,7 +65,7 @@ def mlp_to_onnx(clf: object, input_dim: int) -> onnx.ModelProto:
         raise ValueError("only relu MLPs with a softmax output (3+ classes) are converted")
     classes = [int(c) for c in clf.classes_]  # type: ignore[attr-defined]
     inits, nodes = [], []
-    x = "features"
+    x = INPUT_NAME
     layers = list(zip(clf.coefs_, clf.intercepts_, strict=True))  # type: ignore[attr-defined]
     for i, (w, b) in enumerate(layers):
         w, b = np.asarray(w, np.float32), np.asarray(b, np.float32)
@@ -70,23 +82,16 @@ def mlp_to_onnx(clf: object, input_dim: int) -> onnx.ModelProto:
             nodes.append(helper.make_node("Relu", [out], [f"{out}_relu"], name=f"relu{i}"))
             out = f"{out}_relu"
         x = out
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"))
+    nodes.append(helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1, name="softmax"))
     graph = helper.make_graph(
         nodes, "proxylabel_mlp",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", input_dim])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", NUM_CLASSES])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", input_dim])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", NUM_CLASSES])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tessera")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     return model
-
-
-def onnx_probabilities(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(["probabilities"], {"features": x.astype(np.float32)})[0]
 
 
 def sklearn_probabilities(clf: object, x: np.ndarray) -> np.ndarray:
@@ -95,10 +100,6 @@ def sklearn_probabilities(clf: object, x: np.ndarray) -> np.ndarray:
     out = np.zeros((len(x), NUM_CLASSES))
     out[:, [int(c) for c in clf.classes_]] = p  # type: ignore[attr-defined]
     return out
-
-
-def design_matrix(embeddings: np.ndarray, raw_features: np.ndarray, stats: FeatureStats) -> np.ndarray:
-    return np.concatenate([normalise(embeddings), stats.standardise(raw_features)], axis=1).astype(np.float32)
 
 
 def train_mlp(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarray, embedder: EmbedderInfo, *,
@@ -127,51 +128,20 @@ def train_mlp(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarr
     return model, meta
 
 
-def config_pbtxt(input_dim: int, demo: bool, name: str = MODEL_NAME) -> str:
-    return f"""\
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {MAX_BATCH_SIZE}
-input [
-  {{
-    name: "features"
-    data_type: TYPE_FP32
-    dims: [ {input_dim} ]
-  }}
-]
-output [
-  {{
-    name: "probabilities"
-    data_type: TYPE_FP32
-    dims: [ {NUM_CLASSES} ]
-  }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: 1000
-}}
-parameters {{
-  key: "demo"
-  value {{ string_value: "{str(demo).lower()}" }}
-}}
-parameters {{
-  key: "feature_version"
-  value {{ string_value: "v1" }}
-}}
-"""
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def model_spec(input_dim: int, demo: bool, name: str = MODEL_NAME) -> ModelSpec:
+    """The MLP's config: the design-matrix row in, the six probabilities out, dynamic batching."""
+    return ModelSpec(
+        name=name, max_batch_size=MAX_BATCH_SIZE,
+        inputs=[Tensor(INPUT_NAME, (input_dim,))], outputs=[Tensor(OUTPUT_NAME, (NUM_CLASSES,))],
+        batching=Batching(max_queue_delay_us=1000),
+        parameters={"demo": str(demo).lower(), "feature_version": "v1"})
 
 
 def write_mlp(repo: Path, model: onnx.ModelProto, meta: MlpMeta, version: int = 1, name: str = MODEL_NAME) -> Path:
     model_dir = Path(repo) / name
-    _write(model_dir / str(version) / "model.onnx", model.SerializeToString())
-    _write(model_dir / str(version) / MLP_META_FILE, (json.dumps(meta.model_dump(), indent=2) + "\n").encode())
-    _write(model_dir / "config.pbtxt", config_pbtxt(meta.input_dimension, meta.demo, name).encode())
+    write_atomic(model_dir / str(version) / "model.onnx", model.SerializeToString())
+    write_atomic(model_dir / str(version) / MLP_META_FILE, json.dumps(meta.model_dump(), indent=2) + "\n")
+    write_config(model_dir, model_spec(meta.input_dimension, meta.demo, name))
     return model_dir
 
 

@@ -1,7 +1,7 @@
 """`train-mlp` with PyTorch: the Fusion MLP (embedding ⊕ standardised v1 text features → six
 probabilities), seeded, with early stopping on a held-out split, exported to ONNX.
 
-The input is the scikit-learn trainer's (`train_mlp.design_matrix`) and the output the same
+The input is the scikit-learn trainer's (`fusion_mlp.design_matrix`) and the output the same
 repository entry (`train_mlp.write_mlp`): input `features` [batch, dim + 35], output
 `probabilities` [batch, 6]. The graph is Gemm → Relu → … → Gemm → Softmax; a score absent from
 the labels gets a logit bias of -1e9, so its probability is 0. ONNX Runtime's output is checked
@@ -28,13 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.proxylabel.embedder import EmbedderInfo
 from services.proxylabel.features import FeatureStats
-from services.proxylabel.knn import NUM_CLASSES, EmbedderInfo
+from services.proxylabel.knn import NUM_CLASSES
 from services.proxylabel.pipeline import MlpMeta
-from tools.modeller.proxylabel.train_mlp import ABSENT_CLASS_BIAS, IR_VERSION, OPSET, design_matrix, onnx_probabilities
-
-INPUT_NAME = "features"
-OUTPUT_NAME = "probabilities"
+from services.runtime.model_files import IR_VERSION, OPSET
+from tools.modeller.proxylabel.fusion_mlp import (
+    ABSENT_CLASS_BIAS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    design_matrix,
+    onnx_probabilities,
+)
 
 
 @dataclass(frozen=True)
