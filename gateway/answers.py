@@ -9,22 +9,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
+from services.fusion.affect_enum import AFFECT_NAMES, AFFECT_VALUES
 from services.fusion.emotion import fuse_logits, fusion_space_for, members_for, resolve_temperature
 from services.fusion.engagement import AffectDecision, decide
 from services.fusion.proxylabel import final_labels, soft_vote
-from services.fusion.rules import AFFECTS, EmotionModeName, FusionRules, UnknownEnsemble
+from services.fusion.rules import EmotionModeName, FusionRules, UnknownEnsemble
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 
 MODE_NAMES: dict[int, EmotionModeName] = {pb.EMOTION_MODE_ENSEMBLE: "ensemble", pb.EMOTION_MODE_STUDENT: "student"}
 MODE_VALUES = {name: value for value, name in MODE_NAMES.items()}
-AFFECT_VALUES = {name: common_pb2.Affect.Value(f"AFFECT_{name.upper()}") for name in AFFECTS}
-AFFECT_NAMES = {value: name for name, value in AFFECT_VALUES.items()}
 
 
 def emotion_mode(request_mode: int, rules: FusionRules, ensemble: str = "") -> EmotionModeName:

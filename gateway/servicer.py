@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import grpc
 from tessera.common.v1 import common_pb2
@@ -17,6 +18,7 @@ from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 from gateway import answers
 from gateway.config import GatewayConfig
 from gateway.routes import Routes
+from services.fusion.affect_enum import AFFECT_NAMES
 from services.fusion.engagement import Smoother
 from services.fusion.rules import AFFECTS, FusionRules, RulesStore, Smoothing
 from services.runtime.auth import current_identity
@@ -26,6 +28,7 @@ from services.runtime.servicing import check_batch_size
 from services.runtime.streams import Drain, until_drained
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+Answer = TypeVar("Answer", pb.GetShardJobResponse, pb.ListShardJobsResponse, pb.CancelShardJobResponse)
 VERSION = "0.1.0"
 
 
@@ -157,7 +160,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     levels = answers.affect_levels(
                         answers.decide(answers.model_outputs(update.outputs, rules), rules.engagement), rules)
                     for level in levels:
-                        smoothed = smoothers[answers.AFFECT_NAMES[level.affect]].update(level.probabilities)
+                        smoothed = smoothers[AFFECT_NAMES[level.affect]].update(level.probabilities)
                         level.probabilities[:] = smoothed.tolist()
                         level.level = int(smoothed.argmax())
                         level.confidence = float(smoothed.max())
@@ -235,26 +238,24 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def GetShardJob(self, request: pb.GetShardJobRequest, context: grpc.aio.ServicerContext
                           ) -> pb.GetShardJobResponse:
-        route = self.routes.proxylabel
-        reply = await route.call(route.stub.GetShardJob(
-            proxylabel_pb.GetShardJobRequest(job_id=request.job_id, caller=_shard_caller()),
-            timeout=self.routes.timeout(context)))
-        return pb.GetShardJobResponse(job=reply.job)
+        return await self._shard_jobs("GetShardJob", pb.GetShardJobResponse, context, job_id=request.job_id)
 
     async def ListShardJobs(self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListShardJobsResponse:
-        route = self.routes.proxylabel
-        reply = await route.call(route.stub.ListShardJobs(proxylabel_pb.ListShardJobsRequest(caller=_shard_caller()),
-                                                          timeout=self.routes.timeout(context)))
-        return pb.ListShardJobsResponse(jobs=reply.jobs)
+        return await self._shard_jobs("ListShardJobs", pb.ListShardJobsResponse, context)
 
     async def CancelShardJob(self, request: pb.CancelShardJobRequest, context: grpc.aio.ServicerContext
                              ) -> pb.CancelShardJobResponse:
+        return await self._shard_jobs("CancelShardJob", pb.CancelShardJobResponse, context, job_id=request.job_id)
+
+    async def _shard_jobs(self, method: str, answer: type[Answer], context: grpc.aio.ServicerContext,
+                          **fields: str) -> Answer:
+        """The proxylabel service's shard-job RPC `method` for the running call's caller (jobs are
+        the caller's own) within its deadline; the reply's fields, which the gateway's answer mirrors."""
         route = self.routes.proxylabel
-        reply = await route.call(route.stub.CancelShardJob(
-            proxylabel_pb.CancelShardJobRequest(job_id=request.job_id, caller=_shard_caller()),
-            timeout=self.routes.timeout(context)))
-        return pb.CancelShardJobResponse(job=reply.job)
+        request = getattr(proxylabel_pb, f"{method}Request")(caller=_shard_caller(), **fields)
+        reply = await route.call(getattr(route.stub, method)(request, timeout=self.routes.timeout(context)))
+        return answer(**{f.name: getattr(reply, f.name) for f in answer.DESCRIPTOR.fields})
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
                         ) -> pb.GetStatusResponse:

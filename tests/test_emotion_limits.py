@@ -25,12 +25,13 @@ from tessera.gateway.v1 import gateway_service_pb2 as pb
 
 from launcher.suite import Suite
 from services.emotion.config import EmotionConfig
-from services.emotion.pipeline import EmotionPipeline, ServedModel
+from services.emotion.pipeline import EmotionPipeline
 from services.emotion.stop import CallStopped, StopSignal
 from services.runtime.backends.base import InferResult
 from services.runtime.errors import ResourceExhausted
 from services.runtime.metrics import Metrics
 from services.runtime.repository import ModelRepository
+from services.runtime.servicing import ServedModel
 from services.vision.faces import Box, FaceDetector, HaarDetector
 from services.vision.inputs import ImageInput
 from tessera_client import TesseraClient
@@ -224,7 +225,7 @@ def _pipeline(repository: Path, detector: FaceDetector, **config: object) -> Pip
     cfg = EmotionConfig(model_repository=repository, **config)  # type: ignore[arg-type]
     pipeline = EmotionPipeline(cfg, ModelRepository(repository), backend,  # type: ignore[arg-type]
                                detector, Metrics("test"))
-    served = [ServedModel("emotion_student", 1, backend.name, 1.0, ("Angry",) * 7)]
+    served = [ServedModel("emotion_student", 1, backend.name, temperature=1.0, class_names=("Angry",) * 7)]
     return pipeline, backend, served
 
 

@@ -21,6 +21,7 @@ from launcher.suite import Suite
 from services.engagement.config import EngagementConfig
 from services.engagement.features import HogParams, face_crop, hog_features
 from services.engagement.pipeline import evenly_spaced
+from services.fusion.affect_enum import AFFECT_NAMES
 from services.fusion.engagement import decide
 from services.fusion.rules import AFFECTS, FusionRules
 from tests.conftest import CACHE, start_suite
@@ -31,7 +32,6 @@ from tools.builders.fer_student import build_fer_student
 
 LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 MAX_FRAMES = 120
-AFFECT_NAME = {common_pb2.Affect.Value(f"AFFECT_{a.upper()}"): a for a in AFFECTS}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_clip_equals_the_offline_reference(client: TesseraClient, repo: Path, cl
                                   timeout=60)
     assert reply.frames_received == 60 and reply.frames_with_face == 60 and reply.rules_version
     want = _offline(repo, frames, boxes)
-    got = {AFFECT_NAME[a.affect]: a for a in reply.affects}
+    got = {AFFECT_NAMES[a.affect]: a for a in reply.affects}
     assert set(got) == set(AFFECTS)
     for affect, level in got.items():
         np.testing.assert_allclose(level.probabilities, want[affect].probabilities, atol=1e-5)
@@ -128,7 +128,7 @@ def test_clip_with_detection_finds_the_face_and_the_levels(client: TesseraClient
     # read the generated levels back on most affects.
     reply = client.score_clip([encode_jpeg(f) for f in make_clip(LEVELS, n_frames=45, seed=9)], fps=30)
     assert reply.frames_received == 45 and reply.frames_with_face >= 40
-    levels = {AFFECT_NAME[a.affect]: a.level for a in reply.affects}
+    levels = {AFFECT_NAMES[a.affect]: a.level for a in reply.affects}
     assert sum(levels[a] == LEVELS[a] for a in AFFECTS) >= 2, levels
     for a in reply.affects:
         assert sum(a.probabilities) == pytest.approx(1.0, abs=1e-5) and a.confidence == pytest.approx(
@@ -149,7 +149,7 @@ def test_stream_gives_every_frame_its_face_emotion_and_smoothed_engagement(clien
     hops = [i for i, r in enumerate(replies) if r.engagement]
     assert hops == [14, 29, 44, 59]  # every 15th frame (hop_frames)
     for i in hops:
-        assert {AFFECT_NAME[level.affect] for level in replies[i].engagement} == set(AFFECTS)
+        assert {AFFECT_NAMES[level.affect] for level in replies[i].engagement} == set(AFFECTS)
         for level in replies[i].engagement:
             assert sum(level.probabilities) == pytest.approx(1.0, abs=1e-5)
             assert level.level == int(np.argmax(level.probabilities))
@@ -243,11 +243,11 @@ def test_clip_members_on_request_refuse_to_the_answer(client: TesseraClient) -> 
     plain = client.score_clip(frames, fps=30)
     assert not plain.members
     reply = client.score_clip(frames, fps=30, return_member_outputs=True)
-    members = {m.model: {AFFECT_NAME[a.affect]: np.asarray(a.probabilities) for a in m.affects}
+    members = {m.model: {AFFECT_NAMES[a.affect]: np.asarray(a.probabilities) for a in m.affects}
                for m in reply.members}
     assert set(members) == {"engagement_temporal", "engagement_xgb"}
     # The members, fused by the rules, are the answer.
     fused = {d.affect: d for d in decide({"temporal": members["engagement_temporal"],
                                           "xgboost": members["engagement_xgb"]}, FusionRules().engagement)}
     for level in reply.affects:
-        np.testing.assert_allclose(level.probabilities, fused[AFFECT_NAME[level.affect]].probabilities, atol=1e-6)
+        np.testing.assert_allclose(level.probabilities, fused[AFFECT_NAMES[level.affect]].probabilities, atol=1e-6)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -191,6 +193,14 @@ def test_status_lists_models_versions_and_backends(client: TesseraClient) -> Non
     assert status.gateway_version and status.rules_version
 
 
+def _rules_reload_errors(suite: Suite) -> float:
+    """The gateway's count of rules files it refused at reload."""
+    url = f"http://127.0.0.1:{suite.gateway.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    match = re.search(r"^tessera_fusion_rules_reload_errors_total (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_rules_edits_change_answers_without_restart(tmp_path: Path, model_repository: Path,
                                                    astronaut_jpeg: bytes) -> None:
     rules = tmp_path / "rules.yaml"
@@ -209,9 +219,14 @@ def test_rules_edits_change_answers_without_restart(tmp_path: Path, model_reposi
             assert p2 < p1  # a higher temperature flattens the answer
             logits = np.log(np.array(first.images[0].faces[0].probabilities))  # softmax(l) → l up to a constant
             np.testing.assert_allclose(second.images[0].faces[0].probabilities, softmax(logits / 4.0), atol=1e-5)
-            # An invalid edit is refused: the previous rules stay in force.
+            # An invalid edit is refused: the previous rules stay in force. The gateway counts the
+            # refusal, so the check runs once the edit was read, not after a guessed delay.
+            refused = _rules_reload_errors(suite)
             rules.write_text("emotion: {temperature: {student: -1}}\n")
-            time.sleep(2.5)
+            deadline = time.monotonic() + 10
+            while _rules_reload_errors(suite) == refused:
+                assert time.monotonic() < deadline, "the invalid rules file was not read"
+                time.sleep(0.1)
             third = client.classify([astronaut_jpeg])
             assert third.rules_version == second.rules_version
     finally:

@@ -412,7 +412,7 @@ def test_load_params(tmp_path: Path) -> None:
     assert p.model_dump(mode="json") == doc  # writers and readers agree on the schema
 
     for bad, words in [
-        ({**doc, "extra": 1}, "unknown key at 'extra'"),
+        ({**doc, "extra": 1}, "unknown key 'extra'"),
         ({**doc, "mean": [0.5, 0.5, 0.5]}, "needs 1 mean"),
         ({**doc, "temperature": 0}, "temperature"),
         ({**doc, "color": "rgb", "mean": [0] * 3, "std": [1] * 3,

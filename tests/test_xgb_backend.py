@@ -122,7 +122,9 @@ async def test_corrupt_json_breaks_only_that_model(tmp_path: Path, affect) -> No
 async def test_config_that_disagrees_with_the_booster_names_the_file(tmp_path: Path, affect) -> None:
     version_dir = write_xgb_model(affect[0], tmp_path, "boredom", demo=True)
     config = tmp_path / "boredom" / "config.pbtxt"
-    config.write_text(config.read_text().replace(f"dims: [ {N_FEATURES} ]", "dims: [ 7 ]"))
+    parsed = text_format.Parse(config.read_text(), mc.ModelConfig())
+    parsed.input[0].dims[:] = [7]
+    config.write_text(text_format.MessageToString(parsed))
     backend, _ = await start_xgb(tmp_path)
     [status] = backend.models()
     assert not status.ready
@@ -148,11 +150,11 @@ async def test_class_ids_without_predict_proba(tmp_path: Path, affect, binary) -
     for name, (booster, _) in (("levels", affect), ("yesno", binary)):
         write_xgb_model(booster, tmp_path, name, demo=True)
         config = tmp_path / name / "config.pbtxt"
-        text = config.read_text().replace(
-            'key: "predict_proba"\n  value { string_value: "true" }',
-            'key: "predict_proba"\n  value { string_value: "false" }')
-        config.write_text(text.replace(f"dims: [ {LEVELS} ]", "dims: [ 1 ]")
-                          .replace("dims: [ 2 ]", "dims: [ 1 ]"))
+        parsed = text_format.Parse(config.read_text(), mc.ModelConfig())
+        assert parsed.parameters["predict_proba"].string_value == "true"
+        parsed.parameters["predict_proba"].string_value = "false"
+        parsed.output[0].dims[:] = [1]
+        config.write_text(text_format.MessageToString(parsed))
     backend, _ = await start_xgb(tmp_path)
     for name, (booster, x) in (("levels", affect), ("yesno", binary)):
         out = (await backend.infer(name, {"input__0": x[:50]})).outputs["output__0"]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import ClassVar, Literal
 
-from typing import Any
-
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
 from services.runtime.backends.onnx import OnnxConfig
 from services.runtime.backends.triton import TritonConfig
@@ -15,12 +14,12 @@ from services.runtime.config import ServiceConfig
 from services.vision.decode import DecodeLimits
 from services.vision.faces import (
     BlazeFaceConfig,
+    ChoosesDetector,
     CropMargin,
     DetectorConfig,
+    DetectorSettings,
     HaarConfig,
     Margins,
-    detector_section_for_kind,
-    validate_detector_section,
 )
 
 __all__ = ["DETECTOR_DEFAULTS", "CropMargin", "EmotionConfig"]
@@ -29,7 +28,9 @@ __all__ = ["DETECTOR_DEFAULTS", "CropMargin", "EmotionConfig"]
 DETECTOR_DEFAULTS = {"blazeface": BlazeFaceConfig(), "haar": HaarConfig()}
 
 
-class EmotionConfig(ServiceConfig):
+class EmotionConfig(ServiceConfig, ChoosesDetector):
+    detector_defaults: ClassVar[Mapping[str, DetectorSettings]] = DETECTOR_DEFAULTS
+
     backend: Literal["onnxruntime", "triton"] = Field(
         "onnxruntime", description="In-process ONNX Runtime, or a Triton server (same repository).")
     onnx: OnnxConfig = OnnxConfig()
@@ -64,16 +65,6 @@ class EmotionConfig(ServiceConfig):
     preprocess_slice: int = Field(
         64, gt=0, description="Most face crops preprocessed at once into a model's input (a model's smaller "
         "max_batch_size wins): bounds the float input a request holds whatever its number of faces.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _detector_defaults_follow_kind(cls, data: Any) -> Any:
-        return detector_section_for_kind(data, DETECTOR_DEFAULTS["blazeface"], DETECTOR_DEFAULTS)
-
-    @field_validator("detector", mode="before")
-    @classmethod
-    def _as_its_kind(cls, section: Any) -> Any:
-        return validate_detector_section(section)
 
     @property
     def crop_margins(self) -> Margins:

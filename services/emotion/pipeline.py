@@ -18,13 +18,11 @@ import numpy as np
 
 from services.emotion.config import EmotionConfig
 from services.emotion.stop import CallStopped, StopSignal
-from services.runtime.backends.base import Backend
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.runtime.metrics import Metrics
-from services.runtime.repository import ModelRepository
-from services.runtime.servicing import check_batch_size
+from services.runtime.servicing import ServedModel, check_batch_size
 from services.vision.decode import read_header
-from services.vision.faces import Box, FaceDetector, crop_region, crop_view
+from services.vision.face_pipeline import FacePipeline
+from services.vision.faces import Box, crop_region, crop_view
 from services.vision.inputs import ImageInput, decode_input
 from services.vision.preprocess import PreprocessParams, load_params, preprocess_faces
 
@@ -41,24 +39,9 @@ class ImageOutput:
     error: Exception | None = None
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    version: int | None
-    backend: str
-    temperature: float
-    class_names: tuple[str, ...]
-
-
-class EmotionPipeline:
-    def __init__(self, config: EmotionConfig, repository: ModelRepository, backend: Backend,
-                 detector: FaceDetector, metrics: Metrics) -> None:
-        self.config = config
-        self.repository = repository
-        self.backend = backend
-        self.detector = detector
-        self.metrics = metrics
-        self._params: dict[tuple[str, int | None], PreprocessParams] = {}
+@dataclass(eq=False)
+class EmotionPipeline(FacePipeline[EmotionConfig]):
+    _params: dict[tuple[str, int | None], PreprocessParams] = field(default_factory=dict, init=False, repr=False)
 
     def served_models(self) -> list[ServedModel]:
         """Models the backend has ready, with what the gateway needs to calibrate them."""
@@ -70,8 +53,8 @@ class EmotionPipeline:
                 params = self._params_for(status.name, status.version)
             except FailedPrecondition:
                 continue  # not an emotion model (no preprocessing stored beside it)
-            out.append(ServedModel(status.name, status.version, status.backend, params.temperature,
-                                   tuple(params.class_names)))
+            out.append(ServedModel(status.name, status.version, status.backend,
+                                   temperature=params.temperature, class_names=tuple(params.class_names)))
         return out
 
     def _params_for(self, model: str, version: int | None) -> PreprocessParams:

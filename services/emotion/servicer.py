@@ -7,16 +7,12 @@ from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
-from services.emotion.pipeline import EmotionPipeline, ImageOutput, ServedModel
+from services.emotion.pipeline import EmotionPipeline, ImageOutput
 from services.emotion.stop import StopSignal
 from services.runtime.errors import item_status
 from services.vision.inputs import image_from_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmotionService"].full_name
-
-def model_info(m: ServedModel) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(name=m.name, version="" if m.version is None else str(m.version),
-                                backend=m.backend, temperature=m.temperature)
 
 
 def image_to_pb(out: ImageOutput) -> pb.ImageFaces:
@@ -45,9 +41,9 @@ class EmotionServicer(pb_grpc.EmotionServiceServicer):
         finally:
             stop.cancel()
         return pb.InferFacesResponse(images=[image_to_pb(o) for o in outputs],
-                                     models=[model_info(m) for m in served],
+                                     models=[m.info() for m in served],
                                      class_names=list(served[0].class_names))
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(m) for m in self.pipeline.served_models()])
+        return pb.ListModelsResponse(models=[m.info() for m in self.pipeline.served_models()])

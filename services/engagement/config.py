@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,12 +14,12 @@ from services.runtime.config import ServiceConfig, StrictModel
 from services.vision.decode import DecodeLimits
 from services.vision.faces import (
     BlazeFaceConfig,
+    ChoosesDetector,
     CropMargin,
     DetectorConfig,
+    DetectorSettings,
     HaarConfig,
     Margins,
-    detector_section_for_kind,
-    validate_detector_section,
 )
 
 # Video frames are 640×480 or so, faces at arm's length (110-160 px): the short-range model, on a
@@ -56,7 +57,9 @@ class StreamConfig(StrictModel):
     min_face_frames: int = Field(8, ge=1, description="Fewest frames with a face for the models to run.")
 
 
-class EngagementConfig(ServiceConfig):
+class EngagementConfig(ServiceConfig, ChoosesDetector):
+    detector_defaults: ClassVar[Mapping[str, DetectorSettings]] = DETECTOR_DEFAULTS
+
     temporal_model: str = "engagement_temporal"
     # One 4-class booster per affect, named <prefix>_<affect> (the FIL layout holds one booster).
     xgboost_model: str = "engagement_xgb"
@@ -69,16 +72,6 @@ class EngagementConfig(ServiceConfig):
     stream: StreamConfig = StreamConfig()
     max_frames_per_clip: int = Field(900, gt=0, description="30 s at 30 fps.")
     min_face_frames: int = Field(8, ge=1, description="Fewest frames with a face for a clip to be scored.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _detector_defaults_follow_kind(cls, data: Any) -> Any:
-        return detector_section_for_kind(data, DETECTOR_DEFAULTS["blazeface"], DETECTOR_DEFAULTS)
-
-    @field_validator("detector", mode="before")
-    @classmethod
-    def _as_its_kind(cls, section: Any) -> Any:
-        return validate_detector_section(section)
 
     @property
     def crop_margins(self) -> Margins:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from services.fusion.rules import AFFECTS
-from services.runtime.config import ConfigError, StrictModel
+from services.runtime.config import StrictModel, load_json_model
 from services.runtime.errors import InvalidArgument
 from services.vision.faces import Box, Margins, crop_view
 
@@ -82,16 +82,7 @@ class HogParams(StrictModel):
     @classmethod
     def load(cls, path: str | Path) -> HogParams:
         """Read and validate a hog.json; ConfigError messages name the file."""
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text()))
-        except OSError as exc:
-            raise ConfigError(f"cannot read HOG parameters {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"HOG parameters {path} are not valid JSON: {exc}") from None
-        except ValidationError as exc:
-            problems = "; ".join(f"{e['msg']} at '{'.'.join(str(p) for p in e['loc']) or '<root>'}'"
-                                 for e in exc.errors())
-            raise ConfigError(f"invalid HOG parameters {path}: {problems}") from None
+        return load_json_model(cls, path, "HOG parameters")
 
     def dumps(self) -> str:
         return json.dumps(self.model_dump(), indent=2) + "\n"

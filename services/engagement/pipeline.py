@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.engagement.config import EngagementConfig, TrackingConfig
 from services.engagement.features import HOG_FILENAME, HogParams, face_crop, hog_features
 from services.fusion.rules import AFFECTS
-from services.runtime.backends.base import Backend
 from services.runtime.errors import FailedPrecondition
 from services.runtime.metrics import Metrics
-from services.runtime.repository import ModelRepository
 from services.runtime.servicing import ServedModel, is_demo
+from services.vision.face_pipeline import FacePipeline
 from services.vision.faces import Box, FaceDetector
 from services.vision.inputs import ImageInput, decode_input
 from services.vision.preprocess import PreprocessParams, load_params, preprocess_faces
@@ -87,15 +86,9 @@ def evenly_spaced(n: int, count: int) -> np.ndarray:
     return np.rint(np.linspace(0, n - 1, count)).astype(np.int64)
 
 
-class EngagementPipeline:
-    def __init__(self, config: EngagementConfig, repository: ModelRepository, backend: Backend,
-                 detector: FaceDetector, metrics: Metrics) -> None:
-        self.config = config
-        self.repository = repository
-        self.backend = backend
-        self.detector = detector
-        self.metrics = metrics
-        self._settings: dict[tuple, ModelSettings] = {}
+@dataclass(eq=False)
+class EngagementPipeline(FacePipeline[EngagementConfig]):
+    _settings: dict[tuple, ModelSettings] = field(default_factory=dict, init=False, repr=False)
 
     # -- models
 

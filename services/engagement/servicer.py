@@ -11,13 +11,12 @@ from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 from services.engagement.pipeline import EngagementPipeline, FrameFace, ModelOutputs
 from services.engagement.stream import Clip, LiveWindow, check_fps
-from services.fusion.rules import AFFECTS
+from services.fusion.affect_enum import AFFECT_VALUES
 from services.runtime.errors import InvalidArgument, ServingError, item_status
 from services.runtime.streams import Drain, until_drained
 from services.vision.inputs import image_from_pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngagementService"].full_name
-AFFECT_ENUM = {name: common_pb2.Affect.Value(f"AFFECT_{name.upper()}") for name in AFFECTS}
 
 ClipMessage = pb.ScoreClipRequest | pb.StreamVideoRequest
 
@@ -26,7 +25,7 @@ def outputs_to_pb(outputs: ModelOutputs | None) -> list[pb.ModelOutput]:
     if outputs is None:
         return []
     return [pb.ModelOutput(model=model, affects=[
-        pb.AffectProbabilities(affect=AFFECT_ENUM[affect], probabilities=probs.tolist())
+        pb.AffectProbabilities(affect=AFFECT_VALUES[affect], probabilities=probs.tolist())
         for affect, probs in by_affect.items()]) for model, by_affect in outputs.items()]
 
 

@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from services.runtime.config import StrictModel
+from services.runtime.config import StrictModel, describe_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +224,7 @@ def parse_rules(text: str, source: str = "<rules>") -> tuple[FusionRules, str]:
     try:
         rules = FusionRules.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors():
-            key = ".".join(str(p) for p in e["loc"]) or "<root>"
-            problems.append(f"unknown key '{key}'" if e["type"] == "extra_forbidden" else f"'{key}': {e['msg']}")
-        raise RulesError(f"invalid fusion rules in {source}: " + "; ".join(problems)) from None
+        raise RulesError(f"invalid fusion rules in {source}: {describe_validation_error(exc)}") from None
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     version = f"{rules.version}@{digest}" if rules.version else digest
     return rules, version

@@ -24,7 +24,14 @@ import grpc
 import yaml
 from pydantic import ValidationError
 
-from services.runtime.config import ALL_SCOPES, REFLECTION_SCOPE, AuthConfig, TokenEntry, TokenFile
+from services.runtime.config import (
+    ALL_SCOPES,
+    REFLECTION_SCOPE,
+    AuthConfig,
+    TokenEntry,
+    TokenFile,
+    describe_validation_error,
+)
 from services.runtime.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from services.runtime.security import peer_names
 from services.runtime.watched import Stamp, WatchedFiles
@@ -78,7 +85,10 @@ class TokenStore:
     def _parse(self, text: str) -> list[TokenEntry]:
         loaded = yaml.safe_load(text) if text.strip() else None
         if isinstance(loaded, dict):
-            return TokenFile.model_validate(loaded).tokens
+            try:
+                return TokenFile.model_validate(loaded).tokens
+            except ValidationError as exc:
+                raise ValueError(describe_validation_error(exc)) from None
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         return [TokenEntry(token=t, name=f"token-{i + 1}") for i, t in enumerate(lines)]
 
@@ -88,7 +98,7 @@ class TokenStore:
         if self.config.token_file is not None:
             try:
                 entries += self._parse(self.config.token_file.read_text())
-            except (OSError, yaml.YAMLError, ValidationError) as exc:
+            except (OSError, yaml.YAMLError, ValueError) as exc:
                 if first:
                     raise ValueError(f"token file {self.config.token_file}: {exc}") from None
                 log.error("token file %s changed but is invalid (%s); keeping the previous tokens",

@@ -8,8 +8,9 @@ file or the environment, are errors that name the key.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,6 +143,7 @@ class ConfigError(ValueError):
 
 
 C = TypeVar("C", bound=StrictModel)
+M = TypeVar("M", bound=BaseModel)
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -179,15 +181,29 @@ def env_overrides(process: str, environ: Mapping[str, str] | None = None) -> dic
     return tree
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = []
+def describe_validation_error(err: ValidationError, prefix: Sequence[str] = ()) -> str:
+    """Every problem of a pydantic validation, naming the keys as the file spells them
+    (`prefix` first, for a section validated on its own): "unknown key 'a.b'; 'a.c': <why>"."""
+    problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        else:
-            lines.append(f"'{key}': {e['msg']}")
-    return f"invalid configuration ({source}): " + "; ".join(lines)
+        key = ".".join([*prefix, *(str(p) for p in e["loc"])]) or "<root>"
+        problems.append(f"unknown key '{key}'" if e["type"] == "extra_forbidden" else f"'{key}': {e['msg']}")
+    return "; ".join(problems)
+
+
+def load_json_model(model: type[M], path: str | Path, what: str) -> M:
+    """A JSON file (a model's stored parameters) validated as `model`; ConfigError messages name
+    `what` and the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ConfigError(f"{what} {path} are not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {what} {path}: {describe_validation_error(exc)}") from None
 
 
 def load_config(
@@ -222,7 +238,7 @@ def load_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(f"invalid configuration ({source}): {describe_validation_error(exc)}") from None
 
 
 # A model service's unary calls are CPU-bound: a few at once keep both cores busy, more only wait

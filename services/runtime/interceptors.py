@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,7 +12,7 @@ from typing import Any
 import grpc
 
 from services.runtime import request_ids
-from services.runtime.admission import Admission
+from services.runtime.admission import Admission, Gate
 from services.runtime.auth import Authorizer, current_identity
 from services.runtime.errors import InvalidArgument, ServingError, status_of
 from services.runtime.metrics import Metrics
@@ -147,37 +148,43 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         service, method = _split(details.method)
         metrics, authorizer, admission = self.metrics, self.authorizer, self.admission
 
-        def check(context: grpc.aio.ServicerContext) -> None:
-            if authorizer is not None:
-                authorizer.check(context, method)
+        @contextlib.asynccontextmanager
+        async def served(request: Any, context: grpc.aio.ServicerContext, streaming_request: bool,
+                         gate: Gate | None, typical: Callable[[], float]) -> AsyncIterator[Any]:
+            """One call around its handler: auth, the request decoded, admission, then the
+            handler's outcome mapped to a status and measured. Yields the decoded request."""
+            call = _Call(metrics, service, method, context)
+            admitted = False
+            try:
+                if authorizer is not None:
+                    authorizer.check(context, method)
+                request = _decoded_stream(request, method) if streaming_request else _decoded(request, method)
+                if gate is not None:
+                    await gate.enter(method, _deadline(context), typical())
+                    admitted = True
+                yield request
+            except BaseException as exc:  # noqa: BLE001 - mapped, then re-raised by abort
+                await call.fail(exc, context)
+            finally:
+                if admitted and gate is not None:
+                    gate.leave()
+                call.finish(context)
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
-
             streaming_request = handler.stream_unary is not None
-
             gate = admission.gate(method, streaming_request) if admission else None
 
+            def typical() -> float:
+                return admission.typical(method) if admission is not None else 0.0
+
             async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(metrics, service, method, context)
-                admitted = False
-                try:
-                    check(context)
-                    request = _decoded_stream(request, method) if streaming_request else _decoded(request, method)
-                    if gate is not None and admission is not None:
-                        await gate.enter(method, _deadline(context), admission.typical(method))
-                        admitted = True
+                async with served(request, context, streaming_request, gate, typical) as decoded:
                     start = time.perf_counter()
-                    result = await inner(request, context)
+                    result = await inner(decoded, context)
                     if admission is not None and not streaming_request:
                         admission.observe(method, time.perf_counter() - start)
                     return result
-                except BaseException as exc:  # noqa: BLE001 - mapped, then re-raised by abort
-                    await call.fail(exc, context)
-                finally:
-                    if admitted and gate is not None:
-                        gate.leave()
-                    call.finish(context)
 
             factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                        else grpc.stream_unary_rpc_method_handler)
@@ -185,28 +192,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                            response_serializer=handler.response_serializer)
 
         inner_stream = handler.unary_stream or handler.stream_stream
-
         streaming = handler.stream_stream is not None
-
         stream_gate = admission.gate(method, True) if admission else None
 
         async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(metrics, service, method, context)
-            admitted = False
-            try:
-                check(context)
-                request = _decoded_stream(request, method) if streaming else _decoded(request, method)
-                if stream_gate is not None:
-                    await stream_gate.enter(method, _deadline(context), 0.0)
-                    admitted = True
-                async for item in inner_stream(request, context):
+            async with served(request, context, streaming, stream_gate, lambda: 0.0) as decoded:
+                async for item in inner_stream(decoded, context):
                     yield item
-            except BaseException as exc:  # noqa: BLE001
-                await call.fail(exc, context)
-            finally:
-                if admitted and stream_gate is not None:
-                    stream_gate.leave()
-                call.finish(context)
 
         factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
                    else grpc.stream_stream_rpc_method_handler)

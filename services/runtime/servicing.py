@@ -18,10 +18,14 @@ class ServedModel:
     version: int | None
     backend: str
     demo: bool = False
+    # A classifier's stored calibration and class order (emotion models), which the gateway fuses
+    # with; 0.0 and () for the others.
+    temperature: float = 0.0
+    class_names: tuple[str, ...] = ()
 
     def info(self) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(name=self.name, version="" if self.version is None else str(self.version),
-                                    backend=self.backend, demo=self.demo)
+                                    backend=self.backend, demo=self.demo, temperature=self.temperature)
 
 
 def is_demo(parameters: Mapping[str, str]) -> bool:

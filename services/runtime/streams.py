@@ -19,54 +19,62 @@ T = TypeVar("T")
 
 
 class Drain:
-    """Set once when the process starts draining; streams watch it."""
+    """Set once when the process starts draining; streams watch it. Streams are cut
+    `after_seconds` later: a stream waiting for its next item then is interrupted at once."""
 
     def __init__(self, after_seconds: float = 1.0) -> None:
         self.after_seconds = after_seconds
-        self._event = asyncio.Event()
+        self._cut_at: float | None = None  # on the loop's clock, once started
+        self._waits: set[asyncio.Timeout] = set()  # streams waiting for their next item
 
     def start(self) -> None:
-        self._event.set()
+        if self._cut_at is not None:
+            return
+        self._cut_at = asyncio.get_running_loop().time() + self.after_seconds
+        for wait in self._waits:
+            wait.reschedule(self._cut_at)
 
     @property
     def started(self) -> bool:
-        return self._event.is_set()
+        return self._cut_at is not None
 
-    async def wait_for_cut(self) -> None:
-        """Returns when streams should be cut: `after_seconds` after the drain started."""
-        await self._event.wait()
-        await asyncio.sleep(self.after_seconds)
+    @property
+    def cut(self) -> bool:
+        """Whether streams should be cut by now."""
+        return self._cut_at is not None and asyncio.get_running_loop().time() >= self._cut_at
 
 
 async def until_drained(items: AsyncIterator[T], drain: Drain, what: str) -> AsyncIterator[T]:
-    """The items of a long-lived stream until the drain cuts it; then Unavailable naming `what`."""
+    """The items of a long-lived stream until the drain cuts it; then Unavailable naming `what`.
+
+    The next item is awaited in the caller's own task under a timeout the drain sets when it
+    starts (no task per item, none per stream): the cut cancels that wait, which ends the source
+    as a cancelled `async for` would."""
     if drain.started:
         raise Unavailable(f"{what}: the server is shutting down; reconnect and resume")
-    cut = asyncio.ensure_future(drain.wait_for_cut())
     iterator = aiter(items)
-    step: asyncio.Future[T] | None = None
     try:
-        while True:
-            step = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({step, cut}, return_when=asyncio.FIRST_COMPLETED)
-            if step in done:
-                try:
-                    item = step.result()
-                except StopAsyncIteration:
+        while not drain.cut:
+            wait = asyncio.timeout(drain._cut_at)
+            try:
+                async with wait:
+                    drain._waits.add(wait)
+                    try:
+                        item = await anext(iterator)
+                    finally:
+                        drain._waits.discard(wait)
+            except StopAsyncIteration:
+                if not wait.expired():
                     return
-                yield item
-                continue
-            step.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await step
-            raise Unavailable(f"{what}: the server is shutting down (drain); reconnect and resume the stream "
-                              "with the same id")
+            except TimeoutError:
+                if not wait.expired():
+                    raise  # the source's own
+            if wait.expired():
+                break
+            yield item
+        raise Unavailable(f"{what}: the server is shutting down (drain); reconnect and resume the stream "
+                          "with the same id")
     finally:
-        cut.cancel()
-        if step is not None and not step.done():  # the caller left mid-wait: stop the pending step too
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
         closer = getattr(iterator, "aclose", None)
         if closer is not None:
             with contextlib.suppress(Exception):

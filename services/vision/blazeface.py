@@ -19,7 +19,6 @@ says what MediaPipe's graph does around it. Around the network, in numpy:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -30,9 +29,10 @@ from typing import Literal
 import cv2
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from services.runtime.backends.onnx import OnnxConfig, session_options
+from services.runtime.config import ConfigError, load_json_model
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.repository import load_entry
 
@@ -305,9 +305,9 @@ class BlazeFaceModel:
             raise FailedPrecondition(f"face detector model '{name}' cannot be loaded (see the service's log)")
         meta_path = entry.file(META_FILE)
         try:
-            self.meta = BlazeFaceMeta.model_validate(json.loads(meta_path.read_text()))
-        except (OSError, ValueError, ValidationError) as exc:
-            log.error("face detector model %s: %s is missing or invalid: %s", name, meta_path, exc)
+            self.meta = load_json_model(BlazeFaceMeta, meta_path, "BlazeFace metadata")
+        except ConfigError as exc:
+            log.error("face detector model %s: %s", name, exc)
             raise FailedPrecondition(
                 f"face detector model '{name}': its {META_FILE} is missing or invalid") from None
         self.name = name

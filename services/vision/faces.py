@@ -15,13 +15,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from services.runtime.config import StrictModel
+from services.runtime.config import StrictModel, describe_validation_error
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.vision.blazeface import BlazeFaceModel, faces_in_image, to_rgb
 
@@ -178,12 +178,7 @@ def validate_detector_section(section: Any) -> Any:
     try:
         return classes[kind].model_validate(dict(section))
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(["detector", *(str(p) for p in error["loc"])])
-            problems.append(f"unknown key '{key}'" if error["type"] == "extra_forbidden"
-                            else f"'{key}': {error['msg']}")
-        raise ValueError("; ".join(problems)) from None
+        raise ValueError(describe_validation_error(exc, ["detector"])) from None
 
 
 def detector_section_for_kind(data: Any, default: DetectorSettings,
@@ -210,6 +205,24 @@ def detector_section_for_kind(data: Any, default: DetectorSettings,
             continue
         out[key] = value
     return {**data, "detector": out}
+
+
+class ChoosesDetector(StrictModel):
+    """Base of a service config with a `detector` section (the field is the service's own: its
+    default detector and description). The section is validated as the kind it names, and a kind
+    other than the default's takes the service's defaults for that kind (`detector_defaults`)."""
+
+    detector_defaults: ClassVar[Mapping[str, DetectorSettings]]  # by kind; the field's default among them
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detector_defaults_follow_kind(cls, data: Any) -> Any:
+        return detector_section_for_kind(data, cls.model_fields["detector"].default, cls.detector_defaults)
+
+    @field_validator("detector", mode="before", check_fields=False)
+    @classmethod
+    def _as_its_kind(cls, section: Any) -> Any:
+        return validate_detector_section(section)
 
 
 def _resolve_cascade(name: str) -> Path:

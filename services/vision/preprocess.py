@@ -6,15 +6,14 @@ resize to the input size -> /255 -> (x - mean) / std -> layout.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from services.runtime.config import ConfigError, StrictModel
+from services.runtime.config import StrictModel, load_json_model
 from services.runtime.errors import InvalidArgument
 
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA, "cubic": cv2.INTER_CUBIC}
@@ -76,21 +75,7 @@ class PreprocessParams(StrictModel):
 
 def load_params(path: str | Path) -> PreprocessParams:
     """Read and validate a model's preprocess.json; ConfigError messages name the file."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read preprocessing parameters {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"preprocessing parameters {path} are not valid JSON: {exc}") from None
-    try:
-        return PreprocessParams.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-            + f" at '{'.'.join(str(p) for p in e['loc']) or '<root>'}'"
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid preprocessing parameters {path}: {problems}") from None
+    return load_json_model(PreprocessParams, path, "preprocessing parameters")
 
 
 def _convert(crop: np.ndarray, color: str) -> np.ndarray:

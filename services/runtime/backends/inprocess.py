@@ -39,14 +39,14 @@ def batch_policy(entry: ModelEntry, default_queue_size: int) -> BatchPolicy:
 
 
 @dataclass(frozen=True)
-class _InputSpec:
+class InputSpec:
     name: str
     dtype: np.dtype
     dims: tuple[int, ...]  # -1 = any; includes the batch axis (as -1) when the model batches
     optional: bool
 
 
-def check_request(model: str, specs: Sequence[_InputSpec], inputs: Mapping[str, np.ndarray]) -> None:
+def check_request(model: str, specs: Sequence[InputSpec], inputs: Mapping[str, np.ndarray]) -> None:
     """Validate a request against the model's inputs before it is queued (InvalidArgument)."""
     known = {s.name for s in specs}
     unknown = sorted(set(inputs) - known)
@@ -80,7 +80,7 @@ class Opened:
 
     version: int
     run: Callable[[Tensors], Tensors]
-    inputs: tuple[_InputSpec, ...]  # checked before a request is queued
+    inputs: tuple[InputSpec, ...]  # checked before a request is queued
     description: str = ""
     handle: object = None  # keeps the runtime's object (session, booster) alive with the version
 

@@ -17,13 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import Field
 
-from services.runtime.backends.inprocess import (  # noqa: F401 - re-exported for the other backends
-    InProcessBackend,
-    Opened,
-    _InputSpec,
-    batch_policy,
-    check_request,
-)
+from services.runtime.backends.inprocess import InProcessBackend, InputSpec, Opened
 from services.runtime.config import StrictModel
 from services.runtime.errors import FailedPrecondition
 from services.runtime.metrics import Metrics
@@ -133,17 +127,17 @@ def session_signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], 
     return specs(session.get_inputs()), specs(session.get_outputs())
 
 
-def _input_specs(entry: ModelEntry, session: ort.InferenceSession) -> tuple[_InputSpec, ...]:
+def input_specs(entry: ModelEntry, session: ort.InferenceSession) -> tuple[InputSpec, ...]:
     config = entry.config
     assert config is not None
     batched = config.max_batch_size > 0
     if config.input:
-        return tuple(_InputSpec(
+        return tuple(InputSpec(
             t.name, numpy_dtype(t.data_type),
             tuple([-1, *t.dims] if batched else t.dims) if not t.HasField("reshape") else (),
             t.optional) for t in config.input)
     inputs, _ = session_signature(session)  # config without inputs: trust the model
-    return tuple(_InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False)
+    return tuple(InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False)
                  for s in inputs)
 
 
@@ -185,7 +179,7 @@ class OnnxBackend(InProcessBackend):
         if problems:
             return None, f"{path}: does not match config.pbtxt: " + "; ".join(problems)
         outputs = [o.name for o in entry.config.output] or [o.name for o in session.get_outputs()]
-        return Opened(entry.version, _runner(session, outputs), _input_specs(entry, session),
+        return Opened(entry.version, _runner(session, outputs), input_specs(entry, session),
                       f"({', '.join(self.providers)})", session), None
 
 

@@ -31,7 +31,8 @@ from pydantic import Field
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from services.runtime.backends.base import InferResult, ModelStatus
-from services.runtime.backends.onnx import _input_specs, _InputSpec, check_request, is_onnx_entry
+from services.runtime.backends.inprocess import InputSpec, check_request
+from services.runtime.backends.onnx import input_specs, is_onnx_entry
 from services.runtime.config import StrictModel
 from services.runtime.errors import (
     DeadlineExceeded,
@@ -73,7 +74,7 @@ class _Model:
     """What a request to one model is checked against, from the repository's config."""
 
     entry: ModelEntry
-    inputs: tuple[_InputSpec, ...]
+    inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...]  # empty: ask Triton for every output
 
 
@@ -85,10 +86,10 @@ def _describe(entry: ModelEntry) -> _Model:
     if config.input:
         # The in-process backend's own specs: it consults the session only for configs without
         # inputs, which the branch below covers from the file instead.
-        inputs = _input_specs(entry, None)  # type: ignore[arg-type]
+        inputs = input_specs(entry, None)  # type: ignore[arg-type]
     else:
         specs, _ = onnx_signature(entry.model_path())
-        inputs = tuple(_InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False)
+        inputs = tuple(InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False)
                        for s in specs)
     return _Model(entry, inputs, tuple(o.name for o in config.output))
 

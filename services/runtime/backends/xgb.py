@@ -30,7 +30,7 @@ import xgboost as xgb
 from pydantic import Field
 from tritonclient.grpc import model_config_pb2 as mc
 
-from services.runtime.backends.inprocess import InProcessBackend, Opened, _InputSpec
+from services.runtime.backends.inprocess import InProcessBackend, InputSpec, Opened
 from services.runtime.config import StrictModel
 from services.runtime.metrics import Metrics
 from services.runtime.repository import FIL_FILENAMES, ModelEntry, ModelRepository
@@ -219,7 +219,7 @@ class XgbBackend(InProcessBackend):
         def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {output: predict(inputs[INPUT_NAME])}
 
-        spec = _InputSpec(INPUT_NAME, np.dtype(np.float32), (-1, model.n_features), False)
+        spec = InputSpec(INPUT_NAME, np.dtype(np.float32), (-1, model.n_features), False)
         return Opened(version, run, (spec,), f": {model.describe}", model), None
 
     def _load(self, entry: ModelEntry) -> tuple[tuple[int, _Model] | None, str | None]:
