@@ -65,7 +65,7 @@ def aged_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path)
     s.stop()
 
 
-@pytest.mark.parametrize("seconds", [4, pytest.param(300, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seconds", [4, pytest.param(300, marks=[pytest.mark.slow, pytest.mark.timeout(600)])])
 def test_live_stream_outlives_connection_ageing(aged_suite: Suite, seconds: int) -> None:
     frames = [_frame_bytes()] * (seconds * 12)
     with grpc.insecure_channel(aged_suite.gateway.target) as channel:
