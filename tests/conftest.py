@@ -10,13 +10,10 @@ import pytest
 from skimage import data as skdata
 
 from launcher.suite import ROOT, Suite
-from tests.images import png_bomb as make_png_bomb
+from tests.helpers.suites import CACHE, start_suite
+from tests.helpers.images import png_bomb as make_png_bomb
 from tools.builders.blazeface import build_blazeface
 from tools.builders.fer_student import build_fer_student
-
-CACHE = ROOT / ".cache"
-# Small limits so oversized-input tests stay cheap.
-GATEWAY_MAX_MESSAGE = 4 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +30,6 @@ def astronaut_jpeg() -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
-def start_suite(workdir: Path, repository: Path, **kwargs: object) -> Suite:
-    env = {"TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(GATEWAY_MAX_MESSAGE),
-           "TESSERA_GATEWAY__HEALTH_POLL_SECONDS": "0.2",
-           **kwargs.pop("extra_env", {})}  # type: ignore[dict-item]
-    return Suite(workdir, repository=repository, extra_env=env, **kwargs).start()  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Docker, Compose, Kubernetes, Prometheus and Grafana."""

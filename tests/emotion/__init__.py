@@ -1,0 +1,1 @@
+"""The emotion service: limits, ensembles, model swaps."""

@@ -1,0 +1,1 @@
+"""The engagement service and its models."""

@@ -1,0 +1,1 @@
+"""The gateway: routing, fusion answers, fail fast; servicers in process."""

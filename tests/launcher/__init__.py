@@ -1,0 +1,1 @@
+"""tessera-serve and the supervised suite."""

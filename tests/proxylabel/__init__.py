@@ -1,0 +1,1 @@
+"""The proxylabel service: kNN, embedder, features, shard jobs."""

@@ -1,0 +1,1 @@
+"""services/runtime: admission, batching, backends, the repository, streams, security, the wire."""

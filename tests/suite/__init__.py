@@ -1,0 +1,1 @@
+"""The whole suite under load, attack and faults."""

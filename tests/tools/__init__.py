@@ -1,0 +1,1 @@
+"""The model builders, the exporters, the development Triton and the modeller's evaluation."""

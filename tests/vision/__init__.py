@@ -1,0 +1,1 @@
+"""services/vision: safe decoding, face detection (BlazeFace, Haar), preprocessing."""
