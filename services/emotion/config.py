@@ -25,7 +25,7 @@ from services.vision.faces import (
 __all__ = ["DETECTOR_DEFAULTS", "CropMargin", "EmotionConfig"]
 
 # The service's default detector of each kind: `detector.kind: haar` alone gives HaarConfig().
-DETECTOR_DEFAULTS = {"blazeface": BlazeFaceConfig(), "haar": HaarConfig()}
+DETECTOR_DEFAULTS: dict[str, DetectorConfig] = {"blazeface": BlazeFaceConfig(), "haar": HaarConfig()}
 
 
 class EmotionConfig(ServiceConfig, ChoosesDetector):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
-
 from services.engagement.config import EngagementConfig
 from services.engagement.pipeline import EngagementPipeline
 from services.engagement.servicer import SERVICE_NAME, EngagementServicer
@@ -19,6 +17,7 @@ from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
 from services.runtime.streams import Drain
 from services.vision.faces import build_detector
+from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 
 async def build(config: EngagementConfig, metrics: Metrics) -> App:

@@ -24,7 +24,7 @@ from services.vision.faces import (
 
 # Video frames are 640×480 or so, faces at arm's length (110-160 px): the short-range model, on a
 # 320-px copy, smallest face 40 px. Haar on the same copy keeps a frame well inside 33 ms too.
-DETECTOR_DEFAULTS = {
+DETECTOR_DEFAULTS: dict[str, DetectorConfig] = {
     "blazeface": BlazeFaceConfig(range="short", detect_max_side=320, min_size=40),
     "haar": HaarConfig(detect_max_side=320, min_size=40),
 }

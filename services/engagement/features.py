@@ -108,7 +108,7 @@ def hog_features(crops: np.ndarray, params: HogParams) -> np.ndarray:
     hog = _descriptor(params)
     out = np.empty((len(crops), params.dimension), np.float32)
     for i, crop in enumerate(crops):
-        out[i] = hog.compute(np.ascontiguousarray(crop)).ravel()
+        out[i] = np.ravel(hog.compute(np.ascontiguousarray(crop)))
     return out
 
 

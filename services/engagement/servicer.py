@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from tessera.common.v1 import common_pb2
-from tessera.engagement.v1 import engagement_service_pb2 as pb
-from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 from services.engagement.pipeline import EngagementPipeline, FrameFace, ModelOutputs
 from services.engagement.stream import Clip, LiveWindow, check_fps
@@ -15,6 +12,9 @@ from services.fusion.affect_enum import AFFECT_VALUES
 from services.runtime.errors import InvalidArgument, ServingError, item_status
 from services.runtime.streams import Drain, until_drained
 from services.vision.inputs import image_from_pb
+from tessera.common.v1 import common_pb2
+from tessera.engagement.v1 import engagement_service_pb2 as pb
+from tessera.engagement.v1 import engagement_service_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngagementService"].full_name
 

@@ -60,10 +60,12 @@ class _Frames:
         return face
 
     async def _score(self, min_faces: int) -> ModelOutputs | None:
-        found = [f for f in self.faces if f.box is not None]
-        if len(found) < min_faces:
+        # A frame has its crop and HOG exactly when a face was found in it.
+        crops = [f.crop for f in self.faces if f.crop is not None]
+        hogs = [f.hog for f in self.faces if f.hog is not None]
+        if len(crops) < min_faces:
             return None
-        return await self.pipeline.score([f.crop for f in found], np.stack([f.hog for f in found]), self.settings)
+        return await self.pipeline.score(crops, np.stack(hogs), self.settings)
 
 
 class Clip(_Frames):

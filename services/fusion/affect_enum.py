@@ -3,9 +3,12 @@ service answers with the enum, the gateway fuses by name and answers with the en
 
 from __future__ import annotations
 
-from tessera.common.v1 import common_pb2
+from typing import cast
 
 from services.fusion.rules import AFFECTS, AffectName
+from tessera.common.v1 import common_pb2
 
-AFFECT_VALUES: dict[str, int] = {name: common_pb2.Affect.Value(f"AFFECT_{name.upper()}") for name in AFFECTS}
+# The generated stubs type Value() as int and the enum's fields as Affect: the same numbers.
+AFFECT_VALUES: dict[str, common_pb2.Affect] = {
+    name: cast("common_pb2.Affect", common_pb2.Affect.Value(f"AFFECT_{name.upper()}")) for name in AFFECTS}
 AFFECT_NAMES: dict[int, AffectName] = {AFFECT_VALUES[name]: name for name in AFFECTS}

@@ -60,8 +60,9 @@ def _normalised(member_logits: Mapping[str, np.ndarray], weights: Mapping[str, f
 def fused_logits(member_logits: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
     """Σ w_m·l_m (float64, normalised weights): the logit-space ensemble before its temperature and
     softmax (what a temperature is fitted on)."""
-    return sum(w * np.asarray(member_logits[m], dtype=np.float64)
-               for m, w in _normalised(member_logits, weights).items())
+    # Started from a 0-d zero rather than sum's int 0, so the result is typed as an array.
+    return sum((w * np.asarray(member_logits[m], dtype=np.float64)
+                for m, w in _normalised(member_logits, weights).items()), np.zeros(()))
 
 
 def fuse_logits(

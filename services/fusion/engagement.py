@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from services.fusion.rules import AFFECTS, EngagementRules, PriorCorrection, Smoothing
 
@@ -23,7 +24,8 @@ class AffectDecision:
 def correct_priors(probs: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
     """p ∝ p / prior^strength, renormalised."""
     adjusted = probs / np.power(prior, strength)
-    return adjusted / adjusted.sum()
+    renormalised: np.ndarray = adjusted / adjusted.sum()
+    return renormalised
 
 
 def decide(outputs: Mapping[str, Mapping[str, np.ndarray]], rules: EngagementRules) -> list[AffectDecision]:
@@ -58,7 +60,7 @@ class Smoother:
         self._ema: np.ndarray | None = None
         self._window: deque[np.ndarray] = deque(maxlen=max(1, len(config.weights)))
 
-    def update(self, probs: np.ndarray) -> np.ndarray:
+    def update(self, probs: ArrayLike) -> np.ndarray:
         p = np.asarray(probs, dtype=np.float64)
         if self.config.method == "none":
             return p
@@ -68,4 +70,5 @@ class Smoother:
             return self._ema
         self._window.append(p)
         w = np.asarray(self.config.weights[-len(self._window):], dtype=np.float64)
-        return (w[:, None] * np.stack(self._window)).sum(axis=0) / w.sum()
+        smoothed: np.ndarray = (w[:, None] * np.stack(self._window)).sum(axis=0) / w.sum()
+        return smoothed

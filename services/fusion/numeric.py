@@ -8,4 +8,5 @@ import numpy as np
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     z = logits - np.max(logits, axis=axis, keepdims=True)
     e = np.exp(z)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    probabilities: np.ndarray = e / np.sum(e, axis=axis, keepdims=True)
+    return probabilities

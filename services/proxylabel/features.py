@@ -200,7 +200,8 @@ def parse_rendered(text: str) -> tuple[list[str], list[str]]:
     parts = _TEMPLATE.split(text)
     if len(parts) == 1:
         return ([text] if text else []), []
-    user, assistant = [], []
+    user: list[str] = []
+    assistant: list[str] = []
     for role, content in zip(parts[1::2], parts[2::2], strict=True):
         content = content.removesuffix("\n")
         (user if role == "user" else assistant if role == "assistant" else []).append(content)

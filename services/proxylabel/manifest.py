@@ -69,7 +69,7 @@ class Manifest:
         for key in keys:
             if old.get(key) != fresh[key]:
                 if key == "input":  # the fingerprint holds the server's path: say what differs instead
-                    what = ("another input shard" if old.get(key, {}).get("path") != fresh[key]["path"] else
+                    what = ("another input shard" if old.get(key, {}).get("path") != plan.fingerprint["path"] else
                             "an input shard that changed since (size or modification time)")
                 else:
                     what = f"another {key} ({old.get(key)!r}, now {fresh[key]!r})"

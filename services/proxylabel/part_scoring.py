@@ -93,8 +93,8 @@ async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Ta
         labels[idx], probs[idx], confidence[idx] = lab, fused, conf
         if knn is not None:
             expected[idx] = knn.expected_score
-            for j in np.flatnonzero(knn.no_neighbours):
-                i = idx[j]
+            for k in np.flatnonzero(knn.no_neighbours):
+                i = idx[k]
                 if rules.mode == "knn":
                     labels[i] = -1
                     reasons[i] = f"no labelled neighbour with similarity >= {plan.options.similarity_threshold}"

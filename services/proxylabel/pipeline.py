@@ -137,10 +137,11 @@ class ProxyLabelPipeline:
                     mlp_max_batch = entry.config.max_batch_size
                 models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
                                           is_demo(entry.parameters) or mlp.demo))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.error("MLP %s not usable: %s", config.mlp_model, exc)
                 mlp = None
-        if embedder is None and config.embedder_model in repository and config.embedder_model in ready:
+        if (embedder is None and backend is not None and config.embedder_model in repository
+                and config.embedder_model in ready):
             try:
                 embedder = TextEmbedder.from_repository(repository, backend, config.embedder_model)
             except ServingError as exc:
@@ -168,7 +169,7 @@ class ProxyLabelPipeline:
             if entry.error:
                 raise ValueError(entry.error)
             knn = await asyncio.to_thread(KnnIndex.load, entry.version_dir(), entry.version)
-        except Exception as exc:  # noqa: BLE001 - one bad model must not stop the service
+        except Exception as exc:  # one bad model must not stop the service
             if kept is not None:
                 log.error("kNN index %s: the new files are not loaded (%s); version %s keeps serving",
                           config.knn_model, exc, kept.knn.version)  # type: ignore[union-attr]
@@ -290,7 +291,7 @@ class ProxyLabelPipeline:
         own_labels = knn_labels(scores.knn, options) if scores.knn is not None else None
         for j, i in enumerate(ok):
             r = results[i]
-            if scores.knn is not None:
+            if scores.knn is not None and own_labels is not None:
                 r.knn_probabilities = scores.knn.probabilities[j]
                 r.knn_expected_score = float(scores.knn.expected_score[j])
                 r.knn_label = int(own_labels[j])
@@ -335,7 +336,7 @@ def embedding_problem(embeddings: np.ndarray, dimension: int) -> list[str]:
         return [f"embedding has {width} values, the models take {dimension}"] * len(embeddings)
     # Reductions only, no temporary the size of the matrix: shard parts are 10k × 1024 floats.
     finite = np.isfinite(embeddings).all(axis=1)
-    zero = ~embeddings.any(axis=1)
+    zero = np.asarray(~embeddings.any(axis=1))  # an array (the stubs allow a scalar for 1-D input)
     with np.errstate(over="ignore", invalid="ignore"):
         # In float64, where neither underflows nor overflows for float32 values.
         norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))

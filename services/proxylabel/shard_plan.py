@@ -151,7 +151,7 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
     i = first
     batches = pf.iter_batches(batch_size=max(1, min(widest, 65_536)), row_groups=range(rg, pf.num_row_groups),
                               columns=plan.columns, use_threads=True)
-    for batch in _readable(batches, plan, lambda: position):
+    for batch in _readable(batches, plan, lambda: position):  # noqa: B023 - the row reached so far, read late
         if position + len(batch) <= start:
             position += len(batch)
             continue
@@ -163,7 +163,7 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
         position += len(batch)
         while i < len(plan.parts) and start + buffered >= plan.parts[i][1]:
             a, b = plan.parts[i]
-            table = pa.Table.from_batches(buffer).combine_chunks() if buffer else None
+            table = pa.Table.from_batches(buffer).combine_chunks()  # parts are never empty: rows are buffered
             yield i, table.slice(0, b - a)
             rest = table.slice(b - a)
             buffer, buffered, start = rest.to_batches(), len(rest), b

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import yaml
@@ -148,7 +149,7 @@ class Authorizer:
             return None if self.config.open_reflection else REFLECTION_SCOPE
         return self.config.method_scopes.get(method, self.config.default_scope)
 
-    def check(self, context: grpc.aio.ServicerContext, method: str, reflection: bool = False) -> Identity | None:
+    def check(self, context: grpc.aio.ServicerContext[Any, Any], method: str, reflection: bool = False) -> Identity | None:
         """The caller's identity, or Unauthenticated / PermissionDenied / ResourceExhausted."""
         scope = self.scope_of(method, reflection)
         if self.open or scope is None:

@@ -14,6 +14,7 @@ own requests (each is retried alone, so one bad request fails only itself); futu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -67,9 +68,9 @@ def row_count(inputs: Mapping[str, np.ndarray]) -> int:
     """Rows of one request: axis 0, the same for every input."""
     if not inputs:
         raise InvalidArgument("request has no inputs")
-    counts = {name: (a.shape[0] if a.ndim else None) for name, a in inputs.items()}
-    if any(c is None for c in counts.values()):
-        raise InvalidArgument(f"inputs need a batch axis; got scalars in {sorted(counts)}")
+    if any(a.ndim == 0 for a in inputs.values()):
+        raise InvalidArgument(f"inputs need a batch axis; got scalars in {sorted(inputs)}")
+    counts: dict[str, int] = {name: a.shape[0] for name, a in inputs.items()}
     if len(set(counts.values())) != 1:
         raise InvalidArgument(f"inputs disagree on the number of rows (axis 0): {counts}")
     n = next(iter(counts.values()))
@@ -148,7 +149,7 @@ class _Request:
     inputs: Tensors
     rows: int
     signature: Signature
-    future: asyncio.Future
+    future: asyncio.Future[Tensors]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -252,10 +253,8 @@ class DynamicBatcher:
                 if self._closing or idle or remaining <= 0 or batch_is_ready(rows, self.policy):
                     break
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    pass
                 self._drop_done()
                 if not self._queue:
                     break
@@ -280,7 +279,7 @@ class DynamicBatcher:
                 self._metrics.stage_duration.labels("queue", self.model).observe(now - r.enqueued)
         try:
             results = await self._run_rows(batch)
-        except Exception as exc:  # noqa: BLE001 - reported to the callers, not raised here
+        except Exception as exc:  # reported to the callers, not raised here
             if len(batch) == 1:
                 self._resolve(batch[0], exc)
                 return
@@ -292,7 +291,7 @@ class DynamicBatcher:
                     continue
                 try:
                     (result,) = await self._run_rows([r])
-                except Exception as single_exc:  # noqa: BLE001
+                except Exception as single_exc:
                     self._resolve(r, single_exc)
                 else:
                     self._resolve(r, result)

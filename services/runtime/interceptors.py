@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 
@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 # Long-lived or operational calls that would drown the request metrics.
 UNMEASURED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 REFLECTION_PREFIX = "/grpc.reflection."
+
+_Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# grpc-stubs types a handler's behaviours for the threaded server; under grpc.aio they are coroutine
+# functions (one response) or async generators (streamed responses) that take an aio context.
+_UnaryBehaviour: TypeAlias = "Callable[[Any, _Context], Awaitable[Any]]"
+_StreamBehaviour: TypeAlias = "Callable[[Any, _Context], AsyncIterator[Any]]"
+
+if TYPE_CHECKING:
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # generic in grpc-stubs only
+    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 class _Undecodable:
@@ -41,7 +53,7 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     def parse(data: bytes) -> Any:
         try:
             return deserialize(data)
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's bad bytes
+        except Exception as exc:  # any parse failure is the caller's bad bytes
             return _Undecodable(f"{type(exc).__name__}: {exc}"[:200])
 
     return parse
@@ -63,7 +75,7 @@ async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIte
         yield request
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def _deadline(context: _Context) -> float | None:
     """The call's deadline on the monotonic clock (None: the caller set none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -83,7 +95,7 @@ def _code_name(code: Any) -> str:
 class _Call:
     """Bookkeeping of one RPC: in-flight gauge, duration, final code."""
 
-    def __init__(self, metrics: Metrics, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, metrics: Metrics, service: str, method: str, context: _Context) -> None:
         self.metrics, self.service, self.method = metrics, service, method
         self.code = grpc.StatusCode.OK
         self.message = ""
@@ -92,7 +104,7 @@ class _Call:
         self.peer = context.peer()
         metrics.requests_in_flight.labels(service, method).inc()
 
-    async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    async def fail(self, exc: BaseException, context: _Context) -> None:
         """Record the status for exc and abort the RPC with it (raises)."""
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             self.code = grpc.StatusCode.CANCELLED
@@ -107,7 +119,7 @@ class _Call:
         self.code, self.message = code, message
         await context.abort(code, message)
 
-    def finish(self, context: grpc.aio.ServicerContext) -> None:
+    def finish(self, context: _Context) -> None:
         if self.code is grpc.StatusCode.OK and context.code() not in (None, grpc.StatusCode.OK):
             self.code = context.code()
         name = _code_name(self.code)
@@ -124,7 +136,7 @@ class _Call:
                  f": {self.message}" if self.message else "")
 
 
-class ServingInterceptor(grpc.aio.ServerInterceptor):
+class ServingInterceptor(_ServerInterceptor):
     """Times every RPC, checks auth, and maps domain errors to statuses."""
 
     def __init__(self, metrics: Metrics, authorizer: Authorizer | None = None,
@@ -133,11 +145,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         self.authorizer = authorizer
         self.admission = admission
 
-    async def intercept_service(
+    # grpc-stubs leaves out the None that grpc.aio passes for a method no servicer has.
+    async def intercept_service(  # type: ignore[override]
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> _Handler | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -149,7 +162,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         metrics, authorizer, admission = self.metrics, self.authorizer, self.admission
 
         @contextlib.asynccontextmanager
-        async def served(request: Any, context: grpc.aio.ServicerContext, streaming_request: bool,
+        async def served(request: Any, context: _Context, streaming_request: bool,
                          gate: Gate | None, typical: Callable[[], float]) -> AsyncIterator[Any]:
             """One call around its handler: auth, the request decoded, admission, then the
             handler's outcome mapped to a status and measured. Yields the decoded request."""
@@ -163,22 +176,23 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     await gate.enter(method, _deadline(context), typical())
                     admitted = True
                 yield request
-            except BaseException as exc:  # noqa: BLE001 - mapped, then re-raised by abort
+            except BaseException as exc:  # mapped, then re-raised by abort
                 await call.fail(exc, context)
             finally:
                 if admitted and gate is not None:
                     gate.leave()
                 call.finish(context)
 
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
+        unary = handler.unary_unary or handler.stream_unary
+        if unary is not None:
+            inner = cast(_UnaryBehaviour, unary)
             streaming_request = handler.stream_unary is not None
             gate = admission.gate(method, streaming_request) if admission else None
 
             def typical() -> float:
                 return admission.typical(method) if admission is not None else 0.0
 
-            async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_response(request: Any, context: _Context) -> Any:
                 async with served(request, context, streaming_request, gate, typical) as decoded:
                     start = time.perf_counter()
                     result = await inner(decoded, context)
@@ -191,11 +205,14 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             return factory(unary_response, request_deserializer=_tolerant(handler.request_deserializer),
                            response_serializer=handler.response_serializer)
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+        streamed = handler.unary_stream or handler.stream_stream
+        if streamed is None:
+            raise TypeError(f"the handler of {details.method} has no behaviour")
+        inner_stream = cast(_StreamBehaviour, streamed)
         streaming = handler.stream_stream is not None
         stream_gate = admission.gate(method, True) if admission else None
 
-        async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
             async with served(request, context, streaming, stream_gate, lambda: 0.0) as decoded:
                 async for item in inner_stream(decoded, context):
                     yield item
@@ -206,11 +223,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
 
-def _reflection_behind_auth(handler: grpc.RpcMethodHandler, authorizer: Authorizer) -> grpc.RpcMethodHandler:
+def _reflection_behind_auth(handler: _Handler, authorizer: Authorizer) -> _Handler:
     """Server reflection tells the API to whoever asks: only with the reflection scope, unless open."""
-    inner = handler.stream_stream
+    if handler.stream_stream is None:
+        raise TypeError("server reflection is not a stream-stream method")
+    inner = cast(_StreamBehaviour, handler.stream_stream)
 
-    async def reflect(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def reflect(requests: AsyncIterator[Any], context: _Context) -> AsyncIterator[Any]:
         try:
             authorizer.check(context, "ServerReflectionInfo", reflection=True)
         except ServingError as exc:

@@ -9,13 +9,14 @@ import re
 import sys
 import threading
 from collections.abc import Callable
+from typing import TextIO
 
 from services.runtime.config import LoggingConfig
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    @property  # type: ignore[override]
-    def stream(self):  # type: ignore[no-untyped-def]
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

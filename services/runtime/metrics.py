@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -66,7 +67,7 @@ class Metrics:
             "tessera_admission_queued", "Calls waiting for a slot, per gate (unary, stream, or a method).",
             ["gate"], registry=r)
         self.http_port: int | None = None
-        self._http_server = None
+        self._http_server: WSGIServer | None = None
 
     @contextmanager
     def stage(self, stage: str, model: str = "") -> Iterator[None]:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from services.runtime.config import ConfigError, ProcessConfig, load_config
 from services.runtime.auth import Authorizer
+from services.runtime.config import ConfigError, ProcessConfig, load_config
 from services.runtime.logs import NativeStderr, setup_logging
 from services.runtime.metrics import Metrics
 from services.runtime.server import Servicer, ServingProcess

@@ -35,11 +35,11 @@ class RepositoryPoller:
 
     def start(self) -> None:
         if self.interval is not None:
-            self._task = asyncio.create_task(self._run())
+            self._task = asyncio.create_task(self._run(self.interval))
 
-    async def _run(self) -> None:
+    async def _run(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(interval)
             changed: list[str] = []
             try:
                 for source in self.sources:

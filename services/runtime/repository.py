@@ -26,6 +26,8 @@ from services.runtime.errors import NotFound
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
+# (path, mtime in ns, size), or (path, None) for a file that cannot be read.
+FileStamp = tuple[str, int, int] | tuple[str, None]
 ONNX_PLATFORM = "onnxruntime_onnx"
 
 # Triton's default model file names, by platform or backend.
@@ -87,7 +89,7 @@ def check_signature(
     model_inputs = {t.name: t for t in inputs}
     model_outputs = {t.name: t for t in outputs}
 
-    def compare(kind: str, declared: Iterable, actual: Mapping[str, TensorSpec]) -> None:
+    def compare(kind: str, declared: Iterable[mc.ModelInput | mc.ModelOutput], actual: Mapping[str, TensorSpec]) -> None:
         for tensor in declared:
             spec = actual.get(tensor.name)
             if spec is None:
@@ -134,8 +136,8 @@ def onnx_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         raise ValueError("no IR version or no graph outputs")
     initializers = {i.name for i in model.graph.initializer}
 
-    def specs(values: Iterable) -> list[TensorSpec]:
-        out = []
+    def specs(values: Iterable[onnx.ValueInfoProto]) -> list[TensorSpec]:
+        out: list[TensorSpec] = []
         for v in values:
             if v.name in initializers:
                 continue  # old exporters list weights as graph inputs
@@ -159,7 +161,7 @@ class ModelEntry:
     version: int | None = None
     parameters: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
-    fingerprint: tuple = ()
+    fingerprint: tuple[object, ...] = ()  # compared for equality only: what changes on an edit
 
     @property
     def ok(self) -> bool:
@@ -170,7 +172,8 @@ class ModelEntry:
         """The platform (e.g. ``onnxruntime_onnx``) or else the backend name; "" if unknown."""
         if self.config is None:
             return ""
-        return self.config.platform or self.config.backend
+        kind: str = self.config.platform or self.config.backend
+        return kind
 
     @property
     def model_filename(self) -> str | None:
@@ -219,15 +222,16 @@ FIL_FILENAMES: Mapping[str, str] = {
 
 
 def model_filename(config: mc.ModelConfig) -> str | None:
-    if config.default_model_filename:
-        return config.default_model_filename
+    default: str = config.default_model_filename
+    if default:
+        return default
     if config.backend == "fil":
         model_type = config.parameters["model_type"].string_value if "model_type" in config.parameters else ""
         return FIL_FILENAMES.get(model_type or "xgboost")
     return _DEFAULT_FILENAMES.get(config.platform) or _DEFAULT_FILENAMES.get(config.backend)
 
 
-def file_stamp(path: Path) -> tuple:
+def file_stamp(path: Path) -> FileStamp:
     """(path, mtime, size) of a file, or (path, None) when it cannot be read: what changes on an edit."""
     try:
         st = path.stat()
@@ -270,7 +274,7 @@ def load_entry(model_dir: Path) -> ModelEntry:
     """Read one model directory; never raises for a bad model (the entry carries the error)."""
     name = model_dir.name
     config_path = model_dir / CONFIG_FILE
-    fingerprint: list = [file_stamp(config_path)]
+    fingerprint: list[object] = [file_stamp(config_path)]
 
     def broken(error: str, config: mc.ModelConfig | None = None,
                versions: Mapping[int, Path] | None = None) -> ModelEntry:
@@ -319,7 +323,7 @@ def load_entry(model_dir: Path) -> ModelEntry:
 
 
 @functools.lru_cache(maxsize=256)
-def _signature_of(stamp: tuple) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _signature_of(stamp: FileStamp) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """onnx_signature, once per file version: services rescan every few seconds, and parsing a
     large encoder each time would cost a core's worth of spikes."""
     return onnx_signature(Path(stamp[0]))
@@ -328,7 +332,7 @@ def _signature_of(stamp: tuple) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def _check_onnx(config: mc.ModelConfig, path: Path) -> str | None:
     try:
         inputs, outputs = _signature_of(file_stamp(path))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+    except Exception as exc:  # any parse failure means a corrupt file
         return f"{path}: not a valid ONNX model: {type(exc).__name__}: {exc}"
     problems = check_signature(config, inputs, outputs)
     if problems:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextvars
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -25,7 +25,7 @@ def _acceptable(value: str) -> bool:
     return 0 < len(value) <= MAX_LENGTH and value.isprintable() and " " not in value
 
 
-def begin(metadata: Sequence[tuple[str, Any]] | None) -> str:
+def begin(metadata: Iterable[tuple[str, Any]] | None) -> str:
     """Set (and return) the current call's id: the caller's, when it sent a sane one, else a new one."""
     given = next((str(v) for k, v in (metadata or ()) if k == METADATA_KEY), "")
     rid = given if _acceptable(given) else uuid.uuid4().hex[:16]
@@ -49,27 +49,39 @@ def _with_id(details: grpc.aio.ClientCallDetails, extra: Extra | None) -> grpc.a
                                       details.credentials, details.wait_for_ready)
 
 
+if TYPE_CHECKING:
+    _UnaryUnaryBase = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
+    _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
+    _StreamUnaryBase = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
+    _StreamStreamBase = grpc.aio.StreamStreamClientInterceptor[Any, Any]
+else:  # generic in grpc-stubs only
+    _UnaryUnaryBase = grpc.aio.UnaryUnaryClientInterceptor
+    _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor
+    _StreamUnaryBase = grpc.aio.StreamUnaryClientInterceptor
+    _StreamStreamBase = grpc.aio.StreamStreamClientInterceptor
+
+
 class _Adds:
     def __init__(self, extra: Extra | None) -> None:
         self.extra = extra
 
 
-class _UnaryUnary(_Adds, grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryUnary(_Adds, _UnaryUnaryBase):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_id(details, self.extra), request)
 
 
-class _UnaryStream(_Adds, grpc.aio.UnaryStreamClientInterceptor):
+class _UnaryStream(_Adds, _UnaryStreamBase):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_id(details, self.extra), request)
 
 
-class _StreamUnary(_Adds, grpc.aio.StreamUnaryClientInterceptor):
+class _StreamUnary(_Adds, _StreamUnaryBase):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(_with_id(details, self.extra), request_iterator)
 
 
-class _StreamStream(_Adds, grpc.aio.StreamStreamClientInterceptor):
+class _StreamStream(_Adds, _StreamStreamBase):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(_with_id(details, self.extra), request_iterator)
 
@@ -78,4 +90,6 @@ def client_interceptors(extra: Extra | None = None) -> list[grpc.aio.ClientInter
     """Interceptors for a channel to downstream services: each call carries the current request id,
     and whatever `extra` returns at call time (e.g. the gateway's bearer token for the services)."""
     # One object per kind: grpc.aio files an interceptor under the first kind it is an instance of.
-    return [_UnaryUnary(extra), _UnaryStream(extra), _StreamUnary(extra), _StreamStream(extra)]
+    interceptors = [_UnaryUnary(extra), _UnaryStream(extra), _StreamUnary(extra), _StreamStream(extra)]
+    # grpc-stubs spells ClientInterceptor as a placeholder type that only a cast can produce.
+    return cast("list[grpc.aio.ClientInterceptor]", interceptors)

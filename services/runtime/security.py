@@ -83,10 +83,10 @@ def channel_credentials(tls: ChannelTls) -> tuple[grpc.ChannelCredentials, list[
     return creds, options
 
 
-def peer_names(context: grpc.aio.ServicerContext) -> set[str]:
+def peer_names(context: grpc.aio.ServicerContext[Any, Any]) -> set[str]:
     """Names in the verified client certificate (common name and DNS SANs); empty without mTLS."""
     auth = context.auth_context() or {}
-    names = set()
+    names: set[str] = set()
     for key in ("x509_common_name", "x509_subject_alternative_name"):
         names.update(v.decode(errors="replace") for v in auth.get(key, ()))
     return names

@@ -16,11 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.admission import Admission
-from services.runtime.config import ServerConfig
 from services.runtime.auth import Authorizer
+from services.runtime.config import ServerConfig
 from services.runtime.interceptors import ServingInterceptor
-from services.runtime.security import server_credentials
 from services.runtime.metrics import Metrics
+from services.runtime.security import server_credentials
 from services.runtime.streams import Drain
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class ServingProcess:
         self.config = config
         self.servicers = list(servicers)
         self.metrics = metrics or Metrics(process)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # grpc_health-stubs lacks aio
         # Set when the drain starts: long-lived streams watch it (see services.runtime.streams).
         self.drain = drain or Drain(config.drain_streams_after_seconds)
         options = channel_options(config)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tessera.common.v1 import common_pb2
-
 from services.runtime.errors import InvalidArgument, ResourceExhausted
+from tessera.common.v1 import common_pb2
 
 
 @dataclass(frozen=True)

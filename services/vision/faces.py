@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import cv2
+import cv2.data  # where OpenCV's bundled Haar cascades are
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -343,7 +344,7 @@ class HaarDetector(BoundedDetector):
             small = image.shape[0] * image.shape[1] <= _REUSE_MAX_PIXELS
             if small and self._idle.qsize() < _IDLE_CLASSIFIERS:
                 self._idle.put(classifier)
-        found = zip(np.asarray(rects).reshape(-1, 4), np.asarray(weights).ravel())
+        found = zip(np.asarray(rects).reshape(-1, 4), np.asarray(weights).ravel(), strict=False)
         return [(x, y, w, h, _logistic(float(weight))) for (x, y, w, h), weight in found]
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tessera.common.v1 import common_pb2
 
 from services.runtime.errors import InvalidArgument
 from services.vision.decode import DecodeLimits, decode_image, raw_to_bgr
 from services.vision.faces import Box
+from tessera.common.v1 import common_pb2
 
 _RAW_FORMATS = {
     common_pb2.PIXEL_FORMAT_GRAY8: "gray8",

@@ -245,8 +245,8 @@ class _Converter:
             return self.node("Relu", [out], f"{base}/relu")
         if fused in (_RELU6, _RELU_N1_TO_1):
             lo, hi = (0.0, 6.0) if fused == _RELU6 else (-1.0, 1.0)
-            return self.node("Clip", [out, self.init(f"{base}/lo", np.float32(lo)),
-                                      self.init(f"{base}/hi", np.float32(hi))], f"{base}/clip")
+            return self.node("Clip", [out, self.init(f"{base}/lo", np.array(lo, dtype=np.float32)),
+                                      self.init(f"{base}/hi", np.array(hi, dtype=np.float32))], f"{base}/clip")
         raise NotImplementedError(f"fused activation {fused}")
 
     # -- operators

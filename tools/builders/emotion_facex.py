@@ -33,6 +33,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -321,7 +322,7 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             same = op.options["padding"] == "same"
             (t, b), (le, r) = ((_same_pads(h, kh, sh), _same_pads(w_, kw, sw)) if same else ((0, 0), (0, 0)))
             pads = [int(t + extra[1][0]), int(le + extra[2][0]), int(b + extra[1][1]), int(r + extra[2][1])]
-            attrs = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": pads}
+            attrs: dict[str, Any] = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": pads}
             if op.kind == "CONV_2D":
                 weight = kernel.transpose(0, 3, 1, 2)  # OHWI -> OIHW
                 if src == graph.input:

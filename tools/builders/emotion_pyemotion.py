@@ -64,7 +64,7 @@ def state_dict(content: bytes) -> dict[str, np.ndarray]:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network"), dict):
         raise ConversionError("the checkpoint has no `network` state dict")
     sd = {k: np.asarray(v) for k, v in checkpoint["network"].items()}
-    expected = {}
+    expected: dict[str, tuple[int, ...]] = {}
     channels = 1
     for block, out in zip(BLOCKS, (32, 64, 128, 256), strict=True):
         expected[f"{block}.1.weight"] = (out, channels, 3, 3)

@@ -139,7 +139,7 @@ class _Stopwatch:
 
 def _train(work: Path, recipe: Recipe) -> dict[str, Any]:
     """Generate, train, verify and write the five models under `work/repo`; returns the report."""
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # ships no type information
 
     # One BLAS thread: two shared cores gain nothing from more (they contend), and the MLPs'
     # training then does not depend on the machine's thread count.

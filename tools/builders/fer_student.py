@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
+import h5py  # type: ignore[import-untyped]  # h5py ships no type information
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -108,14 +108,14 @@ def _keras_to_onnx(h5_bytes: bytes) -> onnx.ModelProto:
     (output_layer, _, _), = model_config["config"]["output_layers"]
     consumers: dict[str, int] = {}
     for layer in layers:
-        for inbound in _inbound(layer):
-            consumers[inbound] = consumers.get(inbound, 0) + 1
+        for source in _inbound(layer):
+            consumers[source] = consumers.get(source, 0) + 1
 
     nodes: list[_Node] = []
     producer: dict[str, _Node] = {}  # tensor name -> node that writes it
     tensor: dict[str, str] = {}  # Keras layer name -> ONNX tensor holding its output
     shape: dict[str, tuple[int, int, int]] = {}  # Keras layer name -> (H, W, C)
-    logits = None
+    logits: str | None = None
 
     def emit(node: _Node) -> _Node:
         nodes.append(node)
@@ -135,6 +135,8 @@ def _keras_to_onnx(h5_bytes: bytes) -> onnx.ModelProto:
                 raise ValueError(f"expected a {INPUT_SIZE} grayscale input, got {(ih, iw, ic)}")
             tensor[name], shape[name] = "input", (ih, iw, ic)
             continue
+        if src is None:
+            raise ValueError(f"Keras layer {kind} ({name}) has no inbound layer")
 
         if kind == "Conv2D":
             (oh, ow), attrs = _window((h, wd), cfg, "kernel_size")

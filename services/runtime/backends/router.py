@@ -78,7 +78,7 @@ class RoutingBackend:
         for backend in self.backends:
             try:
                 await backend.close()
-            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others closed
+            except Exception as exc:  # re-raised below, after the others closed
                 first = first or exc
         self._routes = {}
         if first is not None:

@@ -65,7 +65,8 @@ def is_xgb_entry(entry: ModelEntry) -> bool:
     if entry.config is None:
         names = FIL_FILENAMES.values()
         return any(any(entry.path.glob(f"*/{n}")) for n in names)
-    return entry.config.backend == FIL_BACKEND
+    backend: str = entry.config.backend
+    return backend == FIL_BACKEND
 
 
 def _flag(parameters: dict[str, str], key: str, default: bool) -> bool:
@@ -105,7 +106,8 @@ def load_booster(path: Path, model_type: str, nthread: int) -> xgb.Booster:
 
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 @dataclass(frozen=True)

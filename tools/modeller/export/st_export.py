@@ -50,7 +50,9 @@ from tools.modeller.export.versions import ExportError
 
 if TYPE_CHECKING:  # torch and sentence-transformers load only when a graph is really exported
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
     from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -189,15 +191,29 @@ def load_model(checkpoint_dir: Path) -> SentenceTransformer:
     return model.float().eval()
 
 
-def check_loaded(model: SentenceTransformer) -> None:
-    """Refuse what the module list does not show: prompts, chat templates, other tasks."""
+def _transformer(model: SentenceTransformer) -> Transformer:
+    """The checkpoint's first module: its one Transformer."""
     from sentence_transformers.base.modules.transformer import Transformer
 
-    classes = [type(m).__name__ for m in model.children()]
-    check_module_types(classes)
     transformer = model[0]
     if not isinstance(transformer, Transformer):
         raise ExportError(f"the first module is {type(transformer).__name__}, not a Transformer")
+    return transformer
+
+
+def _tokenizer(transformer: Transformer) -> tuple[PreTrainedTokenizerBase, int]:
+    """The Transformer's tokenizer and max_seq_length (check_loaded refuses a checkpoint without them)."""
+    tokenizer, max_seq_length = transformer.tokenizer, transformer.max_seq_length
+    if tokenizer is None or max_seq_length is None:
+        raise ExportError("the checkpoint has no tokenizer or no max_seq_length")
+    return tokenizer, max_seq_length
+
+
+def check_loaded(model: SentenceTransformer) -> None:
+    """Refuse what the module list does not show: prompts, chat templates, other tasks."""
+    classes = [type(m).__name__ for m in model.children()]
+    check_module_types(classes)
+    transformer = _transformer(model)
     if transformer.transformer_task != "feature-extraction":
         raise ExportError(f"the Transformer's task is {transformer.transformer_task!r}, not feature-extraction")
     if "text" not in transformer.modality_config or "message" in transformer.modality_config:
@@ -239,9 +255,9 @@ def serving_tokenizer(model: SentenceTransformer) -> str:
     (which it adds to the normaliser). minilm's helper then truncates at max_seq_length and drops
     the file's padding.
     """
-    transformer = model[0]
-    raw = transformer.tokenizer.backend_tokenizer.to_str()
-    return minilm.serving_tokenizer(raw, int(transformer.max_seq_length))
+    tokenizer, max_seq_length = _tokenizer(_transformer(model))
+    raw = tokenizer.backend_tokenizer.to_str()
+    return minilm.serving_tokenizer(raw, int(max_seq_length))
 
 
 def _lowercases(normalizer: dict | None) -> bool:
@@ -254,7 +270,7 @@ def _lowercases(normalizer: dict | None) -> bool:
 
 def _st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int]]:
     """Token ids as sentence-transformers prepares them for encode(), padding removed."""
-    features = model[0].preprocess(list(texts))
+    features = _transformer(model).preprocess(list(texts))
     ids, mask = features["input_ids"].tolist(), features["attention_mask"].tolist()
     return [[t for t, m in zip(row, row_mask, strict=True) if m] for row, row_mask in zip(ids, mask, strict=True)]
 
@@ -279,18 +295,19 @@ def _strips(model: SentenceTransformer, tokenizer_json: str) -> bool:
 def embedder_info(model: SentenceTransformer, tokenizer_json: str, embedder_name: str,
                   source: str) -> dict[str, Any]:
     """embedder.json: minilm's fields, filled from the loaded checkpoint."""
-    transformer = model[0]
+    transformer = _transformer(model)
+    tokenizer, max_seq_length = _tokenizer(transformer)
     dimension = model.get_embedding_dimension()
     if not dimension:
         raise ExportError("the checkpoint does not say its embedding dimension")
     tokenizer_lowercase = _lowercases(json.loads(tokenizer_json).get("normalizer"))
     checkpoint = minilm.Checkpoint(
-        bert={"hidden_size": int(dimension)}, max_seq_length=int(transformer.max_seq_length),
+        bert={"hidden_size": int(dimension)}, max_seq_length=int(max_seq_length),
         # Lowercasing that the tokenizer already does must not be repeated by the service.
         do_lower_case=bool(transformer.do_lower_case) and not tokenizer_lowercase,
         pooling=pooling_mode(model), normalize=normalizes(model), tokenizer_json=tokenizer_json)
     info = minilm.embedder_json(checkpoint, tokenizer_json)
-    pad_id = transformer.tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
     info.update(name=embedder_name, strip=_strips(model, tokenizer_json),
                 tokenizer_lowercase=tokenizer_lowercase, pad_id=int(pad_id or 0), source=source)
     return info
@@ -330,7 +347,7 @@ def onnx_export(model: SentenceTransformer, opset: int = OPSET) -> bytes:
     """
     import torch
 
-    features = model[0].preprocess(["A short probe.", "A longer probe sentence, so the first row is padded."])
+    features = _transformer(model).preprocess(["A short probe.", "A longer probe sentence, so the first row is padded."])
     args = (features["input_ids"].to(torch.int64), features["attention_mask"].to(torch.int64))
     axes = {n: {0: "N", 1: "L"} for n in minilm.INPUTS} | {minilm.OUTPUT: {0: "N"}}
     buffer = io.BytesIO()
@@ -338,7 +355,9 @@ def onnx_export(model: SentenceTransformer, opset: int = OPSET) -> bytes:
         with torch.no_grad(), warnings.catch_warnings():
             # Tracer warnings about shape-dependent Python branches: the parity check decides.
             warnings.simplefilter("ignore")
-            torch.onnx.export(_encoder(model, model.truncate_dim), args, buffer, opset_version=opset,
+            # torch types f as a path; the TorchScript exporter (dynamo=False) also writes to a file object.
+            torch.onnx.export(_encoder(model, model.truncate_dim), args, buffer,  # type: ignore[arg-type, unused-ignore]
+                              opset_version=opset,
                               input_names=list(minilm.INPUTS), output_names=[minilm.OUTPUT],
                               dynamic_axes=axes, do_constant_folding=True, dynamo=False)
     except Exception as exc:
@@ -412,14 +431,14 @@ def build_files(checkpoint_dir: Path, out: Path, embedder_name: str, source: str
         f"{p}={v}" for p, v in libraries.items())}
 
 
-def _from_cache(cache_dir: Path | None, key: str) -> tuple[Path, dict] | None:
+def _from_cache(cache_dir: Path | str | None, key: str) -> tuple[Path, dict] | None:
     entry = None if cache_dir is None else Path(cache_dir) / key
     if entry is None or not all((entry / f).is_file() for f in (*_FILES, META_FILE)):
         return None
     return entry, json.loads((entry / META_FILE).read_text())
 
 
-def _store(cache_dir: Path | None, key: str, built: Path, meta: dict) -> Path:
+def _store(cache_dir: Path | str | None, key: str, built: Path, meta: dict) -> Path:
     """Move verified files into the cache (one rename: a reader sees all of them or none)."""
     if cache_dir is None:
         return built

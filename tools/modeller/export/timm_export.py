@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -158,7 +159,9 @@ def onnx_export(model: nn.Module, input_size: tuple[int, int]) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(model, (dummy,), buffer, opset_version=OPSET, input_names=["input"],
+            # torch types f as a path; the TorchScript exporter (dynamo=False) also writes to a file object.
+            torch.onnx.export(model, (dummy,), buffer,  # type: ignore[arg-type, unused-ignore]
+                              opset_version=OPSET, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
                               do_constant_folding=True, dynamo=False)
         data = buffer.getvalue()
@@ -173,6 +176,8 @@ def _dynamo_export(model: nn.Module, dummy: torch.Tensor, legacy_error: Exceptio
         batch = torch.export.Dim("N", min=1, max=1024)
         program = torch.onnx.export(model, (dummy,), input_names=["input"], output_names=["logits"],
                                     opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},))
+        if program is None:  # only the TorchScript exporter writes a file instead of returning a program
+            raise ExportError("the dynamo exporter returned no ONNX program")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             program.save(str(path))
@@ -349,7 +354,9 @@ def export_timm(arch: str, checkpoint: Path | None, num_classes: int, name: str,
     checkpoint = Path(checkpoint) if checkpoint is not None else None
     model = build_model(arch, num_classes, checkpoint, None if checkpoint else seed)
     if input_size is None:
-        size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        # timm models carry their pretrained config as a dict.
+        pretrained_cfg = cast("dict[str, Any]", model.pretrained_cfg)
+        size = tuple(pretrained_cfg.get("input_size", (3, 224, 224))[1:])
     elif isinstance(input_size, int):
         size = (input_size, input_size)
     else:

@@ -241,7 +241,9 @@ def export_onnx(net: nn.Module, input_dim: int) -> onnx.ModelProto:
         # it turns this graph into plain Gemm/Relu/Softmax nodes, dropout removed in eval mode.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(model, (torch.zeros(1, input_dim),), buffer, opset_version=OPSET,
+        # torch types f as a path; the TorchScript exporter (dynamo=False) also writes to a file object.
+        torch.onnx.export(model, (torch.zeros(1, input_dim),), buffer,  # type: ignore[arg-type, unused-ignore]
+                          opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True, dynamo=False)
