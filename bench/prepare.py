@@ -26,10 +26,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tessera-bench-prepare-") as tmp:
         base = Path(tmp)
         bench_backends.export_models(base / "backends", list(bench_backends.ARCHS))
-        subprocess.run([sys.executable, "-c", bench_emotion.EXPORT_SCRIPT, str(base / "emotion")], cwd=ROOT,
-                       check=True)
-        subprocess.run([sys.executable, "-c", bench_ensemble.EXPORT_SCRIPT, str(base / "ensemble"),
-                        *(f"{n}={a}" for n, a in bench_ensemble.MEMBERS.items())], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-c", bench_emotion.EXPORT_SCRIPT, str(base / "emotion")], cwd=ROOT, check=True
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                bench_ensemble.EXPORT_SCRIPT,
+                str(base / "ensemble"),
+                *(f"{n}={a}" for n, a in bench_ensemble.MEMBERS.items()),
+            ],
+            cwd=ROOT,
+            check=True,
+        )
     defaults = {"rows": 300_000, "labelled": 30_000, "dim": 1024}  # bench_shards.py's defaults
     bench_shards.shards(defaults["rows"], defaults["labelled"], defaults["dim"])
     print(f"benchmark caches ready in {time.perf_counter() - started:.0f} s", file=sys.stderr)

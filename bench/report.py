@@ -27,11 +27,11 @@ OUTPUT = ROOT / "docs" / "benchmarks.md"
 # Benchmarks in the order the page shows them (others follow, by name), and what each one is.
 ORDER = {
     "bench_emotion": "`bench/bench_emotion.py`: the emotion student through the gateway vs in process "
-                     "vs a two-hop echo",
+    "vs a two-hop echo",
     "bench_ensemble": "`bench/bench_ensemble.py`: the emotion ensemble at batch 1 vs its members' bare "
-                      "ONNX Runtime",
+    "ONNX Runtime",
     "bench_backends": "`bench/bench_backends.py`: the in-process ONNX backend vs a bare "
-                      "`InferenceSession.run`",
+    "`InferenceSession.run`",
     "bench_engagement": "`bench/bench_engagement.py`: one live 640×480 stream through the gateway",
     "bench_shards": "`bench/bench_shards.py`: a shard job through the gateway vs faiss exact search alone",
     "bench_recovery": "`bench/bench_recovery.py`: the gateway's first OK after a service restart",
@@ -166,19 +166,25 @@ def run_label(run: dict[str, Any]) -> str:
 def figures(data: dict[str, Any]) -> str:
     benchmarks: dict[str, Any] = data.get("benchmarks", {})
     if not benchmarks:
-        return ("## Latest figures\n\nNo results yet: run `make bench` (or a bench script) to write "
-                "`bench/results.json`.\n")
+        return (
+            "## Latest figures\n\nNo results yet: run `make bench` (or a bench script) to write "
+            "`bench/results.json`.\n"
+        )
     names = [n for n in ORDER if n in benchmarks] + sorted(n for n in benchmarks if n not in ORDER)
     runs = {name: f"R{i + 1}" for i, name in enumerate(names)}
-    out = ["## Latest figures", "",
-           "Generated from `bench/results.json`. Each benchmark's rows come from its own latest run; the "
-           "*run* column names it, and the runs are listed under the table (date in UTC; a short run is a "
-           "script's `--quick` or reduced form, or a test's short form; the commit measured, `+changes`: "
-           "with uncommitted edits). Cores: "
-           + ", ".join(sorted({str(b["run"].get("cpus", "?")) for b in benchmarks.values()}))
-           + ", no GPU.", "",
-           "| benchmark | what | measured | baseline | ratio | target | met | run |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "## Latest figures",
+        "",
+        "Generated from `bench/results.json`. Each benchmark's rows come from its own latest run; the "
+        "*run* column names it, and the runs are listed under the table (date in UTC; a short run is a "
+        "script's `--quick` or reduced form, or a test's short form; the commit measured, `+changes`: "
+        "with uncommitted edits). Cores: "
+        + ", ".join(sorted({str(b["run"].get("cpus", "?")) for b in benchmarks.values()}))
+        + ", no GPU.",
+        "",
+        "| benchmark | what | measured | baseline | ratio | target | met | run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in names:
         bench = benchmarks[name]
         for r in bench["rows"]:
@@ -189,8 +195,16 @@ def figures(data: dict[str, Any]) -> str:
             if r.get("note"):
                 measured = f"{measured} ({r['note']})" if measured else r["note"]
             met = {True: "yes", False: "**no**", None: ""}[r.get("meets_target")]
-            cells = (name, r["name"], measured, baseline, fmt(r.get("ratio")), r.get("target") or "", met,
-                     runs[name])
+            cells = (
+                name,
+                r["name"],
+                measured,
+                baseline,
+                fmt(r.get("ratio")),
+                r.get("target") or "",
+                met,
+                runs[name],
+            )
             out.append("| " + " | ".join(cell(c) for c in cells) + " |")
     out += ["", "Runs:", ""]
     for name in names:

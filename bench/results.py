@@ -49,17 +49,32 @@ def _number(x: float | int | None) -> float | int | None:
     return round(x, 6) if isinstance(x, float) else x
 
 
-def row(name: str, value: float | int | None, unit: str = "", *, baseline: float | int | None = None,
-        ratio: float | None = None, target: str | None = None, meets_target: bool | None = None,
-        note: str = "") -> dict[str, Any]:
+def row(
+    name: str,
+    value: float | int | None,
+    unit: str = "",
+    *,
+    baseline: float | int | None = None,
+    ratio: float | None = None,
+    target: str | None = None,
+    meets_target: bool | None = None,
+    note: str = "",
+) -> dict[str, Any]:
     """One measured figure. `baseline` is what it is compared with in the same run (same unit);
     `ratio` value / baseline unless given; `target` as the targets table words it (e.g. "≤ 1.25")."""
     value, baseline = _number(value), _number(baseline)
     if ratio is None and value is not None and baseline not in (None, 0):
         ratio = value / baseline
-    return {"name": name, "value": value, "unit": unit, "baseline": baseline, "ratio": _number(ratio),
-            "target": target, "meets_target": None if meets_target is None else bool(meets_target),
-            "note": note}
+    return {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": _number(ratio),
+        "target": target,
+        "meets_target": None if meets_target is None else bool(meets_target),
+        "note": note,
+    }
 
 
 def at_most(x: float | None, limit: float) -> bool | None:
@@ -72,12 +87,24 @@ def at_least(x: float | None, limit: float) -> bool | None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         if out.returncode != 0:
             return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -100,8 +127,15 @@ def load(path: Path = RESULTS) -> dict[str, Any]:
     return data
 
 
-def record(benchmark: str, rows: Iterable[dict[str, Any]], *, quick: bool = False, path: Path | None = None,
-           settings: str = "", argv: list[str] | None = None) -> Path:
+def record(
+    benchmark: str,
+    rows: Iterable[dict[str, Any]],
+    *,
+    quick: bool = False,
+    path: Path | None = None,
+    settings: str = "",
+    argv: list[str] | None = None,
+) -> Path:
     """Replace `benchmark`'s rows in the results file with `rows`, stamped with this run."""
     path = Path(path or RESULTS)
     rows = [{k: r.get(k) for k in FIELDS} for r in rows]

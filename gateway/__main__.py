@@ -7,9 +7,6 @@ import contextlib
 import logging
 import sys
 
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-
 from gateway.config import GatewayConfig
 from gateway.routes import Route, Routes
 from gateway.servicer import SERVICE_NAME, GatewayServicer
@@ -19,20 +16,28 @@ from services.runtime.metrics import Metrics
 from services.runtime.process import App, run
 from services.runtime.server import Servicer, ServingProcess
 from services.runtime.streams import Drain
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 
 async def build(config: GatewayConfig, metrics: Metrics) -> App:
     try:
-        rules = RulesStore(config.rules_path, on_change=metrics.set_rules_version,
-                           on_error=lambda _msg: metrics.rules_reload_errors.inc())
+        rules = RulesStore(
+            config.rules_path,
+            on_change=metrics.set_rules_version,
+            on_error=lambda _msg: metrics.rules_reload_errors.inc(),
+        )
     except (OSError, RulesError) as exc:
         raise ConfigError(f"fusion rules {config.rules_path}: {exc}") from None
     routes = Routes(config)
     drain = Drain(config.server.drain_streams_after_seconds)
-    servicer = Servicer(SERVICE_NAME, GatewayServicer(config, routes, rules, drain),
-                        pb_grpc.add_GatewayServiceServicer_to_server)
+    servicer = Servicer(
+        SERVICE_NAME,
+        GatewayServicer(config, routes, rules, drain),
+        pb_grpc.add_GatewayServiceServicer_to_server,
+    )
     watchers: list[asyncio.Task[None]] = []
 
     async def on_start(server: ServingProcess) -> None:

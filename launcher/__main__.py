@@ -16,10 +16,20 @@ from launcher.supervisor import CrashLoop, RestartPolicy, Supervisor
 def serve(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tessera-"))
     suite = Suite(workdir, repository=args.repository, rules=args.rules, gateway_port=args.port).start()
-    print(f"gateway SERVING on 127.0.0.1:{suite.gateway.port} (metrics :{suite.gateway.metrics_port}); "
-          f"services: " + ", ".join(f"{p.name} {p.target} (metrics :{p.metrics_port})"
-                                    for p in suite.processes.values() if p.name != "gateway"), flush=True)
-    print(f"logs in {workdir}; a process that ends is restarted on its port; Ctrl-C stops everything", flush=True)
+    print(
+        f"gateway SERVING on 127.0.0.1:{suite.gateway.port} (metrics :{suite.gateway.metrics_port}); "
+        f"services: "
+        + ", ".join(
+            f"{p.name} {p.target} (metrics :{p.metrics_port})"
+            for p in suite.processes.values()
+            if p.name != "gateway"
+        ),
+        flush=True,
+    )
+    print(
+        f"logs in {workdir}; a process that ends is restarted on its port; Ctrl-C stops everything",
+        flush=True,
+    )
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -51,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--rules", type=Path, default=ROOT / "config" / "fusion_rules.yaml")
     p.add_argument("--workdir", type=Path, help="logs and ready files (default: a new temporary folder)")
-    p.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts,
-                   help="restarts of one process within --restart-window before the suite stops (crash loop)")
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=RestartPolicy.max_restarts,
+        help="restarts of one process within --restart-window before the suite stops (crash loop)",
+    )
     p.add_argument("--restart-window", type=float, default=RestartPolicy.window_seconds, metavar="SECONDS")
     sub.add_parser("demo", help="start the suite, call every public RPC once, stop")
     args = parser.parse_args(argv)

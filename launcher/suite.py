@@ -56,10 +56,18 @@ class Suite:
     """The whole suite on loopback. Ports are chosen by the processes (port 0) and read back
     from their ready files, so parallel suites never race for a port."""
 
-    def __init__(self, workdir: Path, *, repository: Path = ROOT / "model_repository",
-                 rules: Path = ROOT / "config" / "fusion_rules.yaml", gateway_port: int = 0,
-                 data_roots: tuple[Path, ...] = (ROOT / "data",), extra_env: dict[str, str] | None = None,
-                 config_files: dict[str, Path] | None = None, tls: ClientTls | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        repository: Path = ROOT / "model_repository",
+        rules: Path = ROOT / "config" / "fusion_rules.yaml",
+        gateway_port: int = 0,
+        data_roots: tuple[Path, ...] = (ROOT / "data",),
+        extra_env: dict[str, str] | None = None,
+        config_files: dict[str, Path] | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.workdir = workdir
         self.repository = repository
         self.rules = rules
@@ -79,15 +87,26 @@ class Suite:
         if log_file.exists():  # a restart: keep the previous run's log beside the new one
             log_file.replace(log_file.with_suffix(".previous.log"))
         # The process's stable command name, from the environment this launcher runs in.
-        args = [command_path(f"tessera-{name}"), "--port", str(port), "--metrics-port", str(metrics_port),
-                "--ready-file", str(ready)]
+        args = [
+            command_path(f"tessera-{name}"),
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--ready-file",
+            str(ready),
+        ]
         if name in self.config_files:
             args += ["--config", str(self.config_files[name])]
         with log_file.open("wb") as log:
             # The process stops by itself if this launcher dies (killed tests leave no orphans).
-            popen = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env, **self.extra_env,
-                                                          "TESSERA_PARENT_PID": str(os.getpid())},
-                                     stdout=log, stderr=subprocess.STDOUT)
+            popen = subprocess.Popen(
+                args,
+                cwd=ROOT,
+                env={**os.environ, **env, **self.extra_env, "TESSERA_PARENT_PID": str(os.getpid())},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         proc = Process(name, popen, ready, log_file, env)
         self.processes[name] = proc
         return proc
@@ -97,7 +116,9 @@ class Suite:
         for proc in procs:
             while not proc.ready_file.exists():
                 if proc.popen.poll() is not None:
-                    raise SuiteError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+                    raise SuiteError(
+                        f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}"
+                    )
                 if time.monotonic() > deadline:
                     raise SuiteError(f"{proc.name} not ready after {timeout:.0f}s:\n{proc.log_tail()}")
                 time.sleep(0.05)
@@ -110,7 +131,10 @@ class Suite:
             for name in SERVICES:
                 env = {f"TESSERA_{name.upper()}__MODEL_REPOSITORY": str(self.repository)}
                 if name == "proxylabel":
-                    env |= {"TESSERA_PROXYLABEL__INPUT_ROOTS": roots, "TESSERA_PROXYLABEL__OUTPUT_ROOTS": roots}
+                    env |= {
+                        "TESSERA_PROXYLABEL__INPUT_ROOTS": roots,
+                        "TESSERA_PROXYLABEL__OUTPUT_ROOTS": roots,
+                    }
                 services.append(self._spawn(name, env))
             self._wait_ready(services, timeout)
             env = {f"TESSERA_GATEWAY__TARGETS__{p.name.upper()}": p.target for p in services}
@@ -184,7 +208,7 @@ def command_path(name: str) -> str:
 def wait_serving(target: str, service: str = "", timeout: float = 30.0, tls: ClientTls | None = None) -> None:
     """Poll grpc.health.v1 until the service says SERVING."""
     deadline = time.monotonic() + timeout
-    with (grpc.insecure_channel(target) if tls is None else tls.channel(target)) as channel:
+    with grpc.insecure_channel(target) if tls is None else tls.channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

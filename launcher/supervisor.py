@@ -35,8 +35,13 @@ class _History:
 
 
 class Supervisor:
-    def __init__(self, suite: Suite, policy: RestartPolicy = RestartPolicy(),
-                 say: Callable[[str], None] = print, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        suite: Suite,
+        policy: RestartPolicy = RestartPolicy(),
+        say: Callable[[str], None] = print,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.suite = suite
         self.policy = policy
         self.say = say
@@ -62,15 +67,22 @@ class Supervisor:
             history.restarts.popleft()
         how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
         if len(history.restarts) >= p.max_restarts:
-            raise CrashLoop(f"{proc.name} {how} after {len(history.restarts)} restarts within "
-                            f"{p.window_seconds:.0f}s: crash loop, stopping the suite. Last lines of its log:\n"
-                            f"{proc.log_tail()}")
-        history.backoff = (p.initial_backoff_seconds if not history.restarts
-                           else min(history.backoff * 2, p.max_backoff_seconds))
+            raise CrashLoop(
+                f"{proc.name} {how} after {len(history.restarts)} restarts within "
+                f"{p.window_seconds:.0f}s: crash loop, stopping the suite. Last lines of its log:\n"
+                f"{proc.log_tail()}"
+            )
+        history.backoff = (
+            p.initial_backoff_seconds
+            if not history.restarts
+            else min(history.backoff * 2, p.max_backoff_seconds)
+        )
         history.restarts.append(now)
-        self.say(f"{proc.name} {how}; restarting it on port {proc.port} in {history.backoff:.1f}s "
-                 f"(restart {len(history.restarts)} of at most {p.max_restarts} per {p.window_seconds:.0f}s). "
-                 f"Last lines of its log:\n{proc.log_tail(10)}")
+        self.say(
+            f"{proc.name} {how}; restarting it on port {proc.port} in {history.backoff:.1f}s "
+            f"(restart {len(history.restarts)} of at most {p.max_restarts} per {p.window_seconds:.0f}s). "
+            f"Last lines of its log:\n{proc.log_tail(10)}"
+        )
         time.sleep(history.backoff)
         try:
             self.suite.restart(proc.name)

@@ -10,8 +10,8 @@ import pytest
 from skimage import data as skdata
 
 from launcher.suite import ROOT, Suite
-from tests.helpers.suites import CACHE, start_suite
 from tests.helpers.images import png_bomb as make_png_bomb
+from tests.helpers.suites import CACHE, start_suite
 from tools.builders.blazeface import build_blazeface
 from tools.builders.fer_student import build_fer_student
 
@@ -30,13 +30,12 @@ def astronaut_jpeg() -> bytes:
     return cv2.imencode(".jpg", cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
-
-
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Suite]:
     """The whole suite, shared by a test module: tests must not break it."""
-    s = start_suite(tmp_path_factory.mktemp("suite"), model_repository,
-                    data_roots=(tmp_path_factory.getbasetemp(),))
+    s = start_suite(
+        tmp_path_factory.mktemp("suite"), model_repository, data_roots=(tmp_path_factory.getbasetemp(),)
+    )
     yield s
     s.stop()
 

@@ -82,32 +82,61 @@ def burst(suite: Suite, astronaut_jpeg: bytes) -> Burst:
     payload = loadgen.Payload(image=astronaut_jpeg)
     target = suite.gateway.target
     loadgen.run(target, "ClassifyEmotion", count=3, deadline=30, payload=payload)  # warm-up
-    sequential = loadgen.run(target, "ClassifyEmotion", concurrency=1, duration=SEQUENTIAL_SECONDS,
-                             deadline=30, payload=payload)
+    sequential = loadgen.run(
+        target, "ClassifyEmotion", concurrency=1, duration=SEQUENTIAL_SECONDS, deadline=30, payload=payload
+    )
     assert dict(sequential.codes) == {"OK": len(sequential.calls)}, sequential.table()
-    burst = loadgen.run(target, "ClassifyEmotion", concurrency=BURST_CALLS, count=BURST_CALLS,
-                        deadline=BURST_DEADLINE, payload=payload, channels=4)
+    burst = loadgen.run(
+        target,
+        "ClassifyEmotion",
+        concurrency=BURST_CALLS,
+        count=BURST_CALLS,
+        deadline=BURST_DEADLINE,
+        payload=payload,
+        channels=4,
+    )
     b = Burst(sequential, burst, alive(suite))
-    print(f"\n{sequential.table()}\n{burst.table()}\nsequential rate {b.sequential_rate:.1f}/s → "
-          f"{b.wanted_ok:.1f} OK wanted in {BURST_DEADLINE:g} s; got {burst.count('OK')}; "
-          f"calls ended past deadline + 0.5 s by this client's clock: {len(burst.overruns(0.5))}")
+    print(
+        f"\n{sequential.table()}\n{burst.table()}\nsequential rate {b.sequential_rate:.1f}/s → "
+        f"{b.wanted_ok:.1f} OK wanted in {BURST_DEADLINE:g} s; got {burst.count('OK')}; "
+        f"calls ended past deadline + 0.5 s by this client's clock: {len(burst.overruns(0.5))}"
+    )
     if RECORD:
         lat = burst.percentiles()
         others = sum(v for k, v in burst.codes.items() if k not in BURST_STATUSES)
-        results.record("burst (tests/test_load.py)", [
-            results.row("ClassifyEmotion sequential rate (astronaut 512², detection on)",
-                        b.sequential_rate, "/s"),
-            results.row(f"burst of {BURST_CALLS} concurrent calls, {BURST_DEADLINE:g} s deadline: "
-                        "answered OK", burst.count("OK"), "calls", baseline=round(b.wanted_ok, 1),
-                        target="≥ half the sequential rate × the deadline",
-                        meets_target=burst.count("OK") >= b.wanted_ok,
-                        note=", ".join(f"{k} {v}" for k, v in burst.codes.most_common())),
-            results.row("burst: calls ending other than OK / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED / "
-                        "UNAVAILABLE", others, "calls", target="0", meets_target=others == 0),
-            results.row("burst: latency p50 (every status)", lat["p50"] * 1e3, "ms",
-                        note=f"p99 {lat['p99'] * 1e3:.0f} ms, max {lat['max'] * 1e3:.0f} ms"),
-        ], settings=f"{BURST_CALLS} calls, deadline {BURST_DEADLINE:g} s, "
-                    f"sequential {SEQUENTIAL_SECONDS:g} s")
+        results.record(
+            "burst (tests/test_load.py)",
+            [
+                results.row(
+                    "ClassifyEmotion sequential rate (astronaut 512², detection on)", b.sequential_rate, "/s"
+                ),
+                results.row(
+                    f"burst of {BURST_CALLS} concurrent calls, {BURST_DEADLINE:g} s deadline: answered OK",
+                    burst.count("OK"),
+                    "calls",
+                    baseline=round(b.wanted_ok, 1),
+                    target="≥ half the sequential rate × the deadline",
+                    meets_target=burst.count("OK") >= b.wanted_ok,
+                    note=", ".join(f"{k} {v}" for k, v in burst.codes.most_common()),
+                ),
+                results.row(
+                    "burst: calls ending other than OK / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED / "
+                    "UNAVAILABLE",
+                    others,
+                    "calls",
+                    target="0",
+                    meets_target=others == 0,
+                ),
+                results.row(
+                    "burst: latency p50 (every status)",
+                    lat["p50"] * 1e3,
+                    "ms",
+                    note=f"p99 {lat['p99'] * 1e3:.0f} ms, max {lat['max'] * 1e3:.0f} ms",
+                ),
+            ],
+            settings=f"{BURST_CALLS} calls, deadline {BURST_DEADLINE:g} s, "
+            f"sequential {SEQUENTIAL_SECONDS:g} s",
+        )
     return b
 
 
@@ -166,21 +195,28 @@ class LiveStream:
     def run(self, seconds: float) -> None:
         try:
             with TesseraClient(self.target) as client:
-                answers = client.stream_video(self._frames(int((seconds + 120) * LIVE_FPS)), fps=LIVE_FPS,
-                                              timeout=seconds + 300)
+                answers = client.stream_video(
+                    self._frames(int((seconds + 120) * LIVE_FPS)), fps=LIVE_FPS, timeout=seconds + 300
+                )
                 for reply in answers:
                     self.answered += 1
                     if reply.status.code:
                         self.item_codes[reply.status.code] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             self.error = exc
 
 
 async def _mix(target: str, seconds: float, payload: loadgen.Payload) -> list[loadgen.LoadResult]:
-    return list(await asyncio.gather(*(
-        loadgen.run_load(target, rpc, concurrency=conc, rate=rate, duration=seconds, deadline=30,
-                         payload=payload)
-        for rpc, (conc, rate, _) in SOAK_MIX.items())))
+    return list(
+        await asyncio.gather(
+            *(
+                loadgen.run_load(
+                    target, rpc, concurrency=conc, rate=rate, duration=seconds, deadline=30, payload=payload
+                )
+                for rpc, (conc, rate, _) in SOAK_MIX.items()
+            )
+        )
+    )
 
 
 def _unexpected(runs: list[loadgen.LoadResult]) -> dict[str, Counter[str]]:
@@ -193,17 +229,26 @@ def _unexpected(runs: list[loadgen.LoadResult]) -> dict[str, Counter[str]]:
     return out
 
 
-@pytest.mark.parametrize(("warmup", "seconds"), [
-    (15.0, 45.0),
-    pytest.param(120.0, 1680.0, marks=[pytest.mark.slow, pytest.mark.timeout(2700)]),
-], ids=["60s", "30min"])
-def test_soak_mixed_traffic_with_a_live_stream(suite: Suite, astronaut_jpeg: bytes,
-                                               tmp_path_factory: pytest.TempPathFactory,
-                                               warmup: float, seconds: float) -> None:
+@pytest.mark.parametrize(
+    ("warmup", "seconds"),
+    [
+        (15.0, 45.0),
+        pytest.param(120.0, 1680.0, marks=[pytest.mark.slow, pytest.mark.timeout(2700)]),
+    ],
+    ids=["60s", "30min"],
+)
+def test_soak_mixed_traffic_with_a_live_stream(
+    suite: Suite,
+    astronaut_jpeg: bytes,
+    tmp_path_factory: pytest.TempPathFactory,
+    warmup: float,
+    seconds: float,
+) -> None:
     target = suite.gateway.target
     work = tmp_path_factory.getbasetemp() / "soak"  # under the suite's data roots
-    payload = loadgen.Payload(image=astronaut_jpeg, shard=loadgen.write_shard(work / "shard.parquet"),
-                              shard_output=work / "out").ready_for(list(SOAK_MIX))
+    payload = loadgen.Payload(
+        image=astronaut_jpeg, shard=loadgen.write_shard(work / "shard.parquet"), shard_output=work / "out"
+    ).ready_for(list(SOAK_MIX))
     live = LiveStream(target, payload.frames)
     thread = threading.Thread(target=live.run, args=(warmup + seconds,), daemon=True)
     thread.start()
@@ -238,33 +283,65 @@ def test_soak_mixed_traffic_with_a_live_stream(suite: Suite, astronaut_jpeg: byt
     def median_at(window: list[tuple[float, dict[str, int]]], name: str) -> float:
         return statistics.median(s[1][name] for s in window)
 
-    after_warmup = {n: median_at(samples[max(0, mark - 2):mark + 1], n) for n in PROCESSES}
+    after_warmup = {n: median_at(samples[max(0, mark - 2) : mark + 1], n) for n in PROCESSES}
     at_end = {n: median_at(samples[-3:], n) for n in PROCESSES}
     growth = {n: at_end[n] / after_warmup[n] - 1 if after_warmup[n] else float("inf") for n in PROCESSES}
     unexpected = _unexpected(warm + runs)
     calls = sum(len(r.calls) for r in runs)
-    report = [f"\nsoak: {warmup:g} s warm-up + {seconds:g} s, {calls} calls after the warm-up, live stream "
-              f"{live.sent} frames sent / {live.answered} answered, unexpected {unexpected}"]
+    report = [
+        f"\nsoak: {warmup:g} s warm-up + {seconds:g} s, {calls} calls after the warm-up, live stream "
+        f"{live.sent} frames sent / {live.answered} answered, unexpected {unexpected}"
+    ]
     report += [r.table() for r in runs]
-    report += [f"  {n:<11} VmRSS after warm-up {after_warmup[n] / 1024:7.1f} MiB, "
-               f"at the end {at_end[n] / 1024:7.1f} MiB ({growth[n]:+.1%}), "
-               f"max {max(s[1][n] for s in samples) / 1024:7.1f} MiB" for n in PROCESSES]
+    report += [
+        f"  {n:<11} VmRSS after warm-up {after_warmup[n] / 1024:7.1f} MiB, "
+        f"at the end {at_end[n] / 1024:7.1f} MiB ({growth[n]:+.1%}), "
+        f"max {max(s[1][n] for s in samples) / 1024:7.1f} MiB"
+        for n in PROCESSES
+    ]
     print("\n".join(report))
     if RECORD:
-        rows = [results.row("soak: calls after the warm-up, every public RPC", calls, "calls",
-                            note=", ".join(f"{r.rpc} {len(r.calls)}" for r in runs)),
-                results.row("soak: unexpected statuses (calls and items)", sum(sum(c.values()) for c in
-                            unexpected.values()) + (live.error is not None), "", target="0",
-                            meets_target=not unexpected and live.error is None),
-                results.row("soak: live stream frames answered / sent", live.answered, "frames",
-                            baseline=live.sent, target="every frame",
-                            meets_target=live.answered == live.sent)]
-        rows += [results.row(f"soak: {n} VmRSS at the end vs after the warm-up", at_end[n] / 1024, "MiB",
-                             baseline=round(after_warmup[n] / 1024, 1), target="within 10 %",
-                             meets_target=abs(growth[n]) <= 0.10) for n in PROCESSES]
-        results.record(f"soak {int(warmup + seconds)} s (tests/test_load.py)", rows, quick=seconds < 600,
-                       settings=f"warm-up {warmup:g} s, {seconds:g} s, live stream {LIVE_FPS:g} fps, mix "
-                       + ", ".join(f"{k} {v[1]:g}/s" for k, v in SOAK_MIX.items()))
+        rows = [
+            results.row(
+                "soak: calls after the warm-up, every public RPC",
+                calls,
+                "calls",
+                note=", ".join(f"{r.rpc} {len(r.calls)}" for r in runs),
+            ),
+            results.row(
+                "soak: unexpected statuses (calls and items)",
+                sum(sum(c.values()) for c in unexpected.values()) + (live.error is not None),
+                "",
+                target="0",
+                meets_target=not unexpected and live.error is None,
+            ),
+            results.row(
+                "soak: live stream frames answered / sent",
+                live.answered,
+                "frames",
+                baseline=live.sent,
+                target="every frame",
+                meets_target=live.answered == live.sent,
+            ),
+        ]
+        rows += [
+            results.row(
+                f"soak: {n} VmRSS at the end vs after the warm-up",
+                at_end[n] / 1024,
+                "MiB",
+                baseline=round(after_warmup[n] / 1024, 1),
+                target="within 10 %",
+                meets_target=abs(growth[n]) <= 0.10,
+            )
+            for n in PROCESSES
+        ]
+        results.record(
+            f"soak {int(warmup + seconds)} s (tests/test_load.py)",
+            rows,
+            quick=seconds < 600,
+            settings=f"warm-up {warmup:g} s, {seconds:g} s, live stream {LIVE_FPS:g} fps, mix "
+            + ", ".join(f"{k} {v[1]:g}/s" for k, v in SOAK_MIX.items()),
+        )
 
     assert all(code is None for code in alive(suite).values()), alive(suite)
     assert live.error is None, repr(live.error)

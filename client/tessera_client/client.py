@@ -25,7 +25,11 @@ from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 
 ImageLike = str | Path | bytes | np.ndarray | common_pb2.Image
-MODES = {None: pb.EMOTION_MODE_UNSPECIFIED, "ensemble": pb.EMOTION_MODE_ENSEMBLE, "student": pb.EMOTION_MODE_STUDENT}
+MODES = {
+    None: pb.EMOTION_MODE_UNSPECIFIED,
+    "ensemble": pb.EMOTION_MODE_ENSEMBLE,
+    "student": pb.EMOTION_MODE_STUDENT,
+}
 
 
 class ItemError(Exception):
@@ -47,8 +51,9 @@ def status_code(value: int) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
-def to_image(image: ImageLike, *, face_crop: bool = False,
-             boxes: Sequence[tuple[int, int, int, int]] = ()) -> common_pb2.Image:
+def to_image(
+    image: ImageLike, *, face_crop: bool = False, boxes: Sequence[tuple[int, int, int, int]] = ()
+) -> common_pb2.Image:
     """A path or encoded bytes (JPEG/PNG), or a pixel array (gray HxW, BGR HxWx3, RGBA HxWx4)."""
     if isinstance(image, common_pb2.Image):
         return image
@@ -58,12 +63,17 @@ def to_image(image: ImageLike, *, face_crop: bool = False,
     if isinstance(image, bytes):
         return common_pb2.Image(encoded=image, faces=faces, is_face_crop=face_crop)
     array = np.ascontiguousarray(image, dtype=np.uint8)
-    formats = {2: common_pb2.PIXEL_FORMAT_GRAY8, 3: common_pb2.PIXEL_FORMAT_BGR8, 4: common_pb2.PIXEL_FORMAT_RGBA8}
+    formats = {
+        2: common_pb2.PIXEL_FORMAT_GRAY8,
+        3: common_pb2.PIXEL_FORMAT_BGR8,
+        4: common_pb2.PIXEL_FORMAT_RGBA8,
+    }
     channels = 2 if array.ndim == 2 else array.shape[2] if array.ndim == 3 else 0
     if channels not in formats:
         raise ValueError(f"pixel array of shape {array.shape}: expected HxW, HxWx3 (BGR) or HxWx4 (RGBA)")
-    raw = common_pb2.RawImage(height=array.shape[0], width=array.shape[1], format=formats[channels],
-                              data=array.tobytes())
+    raw = common_pb2.RawImage(
+        height=array.shape[0], width=array.shape[1], format=formats[channels], data=array.tobytes()
+    )
     return common_pb2.Image(raw=raw, faces=faces, is_face_crop=face_crop)
 
 
@@ -109,17 +119,27 @@ class ClientTls:
     server_name: str | None = None
 
     @classmethod
-    def from_files(cls, ca_file: Path | None, cert_file: Path | None = None, key_file: Path | None = None,
-                   server_name: str | None = None) -> ClientTls | None:
+    def from_files(
+        cls,
+        ca_file: Path | None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        server_name: str | None = None,
+    ) -> ClientTls | None:
         """From PEM files; None without a CA file (plaintext). Raises OSError for an unreadable file."""
         if ca_file is None:
             return None
-        return cls(ca_file.read_bytes(), cert_file.read_bytes() if cert_file else None,
-                   key_file.read_bytes() if key_file else None, server_name)
+        return cls(
+            ca_file.read_bytes(),
+            cert_file.read_bytes() if cert_file else None,
+            key_file.read_bytes() if key_file else None,
+            server_name,
+        )
 
     def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-        creds = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                             certificate_chain=self.cert)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
         name = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
         return grpc.secure_channel(target, creds, options=[*options, *name])
 
@@ -127,17 +147,30 @@ class ClientTls:
 class TesseraClient:
     """Blocking client of the gateway. Use as a context manager, or call close()."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: bool | ClientTls = False,
-                 root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
-                 private_key: bytes | None = None, server_name: str | None = None, timeout: float = 30.0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool | ClientTls = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        server_name: str | None = None,
+        timeout: float = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         """`tls`: a `ClientTls`, or True for TLS with the keyword arguments (implied by
         `root_certificates` or `certificate_chain`): `root_certificates` the CA (None: the system's
         roots), `certificate_chain` + `private_key` a client certificate for mutual TLS,
         `server_name` the name expected in the server's certificate when the target's host differs."""
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        if not isinstance(tls, ClientTls) and (tls or root_certificates is not None or certificate_chain is not None):
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if not isinstance(tls, ClientTls) and (
+            tls or root_certificates is not None or certificate_chain is not None
+        ):
             tls = ClientTls(root_certificates, certificate_chain, private_key, server_name)
         if isinstance(tls, ClientTls):
             self.channel = tls.channel(target, options)
@@ -160,43 +193,74 @@ class TesseraClient:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata}
 
     # Emotion ---------------------------------------------------------------------------------
-    def classify(self, images: Sequence[ImageLike], *, mode: str | None = None, return_member_logits: bool = False,
-                 face_crop: bool = False, timeout: float | None = None,
-                 ensemble: str | None = None) -> pb.ClassifyEmotionResponse:
+    def classify(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        mode: str | None = None,
+        return_member_logits: bool = False,
+        face_crop: bool = False,
+        timeout: float | None = None,
+        ensemble: str | None = None,
+    ) -> pb.ClassifyEmotionResponse:
         """Every face of every image. `ensemble` names an ensemble of the gateway's fusion rules
         (e.g. "pretrained", "research"; implies mode "ensemble"); None: the rules' default one."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(k for k in MODES if k)} or None")
-        request = pb.ClassifyEmotionRequest(images=[to_image(i, face_crop=face_crop) for i in images],
-                                            mode=MODES[mode], return_member_logits=return_member_logits,
-                                            ensemble=ensemble or "")
+        request = pb.ClassifyEmotionRequest(
+            images=[to_image(i, face_crop=face_crop) for i in images],
+            mode=MODES[mode],
+            return_member_logits=return_member_logits,
+            ensemble=ensemble or "",
+        )
         reply: pb.ClassifyEmotionResponse = self.stub.ClassifyEmotion(request, **self._kw(timeout))
         return reply
 
-    def classify_image(self, image: ImageLike, *, mode: str | None = None, face_crop: bool = False,
-                       timeout: float | None = None) -> list[Face]:
+    def classify_image(
+        self,
+        image: ImageLike,
+        *,
+        mode: str | None = None,
+        face_crop: bool = False,
+        timeout: float | None = None,
+    ) -> list[Face]:
         """Every face of one image; raises ItemError when the image itself was refused."""
         reply = self.classify([image], mode=mode, face_crop=face_crop, timeout=timeout)
         result = reply.images[0]
         if result.status.code != 0:
             raise ItemError(status_code(result.status.code), result.status.message)
-        return [Face((f.box.x, f.box.y, f.box.width, f.box.height), f.label,
-                     dict(zip(reply.class_names, f.probabilities, strict=True)), f.detection_score)
-                for f in result.faces]
+        return [
+            Face(
+                (f.box.x, f.box.y, f.box.width, f.box.height),
+                f.label,
+                dict(zip(reply.class_names, f.probabilities, strict=True)),
+                f.detection_score,
+            )
+            for f in result.faces
+        ]
 
     # Engagement ------------------------------------------------------------------------------
     @staticmethod
-    def _clip_messages(message: type, frames: Iterable[ImageLike], fps: float, clip_id: str,
-                       return_member_outputs: bool) -> Iterator[Any]:
-        header = pb.ClipHeader(clip_id=clip_id, fps=fps,
-                               options=pb.ClipOptions(return_member_outputs=return_member_outputs))
+    def _clip_messages(
+        message: type, frames: Iterable[ImageLike], fps: float, clip_id: str, return_member_outputs: bool
+    ) -> Iterator[Any]:
+        header = pb.ClipHeader(
+            clip_id=clip_id, fps=fps, options=pb.ClipOptions(return_member_outputs=return_member_outputs)
+        )
         yield message(header=header)
         for i, frame in enumerate(frames):
             stamp = int(i * 1e6 / fps)
             yield message(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
 
-    def score_clip(self, frames: Iterable[ImageLike], *, fps: float = 30.0, clip_id: str = "",
-                   return_member_outputs: bool = False, timeout: float | None = None) -> pb.ScoreClipResponse:
+    def score_clip(
+        self,
+        frames: Iterable[ImageLike],
+        *,
+        fps: float = 30.0,
+        clip_id: str = "",
+        return_member_outputs: bool = False,
+        timeout: float | None = None,
+    ) -> pb.ScoreClipResponse:
         _check_fps(fps)
         messages = self._clip_messages(pb.ScoreClipRequest, frames, fps, clip_id, return_member_outputs)
         reply: pb.ScoreClipResponse = self.stub.ScoreClip(messages, **self._kw(timeout))
@@ -206,17 +270,24 @@ class TesseraClient:
         fps, frames = video_frames(path)
         return self.score_clip(frames, fps=fps or 30.0, clip_id=Path(path).name, **kwargs)
 
-    def stream_video(self, frames: Iterable[ImageLike], *, fps: float = 30.0, stream_id: str = "",
-                     timeout: float | None = None, reconnect_seconds: float = 60.0
-                     ) -> Iterator[pb.StreamVideoResponse]:
+    def stream_video(
+        self,
+        frames: Iterable[ImageLike],
+        *,
+        fps: float = 30.0,
+        stream_id: str = "",
+        timeout: float | None = None,
+        reconnect_seconds: float = 60.0,
+    ) -> Iterator[pb.StreamVideoResponse]:
         """One answer per frame, in order. When the stream is cut with UNAVAILABLE (a gateway or
         service restarting, a drain), it is reopened with the same stream id for up to
         `reconnect_seconds` (0: never) and the frames not yet answered are sent again, so every
         frame gets exactly one answer. Server-side state (the tracked face, the engagement window
         and its smoothing) starts afresh on the new stream."""
         _check_fps(fps)
-        return _ResumableStream(self, frames, fps, stream_id or uuid.uuid4().hex, timeout,
-                                reconnect_seconds).answers()
+        return _ResumableStream(
+            self, frames, fps, stream_id or uuid.uuid4().hex, timeout, reconnect_seconds
+        ).answers()
 
     def stream_webcam(self, device: int = 0, **kwargs: Any) -> Iterator[pb.StreamVideoResponse]:
         import cv2
@@ -236,29 +307,43 @@ class TesseraClient:
         return self.stream_video(frames(), fps=capture.get(cv2.CAP_PROP_FPS) or 30.0, **kwargs)
 
     # Proxy labels ----------------------------------------------------------------------------
-    def score_texts(self, rows: Sequence[dict[str, Any] | proxylabel_pb.TextRow], *,
-                    timeout: float | None = None) -> pb.ScoreTextsResponse:
+    def score_texts(
+        self, rows: Sequence[dict[str, Any] | proxylabel_pb.TextRow], *, timeout: float | None = None
+    ) -> pb.ScoreTextsResponse:
         """rows: TextRow messages or dicts with id, text, optional response / embedding / embedder."""
         msgs = [r if isinstance(r, proxylabel_pb.TextRow) else proxylabel_pb.TextRow(**r) for r in rows]
-        reply: pb.ScoreTextsResponse = self.stub.ScoreTexts(pb.ScoreTextsRequest(rows=msgs), **self._kw(timeout))
+        reply: pb.ScoreTextsResponse = self.stub.ScoreTexts(
+            pb.ScoreTextsRequest(rows=msgs), **self._kw(timeout)
+        )
         return reply
 
-    def score_shard(self, input_path: str | Path, output_path: str | Path, *, batch_rows: int = 0,
-                    timeout: float | None = None) -> grpc.CallIterator[pb.ScoreShardResponse]:
+    def score_shard(
+        self,
+        input_path: str | Path,
+        output_path: str | Path,
+        *,
+        batch_rows: int = 0,
+        timeout: float | None = None,
+    ) -> grpc.CallIterator[pb.ScoreShardResponse]:
         """Start the shard job, or re-attach to it (the same request is the same job): progress
         events (the first names the job: `progress.job`), then the summary. The job runs in the
         service: it goes on when this stream ends; call again to re-attach
         (`tessera_client.score_shard` does it by itself)."""
-        request = pb.ScoreShardRequest(input_path=str(input_path), output_path=str(output_path),
-                                       batch_rows=batch_rows)
-        events: grpc.CallIterator[pb.ScoreShardResponse] = self.stub.ScoreShard(request, **self._kw(timeout or 24 * 3600.0))
+        request = pb.ScoreShardRequest(
+            input_path=str(input_path), output_path=str(output_path), batch_rows=batch_rows
+        )
+        events: grpc.CallIterator[pb.ScoreShardResponse] = self.stub.ScoreShard(
+            request, **self._kw(timeout or 24 * 3600.0)
+        )
         return events
 
     def get_shard_job(self, job_id: str, *, timeout: float | None = None) -> proxylabel_pb.ShardJob:
         """A shard job's state (RUNNING, SUCCEEDED, FAILED, CANCELLED, ORPHANED), rows, owner. A job
         belongs to the token that started it (`started_by`): another token's job is NOT_FOUND,
         unless this token has the admin scope."""
-        reply: pb.GetShardJobResponse = self.stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), **self._kw(timeout))
+        reply: pb.GetShardJobResponse = self.stub.GetShardJob(
+            pb.GetShardJobRequest(job_id=job_id), **self._kw(timeout)
+        )
         return reply.job
 
     def list_shard_jobs(self, *, timeout: float | None = None) -> list[proxylabel_pb.ShardJob]:
@@ -270,8 +355,9 @@ class TesseraClient:
         """Stop a shard job at its next part boundary (finished parts stay; the same ScoreShard
         resumes it). Returns the job: CANCELLED, or RUNNING with cancel_requested until it stops.
         Only the token that started the job, or an admin token, may (PERMISSION_DENIED)."""
-        reply: pb.CancelShardJobResponse = self.stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id),
-                                                                     **self._kw(timeout))
+        reply: pb.CancelShardJobResponse = self.stub.CancelShardJob(
+            pb.CancelShardJobRequest(job_id=job_id), **self._kw(timeout)
+        )
         return reply.job
 
     # Operations ------------------------------------------------------------------------------
@@ -281,15 +367,23 @@ class TesseraClient:
 
     def health(self, service: str = "", *, timeout: float = 5.0) -> str:
         reply = health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
 class _ResumableStream:
     """A StreamVideo call that reopens itself on UNAVAILABLE without losing or repeating a frame."""
 
-    def __init__(self, client: TesseraClient, frames: Iterable[ImageLike], fps: float, stream_id: str,
-                 timeout: float | None, reconnect_seconds: float) -> None:
+    def __init__(
+        self,
+        client: TesseraClient,
+        frames: Iterable[ImageLike],
+        fps: float,
+        stream_id: str,
+        timeout: float | None,
+        reconnect_seconds: float,
+    ) -> None:
         self.client = client
         self.frames = iter(frames)
         self.fps = fps
@@ -317,7 +411,9 @@ class _ResumableStream:
                 if frame is None:
                     return
                 stamp = int(self.sent * 1e6 / self.fps)
-                message = pb.StreamVideoRequest(frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame)))
+                message = pb.StreamVideoRequest(
+                    frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame))
+                )
                 self.sent += 1
                 self.unanswered.append(message)
             yield message
@@ -326,8 +422,9 @@ class _ResumableStream:
         give_up_at: float | None = None
         backoff = 0.1
         while True:
-            call = self.client.stub.StreamVideo(self._messages(self.generation),
-                                                **self.client._kw(self.timeout or 24 * 3600.0))
+            call = self.client.stub.StreamVideo(
+                self._messages(self.generation), **self.client._kw(self.timeout or 24 * 3600.0)
+            )
             try:
                 for reply in call:
                     with self.lock:

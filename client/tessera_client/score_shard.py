@@ -30,9 +30,11 @@ MAX_BACKOFF_SECONDS = 8.0
 # Per attempt: long enough that a DEADLINE_EXCEEDED before it is the server's stream cap (the
 # gateway's deadlines.stream), which ends a watch, not the job.
 CALL_TIMEOUT_SECONDS = 24 * 3600.0
-ATTACHED = {proxylabel_pb.SHARD_JOB_ATTACHMENT_STARTED: "started",
-            proxylabel_pb.SHARD_JOB_ATTACHMENT_RESUMED: "resumed from its finished parts",
-            proxylabel_pb.SHARD_JOB_ATTACHMENT_REATTACHED: "re-attached"}
+ATTACHED = {
+    proxylabel_pb.SHARD_JOB_ATTACHMENT_STARTED: "started",
+    proxylabel_pb.SHARD_JOB_ATTACHMENT_RESUMED: "resumed from its finished parts",
+    proxylabel_pb.SHARD_JOB_ATTACHMENT_REATTACHED: "re-attached",
+}
 
 
 class ProgressLine:
@@ -66,8 +68,9 @@ class ProgressLine:
         if self._figures is not None:
             done, total, rows_per_s, failed = self._figures
             share = f" {100.0 * done / total:5.1f}%" if total else ""
-            parts.append(f"{done:,}/{total:,} rows{share}  {rows_per_s:,.0f} rows/s  "
-                         f"{failed:,} without a label")
+            parts.append(
+                f"{done:,}/{total:,} rows{share}  {rows_per_s:,.0f} rows/s  {failed:,} without a label"
+            )
         if note:
             parts.append(note)
         text = "  ".join(parts)
@@ -92,12 +95,23 @@ def _retryable(exc: grpc.RpcError, attempt_started: float) -> bool:
     (UNAVAILABLE), or a server-side stream cap ended the watch before our own deadline."""
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         return True
-    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and \
-        time.monotonic() - attempt_started < CALL_TIMEOUT_SECONDS - 60
+    return (
+        exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        and time.monotonic() - attempt_started < CALL_TIMEOUT_SECONDS - 60
+    )
 
 
-def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows: int = 0, token: str | None = None,
-                quiet: bool = False, reconnect_seconds: float = 120.0, tls: ClientTls | None = None) -> int:
+def score_shard(
+    target: str,
+    input_path: Path,
+    output_path: Path,
+    *,
+    batch_rows: int = 0,
+    token: str | None = None,
+    quiet: bool = False,
+    reconnect_seconds: float = 120.0,
+    tls: ClientTls | None = None,
+) -> int:
     """Stream the job's events into a progress line, re-attaching when the stream breaks; returns a
     process exit code."""
     progress = ProgressLine(sys.stderr, enabled=not quiet)
@@ -111,8 +125,9 @@ def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows:
         # reconnect backoff (up to minutes), however soon the target is back.
         client = TesseraClient(target, token=token, tls=tls or False)
         attempt_started = time.monotonic()
-        call = client.score_shard(input_path, output_path, batch_rows=batch_rows,
-                                  timeout=CALL_TIMEOUT_SECONDS)
+        call = client.score_shard(
+            input_path, output_path, batch_rows=batch_rows, timeout=CALL_TIMEOUT_SECONDS
+        )
         try:
             for event in call:
                 # Events flow: a later cut gets a fresh budget.
@@ -141,8 +156,11 @@ def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows:
         except KeyboardInterrupt:
             progress.close()
             if job_id:
-                print(f"interrupted; shard job {job_id} goes on in the service: run the same command "
-                      "again to re-attach", file=sys.stderr)
+                print(
+                    f"interrupted; shard job {job_id} goes on in the service: run the same command "
+                    "again to re-attach",
+                    file=sys.stderr,
+                )
             return 130
         finally:
             call.cancel()
@@ -151,8 +169,11 @@ def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows:
         give_up_at = now + reconnect_seconds if give_up_at is None else give_up_at
         if now >= give_up_at:
             progress.close()
-            print(f"gave up re-attaching after {reconnect_seconds:.0f}s ({reason}); the job goes on in the "
-                  "service if it runs: run the same command again to re-attach", file=sys.stderr)
+            print(
+                f"gave up re-attaching after {reconnect_seconds:.0f}s ({reason}); the job goes on in the "
+                "service if it runs: run the same command again to re-attach",
+                file=sys.stderr,
+            )
             return 1
         delay = min(backoff, give_up_at - now)
         progress.note(f"re-attaching in {delay:.1f}s ({reason})")
@@ -164,13 +185,17 @@ def score_shard(target: str, input_path: Path, output_path: Path, *, batch_rows:
 def _print_summary(s: proxylabel_pb.ShardSummary, first_done: int | None, reattaches: int) -> None:
     resumed = s.rows_resumed if first_done is None else first_done
     again = f", re-attached {reattaches} time{'s' * (reattaches != 1)}" if reattaches else ""
-    print(f"{s.output_path}: {s.rows_done} rows ({resumed} done before, {s.rows_failed} without a "
-          f"label) in {s.seconds:.1f}s, rules {s.rules_version}; job {s.job_id}{again}")
+    print(
+        f"{s.output_path}: {s.rows_done} rows ({resumed} done before, {s.rows_failed} without a "
+        f"label) in {s.seconds:.1f}s, rules {s.rules_version}; job {s.job_id}{again}"
+    )
     if s.HasField("evaluation"):
         e = s.evaluation
         per_class = " ".join(f"{a:.2f}" for a in e.per_class_accuracy)
-        print(f"evaluation on {e.rows_labelled} labelled rows: accuracy {e.accuracy:.4f}, "
-              f"macro-F1 {e.macro_f1:.4f}, MAE {e.mean_absolute_error:.4f}, per class [{per_class}]")
+        print(
+            f"evaluation on {e.rows_labelled} labelled rows: accuracy {e.accuracy:.4f}, "
+            f"macro-F1 {e.macro_f1:.4f}, MAE {e.mean_absolute_error:.4f}, per class [{per_class}]"
+        )
     if any(m.demo for m in s.models):
         print("note: scored with demo models trained on generated data")
 
@@ -184,26 +209,51 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("input", type=Path, help="the shard, as the proxylabel service sees it")
     p.add_argument("output", type=Path, help="the output directory, as the proxylabel service sees it")
     p.add_argument("--gateway", default=os.environ.get("TESSERA_GATEWAY", "127.0.0.1:50051"))
-    p.add_argument("--batch-rows", type=int, default=0, help="rows per output part (0: the shard's row groups)")
+    p.add_argument(
+        "--batch-rows", type=int, default=0, help="rows per output part (0: the shard's row groups)"
+    )
     p.add_argument("--token", default=os.environ.get("TESSERA_TOKEN"))
-    p.add_argument("--reconnect-seconds", type=float, default=120.0,
-                   help="how long to keep re-attaching after the stream breaks, per outage (0: never)")
+    p.add_argument(
+        "--reconnect-seconds",
+        type=float,
+        default=120.0,
+        help="how long to keep re-attaching after the stream breaks, per outage (0: never)",
+    )
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--ca-file", type=Path, default=_env_path("TESSERA_CA_FILE"),
-                   help="TLS: the CA of the gateway's certificate (env TESSERA_CA_FILE); without it, plaintext")
-    p.add_argument("--cert-file", type=Path, default=_env_path("TESSERA_CERT_FILE"),
-                   help="mutual TLS: a client certificate (env TESSERA_CERT_FILE), with --key-file")
+    p.add_argument(
+        "--ca-file",
+        type=Path,
+        default=_env_path("TESSERA_CA_FILE"),
+        help="TLS: the CA of the gateway's certificate (env TESSERA_CA_FILE); without it, plaintext",
+    )
+    p.add_argument(
+        "--cert-file",
+        type=Path,
+        default=_env_path("TESSERA_CERT_FILE"),
+        help="mutual TLS: a client certificate (env TESSERA_CERT_FILE), with --key-file",
+    )
     p.add_argument("--key-file", type=Path, default=_env_path("TESSERA_KEY_FILE"))
-    p.add_argument("--server-name", default=os.environ.get("TESSERA_SERVER_NAME") or None,
-                   help="the name in the gateway's certificate, when the target's host differs")
+    p.add_argument(
+        "--server-name",
+        default=os.environ.get("TESSERA_SERVER_NAME") or None,
+        help="the name in the gateway's certificate, when the target's host differs",
+    )
     args = p.parse_args(argv)
     try:
         tls = ClientTls.from_files(args.ca_file, args.cert_file, args.key_file, args.server_name)
     except OSError as exc:
         print(f"tessera-score-shard: cannot read a TLS file: {exc}", file=sys.stderr)
         return 2
-    return score_shard(args.gateway, args.input.resolve(), args.output.resolve(), batch_rows=args.batch_rows,
-                       token=args.token, quiet=args.quiet, reconnect_seconds=args.reconnect_seconds, tls=tls)
+    return score_shard(
+        args.gateway,
+        args.input.resolve(),
+        args.output.resolve(),
+        batch_rows=args.batch_rows,
+        token=args.token,
+        quiet=args.quiet,
+        reconnect_seconds=args.reconnect_seconds,
+        tls=tls,
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def channel(args: argparse.Namespace) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca.read_bytes() if ca.exists() else None,
         private_key=key.read_bytes() if args.client_cert and key.exists() else None,
-        certificate_chain=cert.read_bytes() if args.client_cert and cert.exists() else None)
+        certificate_chain=cert.read_bytes() if args.client_cert and cert.exists() else None,
+    )
     options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
     return grpc.secure_channel(target, creds, options=options)
 
@@ -47,17 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--service", default="", help='health entry to check ("": the process itself)')
     p.add_argument("--tls-dir", type=Path, help="folder with ca.crt, tls.crt, tls.key (omit: plaintext)")
     p.add_argument("--server-name", help="name expected in the server's certificate")
-    p.add_argument("--no-client-cert", dest="client_cert", action="store_false",
-                   help="do not present tls.crt as a client certificate")
+    p.add_argument(
+        "--no-client-cert",
+        dest="client_cert",
+        action="store_false",
+        help="do not present tls.crt as a client certificate",
+    )
     p.add_argument("--timeout", type=float, default=3.0)
     args = p.parse_args(argv)
     try:
         with channel(args) as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as exc:
-        print(f"health {args.service or '(process)'} on port {args.port}: {exc.code().name}: {exc.details()}",
-              file=sys.stderr)
+        print(
+            f"health {args.service or '(process)'} on port {args.port}: {exc.code().name}: {exc.details()}",
+            file=sys.stderr,
+        )
         return 1
     except OSError as exc:
         print(f"cannot read the TLS files: {exc}", file=sys.stderr)

@@ -44,17 +44,27 @@ def _document(header: str, doc: dict[str, Any]) -> str:
 
 
 def configmap(name: str, header: str, files: dict[str, str]) -> str:
-    doc = {"apiVersion": "v1", "kind": "ConfigMap",
-           "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "tessera"}},
-           "data": {key: text if text.endswith("\n") else text + "\n" for key, text in files.items()}}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "tessera"}},
+        "data": {key: text if text.endswith("\n") else text + "\n" for key, text in files.items()},
+    }
     return _document(header, doc)
 
 
 def prometheus_rule(name: str, header: str, rules_file: Path) -> str:
     groups = yaml.safe_load(rules_file.read_text())["groups"]
-    doc = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-           "metadata": {"name": name, "namespace": "tessera", "labels": {"app.kubernetes.io/part-of": "tessera"}},
-           "spec": {"groups": groups}}
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": name,
+            "namespace": "tessera",
+            "labels": {"app.kubernetes.io/part-of": "tessera"},
+        },
+        "spec": {"groups": groups},
+    }
     return _document(header, doc)
 
 
@@ -65,22 +75,27 @@ def targets() -> dict[Path, str]:
             "tessera-fusion-rules",
             note.format("config/fusion_rules.yaml") + "\nMounted by the gateway at /etc/tessera/rules "
             "(a directory, so ConfigMap edits reach the pod and are reloaded).",
-            {"fusion_rules.yaml": (ROOT / "config" / "fusion_rules.yaml").read_text()}),
+            {"fusion_rules.yaml": (ROOT / "config" / "fusion_rules.yaml").read_text()},
+        ),
         HERE / "base" / "prometheus-config.yaml": configmap(
             "prometheus-tessera",
-            note.format("deploy/prometheus/prometheus-k8s.yml or deploy/prometheus/alerts.yml") +
-            "\nFor a Prometheus you run yourself, in the namespace monitoring (the NetworkPolicies let in its pods"
+            note.format("deploy/prometheus/prometheus-k8s.yml or deploy/prometheus/alerts.yml")
+            + "\nFor a Prometheus you run yourself, in the namespace monitoring (the NetworkPolicies let in its pods"
             "\nlabelled app.kubernetes.io/name=prometheus): copy it there, mount it at /etc/prometheus and start"
             "\nPrometheus with --config.file=/etc/prometheus/prometheus.yml (it needs RBAC get/list/watch on pods of"
             "\nthe namespace tessera). Prometheus Operator users: components/prometheus-operator.",
-            {"prometheus.yml": (PROMETHEUS / "prometheus-k8s.yml").read_text(),
-             "alerts.yml": (PROMETHEUS / "alerts.yml").read_text()}),
+            {
+                "prometheus.yml": (PROMETHEUS / "prometheus-k8s.yml").read_text(),
+                "alerts.yml": (PROMETHEUS / "alerts.yml").read_text(),
+            },
+        ),
         HERE / "components" / "prometheus-operator" / "prometheus-rule.yaml": prometheus_rule(
             "tessera",
-            note.format("deploy/prometheus/alerts.yml") +
-            "\nThe suite's recording rules and alerts for Prometheus Operator (the same groups as alerts.yml);"
+            note.format("deploy/prometheus/alerts.yml")
+            + "\nThe suite's recording rules and alerts for Prometheus Operator (the same groups as alerts.yml);"
             "\nyour Prometheus selects PrometheusRules by label: add it with a patch of your overlay.",
-            PROMETHEUS / "alerts.yml"),
+            PROMETHEUS / "alerts.yml",
+        ),
     }
 
 

@@ -6,8 +6,6 @@ import ctypes
 import os
 import sys
 
-from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
-
 from services.emotion.config import EmotionConfig
 from services.emotion.pipeline import EmotionPipeline
 from services.emotion.servicer import SERVICE_NAME, EmotionServicer
@@ -20,19 +18,26 @@ from services.runtime.reloader import RepositoryPoller
 from services.runtime.repository import ModelRepository
 from services.runtime.server import Servicer
 from services.vision.faces import build_detector
+from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
 
 async def build(config: EmotionConfig, metrics: Metrics) -> App:
     repository = ModelRepository(config.model_repository)
-    backend: Backend = (TritonBackend(repository, config.triton, metrics) if config.backend == "triton"
-                        else OnnxBackend(repository, config.onnx, metrics, serves=config.serves))
+    backend: Backend = (
+        TritonBackend(repository, config.triton, metrics)
+        if config.backend == "triton"
+        else OnnxBackend(repository, config.onnx, metrics, serves=config.serves)
+    )
     await backend.start()
     detector = build_detector(config.detector, config.model_repository)  # the kind is read here, at start
     pipeline = EmotionPipeline(config, repository, backend, detector, metrics)
     poller = RepositoryPoller(backend, config.repository_poll_seconds)
 
-    return App([Servicer(SERVICE_NAME, EmotionServicer(pipeline), pb_grpc.add_EmotionServiceServicer_to_server)],
-               cleanup=backend.close, background=[poller])
+    return App(
+        [Servicer(SERVICE_NAME, EmotionServicer(pipeline), pb_grpc.add_EmotionServiceServicer_to_server)],
+        cleanup=backend.close,
+        background=[poller],
+    )
 
 
 # glibc raises its mmap threshold (up to 32 MB) each time a big block is freed; after that,

@@ -24,8 +24,13 @@ async def build(config: EngagementConfig, metrics: Metrics) -> App:
     repository = ModelRepository(config.model_repository)
     # The temporal network runs on ONNX Runtime, the boosters on XGBoost: one backend routes both.
     ours = {config.temporal_model, *config.xgboost_models.values()}
-    backend = RoutingBackend(repository, [OnnxBackend(repository, config.onnx, metrics, serves=ours.__contains__),
-                                          XgbBackend(repository, config.xgb, metrics, serves=ours.__contains__)])
+    backend = RoutingBackend(
+        repository,
+        [
+            OnnxBackend(repository, config.onnx, metrics, serves=ours.__contains__),
+            XgbBackend(repository, config.xgb, metrics, serves=ours.__contains__),
+        ],
+    )
     await backend.start()
     detector = build_detector(config.detector, config.model_repository)  # the kind is read here, at start
     pipeline = EngagementPipeline(config, repository, backend, detector, metrics)
@@ -33,8 +38,12 @@ async def build(config: EngagementConfig, metrics: Metrics) -> App:
 
     drain = Drain(config.server.drain_streams_after_seconds)
     servicer = EngagementServicer(pipeline, drain)
-    return App([Servicer(SERVICE_NAME, servicer, pb_grpc.add_EngagementServiceServicer_to_server)],
-               cleanup=backend.close, background=[poller], drain=drain)
+    return App(
+        [Servicer(SERVICE_NAME, servicer, pb_grpc.add_EngagementServiceServicer_to_server)],
+        cleanup=backend.close,
+        background=[poller],
+        drain=drain,
+    )
 
 
 def main() -> int:

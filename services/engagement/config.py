@@ -34,12 +34,18 @@ class TrackingConfig(StrictModel):
     """Faces in a frame sequence: detect now and then, carry the box in between."""
 
     detect_every: int = Field(
-        1, ge=1, description="Run the detector on every n-th frame; frames in between reuse its box. "
+        1,
+        ge=1,
+        description="Run the detector on every n-th frame; frames in between reuse its box. "
         "A frame without a box is detected at once. 1: every frame (BlazeFace's short range costs ~2 ms: "
         "a 640×480 frame then takes 4.0 ms on average through the pipeline, vs 6.9 ms with Haar every "
-        "5th frame, and the box never lags); set 5 with kind: haar.")
-    margin: CropMargin = Field(CropMargin(), description="Crop margins around the face box; unset sides take "
-                               "the detector's defaults. A number is the share every side grows by.")
+        "5th frame, and the box never lags); set 5 with kind: haar.",
+    )
+    margin: CropMargin = Field(
+        CropMargin(),
+        description="Crop margins around the face box; unset sides take "
+        "the detector's defaults. A number is the share every side grows by.",
+    )
 
     @field_validator("margin", mode="before")
     @classmethod
@@ -66,8 +72,11 @@ class EngagementConfig(ServiceConfig, ChoosesDetector):
     onnx: OnnxConfig = OnnxConfig()
     xgb: XgbConfig = XgbConfig()
     decode: DecodeLimits = DecodeLimits()
-    detector: DetectorConfig = Field(DETECTOR_DEFAULTS["blazeface"], description="The face detector, by `kind` "
-                                     "(blazeface or haar), as the emotion service's. Read at start.")
+    detector: DetectorConfig = Field(
+        DETECTOR_DEFAULTS["blazeface"],
+        description="The face detector, by `kind` "
+        "(blazeface or haar), as the emotion service's. Read at start.",
+    )
     tracking: TrackingConfig = TrackingConfig()
     stream: StreamConfig = StreamConfig()
     max_frames_per_clip: int = Field(900, gt=0, description="30 s at 30 fps.")

@@ -32,7 +32,9 @@ CROP_SIZE = 64
 HOG_FILENAME = "hog.json"
 
 
-def face_crop(frame_bgr: np.ndarray, box: tuple[int, int, int, int], margin: float | Margins = 0.1) -> np.ndarray:
+def face_crop(
+    frame_bgr: np.ndarray, box: tuple[int, int, int, int], margin: float | Margins = 0.1
+) -> np.ndarray:
     """The face as a grey CROP_SIZE x CROP_SIZE uint8 image.
 
     ``box`` is (x, y, w, h) in frame pixels; each side grows by ``margin`` of the box's side (or by
@@ -67,8 +69,9 @@ class HogParams(StrictModel):
             raise ValueError(f"size {self.size} is not a multiple of the cell {self.cell}")
         cells = self.size // self.cell
         if self.block > cells or (cells - self.block) % self.block_stride:
-            raise ValueError(f"blocks of {self.block} cells at stride {self.block_stride} do not tile "
-                             f"{cells} cells")
+            raise ValueError(
+                f"blocks of {self.block} cells at stride {self.block_stride} do not tile {cells} cells"
+            )
         return self
 
     @property
@@ -77,7 +80,7 @@ class HogParams(StrictModel):
 
     @property
     def dimension(self) -> int:
-        return self.blocks_per_side ** 2 * self.block ** 2 * self.orientations
+        return self.blocks_per_side**2 * self.block**2 * self.orientations
 
     @classmethod
     def load(cls, path: str | Path) -> HogParams:
@@ -94,17 +97,27 @@ def _descriptor(params: HogParams) -> cv2.HOGDescriptor:
     cell = (params.cell, params.cell)
     block = (params.cell * params.block,) * 2
     stride = (params.cell * params.block_stride,) * 2
-    return cv2.HOGDescriptor((params.size, params.size), block, stride, cell, params.orientations,
-                             1, -1.0, cv2.HOGDESCRIPTOR_L2HYS, params.l2hys_threshold,
-                             params.gamma_correction)
+    return cv2.HOGDescriptor(
+        (params.size, params.size),
+        block,
+        stride,
+        cell,
+        params.orientations,
+        1,
+        -1.0,
+        cv2.HOGDESCRIPTOR_L2HYS,
+        params.l2hys_threshold,
+        params.gamma_correction,
+    )
 
 
 def hog_features(crops: np.ndarray, params: HogParams) -> np.ndarray:
     """HOG of each crop: [n, size, size] uint8 -> [n, params.dimension] float32."""
     crops = np.asarray(crops)
     if crops.dtype != np.uint8 or crops.ndim != 3 or crops.shape[1:] != (params.size, params.size):
-        raise InvalidArgument(f"HOG needs [n, {params.size}, {params.size}] uint8 crops, "
-                              f"got {crops.dtype} {list(crops.shape)}")
+        raise InvalidArgument(
+            f"HOG needs [n, {params.size}, {params.size}] uint8 crops, got {crops.dtype} {list(crops.shape)}"
+        )
     hog = _descriptor(params)
     out = np.empty((len(crops), params.dimension), np.float32)
     for i, crop in enumerate(crops):

@@ -112,7 +112,8 @@ class EngagementPipeline(FacePipeline[EngagementConfig]):
         if missing:
             raise FailedPrecondition(
                 f"{purpose} needs model(s) {', '.join(missing)}, which are not served from the model repository "
-                f"{self.repository.root}; build the demo ones with `make models`")
+                f"{self.repository.root}; build the demo ones with `make models`"
+            )
         key = tuple((m.name, m.version) for m in served.values())
         if key not in self._settings:
             self._settings = {key: self._load_settings(served)}  # only the current versions' settings
@@ -127,18 +128,24 @@ class EngagementPipeline(FacePipeline[EngagementConfig]):
             raise FailedPrecondition(f"model {temporal.name}: {exc}") from None
         dims = list(entry.config.input[0].dims) if entry.config is not None and entry.config.input else []
         if len(dims) < 2 or dims[0] < 1:
-            raise FailedPrecondition(f"model {temporal.name}: its input needs a time axis first "
-                                     f"([frames, channels, height, width]); config.pbtxt says {dims}")
+            raise FailedPrecondition(
+                f"model {temporal.name}: its input needs a time axis first "
+                f"([frames, channels, height, width]); config.pbtxt says {dims}"
+            )
         hogs = []
         for affect, name in self.config.xgboost_models.items():
             path = self.repository.get(name).file(HOG_FILENAME, served[name].version)
             try:
                 hogs.append(HogParams.load(path))
             except (OSError, ValueError) as exc:
-                raise FailedPrecondition(f"booster {name} ({affect}): no usable {HOG_FILENAME} beside it: {exc}") from None
+                raise FailedPrecondition(
+                    f"booster {name} ({affect}): no usable {HOG_FILENAME} beside it: {exc}"
+                ) from None
         if any(h != hogs[0] for h in hogs[1:]):
-            raise FailedPrecondition("the engagement boosters were trained on different HOG settings "
-                                     f"({', '.join(self.config.xgboost_models.values())})")
+            raise FailedPrecondition(
+                "the engagement boosters were trained on different HOG settings "
+                f"({', '.join(self.config.xgboost_models.values())})"
+            )
         return ModelSettings(params, int(dims[0]), hogs[0])
 
     # -- per frame
@@ -157,21 +164,33 @@ class EngagementPipeline(FacePipeline[EngagementConfig]):
 
     # -- per clip or hop
 
-    async def score(self, crops: Sequence[np.ndarray], hogs: np.ndarray, settings: ModelSettings) -> ModelOutputs:
+    async def score(
+        self, crops: Sequence[np.ndarray], hogs: np.ndarray, settings: ModelSettings
+    ) -> ModelOutputs:
         """Both models over the frames with a face: the boosters on the mean HOG, the temporal
         network on `settings.frames` crops spread evenly over them."""
         picked = [crops[i] for i in evenly_spaced(len(crops), settings.frames)]
         with self.metrics.stage("preprocess", self.config.temporal_model):
             frames = await asyncio.to_thread(preprocess_faces, picked, settings.temporal)
         mean_hog = np.asarray(hogs, np.float32).mean(axis=0, keepdims=True)
-        temporal_run = self.backend.infer(self.config.temporal_model, {settings.temporal.input_name: frames[None]})
-        booster_runs = [self.backend.infer(name, {"input__0": mean_hog}) for name in self.config.xgboost_models.values()]
+        temporal_run = self.backend.infer(
+            self.config.temporal_model, {settings.temporal.input_name: frames[None]}
+        )
+        booster_runs = [
+            self.backend.infer(name, {"input__0": mean_hog}) for name in self.config.xgboost_models.values()
+        ]
         temporal, *boosters = await asyncio.gather(temporal_run, *booster_runs)
         levels = np.asarray(temporal.outputs[settings.temporal.output_name], np.float32)[0]
         if levels.shape != (len(AFFECTS), 4):
-            raise FailedPrecondition(f"model {self.config.temporal_model} answered shape {list(levels.shape)}, "
-                                     f"expected [{len(AFFECTS)}, 4] (affect × level)")
-        xgb = {affect: np.asarray(result.outputs["output__0"], np.float32)[0]
-               for affect, result in zip(self.config.xgboost_models, boosters, strict=True)}
-        return {self.config.temporal_model: dict(zip(AFFECTS, levels, strict=True)),
-                self.config.xgboost_model: xgb}
+            raise FailedPrecondition(
+                f"model {self.config.temporal_model} answered shape {list(levels.shape)}, "
+                f"expected [{len(AFFECTS)}, 4] (affect × level)"
+            )
+        xgb = {
+            affect: np.asarray(result.outputs["output__0"], np.float32)[0]
+            for affect, result in zip(self.config.xgboost_models, boosters, strict=True)
+        }
+        return {
+            self.config.temporal_model: dict(zip(AFFECTS, levels, strict=True)),
+            self.config.xgboost_model: xgb,
+        }

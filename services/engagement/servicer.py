@@ -24,9 +24,16 @@ ClipMessage = pb.ScoreClipRequest | pb.StreamVideoRequest
 def outputs_to_pb(outputs: ModelOutputs | None) -> list[pb.ModelOutput]:
     if outputs is None:
         return []
-    return [pb.ModelOutput(model=model, affects=[
-        pb.AffectProbabilities(affect=AFFECT_VALUES[affect], probabilities=probs.tolist())
-        for affect, probs in by_affect.items()]) for model, by_affect in outputs.items()]
+    return [
+        pb.ModelOutput(
+            model=model,
+            affects=[
+                pb.AffectProbabilities(affect=AFFECT_VALUES[affect], probabilities=probs.tolist())
+                for affect, probs in by_affect.items()
+            ],
+        )
+        for model, by_affect in outputs.items()
+    ]
 
 
 def face_box(face: FrameFace) -> common_pb2.BoundingBox | None:
@@ -45,7 +52,9 @@ async def clip_header(stream: AsyncIterator[ClipMessage]) -> pb.ClipHeader:
 
 def frame_of(msg: ClipMessage, frames_before: int) -> common_pb2.VideoFrame:
     if msg.WhichOneof("item") != "frame":
-        raise InvalidArgument(f"message {frames_before + 2} of the stream is not a frame (one ClipHeader, first)")
+        raise InvalidArgument(
+            f"message {frames_before + 2} of the stream is not a frame (one ClipHeader, first)"
+        )
     return msg.frame
 
 
@@ -54,8 +63,9 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
         self.pipeline = pipeline
         self.drain = drain or Drain()
 
-    async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
-                        context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:
+    async def ScoreClip(
+        self, request_iterator: AsyncIterator[pb.ScoreClipRequest], context: grpc.aio.ServicerContext
+    ) -> pb.ScoreClipResponse:
         stream = aiter(request_iterator)
         try:
             header = await clip_header(stream)
@@ -79,12 +89,17 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
             # our status: read (without decoding) what it sends, up to the clip limit, first.
             await drain(stream, self.pipeline.config.max_frames_per_clip)
             raise
-        return pb.ScoreClipResponse(clip_id=header.clip_id, outputs=outputs_to_pb(outputs),
-                                    frames_received=clip.received, frames_with_face=clip.with_face,
-                                    models=[m.info() for m in self.pipeline.served_models()])
+        return pb.ScoreClipResponse(
+            clip_id=header.clip_id,
+            outputs=outputs_to_pb(outputs),
+            frames_received=clip.received,
+            frames_with_face=clip.with_face,
+            models=[m.info() for m in self.pipeline.served_models()],
+        )
 
-    async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
+    async def StreamVideo(
+        self, request_iterator: AsyncIterator[pb.StreamVideoRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamVideoResponse]:
         stream = aiter(request_iterator)
         try:
             check_fps((await clip_header(stream)).fps)
@@ -102,17 +117,23 @@ class EngagementServicer(pb_grpc.EngagementServiceServicer):
                 except ServingError as exc:
                     # One bad message is reported on its answer; a live stream goes on.
                     code, message = item_status(exc)
-                    yield pb.StreamVideoResponse(timestamp_us=timestamp,
-                                                 status=common_pb2.ItemStatus(code=code, message=message))
+                    yield pb.StreamVideoResponse(
+                        timestamp_us=timestamp, status=common_pb2.ItemStatus(code=code, message=message)
+                    )
                     continue
-                yield pb.StreamVideoResponse(timestamp_us=timestamp, face=face_box(face),
-                                             has_face=face.box is not None, outputs=outputs_to_pb(outputs))
+                yield pb.StreamVideoResponse(
+                    timestamp_us=timestamp,
+                    face=face_box(face),
+                    has_face=face.box is not None,
+                    outputs=outputs_to_pb(outputs),
+                )
 
         async for answer in until_drained(answers(), self.drain, "engagement live stream"):
             yield answer
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[m.info() for m in self.pipeline.served_models()])
 
 

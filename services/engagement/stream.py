@@ -26,8 +26,9 @@ from services.vision.inputs import ImageInput
 def check_fps(fps: float) -> None:
     """A clip's or stream's frame rate: a finite number > 0, or INVALID_ARGUMENT for the call."""
     if not math.isfinite(fps) or fps <= 0:
-        raise InvalidArgument(f"ClipHeader.fps must be a finite number of frames per second above 0, "
-                              f"got {fps}")
+        raise InvalidArgument(
+            f"ClipHeader.fps must be a finite number of frames per second above 0, got {fps}"
+        )
 
 
 class _Frames:
@@ -48,8 +49,9 @@ class _Frames:
             return
         previous, self.last_timestamp_us = self.last_timestamp_us, timestamp_us
         if previous is not None and timestamp_us < previous:
-            raise InvalidArgument(f"timestamp {timestamp_us} µs goes backwards (the previous frame's was "
-                                  f"{previous} µs)")
+            raise InvalidArgument(
+                f"timestamp {timestamp_us} µs goes backwards (the previous frame's was {previous} µs)"
+            )
 
     async def _add(self, image: ImageInput, timestamp_us: int | None) -> FrameFace:
         self.received += 1
@@ -92,8 +94,9 @@ class LiveWindow(_Frames):
     def __init__(self, pipeline: EngagementPipeline, settings: ModelSettings) -> None:
         super().__init__(pipeline, settings, keep=pipeline.config.stream.window_frames)
 
-    async def add(self, image: ImageInput, timestamp_us: int | None = None
-                  ) -> tuple[FrameFace, ModelOutputs | None]:
+    async def add(
+        self, image: ImageInput, timestamp_us: int | None = None
+    ) -> tuple[FrameFace, ModelOutputs | None]:
         """One more frame (a timestamp going backwards is InvalidArgument for this frame alone)."""
         face = await self._add(image, timestamp_us)
         stream = self.pipeline.config.stream

@@ -10,5 +10,6 @@ from tessera.common.v1 import common_pb2
 
 # The generated stubs type Value() as int and the enum's fields as Affect: the same numbers.
 AFFECT_VALUES: dict[str, common_pb2.Affect] = {
-    name: cast("common_pb2.Affect", common_pb2.Affect.Value(f"AFFECT_{name.upper()}")) for name in AFFECTS}
+    name: cast("common_pb2.Affect", common_pb2.Affect.Value(f"AFFECT_{name.upper()}")) for name in AFFECTS
+}
 AFFECT_NAMES: dict[int, AffectName] = {AFFECT_VALUES[name]: name for name in AFFECTS}

@@ -12,8 +12,9 @@ from services.fusion.rules import EmotionModeName, EmotionRules
 CLASS_NAMES = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
 
 
-def resolve_temperature(rules: EmotionRules, mode: EmotionModeName, stored: float | None,
-                        ensemble: str | None = None) -> float:
+def resolve_temperature(
+    rules: EmotionRules, mode: EmotionModeName, stored: float | None, ensemble: str | None = None
+) -> float:
     """Which temperature wins. Student mode: the rules file's `emotion.temperature.student`; else
     the one stored beside the student; else 1.0. Ensemble mode, for the named (or default)
     ensemble: its own `temperature`; else `emotion.temperature.ensemble`; else 1.0 (an ensemble's
@@ -61,8 +62,13 @@ def fused_logits(member_logits: Mapping[str, np.ndarray], weights: Mapping[str, 
     """Σ w_m·l_m (float64, normalised weights): the logit-space ensemble before its temperature and
     softmax (what a temperature is fitted on)."""
     # Started from a 0-d zero rather than sum's int 0, so the result is typed as an array.
-    return sum((w * np.asarray(member_logits[m], dtype=np.float64)
-                for m, w in _normalised(member_logits, weights).items()), np.zeros(()))
+    return sum(
+        (
+            w * np.asarray(member_logits[m], dtype=np.float64)
+            for m, w in _normalised(member_logits, weights).items()
+        ),
+        np.zeros(()),
+    )
 
 
 def fuse_logits(
@@ -75,7 +81,9 @@ def fuse_logits(
     if space == "logit":
         return softmax(fused_logits(member_logits, weights) / temperature).astype(np.float32)
     if space == "prob":
-        probs = sum(w * softmax(np.asarray(member_logits[m], dtype=np.float64) / temperature)
-                    for m, w in _normalised(member_logits, weights).items())
+        probs = sum(
+            w * softmax(np.asarray(member_logits[m], dtype=np.float64) / temperature)
+            for m, w in _normalised(member_logits, weights).items()
+        )
         return np.asarray(probs, dtype=np.float32)
     raise ValueError(f"unknown fusion space {space!r}")

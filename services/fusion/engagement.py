@@ -69,6 +69,6 @@ class Smoother:
             self._ema = p if self._ema is None else a * p + (1 - a) * self._ema
             return self._ema
         self._window.append(p)
-        w = np.asarray(self.config.weights[-len(self._window):], dtype=np.float64)
+        w = np.asarray(self.config.weights[-len(self._window) :], dtype=np.float64)
         smoothed: np.ndarray = (w[:, None] * np.stack(self._window)).sum(axis=0) / w.sum()
         return smoothed

@@ -21,8 +21,9 @@ def soft_vote(knn: np.ndarray | None, mlp: np.ndarray | None, rules: ProxyLabelR
         return np.asarray(knn, dtype=np.float32)
     if rules.mode == "mlp":
         return np.asarray(mlp, dtype=np.float32)
-    return (rules.alpha * np.asarray(mlp, np.float64) + (1 - rules.alpha) * np.asarray(knn, np.float64)).astype(
-        np.float32)
+    return (
+        rules.alpha * np.asarray(mlp, np.float64) + (1 - rules.alpha) * np.asarray(knn, np.float64)
+    ).astype(np.float32)
 
 
 def labels_of(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +33,9 @@ def labels_of(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, probs[np.arange(len(probs)), labels]
 
 
-def final_labels(fused: np.ndarray, rules: ProxyLabelRules,
-                 knn_labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def final_labels(
+    fused: np.ndarray, rules: ProxyLabelRules, knn_labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(label, confidence) per row. In knn mode the kNN's own label decides (the vote's argmax,
     or the rounded weighted mean under regression), still reporting the vote's probabilities;
     otherwise the argmax of the fused probabilities."""

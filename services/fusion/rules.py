@@ -34,8 +34,11 @@ class EmotionMember(StrictModel):
 
 
 def _research_members() -> list[EmotionMember]:
-    return [EmotionMember(model="emotion_rn18", weight=0.4), EmotionMember(model="emotion_b3", weight=0.4),
-            EmotionMember(model="emotion_cnxt", weight=0.2)]
+    return [
+        EmotionMember(model="emotion_rn18", weight=0.4),
+        EmotionMember(model="emotion_b3", weight=0.4),
+        EmotionMember(model="emotion_cnxt", weight=0.2),
+    ]
 
 
 # The ensemble a rules file gets when it names none (the research's three timm teachers); the
@@ -72,7 +75,8 @@ class EmotionRules(StrictModel):
     # The ensemble of mode ENSEMBLE when a request names none.
     ensemble: str = DEFAULT_ENSEMBLE
     ensembles: dict[str, EnsembleRules] = Field(
-        default_factory=lambda: {DEFAULT_ENSEMBLE: EnsembleRules(members=_research_members())})
+        default_factory=lambda: {DEFAULT_ENSEMBLE: EnsembleRules(members=_research_members())}
+    )
     # Overrides per mode; absent: the student's stored temperature, or for an ensemble its own
     # `temperature`, else 1.0. `ensemble` here applies to every ensemble that sets none.
     temperature: dict[EmotionModeName, float] = Field(default_factory=dict)
@@ -85,10 +89,14 @@ class EmotionRules(StrictModel):
         if not isinstance(data, dict) or not ({"members", "fusion_space"} & data.keys()):
             return data
         if "ensembles" in data:
-            raise ValueError("emotion.members and emotion.fusion_space are the one-ensemble form: with "
-                             "emotion.ensembles, set them under emotion.ensembles.<name>")
+            raise ValueError(
+                "emotion.members and emotion.fusion_space are the one-ensemble form: with "
+                "emotion.ensembles, set them under emotion.ensembles.<name>"
+            )
         data = dict(data)
-        one: dict[str, object] = {"members": data.pop("members") if "members" in data else _research_members()}
+        one: dict[str, object] = {
+            "members": data.pop("members") if "members" in data else _research_members()
+        }
         if "fusion_space" in data:
             one["fusion_space"] = data.pop("fusion_space")
         name = data.get("ensemble", DEFAULT_ENSEMBLE)  # not a string: reported on `emotion.ensemble`
@@ -101,8 +109,10 @@ class EmotionRules(StrictModel):
         if bad:
             raise ValueError(f"ensemble names must match {ENSEMBLE_NAME}: {', '.join(repr(b) for b in bad)}")
         if self.ensemble not in self.ensembles:
-            raise ValueError(f"emotion.ensemble names {self.ensemble!r}, which emotion.ensembles does not define "
-                             f"(defined: {', '.join(sorted(self.ensembles)) or 'none'})")
+            raise ValueError(
+                f"emotion.ensemble names {self.ensemble!r}, which emotion.ensembles does not define "
+                f"(defined: {', '.join(sorted(self.ensembles)) or 'none'})"
+            )
         if any(t <= 0 for t in self.temperature.values()):
             raise ValueError("temperatures must be > 0")
         return self
@@ -139,8 +149,9 @@ class Smoothing(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> Smoothing:
-        if self.method == "window" and (not self.weights or any(w < 0 for w in self.weights)
-                                        or sum(self.weights) <= 0):
+        if self.method == "window" and (
+            not self.weights or any(w < 0 for w in self.weights) or sum(self.weights) <= 0
+        ):
             raise ValueError("window smoothing needs non-negative weights with a positive sum")
         return self
 
@@ -161,8 +172,12 @@ class PriorCorrection(StrictModel):
 
 def _default_engagement_rules() -> dict[AffectName, list[EngagementRule]]:
     selective = [EngagementRule(use="temporal", confidence_above=0.35), EngagementRule(use="xgboost")]
-    return {"engagement": [EngagementRule(use="temporal")], "boredom": selective,
-            "confusion": selective, "frustration": selective}
+    return {
+        "engagement": [EngagementRule(use="temporal")],
+        "boredom": selective,
+        "confusion": selective,
+        "frustration": selective,
+    }
 
 
 class EngagementRules(StrictModel):
@@ -234,9 +249,13 @@ class RulesStore:
     """Holds the rules in force; re-reads the file when it changes, keeping the old rules if the
     new file is invalid (an operator's typo must not take the gateway down)."""
 
-    def __init__(self, path: Path, check_interval: float = 1.0,
-                 on_change: Callable[[str], None] | None = None,
-                 on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        check_interval: float = 1.0,
+        on_change: Callable[[str], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.path = path
         self.check_interval = check_interval
         self._on_change = on_change

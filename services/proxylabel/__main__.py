@@ -59,28 +59,47 @@ async def build(config: ProxyLabelConfig, metrics: Metrics) -> App:
     drain = Drain(config.server.drain_streams_after_seconds)
     if not config.model_repository.is_dir():
         pipeline = ProxyLabelPipeline(config, None, metrics)
-        return App([Servicer(SERVICE_NAME, ProxyLabelServicer(config, pipeline, jobs, drain),
-                             pb_grpc.add_ProxyLabelServiceServicer_to_server)],
-                   background=[jobs], drain=drain)
+        return App(
+            [
+                Servicer(
+                    SERVICE_NAME,
+                    ProxyLabelServicer(config, pipeline, jobs, drain),
+                    pb_grpc.add_ProxyLabelServiceServicer_to_server,
+                )
+            ],
+            background=[jobs],
+            drain=drain,
+        )
     repository = ModelRepository(config.model_repository)
     # ONNX Runtime settings are the runtime's defaults until the service config grows an `onnx` section.
     ours = {config.mlp_model, config.embedder_model}  # the kNN index is the pipeline's own
-    backend = OnnxBackend(repository, getattr(config, "onnx", OnnxConfig()), metrics, serves=ours.__contains__)
+    backend = OnnxBackend(
+        repository, getattr(config, "onnx", OnnxConfig()), metrics, serves=ours.__contains__
+    )
     await backend.start()
     pipeline = await ProxyLabelPipeline.load(config, repository, backend, metrics)
     servicer = ProxyLabelServicer(config, pipeline, jobs, drain)
 
     async def swap(changed: list[str]) -> None:
         # A new pipeline for new requests; a shard job keeps the one it was planned with.
-        servicer.pipeline = await ProxyLabelPipeline.load(config, repository, backend, metrics,
-                                                          previous=servicer.pipeline)
+        servicer.pipeline = await ProxyLabelPipeline.load(
+            config, repository, backend, metrics, previous=servicer.pipeline
+        )
 
-    poller = RepositoryPoller(backend, config.repository_poll_seconds, on_change=swap,
-                              also=[IndexWatcher(repository, config.knn_model)])
+    poller = RepositoryPoller(
+        backend,
+        config.repository_poll_seconds,
+        on_change=swap,
+        also=[IndexWatcher(repository, config.knn_model)],
+    )
 
     # Jobs stop (releasing their locks) before cleanup closes the backend they score with.
-    return App([Servicer(SERVICE_NAME, servicer, pb_grpc.add_ProxyLabelServiceServicer_to_server)],
-               cleanup=backend.close, background=[poller, jobs], drain=drain)
+    return App(
+        [Servicer(SERVICE_NAME, servicer, pb_grpc.add_ProxyLabelServiceServicer_to_server)],
+        cleanup=backend.close,
+        background=[poller, jobs],
+        drain=drain,
+    )
 
 
 def main() -> int:
@@ -98,20 +117,31 @@ def score_shard_offline_main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn", default="{}", help='kNN overrides as JSON, e.g. {"k": 20, "weighting": "power"}')
     p.add_argument("--rules-version", default="cli")
     p.add_argument("--batch-rows", type=int, default=0)
-    p.add_argument("--lock-expiry-seconds", type=float, default=DEFAULT_LOCK_EXPIRY_SECONDS,
-                   help="a lock whose heartbeat is older than this is stale: its job may be taken over")
+    p.add_argument(
+        "--lock-expiry-seconds",
+        type=float,
+        default=DEFAULT_LOCK_EXPIRY_SECONDS,
+        help="a lock whose heartbeat is older than this is stale: its job may be taken over",
+    )
     p.add_argument("--throttle-seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     async def score() -> int:
         try:
             async with local_pipeline(args.repo, Metrics("proxylabel-cli")) as pipeline:
-                rules = ProxyLabelRules(mode=args.mode, alpha=args.alpha, knn=KnnRules.model_validate_json(args.knn))
-                job = ShardJob(args.input.resolve(), args.output.resolve(), rules, args.rules_version,
-                               args.batch_rows)
+                rules = ProxyLabelRules(
+                    mode=args.mode, alpha=args.alpha, knn=KnnRules.model_validate_json(args.knn)
+                )
+                job = ShardJob(
+                    args.input.resolve(), args.output.resolve(), rules, args.rules_version, args.batch_rows
+                )
                 plan = plan_shard(job, pipeline)
-                async for event in run_shard(plan, pipeline, throttle_seconds=args.throttle_seconds,
-                                             lock_expiry_seconds=args.lock_expiry_seconds):
+                async for event in run_shard(
+                    plan,
+                    pipeline,
+                    throttle_seconds=args.throttle_seconds,
+                    lock_expiry_seconds=args.lock_expiry_seconds,
+                ):
                     print(json.dumps({type(event).__name__.lower(): asdict(event)}), flush=True)
         except ServingError as exc:
             print(f"{exc.code.name}: {exc.message}", file=sys.stderr)

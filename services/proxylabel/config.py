@@ -19,11 +19,18 @@ class ProxyLabelConfig(ServiceConfig):
     input_roots: list[Path] = Field(default_factory=lambda: [Path("data")])
     output_roots: list[Path] = Field(
         default_factory=lambda: [Path("data")],
-        description="Shard jobs write only under these; ListShardJobs lists the jobs indexed under them.")
+        description="Shard jobs write only under these; ListShardJobs lists the jobs indexed under them.",
+    )
     job_lock_expiry_seconds: float = Field(
-        30.0, gt=0, description="A shard job's lock whose heartbeat is older than this is stale: the job's "
+        30.0,
+        gt=0,
+        description="A shard job's lock whose heartbeat is older than this is stale: the job's "
         "owner is taken for dead and the next ScoreShard of the same job takes it over. The owner refreshes "
-        "the heartbeat every third of this; clocks of replicas sharing the volume must agree well within it.")
+        "the heartbeat every third of this; clocks of replicas sharing the volume must agree well within it.",
+    )
     job_poll_seconds: float = Field(
-        1.0, gt=0, description="How often a ScoreShard stream watching a job that another process runs reads "
-        "the job's manifest for progress.")
+        1.0,
+        gt=0,
+        description="How often a ScoreShard stream watching a job that another process runs reads "
+        "the job's manifest for progress.",
+    )

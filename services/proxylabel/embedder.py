@@ -85,8 +85,11 @@ class TokenBatch:
     attention_mask: np.ndarray
 
     def inputs(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        tensors = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                   "token_type_ids": np.zeros_like(self.input_ids)}
+        tensors = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "token_type_ids": np.zeros_like(self.input_ids),
+        }
         return {name: tensors[name] for name in names}
 
 
@@ -121,8 +124,10 @@ class Tokenization:
         lengths = np.array([len(i) for i in ids], dtype=np.int64)
         bucket = self.buckets[np.searchsorted(self.buckets, lengths)]
         order = np.lexsort((lengths, bucket))  # by bucket, then length: chunks fill one bucket
-        return [self._pad([ids[r] for r in rows], rows, int(bucket[rows].max()))
-                for rows in _chunks_by_bucket(order, bucket, batch_size)]
+        return [
+            self._pad([ids[r] for r in rows], rows, int(bucket[rows].max()))
+            for rows in _chunks_by_bucket(order, bucket, batch_size)
+        ]
 
     def _prepare(self, text: str) -> str:
         if self.info.strip:
@@ -133,8 +138,8 @@ class Tokenization:
         input_ids = np.full((len(ids), length), self.info.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), length), dtype=np.int64)
         for i, seq in enumerate(ids):
-            input_ids[i, :len(seq)] = seq
-            mask[i, :len(seq)] = 1
+            input_ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
         return TokenBatch(rows, input_ids, mask)
 
 
@@ -143,7 +148,7 @@ def _chunks_by_bucket(order: np.ndarray, bucket: np.ndarray, size: int) -> Itera
     starts = np.flatnonzero(np.r_[True, sorted_buckets[1:] != sorted_buckets[:-1]])
     for begin, end in zip(starts, [*starts[1:], len(order)], strict=True):
         for i in range(begin, end, size):
-            yield order[i:min(i + size, end)]
+            yield order[i : min(i + size, end)]
 
 
 def _collect(n: int, dimension: int, parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -153,7 +158,8 @@ def _collect(n: int, dimension: int, parts: Sequence[tuple[np.ndarray, np.ndarra
         values = np.asarray(values, dtype=np.float32)
         if values.shape != (len(rows), dimension):
             raise FailedPrecondition(
-                f"text embedder returned shape {list(values.shape)}, expected {[len(rows), dimension]}")
+                f"text embedder returned shape {list(values.shape)}, expected {[len(rows), dimension]}"
+            )
         out[rows] = values
     return out
 
@@ -161,8 +167,14 @@ def _collect(n: int, dimension: int, parts: Sequence[tuple[np.ndarray, np.ndarra
 class TextEmbedder:
     """Embeds texts with the repository's text-embedding model through a serving backend."""
 
-    def __init__(self, backend: _Infers, model: str, info: EmbedderInfo, tokenization: Tokenization,
-                 max_batch_size: int) -> None:
+    def __init__(
+        self,
+        backend: _Infers,
+        model: str,
+        info: EmbedderInfo,
+        tokenization: Tokenization,
+        max_batch_size: int,
+    ) -> None:
         self.backend = backend
         self.model = model
         self.info = info
@@ -178,8 +190,9 @@ class TextEmbedder:
         return self.info.dimension
 
     @classmethod
-    def from_repository(cls, repository: ModelRepository, backend: _Infers,
-                        model: str = DEFAULT_MODEL) -> TextEmbedder:
+    def from_repository(
+        cls, repository: ModelRepository, backend: _Infers, model: str = DEFAULT_MODEL
+    ) -> TextEmbedder:
         """Read the model's embedder description and tokenizer (NotFound / FailedPrecondition)."""
         entry = repository.get(model)
         if not entry.ok or entry.config is None:
@@ -200,11 +213,14 @@ class TextEmbedder:
         # Tokenising thousands of long texts is milliseconds of CPU: keep it off the event loop.
         batches = await asyncio.to_thread(self.tokenization.batches, texts, self.max_batch_size)
         # All chunks at once, so the batcher can merge them with other callers' same-length rows.
-        results = await asyncio.gather(*(
-            self.backend.infer(self.model, b.inputs(self.info.inputs)) for b in batches))
-        return _collect(len(texts), self.dimension,
-                        [(b.rows, r.outputs[self.info.output]) for b, r in zip(batches, results,
-                                                                               strict=True)])
+        results = await asyncio.gather(
+            *(self.backend.infer(self.model, b.inputs(self.info.inputs)) for b in batches)
+        )
+        return _collect(
+            len(texts),
+            self.dimension,
+            [(b.rows, r.outputs[self.info.output]) for b, r in zip(batches, results, strict=True)],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +232,11 @@ def _version_dir(model_dir: Path) -> Path:
     model_dir = Path(model_dir)
     if (model_dir / "model.onnx").is_file():
         return model_dir
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir()
-                      if p.is_dir() and p.name.isdigit() and (p / "model.onnx").is_file())
+    versions = sorted(
+        (int(p.name), p)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / "model.onnx").is_file()
+    )
     if not versions:
         raise FileNotFoundError(f"{model_dir}: no <version>/model.onnx")
     return versions[-1][1]
@@ -225,25 +244,28 @@ def _version_dir(model_dir: Path) -> Path:
 
 # Keyed by the file's mtime as well, so a rebuilt model is picked up by the next call.
 @lru_cache(maxsize=2)
-def _offline_model(version_dir: Path, mtime_ns: int) -> tuple[EmbedderInfo, Tokenization,
-                                                              ort.InferenceSession]:
+def _offline_model(
+    version_dir: Path, mtime_ns: int
+) -> tuple[EmbedderInfo, Tokenization, ort.InferenceSession]:
     import onnxruntime as ort
 
     info = EmbedderInfo.from_file(version_dir / EMBEDDER_FILE)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(version_dir / "model.onnx"), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(version_dir / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+    )
     return info, Tokenization(version_dir / info.tokenizer, info), session
 
 
 def embed_offline(model_dir: Path, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """Embed texts with ONNX Runtime directly (no server): float32 [n, dimension], L2-normalised."""
     version_dir = _version_dir(model_dir)
-    info, tokenization, session = _offline_model(
-        version_dir, (version_dir / "model.onnx").stat().st_mtime_ns)
+    info, tokenization, session = _offline_model(version_dir, (version_dir / "model.onnx").stat().st_mtime_ns)
     if not texts:
         return np.zeros((0, info.dimension), dtype=np.float32)
-    parts = [(b.rows, session.run([info.output], b.inputs(info.inputs))[0])
-             for b in tokenization.batches(texts, batch_size)]
+    parts = [
+        (b.rows, session.run([info.output], b.inputs(info.inputs))[0])
+        for b in tokenization.batches(texts, batch_size)
+    ]
     return _collect(len(texts), info.dimension, parts)

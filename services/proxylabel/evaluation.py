@@ -33,8 +33,13 @@ def evaluate(confusion: np.ndarray) -> Evaluation | None:
     f1 = np.divide(2 * tp, true + pred, out=np.zeros_like(tp), where=(true + pred) > 0)
     distance = np.abs(np.arange(NUM_CLASSES)[:, None] - np.arange(NUM_CLASSES)[None, :])
     recall = np.divide(tp, true, out=np.full_like(tp, np.nan), where=true > 0)
-    return Evaluation(int(n), float(tp.sum() / n), float(f1[present].mean()), float((c * distance).sum() / n),
-                      recall.tolist())
+    return Evaluation(
+        int(n),
+        float(tp.sum() / n),
+        float(f1[present].mean()),
+        float((c * distance).sum() / n),
+        recall.tolist(),
+    )
 
 
 def confusion_of(truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:

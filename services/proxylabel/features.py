@@ -40,8 +40,10 @@ LIST_ITEM = r"(?m)^[ \t]*([-*+•]|[0-9]+[.)])[ \t]+"
 HEADING = r"(?m)^[ \t]*#{1,6}[ \t]+[^ \t\n]"
 URL = r"(https?://|www\.)[^ \t\n\r\f]+"
 SPECIAL = r"[!-/:-@\[-`{-~]"
-INSTRUCTION = (r"(?i)\b(write|explain|describe|list|summari[sz]e|create|generate|give|provide|translate"
-               r"|rewrite|classify|compare|calculate|suggest|design|implement|analy[sz]e|identify|make)\b")
+INSTRUCTION = (
+    r"(?i)\b(write|explain|describe|list|summari[sz]e|create|generate|give|provide|translate"
+    r"|rewrite|classify|compare|calculate|suggest|design|implement|analy[sz]e|identify|make)\b"
+)
 FIRST_PERSON = r"(?i)\b(i|me|my|mine|myself|we|us|our|ours|ourselves)\b"
 
 # name -> definition. Order is the column order of the feature matrix; never reorder a version.
@@ -58,8 +60,13 @@ FEATURES_V1: tuple[tuple[str, str], ...] = (
     # structure (10)
     ("turns", "user and assistant messages (a prompt/response pair: 2)"),
     ("user_turns", "user messages"),
-    ("user_sentences", (f"0 without a word; else matches of {SENTENCE_END}, plus 1 when the trimmed "
-                        "text does not end in . ! or ?")),
+    (
+        "user_sentences",
+        (
+            f"0 without a word; else matches of {SENTENCE_END}, plus 1 when the trimmed "
+            "text does not end in . ! or ?"
+        ),
+    ),
     ("asst_sentences", "as user_sentences, of the assistant text"),
     ("asst_paragraphs", f"0 when blank; else 1 + matches of {PARAGRAPH_BREAK} in the trimmed text"),
     ("user_avg_word_len", "word characters / words of the user text (0 without words)"),
@@ -86,8 +93,10 @@ FEATURES_V1: tuple[tuple[str, str], ...] = (
     # response quality (4)
     ("asst_capitalised_start", "1 when the trimmed assistant text starts with A-Z, else 0"),
     ("asst_final_punctuation", "1 when the trimmed assistant text ends with one of . ! ? ) \" ' `, else 0"),
-    ("asst_bigram_repetition", ("1 - distinct / all bigrams of consecutive lower-cased assistant words "
-                                "(0 with fewer than 2 words)")),
+    (
+        "asst_bigram_repetition",
+        ("1 - distinct / all bigrams of consecutive lower-cased assistant words (0 with fewer than 2 words)"),
+    ),
     ("asst_first_person_density", f"first-person pronouns {FIRST_PERSON} / max(asst_words, 1)"),
 )
 FEATURE_NAMES: tuple[str, ...] = tuple(name for name, _ in FEATURES_V1)
@@ -115,7 +124,9 @@ class FeatureStats(StrictModel):
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         if self.version != FEATURE_VERSION or tuple(self.names) != FEATURE_NAMES:
-            raise ValueError(f"statistics are for features {self.version}, this build computes {FEATURE_VERSION}")
+            raise ValueError(
+                f"statistics are for features {self.version}, this build computes {FEATURE_VERSION}"
+            )
         std = np.asarray(self.std, np.float64)
         # A feature constant over the training rows carries no information: centre it only.
         std = np.where(std > 1e-12, std, 1.0)
@@ -158,7 +169,9 @@ def _strings(values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> pa.Ar
     return pc.fill_null(arr, "")
 
 
-def _join_role(contents: pa.Array, parents: np.ndarray, mask: np.ndarray, n: int) -> tuple[pa.Array, np.ndarray]:
+def _join_role(
+    contents: pa.Array, parents: np.ndarray, mask: np.ndarray, n: int
+) -> tuple[pa.Array, np.ndarray]:
     kept = contents.filter(pa.array(mask))
     counts = np.bincount(parents[mask], minlength=n)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -179,11 +192,14 @@ def from_messages(messages: pa.Array | pa.ChunkedArray) -> Conversations:
     asst_mask = np.isin(roles, ASSISTANT_ROLES)
     user, user_turns = _join_role(contents, parents, user_mask, n)
     assistant, asst_turns = _join_role(contents, parents, asst_mask, n)
-    return Conversations(user, assistant, (user_turns + asst_turns).astype(np.float64),
-                         user_turns.astype(np.float64))
+    return Conversations(
+        user, assistant, (user_turns + asst_turns).astype(np.float64), user_turns.astype(np.float64)
+    )
 
 
-def from_pairs(prompt: pa.Array | Sequence[str | None], response: pa.Array | Sequence[str | None]) -> Conversations:
+def from_pairs(
+    prompt: pa.Array | Sequence[str | None], response: pa.Array | Sequence[str | None]
+) -> Conversations:
     """One user message and one assistant message per row (an empty side counts no message)."""
     user, assistant = _strings(prompt), _strings(response)
     u = (pc.utf8_length(user).to_numpy() > 0).astype(np.float64)
@@ -215,8 +231,10 @@ def from_texts(texts: Sequence[str], responses: Sequence[str] | None = None) -> 
     columnar forms above.
     """
     if responses is not None and any(responses):
-        pairs = [([t] if t else [], [r] if r else []) if r else parse_rendered(t)
-                 for t, r in zip(texts, responses, strict=True)]
+        pairs = [
+            ([t] if t else [], [r] if r else []) if r else parse_rendered(t)
+            for t, r in zip(texts, responses, strict=True)
+        ]
     else:
         pairs = [parse_rendered(t) for t in texts]
     user = [JOINER.join(u) for u, _ in pairs]
@@ -254,8 +272,11 @@ def _words(texts: pa.Array) -> tuple[np.ndarray, np.ndarray, int]:
     keep = pc.greater(pc.utf8_length(flat), 0)
     words = pc.utf8_lower(flat.filter(keep))
     encoded = pc.dictionary_encode(words)
-    return (parents.filter(keep).to_numpy().astype(np.int64), encoded.indices.to_numpy().astype(np.int64),
-            max(len(encoded.dictionary), 1))
+    return (
+        parents.filter(keep).to_numpy().astype(np.int64),
+        encoded.indices.to_numpy().astype(np.int64),
+        max(len(encoded.dictionary), 1),
+    )
 
 
 def _distinct_per_row(rows: np.ndarray, keys: np.ndarray, key_space: int, n: int) -> np.ndarray:
@@ -292,9 +313,15 @@ def _side(texts: pa.Array) -> dict[str, np.ndarray]:
     bigrams = np.bincount(bigram_rows, minlength=n).astype(np.float64)
     distinct_bigrams = _distinct_per_row(bigram_rows, bigram_keys, size * size, n)
     return {
-        "chars": chars, "words": words, "word_chars": word_chars, "sentences": sentences,
-        "paragraphs": paragraphs, "distinct": distinct, "bigrams": bigrams,
-        "distinct_bigrams": distinct_bigrams, "trimmed": trimmed,
+        "chars": chars,
+        "words": words,
+        "word_chars": word_chars,
+        "sentences": sentences,
+        "paragraphs": paragraphs,
+        "distinct": distinct,
+        "bigrams": bigrams,
+        "distinct_bigrams": distinct_bigrams,
+        "trimmed": trimmed,
     }
 
 
@@ -303,14 +330,18 @@ def compute_features(conversations: Conversations) -> np.ndarray:
     user_text, asst_text = conversations.user, conversations.assistant
     u, a = _side(user_text), _side(asst_text)
     f: dict[str, np.ndarray] = {
-        "user_chars": u["chars"], "asst_chars": a["chars"],
-        "user_words": u["words"], "asst_words": a["words"],
-        "log_user_chars": np.log1p(u["chars"]), "log_asst_chars": np.log1p(a["chars"]),
+        "user_chars": u["chars"],
+        "asst_chars": a["chars"],
+        "user_words": u["words"],
+        "asst_words": a["words"],
+        "log_user_chars": np.log1p(u["chars"]),
+        "log_asst_chars": np.log1p(a["chars"]),
         "total_chars": u["chars"] + a["chars"],
         "len_ratio": a["chars"] / (u["chars"] + 1.0),
         "turns": np.asarray(conversations.turns, np.float64),
         "user_turns": np.asarray(conversations.user_turns, np.float64),
-        "user_sentences": u["sentences"], "asst_sentences": a["sentences"],
+        "user_sentences": u["sentences"],
+        "asst_sentences": a["sentences"],
         "asst_paragraphs": a["paragraphs"],
         "user_avg_word_len": _ratio(u["word_chars"], u["words"]),
         "asst_avg_word_len": _ratio(a["word_chars"], a["words"]),
@@ -332,7 +363,9 @@ def compute_features(conversations: Conversations) -> np.ndarray:
         "user_ends_with_question": _flag(u["trimmed"], r"\?$"),
         "asst_capitalised_start": _flag(a["trimmed"], r"^[A-Z]"),
         "asst_final_punctuation": _flag(a["trimmed"], r"[.!?)\"'`]$"),
-        "asst_bigram_repetition": np.where(a["bigrams"] > 0, 1.0 - _ratio(a["distinct_bigrams"], a["bigrams"]), 0.0),
+        "asst_bigram_repetition": np.where(
+            a["bigrams"] > 0, 1.0 - _ratio(a["distinct_bigrams"], a["bigrams"]), 0.0
+        ),
         "asst_first_person_density": _count(asst_text, FIRST_PERSON) / np.maximum(a["words"], 1.0),
     }
     return np.stack([f[name] for name in FEATURE_NAMES], axis=1).astype(np.float32)

@@ -76,8 +76,10 @@ class JobStatus:
 
 def check_job_id(job_id: str) -> str:
     if not _JOB_ID.fullmatch(job_id):
-        raise InvalidArgument(f"job_id {job_id!r} is not a shard job id ({JOB_ID_LENGTH} lowercase hex "
-                              "digits, as the first ScoreShard event names it)")
+        raise InvalidArgument(
+            f"job_id {job_id!r} is not a shard job id ({JOB_ID_LENGTH} lowercase hex "
+            "digits, as the first ScoreShard event names it)"
+        )
     return job_id
 
 
@@ -103,10 +105,15 @@ def read_status(output: Path, expiry_seconds: float) -> JobStatus | None:
     error = manifest.get("error") or {}
     parts = manifest.get("parts", [])
     return JobStatus(
-        job_id=manifest["job_id"], state=state, input_path=Path(manifest.get("input", {}).get("path", "")),
-        output_path=output, rows_done=sum(p["rows"] for p in parts),
-        rows_total=int(manifest.get("rows_total", 0)), rows_failed=sum(p["rows_failed"] for p in parts),
-        parts_done=len(parts), parts_total=int(manifest.get("parts_total", len(parts))),
+        job_id=manifest["job_id"],
+        state=state,
+        input_path=Path(manifest.get("input", {}).get("path", "")),
+        output_path=output,
+        rows_done=sum(p["rows"] for p in parts),
+        rows_total=int(manifest.get("rows_total", 0)),
+        rows_failed=sum(p["rows_failed"] for p in parts),
+        parts_done=len(parts),
+        parts_total=int(manifest.get("parts_total", len(parts))),
         batch_rows=int(manifest.get("batch_rows", 0)),
         rules_version=manifest.get("rules_version", ""),
         error_code=error.get("code", "") if state == FAILED else "",

@@ -102,8 +102,9 @@ def neighbour_weights(sims: np.ndarray, valid: np.ndarray, options: KnnOptions) 
     return np.where(valid, w, 0.0)
 
 
-def knn_probabilities(sims: np.ndarray, neighbour_labels: np.ndarray, options: KnnOptions,
-                      priors: np.ndarray | None = None) -> KnnScores:
+def knn_probabilities(
+    sims: np.ndarray, neighbour_labels: np.ndarray, options: KnnOptions, priors: np.ndarray | None = None
+) -> KnnScores:
     """The vote of each row's neighbours.
 
     sims [n, k] and neighbour_labels [n, k] as faiss returns them (a label < 0 marks a missing
@@ -142,14 +143,17 @@ def round_score(expected: np.ndarray) -> np.ndarray:
     The mean is first rounded to 1e-9, so a mean that is a half in exact arithmetic (e.g. 30/20)
     counts as a half whatever the float error of the sum.
     """
-    return np.clip(np.ceil(np.round(np.asarray(expected, np.float64), 9) - 0.5), 0, NUM_CLASSES - 1).astype(np.int64)
+    return np.clip(np.ceil(np.round(np.asarray(expected, np.float64), 9) - 0.5), 0, NUM_CLASSES - 1).astype(
+        np.int64
+    )
 
 
 def knn_labels(scores: KnnScores, options: KnnOptions) -> np.ndarray:
     """vote: argmax of the probabilities (ties to the lower score); regression: rounded mean."""
     if options.aggregation == "regression":
-        return np.where(scores.no_neighbours, scores.labels,
-                        round_score(np.nan_to_num(scores.expected_score)))
+        return np.where(
+            scores.no_neighbours, scores.labels, round_score(np.nan_to_num(scores.expected_score))
+        )
     return scores.labels
 
 
@@ -194,18 +198,26 @@ class KnnIndex:
         index = faiss.read_index(str(directory / INDEX_FILE))
         labels = np.load(directory / LABELS_FILE, allow_pickle=False)
         if index.d != meta.embedder.dimension:
-            raise ValueError(f"{directory}: index has dimension {index.d}, index.json says "
-                             f"{meta.embedder.dimension}")
+            raise ValueError(
+                f"{directory}: index has dimension {index.d}, index.json says {meta.embedder.dimension}"
+            )
         if index.ntotal != len(labels) or len(labels) != meta.rows:
-            raise ValueError(f"{directory}: {index.ntotal} vectors, {len(labels)} labels, "
-                             f"index.json says {meta.rows} rows")
+            raise ValueError(
+                f"{directory}: {index.ntotal} vectors, {len(labels)} labels, index.json says {meta.rows} rows"
+            )
         if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
             raise ValueError(f"{directory}: labels outside 0-{NUM_CLASSES - 1}")
         return cls(index, labels, meta, version)
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, labels: np.ndarray, embedder: EmbedderInfo,
-              options: KnnOptions | None = None, demo: bool = False) -> KnnIndex:
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        labels: np.ndarray,
+        embedder: EmbedderInfo,
+        options: KnnOptions | None = None,
+        demo: bool = False,
+    ) -> KnnIndex:
         import faiss
 
         x = normalise(embeddings)
@@ -214,8 +226,13 @@ class KnnIndex:
         labels = np.asarray(labels, np.int64)
         index = faiss.IndexFlatIP(x.shape[1])
         index.add(x)
-        meta = IndexMeta(embedder=embedder, rows=len(labels), priors=class_priors(labels).tolist(),
-                         options=options or KnnOptions(), demo=demo)
+        meta = IndexMeta(
+            embedder=embedder,
+            rows=len(labels),
+            priors=class_priors(labels).tolist(),
+            options=options or KnnOptions(),
+            demo=demo,
+        )
         return cls(index, labels, meta)
 
     def save(self, directory: Path) -> None:
@@ -252,6 +269,13 @@ def write_model(repo: Path, index: KnnIndex, version: int = 1, name: str = MODEL
     """Write `index` as `<repo>/<name>/<version>/` with its config; returns the model directory."""
     model_dir = Path(repo) / name
     index.save(model_dir / str(version))
-    write_config(model_dir, ModelSpec(name=name, backend=BACKEND, default_model_filename=INDEX_FILE,
-                                      parameters={"demo": str(index.meta.demo).lower(), "embedder": index.embedder}))
+    write_config(
+        model_dir,
+        ModelSpec(
+            name=name,
+            backend=BACKEND,
+            default_model_filename=INDEX_FILE,
+            parameters={"demo": str(index.meta.demo).lower(), "embedder": index.embedder},
+        ),
+    )
     return model_dir

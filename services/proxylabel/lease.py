@@ -106,8 +106,12 @@ def _identity() -> dict:
         pid_ns = os.readlink("/proc/self/ns/pid")
     except OSError:
         pid_ns = ""
-    return {"host": socket.gethostname(), "kernel": read("/proc/sys/kernel/random/boot_id"), "pid_ns": pid_ns,
-            "start": process_start(os.getpid())}
+    return {
+        "host": socket.gethostname(),
+        "kernel": read("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": pid_ns,
+        "start": process_start(os.getpid()),
+    }
 
 
 def process_start(pid: int) -> int:
@@ -116,7 +120,7 @@ def process_start(pid: int) -> int:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return -1
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     state = fields[0]
     return -1 if state in ("Z", "X") else int(fields[19])
 
@@ -145,8 +149,10 @@ def _locked(path: Path, exclusive: bool) -> Iterator[int]:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     # The directory's name only: messages do not show the server's paths.
-                    raise Unavailable(f"the lock of shard output {path.parent.name!r} stayed locked for "
-                                      f"{_FLOCK_WAIT_SECONDS:.0f}s") from None
+                    raise Unavailable(
+                        f"the lock of shard output {path.parent.name!r} stayed locked for "
+                        f"{_FLOCK_WAIT_SECONDS:.0f}s"
+                    ) from None
                 time.sleep(0.002)
         yield fd
     finally:
@@ -220,8 +226,10 @@ class Lease:
             current = _read(fd)
             if self.lost or current is None or current.owner != self.owner:
                 self._lose(current)
-                raise LeaseLost(f"the lock of {self.directory} was taken over by "
-                                f"{current.label if current and current.owner else 'nobody'}")
+                raise LeaseLost(
+                    f"the lock of {self.directory} was taken over by "
+                    f"{current.label if current and current.owner else 'nobody'}"
+                )
             yield
 
     def beat(self) -> None:
@@ -236,8 +244,11 @@ class Lease:
 
     def _lose(self, current: Holder | None) -> None:
         if not self.lost:
-            log.warning("lost the lock of %s to %s", self.directory,
-                        current.label if current and current.owner else "nobody")
+            log.warning(
+                "lost the lock of %s to %s",
+                self.directory,
+                current.label if current and current.owner else "nobody",
+            )
         self.lost = True
         _HELD.discard(self.owner)
 

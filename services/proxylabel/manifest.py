@@ -43,39 +43,65 @@ class Manifest:
         path = output / MANIFEST
         job = plan.job
         shown = job.shown_output
-        fresh = {"format": MANIFEST_FORMAT, "job_id": job.job_id, "started_by": started_by(job.caller),
-                 "input": plan.fingerprint,
-                 "rules_version": job.rules_version, "mode": job.rules.mode,
-                 "rules": job.rules.model_dump(mode="json"), "batch_rows": job.batch_rows,
-                 "rows_total": plan.rows_total, "parts_total": len(plan.parts), "has_scores": plan.has_scores,
-                 "parts": [], "complete": False, "state": RUNNING, "error": None, "owner": "",
-                 "updated": time.time(), "runs": []}
+        fresh = {
+            "format": MANIFEST_FORMAT,
+            "job_id": job.job_id,
+            "started_by": started_by(job.caller),
+            "input": plan.fingerprint,
+            "rules_version": job.rules_version,
+            "mode": job.rules.mode,
+            "rules": job.rules.model_dump(mode="json"),
+            "batch_rows": job.batch_rows,
+            "rows_total": plan.rows_total,
+            "parts_total": len(plan.parts),
+            "has_scores": plan.has_scores,
+            "parts": [],
+            "complete": False,
+            "state": RUNNING,
+            "error": None,
+            "owner": "",
+            "updated": time.time(),
+            "runs": [],
+        }
         if not path.exists():
-            others = [p.name for p in output.iterdir() if not p.name.startswith(".") and not p.name.startswith("part-")]
+            others = [
+                p.name
+                for p in output.iterdir()
+                if not p.name.startswith(".") and not p.name.startswith("part-")
+            ]
             if others:
-                raise FailedPrecondition(f"output directory {shown!r} is not empty and holds no shard job "
-                                         f"({', '.join(repr(o) for o in sorted(others)[:5])})")
+                raise FailedPrecondition(
+                    f"output directory {shown!r} is not empty and holds no shard job "
+                    f"({', '.join(repr(o) for o in sorted(others)[:5])})"
+                )
             return cls(path, fresh, fresh=True)
         old = read_manifest(output)
         if old is None:
-            raise FailedPrecondition(f"the manifest of output directory {shown!r} is unreadable; remove the "
-                                     "directory to start over")
+            raise FailedPrecondition(
+                f"the manifest of output directory {shown!r} is unreadable; remove the "
+                "directory to start over"
+            )
         if not may_access(job.caller, str(old.get("started_by") or "")):
-            raise PermissionDenied(f"output directory {shown!r} holds a shard job of another caller; choose "
-                                   "another output_path")
+            raise PermissionDenied(
+                f"output directory {shown!r} holds a shard job of another caller; choose another output_path"
+            )
         keys = ["format", "input", "rules_version", "mode", "batch_rows", "rows_total"]
         if "rules" in old:  # manifests written before it was recorded are checked without it
             keys.append("rules")
         for key in keys:
             if old.get(key) != fresh[key]:
                 if key == "input":  # the fingerprint holds the server's path: say what differs instead
-                    what = ("another input shard" if old.get(key, {}).get("path") != plan.fingerprint["path"] else
-                            "an input shard that changed since (size or modification time)")
+                    what = (
+                        "another input shard"
+                        if old.get(key, {}).get("path") != plan.fingerprint["path"]
+                        else "an input shard that changed since (size or modification time)"
+                    )
                 else:
                     what = f"another {key} ({old.get(key)!r}, now {fresh[key]!r})"
                 raise FailedPrecondition(
                     f"output directory {shown!r} holds a job with {what}; resuming would mix them: remove it "
-                    "or choose another output_path")
+                    "or choose another output_path"
+                )
         # Fields a manifest of an older version lacks; the job id follows the request (a moved
         # output directory gets the id of its new place).
         for key in ("rules", "has_scores", "error", "owner", "runs"):
@@ -105,8 +131,15 @@ class Manifest:
     def start_run(self, owner: str) -> None:
         """A run begins (a new job, a resume, a take-over): who runs it, from which part."""
         self.data.update(state=RUNNING, error=None, owner=owner)
-        self.data["runs"].append({"owner": owner, "started": time.time(), "first_part": len(self.parts),
-                                  "seconds": 0.0, "rows_per_second": 0.0})
+        self.data["runs"].append(
+            {
+                "owner": owner,
+                "started": time.time(),
+                "first_part": len(self.parts),
+                "seconds": 0.0,
+                "rows_per_second": 0.0,
+            }
+        )
 
     def finish(self, state: str, error: dict | None = None, run: dict | None = None) -> None:
         self.data.update(state=state, error=error)

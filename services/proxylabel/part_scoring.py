@@ -46,26 +46,37 @@ def _embedding_matrix(column: pa.ChunkedArray | pa.Array, dimension: int) -> tup
             out[good] = values.astype(np.float32).reshape(-1, dimension)
     reasons = embedding_problem(out, dimension)
     for i in np.flatnonzero(~good):
-        reasons[i] = "no embedding" if lengths[i] < 0 else f"embedding has {lengths[i]} values, the index {dimension}"
+        reasons[i] = (
+            "no embedding" if lengths[i] < 0 else f"embedding has {lengths[i]} values, the index {dimension}"
+        )
     return out, reasons
 
 
-async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Table, first_row: int) -> PartResult:
+async def score_part(
+    plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Table, first_row: int
+) -> PartResult:
     n = table.num_rows
     rules = plan.job.rules
-    ids = plain_column(table.column(ID)).cast(pa.string()) if plan.has_id else \
-        pa.array([str(first_row + i) for i in range(n)], pa.string())
+    ids = (
+        plain_column(table.column(ID)).cast(pa.string())
+        if plan.has_id
+        else pa.array([str(first_row + i) for i in range(n)], pa.string())
+    )
     conv = await asyncio.to_thread(conversations_of, table, plan.text_kind)
     reasons = ["" for _ in range(n)]
-    blank = (pc.utf8_length(pc.utf8_trim_whitespace(conv.user)).to_numpy(zero_copy_only=False)
-             + pc.utf8_length(pc.utf8_trim_whitespace(conv.assistant)).to_numpy(zero_copy_only=False)) == 0
+    blank = (
+        pc.utf8_length(pc.utf8_trim_whitespace(conv.user)).to_numpy(zero_copy_only=False)
+        + pc.utf8_length(pc.utf8_trim_whitespace(conv.assistant)).to_numpy(zero_copy_only=False)
+    ) == 0
     for i in np.flatnonzero(blank):
         reasons[i] = "empty text"
     if plan.has_id:
         for i in np.flatnonzero(pc.is_null(ids).to_numpy(zero_copy_only=False)):
             reasons[i] = reasons[i] or "no id"
     if plan.has_embedding:
-        emb, emb_reasons = await asyncio.to_thread(_embedding_matrix, table.column(EMBEDDING), plan.embedder.dimension)
+        emb, emb_reasons = await asyncio.to_thread(
+            _embedding_matrix, table.column(EMBEDDING), plan.embedder.dimension
+        )
         reasons = [r or e for r, e in zip(reasons, emb_reasons, strict=True)]
     else:
         emb = np.zeros((n, plan.embedder.dimension), np.float32)
@@ -86,7 +97,9 @@ async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Ta
     expected = np.full(n, np.nan, np.float32)
     if len(idx):
         sub = conversations_of(table.take(pa.array(idx)), plan.text_kind) if plan.run_mlp else None
-        scores = await pipeline.score(emb if len(idx) == n else emb[idx], sub, plan.options, plan.run_knn, plan.run_mlp)
+        scores = await pipeline.score(
+            emb if len(idx) == n else emb[idx], sub, plan.options, plan.run_knn, plan.run_mlp
+        )
         knn = scores.knn
         fused = soft_vote(knn.probabilities if knn else None, scores.mlp, rules)
         lab, conf = final_labels(fused, rules, knn_labels(knn, plan.options) if knn else None)
@@ -97,20 +110,26 @@ async def score_part(plan: ShardPlan, pipeline: ProxyLabelPipeline, table: pa.Ta
                 i = idx[k]
                 if rules.mode == "knn":
                     labels[i] = -1
-                    reasons[i] = f"no labelled neighbour with similarity >= {plan.options.similarity_threshold}"
+                    reasons[i] = (
+                        f"no labelled neighbour with similarity >= {plan.options.similarity_threshold}"
+                    )
                 else:
                     reasons[i] = NO_NEIGHBOUR
     scored = labels >= 0
-    table_out = pa.table({
-        "id": ids,
-        "label": pa.array(labels.astype(np.int8), mask=~scored),
-        "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), NUM_CLASSES,
-                                                           mask=pa.array(~scored)),
-        "confidence": pa.array(confidence, mask=~scored),
-        "decided_by": pa.array([rules.mode if s else None for s in scored], pa.string()),
-        "knn_expected_score": pa.array(expected, mask=np.isnan(expected)),
-        "reason": pa.array([r or None for r in reasons], pa.string()),
-    }, schema=OUTPUT_SCHEMA)
+    table_out = pa.table(
+        {
+            "id": ids,
+            "label": pa.array(labels.astype(np.int8), mask=~scored),
+            "probabilities": pa.FixedSizeListArray.from_arrays(
+                pa.array(probs.reshape(-1)), NUM_CLASSES, mask=pa.array(~scored)
+            ),
+            "confidence": pa.array(confidence, mask=~scored),
+            "decided_by": pa.array([rules.mode if s else None for s in scored], pa.string()),
+            "knn_expected_score": pa.array(expected, mask=np.isnan(expected)),
+            "reason": pa.array([r or None for r in reasons], pa.string()),
+        },
+        schema=OUTPUT_SCHEMA,
+    )
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     if plan.has_scores:
         truth = table.column(SCORES).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -20,15 +20,17 @@ import pyarrow.parquet as pq
 from services.proxylabel.knn import NUM_CLASSES
 from services.proxylabel.manifest import MANIFEST
 
-OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("label", pa.int8()),
-    ("probabilities", pa.list_(pa.float32(), NUM_CLASSES)),
-    ("confidence", pa.float32()),
-    ("decided_by", pa.string()),
-    ("knn_expected_score", pa.float32()),
-    ("reason", pa.string()),
-])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("label", pa.int8()),
+        ("probabilities", pa.list_(pa.float32(), NUM_CLASSES)),
+        ("confidence", pa.float32()),
+        ("decided_by", pa.string()),
+        ("knn_expected_score", pa.float32()),
+        ("reason", pa.string()),
+    ]
+)
 TEMPORARY_PARTS = ".part-*.tmp"  # what write_part leaves behind when its writer dies
 
 

@@ -92,8 +92,10 @@ def confine(path: str, roots: Sequence[Path], what: str, kind: str) -> Path:
         raise InvalidArgument(f"{what} {_given(path)!r} is not usable: {problem}") from None
     if relative(resolved, roots) is None:
         log.info("%s %s (resolved %s) is outside the %s", what, path, resolved, kind)
-        raise InvalidArgument(f"{what} {_given(path)!r} is outside the proxylabel service's {kind} "
-                              f"({len(roots)} configured); give a path under one of them")
+        raise InvalidArgument(
+            f"{what} {_given(path)!r} is outside the proxylabel service's {kind} "
+            f"({len(roots)} configured); give a path under one of them"
+        )
     return resolved
 
 
@@ -139,13 +141,16 @@ def check_output(resolved: Path, roots: Sequence[Path], what: str = "output_path
         if pst is None:
             continue
         if not stat.S_ISDIR(pst.st_mode):
-            raise InvalidArgument(f"{what} {name!r} is not usable: {shown(parent, roots, OUTPUT_ROOTS)!r} "
-                                  "is not a directory")
+            raise InvalidArgument(
+                f"{what} {name!r} is not usable: {shown(parent, roots, OUTPUT_ROOTS)!r} is not a directory"
+            )
         break
     # Names the directory would get that the file system refuses (checked without creating it).
     for part in resolved.parts:
         if len(os.fsencode(part)) > 255:
-            raise InvalidArgument(f"{what} {name!r} is not usable: {_problem(OSError(errno.ENAMETOOLONG, ''))}")
+            raise InvalidArgument(
+                f"{what} {name!r} is not usable: {_problem(OSError(errno.ENAMETOOLONG, ''))}"
+            )
     return resolved
 
 

@@ -93,13 +93,23 @@ class BatchScores:
     mlp: np.ndarray | None
 
 
-NO_NEIGHBOUR = "no labelled neighbour with similarity at or above the threshold: kNN probabilities are uniform"
+NO_NEIGHBOUR = (
+    "no labelled neighbour with similarity at or above the threshold: kNN probabilities are uniform"
+)
 
 
 class ProxyLabelPipeline:
-    def __init__(self, config: ProxyLabelConfig, backend: Backend | None, metrics: Metrics,
-                 knn: KnnIndex | None = None, mlp: MlpMeta | None = None, embedder: object | None = None,
-                 models: Sequence[ServedModel] = (), mlp_max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        config: ProxyLabelConfig,
+        backend: Backend | None,
+        metrics: Metrics,
+        knn: KnnIndex | None = None,
+        mlp: MlpMeta | None = None,
+        embedder: object | None = None,
+        models: Sequence[ServedModel] = (),
+        mlp_max_batch: int = 256,
+    ) -> None:
         self.config = config
         self.backend = backend
         self.metrics = metrics
@@ -113,9 +123,15 @@ class ProxyLabelPipeline:
         self.knn_fingerprint: tuple = ()
 
     @classmethod
-    async def load(cls, config: ProxyLabelConfig, repository: ModelRepository, backend: Backend | None,
-                   metrics: Metrics, embedder: object | None = None,
-                   previous: ProxyLabelPipeline | None = None) -> ProxyLabelPipeline:
+    async def load(
+        cls,
+        config: ProxyLabelConfig,
+        repository: ModelRepository,
+        backend: Backend | None,
+        metrics: Metrics,
+        embedder: object | None = None,
+        previous: ProxyLabelPipeline | None = None,
+    ) -> ProxyLabelPipeline:
         """Load what the repository has; a model that is absent or broken is logged and left out
         (requests that need it get FAILED_PRECONDITION naming it). With `previous` (a reload),
         an unchanged index is reused and one whose new version fails to load keeps serving."""
@@ -131,32 +147,51 @@ class ProxyLabelPipeline:
             try:
                 mlp = MlpMeta.model_validate_json(entry.file(MLP_META_FILE).read_text())
                 if mlp.feature_version != FEATURE_VERSION or mlp.features.version != FEATURE_VERSION:
-                    raise ValueError(f"trained on text features {mlp.feature_version}, this build computes "
-                                     f"{FEATURE_VERSION}")
+                    raise ValueError(
+                        f"trained on text features {mlp.feature_version}, this build computes "
+                        f"{FEATURE_VERSION}"
+                    )
                 if entry.config is not None and entry.config.max_batch_size > 0:
                     mlp_max_batch = entry.config.max_batch_size
-                models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
-                                          is_demo(entry.parameters) or mlp.demo))
+                models.append(
+                    ServedModel(
+                        entry.name,
+                        ready[entry.name].version,
+                        ready[entry.name].backend,
+                        is_demo(entry.parameters) or mlp.demo,
+                    )
+                )
             except Exception as exc:
                 log.error("MLP %s not usable: %s", config.mlp_model, exc)
                 mlp = None
-        if (embedder is None and backend is not None and config.embedder_model in repository
-                and config.embedder_model in ready):
+        if (
+            embedder is None
+            and backend is not None
+            and config.embedder_model in repository
+            and config.embedder_model in ready
+        ):
             try:
                 embedder = TextEmbedder.from_repository(repository, backend, config.embedder_model)
             except ServingError as exc:
                 log.error("text embedder %s not usable: %s", config.embedder_model, exc.message)
         if embedder is not None and config.embedder_model in ready:
             entry = repository.get(config.embedder_model)
-            models.append(ServedModel(entry.name, ready[entry.name].version, ready[entry.name].backend,
-                                      is_demo(entry.parameters)))
+            models.append(
+                ServedModel(
+                    entry.name,
+                    ready[entry.name].version,
+                    ready[entry.name].backend,
+                    is_demo(entry.parameters),
+                )
+            )
         pipeline = cls(config, backend, metrics, knn, mlp, embedder, models, mlp_max_batch)
         pipeline.knn_fingerprint = knn_fingerprint
         return pipeline
 
     @staticmethod
-    async def _load_knn(config: ProxyLabelConfig, repository: ModelRepository, previous: ProxyLabelPipeline | None
-                        ) -> tuple[KnnIndex | None, ServedModel | None, tuple]:
+    async def _load_knn(
+        config: ProxyLabelConfig, repository: ModelRepository, previous: ProxyLabelPipeline | None
+    ) -> tuple[KnnIndex | None, ServedModel | None, tuple]:
         """(index, how it is reported, the repository fingerprint it was loaded from)."""
         if config.knn_model not in repository:
             return None, None, ()
@@ -171,12 +206,18 @@ class ProxyLabelPipeline:
             knn = await asyncio.to_thread(KnnIndex.load, entry.version_dir(), entry.version)
         except Exception as exc:  # one bad model must not stop the service
             if kept is not None:
-                log.error("kNN index %s: the new files are not loaded (%s); version %s keeps serving",
-                          config.knn_model, exc, kept.knn.version)  # type: ignore[union-attr]
+                log.error(
+                    "kNN index %s: the new files are not loaded (%s); version %s keeps serving",
+                    config.knn_model,
+                    exc,
+                    kept.knn.version,
+                )  # type: ignore[union-attr]
                 return kept.knn, kept_served, kept.knn_fingerprint
             log.error("kNN index %s not loaded: %s", config.knn_model, exc)
             return None, None, ()
-        served = ServedModel(entry.name, entry.version, KNN_BACKEND, is_demo(entry.parameters) or knn.meta.demo)
+        served = ServedModel(
+            entry.name, entry.version, KNN_BACKEND, is_demo(entry.parameters) or knn.meta.demo
+        )
         return knn, served, entry.fingerprint
 
     # -- what a request needs
@@ -184,17 +225,28 @@ class ProxyLabelPipeline:
     def require(self, run_knn: bool, run_mlp: bool, purpose: str) -> None:
         """FAILED_PRECONDITION naming the models a mode needs that are not loaded, or an index and
         MLP built with different embedders."""
-        missing = ([self.config.knn_model] if run_knn and self.knn is None else []) + \
-                  ([self.config.mlp_model] if run_mlp and self.mlp is None else [])
+        missing = ([self.config.knn_model] if run_knn and self.knn is None else []) + (
+            [self.config.mlp_model] if run_mlp and self.mlp is None else []
+        )
         if missing:
             raise FailedPrecondition(
                 f"{purpose} needs model(s) {', '.join(missing)}, which are not loaded from the service's model "
-                "repository; build them with `make models` or the proxylabel tools")
-        if run_knn and run_mlp and self.knn and self.mlp and (
-                self.knn.embedder != self.mlp.embedder.name or self.knn.dimension != self.mlp.embedder.dimension):
+                "repository; build them with `make models` or the proxylabel tools"
+            )
+        if (
+            run_knn
+            and run_mlp
+            and self.knn
+            and self.mlp
+            and (
+                self.knn.embedder != self.mlp.embedder.name
+                or self.knn.dimension != self.mlp.embedder.dimension
+            )
+        ):
             raise FailedPrecondition(
                 f"the kNN index was built with {self.knn.embedder} ({self.knn.dimension}-d) but the MLP with "
-                f"{self.mlp.embedder.name} ({self.mlp.embedder.dimension}-d): they cannot score the same rows")
+                f"{self.mlp.embedder.name} ({self.mlp.embedder.dimension}-d): they cannot score the same rows"
+            )
 
     def expected_embedder(self, run_knn: bool, run_mlp: bool) -> EmbedderInfo:
         """The embedder whose vectors the requested models compare (call `require` first)."""
@@ -206,12 +258,16 @@ class ProxyLabelPipeline:
     def embedder_problem(self, expected: EmbedderInfo) -> str | None:
         """Why rows without an embedding cannot be embedded here (None when they can)."""
         if self.embedder is None:
-            return (f"the row has no embedding and the text embedder '{self.config.embedder_model}' is not in "
-                    f"the model repository")
+            return (
+                f"the row has no embedding and the text embedder '{self.config.embedder_model}' is not in "
+                f"the model repository"
+            )
         name, dim = self.embedder.name, self.embedder.dimension  # type: ignore[attr-defined]
         if name != expected.name or dim != expected.dimension:
-            return (f"the row has no embedding and the text embedder is {name} ({dim}-d), but the models were "
-                    f"built with {expected.name} ({expected.dimension}-d)")
+            return (
+                f"the row has no embedding and the text embedder is {name} ({dim}-d), but the models were "
+                f"built with {expected.name} ({expected.dimension}-d)"
+            )
         return None
 
     def knn_options(self, overrides: KnnRules | None) -> KnnOptions:
@@ -224,8 +280,14 @@ class ProxyLabelPipeline:
         with self.metrics.stage("preprocess", self.config.embedder_model):
             return await self.embedder.embed(texts)  # type: ignore[union-attr]
 
-    async def score(self, embeddings: np.ndarray, conversations: Conversations | None, options: KnnOptions,
-                    run_knn: bool, run_mlp: bool) -> BatchScores:
+    async def score(
+        self,
+        embeddings: np.ndarray,
+        conversations: Conversations | None,
+        options: KnnOptions,
+        run_knn: bool,
+        run_mlp: bool,
+    ) -> BatchScores:
         """kNN and/or MLP outputs for rows whose embeddings are valid (finite, right width)."""
         emb = normalise(embeddings)
         knn = mlp = None
@@ -240,9 +302,12 @@ class ProxyLabelPipeline:
             x = np.ascontiguousarray(np.concatenate([emb, feats], axis=1), dtype=np.float32)
             # All chunks at once: the backend's batcher runs them as its batch size allows.
             step = self.mlp_max_batch
-            results = await asyncio.gather(*(
-                self.backend.infer(self.config.mlp_model, {self.mlp.input_name: x[i:i + step]})
-                for i in range(0, len(x), step)))
+            results = await asyncio.gather(
+                *(
+                    self.backend.infer(self.config.mlp_model, {self.mlp.input_name: x[i : i + step]})
+                    for i in range(0, len(x), step)
+                )
+            )
             mlp = np.concatenate([np.asarray(r.outputs[self.mlp.output_name], np.float32) for r in results])
         elif run_mlp:
             mlp = np.zeros((0, NUM_CLASSES), np.float32)
@@ -252,8 +317,9 @@ class ProxyLabelPipeline:
         assert self.mlp is not None
         return self.mlp.features.standardise(compute_features(conversations))
 
-    async def score_rows(self, rows: Sequence[RowInput], overrides: KnnRules | None, run_knn: bool,
-                         run_mlp: bool) -> list[RowResult]:
+    async def score_rows(
+        self, rows: Sequence[RowInput], overrides: KnnRules | None, run_knn: bool, run_mlp: bool
+    ) -> list[RowResult]:
         """Scores of each row of a request; a problem with one row is reported on that row."""
         self.require(run_knn, run_mlp, "proxy labelling")
         expected = self.expected_embedder(run_knn, run_mlp)
@@ -277,8 +343,9 @@ class ProxyLabelPipeline:
                 conv = from_texts([rows[i].text for i in to_embed], [rows[i].response for i in to_embed])
                 embedded = await self.embed(conv.rendered())
                 # What the embedder made is checked like a given embedding: never scored when unusable.
-                for i, vector, problem in zip(to_embed, embedded, embedding_problem(embedded, expected.dimension),
-                                              strict=True):
+                for i, vector, problem in zip(
+                    to_embed, embedded, embedding_problem(embedded, expected.dimension), strict=True
+                ):
                     if problem:
                         results[i].error = FailedPrecondition(f"the text embedder's {problem}")
                     else:
@@ -287,7 +354,9 @@ class ProxyLabelPipeline:
         if not ok:
             return results
         conversations = from_texts([rows[i].text for i in ok], [rows[i].response for i in ok])
-        scores = await self.score(np.stack([vectors[i] for i in ok]), conversations, options, run_knn, run_mlp)
+        scores = await self.score(
+            np.stack([vectors[i] for i in ok]), conversations, options, run_knn, run_mlp
+        )
         own_labels = knn_labels(scores.knn, options) if scores.knn is not None else None
         for j, i in enumerate(ok):
             r = results[i]
@@ -298,7 +367,8 @@ class ProxyLabelPipeline:
                 if scores.knn.no_neighbours[j]:
                     if not run_mlp:
                         r.error = FailedPrecondition(
-                            f"no labelled neighbour with similarity >= {options.similarity_threshold}")
+                            f"no labelled neighbour with similarity >= {options.similarity_threshold}"
+                        )
                         r.knn_probabilities = None
                         continue
                     r.note = NO_NEIGHBOUR
@@ -310,13 +380,17 @@ class ProxyLabelPipeline:
         if not (row.text.strip() or row.response.strip()):
             return InvalidArgument("empty text")
         if len(row.text) + len(row.response) > self.config.max_text_chars:
-            return ResourceExhausted(f"text of {len(row.text) + len(row.response)} characters exceeds the limit "
-                                     f"of {self.config.max_text_chars}")
+            return ResourceExhausted(
+                f"text of {len(row.text) + len(row.response)} characters exceeds the limit "
+                f"of {self.config.max_text_chars}"
+            )
         if row.embedding is None or not len(row.embedding):
             return None
         if row.embedder and row.embedder != expected.name:
-            return FailedPrecondition(f"the row was embedded by {row.embedder}, the models by {expected.name}: "
-                                      "embeddings of different embedders cannot be compared")
+            return FailedPrecondition(
+                f"the row was embedded by {row.embedder}, the models by {expected.name}: "
+                "embeddings of different embedders cannot be compared"
+            )
         problem = embedding_problem(np.asarray(row.embedding, np.float32)[None, :], expected.dimension)[0]
         return InvalidArgument(problem) if problem else None
 
@@ -348,11 +422,15 @@ def embedding_problem(embeddings: np.ndarray, dimension: int) -> list[str]:
         elif zero[i]:
             reasons[i] = "embedding is all zeros"
         elif norms[i] < MIN_EMBEDDING_NORM:
-            reasons[i] = (f"embedding's norm {norms[i]:.3g} is too close to zero to normalise (it must be at "
-                          f"least {MIN_EMBEDDING_NORM:g})")
+            reasons[i] = (
+                f"embedding's norm {norms[i]:.3g} is too close to zero to normalise (it must be at "
+                f"least {MIN_EMBEDDING_NORM:g})"
+            )
         else:
-            reasons[i] = (f"embedding's norm {norms[i]:.3g} is too large to normalise (it must be at most "
-                          f"{MAX_EMBEDDING_NORM:g})")
+            reasons[i] = (
+                f"embedding's norm {norms[i]:.3g} is too large to normalise (it must be at most "
+                f"{MAX_EMBEDDING_NORM:g})"
+            )
     return reasons
 
 
@@ -367,6 +445,8 @@ async def local_pipeline(repo: Path, metrics: Metrics | None = None) -> AsyncIte
     backend = OnnxBackend(repository, OnnxConfig(), metrics)
     await backend.start()
     try:
-        yield await ProxyLabelPipeline.load(ProxyLabelConfig(model_repository=repo), repository, backend, metrics)
+        yield await ProxyLabelPipeline.load(
+            ProxyLabelConfig(model_repository=repo), repository, backend, metrics
+        )
     finally:
         await backend.close()

@@ -75,8 +75,11 @@ def _as_error(exc: BaseException | None, job_id: str) -> ServingError:
 
 
 def _changed(a: Progress | None, b: Progress) -> bool:
-    return a is None or (a.rows_done, a.rows_failed, a.rows_total) != \
-        (b.rows_done, b.rows_failed, b.rows_total)
+    return a is None or (a.rows_done, a.rows_failed, a.rows_total) != (
+        b.rows_done,
+        b.rows_failed,
+        b.rows_total,
+    )
 
 
 class RunningJob:
@@ -131,8 +134,9 @@ class ShardJobs:
 
     # -- starting and watching ----------------------------------------------------------------
 
-    async def score(self, job: ShardJob, pipeline: ProxyLabelPipeline
-                    ) -> AsyncIterator[Attached | Progress | Summary]:
+    async def score(
+        self, job: ShardJob, pipeline: ProxyLabelPipeline
+    ) -> AsyncIterator[Attached | Progress | Summary]:
         """Start or re-attach; Attached, then progress from where the job is, then its summary.
         Request problems raise before the first event, with their documented status."""
         running = self.running.get(job.job_id)
@@ -150,8 +154,9 @@ class ShardJobs:
             if other is not None:
                 _check_access(job, other.started_by)
             if other is not None and other.job_id != job.job_id:
-                raise FailedPrecondition(f"another shard job ({other.job_id}) is writing "
-                                         f"{job.shown_output!r}") from None
+                raise FailedPrecondition(
+                    f"another shard job ({other.job_id}) is writing {job.shown_output!r}"
+                ) from None
             yield Attached(job.job_id, REATTACHED)
             async for event in self._follow(plan, pipeline):
                 yield event
@@ -187,15 +192,26 @@ class ShardJobs:
     async def _run(self, handle: RunningJob, pipeline: ProxyLabelPipeline) -> None:
         try:
             async with handle.lease.kept_alive():
-                async for event in score_job(handle.plan, pipeline, handle.lease, handle.manifest,
-                                             should_stop=lambda: handle.cancel_requested):
+                async for event in score_job(
+                    handle.plan,
+                    pipeline,
+                    handle.lease,
+                    handle.manifest,
+                    should_stop=lambda: handle.cancel_requested,
+                ):
                     handle.publish(event)
         except LeaseLost:
             log.warning("shard job %s: lost its lock; another process runs it now", handle.job_id)
             handle.publish(_Ended(lost=True))
         except asyncio.CancelledError:
-            handle.publish(_Ended(Unavailable(f"the proxylabel service stopped while running shard job "
-                                              f"{handle.job_id}; ask again to resume it")))
+            handle.publish(
+                _Ended(
+                    Unavailable(
+                        f"the proxylabel service stopped while running shard job "
+                        f"{handle.job_id}; ask again to resume it"
+                    )
+                )
+            )
             raise
         except Exception as exc:
             if not isinstance(exc, ServingError):
@@ -206,8 +222,13 @@ class ShardJobs:
             if self.running.get(handle.job_id) is handle:
                 del self.running[handle.job_id]
 
-    async def _watch(self, handle: RunningJob, pipeline: ProxyLabelPipeline, last: Progress | None = None,
-                     first_rows: int | None = None) -> AsyncIterator[Progress | Summary]:
+    async def _watch(
+        self,
+        handle: RunningJob,
+        pipeline: ProxyLabelPipeline,
+        last: Progress | None = None,
+        first_rows: int | None = None,
+    ) -> AsyncIterator[Progress | Summary]:
         """A job of this process: where it is, then every change, then its summary. `last`: what
         the stream showed already (when it followed the job elsewhere before)."""
         queue = handle.watch()
@@ -233,8 +254,13 @@ class ShardJobs:
         finally:
             handle.unwatch(queue)
 
-    async def _follow(self, plan: ShardPlan, pipeline: ProxyLabelPipeline, last: Progress | None = None,
-                      first_rows: int | None = None) -> AsyncIterator[Progress | Summary]:
+    async def _follow(
+        self,
+        plan: ShardPlan,
+        pipeline: ProxyLabelPipeline,
+        last: Progress | None = None,
+        first_rows: int | None = None,
+    ) -> AsyncIterator[Progress | Summary]:
         """A job another process runs, from its manifest; taken over here when its owner dies."""
         job = plan.job
         while True:
@@ -247,12 +273,14 @@ class ShardJobs:
             if status is not None:
                 _check_access(job, status.started_by)
                 if status.job_id != job.job_id:
-                    raise FailedPrecondition(f"shard job {job.job_id} was replaced by job {status.job_id} in "
-                                             "its output directory")
+                    raise FailedPrecondition(
+                        f"shard job {job.job_id} was replaced by job {status.job_id} in its output directory"
+                    )
                 if first_rows is None:
                     first_rows = status.rows_done
-                progress = Progress(status.rows_done, status.rows_total, status.rows_per_second,
-                                    status.rows_failed)
+                progress = Progress(
+                    status.rows_done, status.rows_total, status.rows_per_second, status.rows_failed
+                )
                 if _changed(last, progress):
                     last = progress
                     yield progress
@@ -289,7 +317,11 @@ class ShardJobs:
 
     def list_jobs(self, caller: Caller | None = None) -> list[JobStatus]:
         """The caller's jobs (every job for an admin, or without a caller)."""
-        return [s for s in jobs.list_jobs(self.config.output_roots, self.expiry) if may_access(caller, s.started_by)]
+        return [
+            s
+            for s in jobs.list_jobs(self.config.output_roots, self.expiry)
+            if may_access(caller, s.started_by)
+        ]
 
     def cancel(self, job_id: str, caller: Caller | None = None) -> JobStatus:
         """Ask the job to stop at its next part boundary, wherever it runs; a job nobody runs is
@@ -297,8 +329,10 @@ class ShardJobs:
         started the job, or an admin, may (PERMISSION_DENIED)."""
         status = self.get(job_id)
         if not may_access(caller, status.started_by):
-            raise PermissionDenied(f"shard job {job_id} was started by another caller: only that caller or an "
-                                   "admin may cancel it")
+            raise PermissionDenied(
+                f"shard job {job_id} was started by another caller: only that caller or an "
+                "admin may cancel it"
+            )
         handle = self.running.get(job_id)
         if handle is not None:
             handle.cancel_requested = True
@@ -316,8 +350,11 @@ class ShardJobs:
             else:
                 try:
                     data = read_manifest(status.output_path)
-                    if data is not None and data.get("job_id") == job_id and data.get("state") not in (
-                            SUCCEEDED, FAILED, CANCELLED):
+                    if (
+                        data is not None
+                        and data.get("job_id") == job_id
+                        and data.get("state") not in (SUCCEEDED, FAILED, CANCELLED)
+                    ):
                         with lease.guard():
                             Manifest(status.output_path / MANIFEST, data).finish(CANCELLED)
                 finally:
@@ -342,13 +379,17 @@ class ShardJobs:
 
 def _check_access(job: ShardJob, started_by: str) -> None:
     if not may_access(job.caller, started_by):
-        raise PermissionDenied(f"output directory {job.shown_output!r} holds a shard job of another caller; "
-                               "choose another output_path")
+        raise PermissionDenied(
+            f"output directory {job.shown_output!r} holds a shard job of another caller; "
+            "choose another output_path"
+        )
 
 
 def _status_error(status: JobStatus) -> ServingError:
     if status.state == CANCELLED:
-        return JobCancelled(f"shard job {status.job_id} was cancelled after {status.rows_done} of "
-                            f"{status.rows_total} rows; its finished parts stay")
+        return JobCancelled(
+            f"shard job {status.job_id} was cancelled after {status.rows_done} of "
+            f"{status.rows_total} rows; its finished parts stay"
+        )
     code = grpc.StatusCode.__members__.get(status.error_code, grpc.StatusCode.INTERNAL)
     return error_for(code, status.error_message or f"shard job {status.job_id} failed")

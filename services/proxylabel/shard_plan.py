@@ -62,8 +62,13 @@ class ShardJob:
     def job_id(self) -> str:
         """The same request makes the same id, so asking again re-attaches instead of starting
         twice. Paths are the server's resolved ones: replicas mount the shared volume alike."""
-        key = {"input": str(self.input_path), "output": str(self.output_path), "batch_rows": self.batch_rows,
-               "rules_version": self.rules_version, "rules": self.rules.model_dump(mode="json")}
+        key = {
+            "input": str(self.input_path),
+            "output": str(self.output_path),
+            "batch_rows": self.batch_rows,
+            "rules_version": self.rules_version,
+            "rules": self.rules.model_dump(mode="json"),
+        }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:JOB_ID_LENGTH]
 
 
@@ -113,26 +118,43 @@ def plan_shard(job: ShardJob, pipeline: ProxyLabelPipeline) -> ShardPlan:
     if columns.has_embedding:
         meta = embedder_metadata(pf)
         if meta and meta.get("name") and meta["name"] != expected.name:
-            raise FailedPrecondition(f"the shard's embeddings were made by {meta['name']}, the index by "
-                                     f"{expected.name}: embeddings of different embedders cannot be compared")
+            raise FailedPrecondition(
+                f"the shard's embeddings were made by {meta['name']}, the index by "
+                f"{expected.name}: embeddings of different embedders cannot be compared"
+            )
         try:
             dimensions = embedding_dimensions(pf)
         except (pa.ArrowException, OSError) as exc:
-            raise InvalidArgument(f"shard {job.shown_input!r}: its embeddings cannot be read: "
-                                  f"{scrubbed(exc, job.input_path, job.shown_input)}") from None
+            raise InvalidArgument(
+                f"shard {job.shown_input!r}: its embeddings cannot be read: "
+                f"{scrubbed(exc, job.input_path, job.shown_input)}"
+            ) from None
         wrong = sorted(dimensions - {expected.dimension})
         if wrong:
-            raise InvalidArgument(f"the shard's embeddings have dimension {wrong[0]}, the index {expected.dimension}")
+            raise InvalidArgument(
+                f"the shard's embeddings have dimension {wrong[0]}, the index {expected.dimension}"
+            )
     else:
         problem = pipeline.embedder_problem(expected)
         if problem:
             raise FailedPrecondition(problem.replace("the row has", "the shard has"))
     rg_rows = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(rg_rows)]).astype(int).tolist()
-    return ShardPlan(job, columns.text_kind, columns.names, columns.has_id, columns.has_embedding,
-                     columns.has_scores, expected,
-                     cut_parts(rg_rows, job.batch_rows), starts, fingerprint(job.input_path), run_knn, run_mlp,
-                     pipeline.knn_options(job.rules.knn))
+    return ShardPlan(
+        job,
+        columns.text_kind,
+        columns.names,
+        columns.has_id,
+        columns.has_embedding,
+        columns.has_scores,
+        expected,
+        cut_parts(rg_rows, job.batch_rows),
+        starts,
+        fingerprint(job.input_path),
+        run_knn,
+        run_mlp,
+        pipeline.knn_options(job.rules.knn),
+    )
 
 
 def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
@@ -149,8 +171,12 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
     buffer: list[pa.RecordBatch] = []
     buffered = 0
     i = first
-    batches = pf.iter_batches(batch_size=max(1, min(widest, 65_536)), row_groups=range(rg, pf.num_row_groups),
-                              columns=plan.columns, use_threads=True)
+    batches = pf.iter_batches(
+        batch_size=max(1, min(widest, 65_536)),
+        row_groups=range(rg, pf.num_row_groups),
+        columns=plan.columns,
+        use_threads=True,
+    )
     for batch in _readable(batches, plan, lambda: position):  # noqa: B023 - the row reached so far, read late
         if position + len(batch) <= start:
             position += len(batch)
@@ -170,8 +196,9 @@ def read_parts(plan: ShardPlan, first: int) -> Iterator[tuple[int, pa.Table]]:
             i += 1
 
 
-def _readable(batches: Iterator[pa.RecordBatch], plan: ShardPlan, where: Callable[[], int]
-              ) -> Iterator[pa.RecordBatch]:
+def _readable(
+    batches: Iterator[pa.RecordBatch], plan: ShardPlan, where: Callable[[], int]
+) -> Iterator[pa.RecordBatch]:
     """The batches; data the reader cannot decode (a corrupt page) is INVALID_ARGUMENT naming where."""
     while True:
         try:
@@ -180,6 +207,8 @@ def _readable(batches: Iterator[pa.RecordBatch], plan: ShardPlan, where: Callabl
             return
         except (pa.ArrowException, OSError) as exc:
             job = plan.job
-            raise InvalidArgument(f"shard {job.shown_input!r} cannot be read from row {where()}: "
-                                  f"{scrubbed(exc, job.input_path, job.shown_input)}") from None
+            raise InvalidArgument(
+                f"shard {job.shown_input!r} cannot be read from row {where()}: "
+                f"{scrubbed(exc, job.input_path, job.shown_input)}"
+            ) from None
         yield batch

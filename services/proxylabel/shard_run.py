@@ -72,8 +72,9 @@ class JobCancelled(ServingError):
     code = grpc.StatusCode.CANCELLED
 
 
-def open_output(plan: ShardPlan, lock_expiry_seconds: float = DEFAULT_LOCK_EXPIRY_SECONDS
-                ) -> tuple[Lease, Manifest]:
+def open_output(
+    plan: ShardPlan, lock_expiry_seconds: float = DEFAULT_LOCK_EXPIRY_SECONDS
+) -> tuple[Lease, Manifest]:
     """Take the output directory's lock and open the job's manifest, the run recorded in it.
 
     Raises LeaseBusy when a live process runs the job, FailedPrecondition when the directory holds
@@ -87,8 +88,9 @@ def open_output(plan: ShardPlan, lock_expiry_seconds: float = DEFAULT_LOCK_EXPIR
         output.mkdir(parents=True, exist_ok=True)
         lease = Lease.acquire(output, lock_expiry_seconds)
     except OSError as exc:
-        raise InvalidArgument(f"output_path {shown!r} cannot be written: "
-                              f"{(exc.strerror or type(exc).__name__).lower()}") from None
+        raise InvalidArgument(
+            f"output_path {shown!r} cannot be written: {(exc.strerror or type(exc).__name__).lower()}"
+        ) from None
     try:
         manifest = Manifest.open(output, plan)
         if not manifest.complete:
@@ -108,13 +110,23 @@ def open_output(plan: ShardPlan, lock_expiry_seconds: float = DEFAULT_LOCK_EXPIR
 def summary_of(manifest: Manifest, rows_resumed: int, seconds: float | None = None) -> Summary:
     """The summary of a complete job (seconds: those of its last run, unless given)."""
     parts = manifest.parts
-    confusion = np.sum([np.asarray(p["confusion"]) for p in parts], axis=0) if parts else \
-        np.zeros((NUM_CLASSES, NUM_CLASSES))
+    confusion = (
+        np.sum([np.asarray(p["confusion"]) for p in parts], axis=0)
+        if parts
+        else np.zeros((NUM_CLASSES, NUM_CLASSES))
+    )
     runs = manifest.data.get("runs") or [{}]
     data = manifest.data
-    return Summary(str(manifest.path.parent), manifest.rows_done, manifest.rows_failed, rows_resumed,
-                   runs[-1].get("seconds", 0.0) if seconds is None else seconds, data["rules_version"],
-                   evaluate(confusion) if data.get("has_scores") else None, data.get("job_id", ""))
+    return Summary(
+        str(manifest.path.parent),
+        manifest.rows_done,
+        manifest.rows_failed,
+        rows_resumed,
+        runs[-1].get("seconds", 0.0) if seconds is None else seconds,
+        data["rules_version"],
+        evaluate(confusion) if data.get("has_scores") else None,
+        data.get("job_id", ""),
+    )
 
 
 async def prefetched(items: Iterator[T]) -> AsyncIterator[T]:
@@ -165,9 +177,15 @@ def _error_record(exc: BaseException) -> dict:
     return {"code": code.name, "message": message}
 
 
-async def score_job(plan: ShardPlan, pipeline: ProxyLabelPipeline, lease: Lease, manifest: Manifest, *,
-                    should_stop: Callable[[], bool] = lambda: False,
-                    throttle_seconds: float = 0.0) -> AsyncIterator[Progress | Summary]:
+async def score_job(
+    plan: ShardPlan,
+    pipeline: ProxyLabelPipeline,
+    lease: Lease,
+    manifest: Manifest,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    throttle_seconds: float = 0.0,
+) -> AsyncIterator[Progress | Summary]:
     """Score the parts the manifest lacks: a progress event first and after every part, then the
     summary. Stops at a part boundary when `should_stop()` says so or a cancel file appears
     (JobCancelled), and when the lock was lost (LeaseLost; nothing more is written). A failure is
@@ -186,21 +204,34 @@ async def score_job(plan: ShardPlan, pipeline: ProxyLabelPipeline, lease: Lease,
                 if should_stop() or (output / CANCEL_FILE).exists():
                     with lease.guard():
                         manifest.finish(CANCELLED)
-                    raise JobCancelled(f"shard job {plan.job.job_id} was cancelled after {rows_done} of "
-                                       f"{plan.rows_total} rows; its finished parts stay")
+                    raise JobCancelled(
+                        f"shard job {plan.job.job_id} was cancelled after {rows_done} of "
+                        f"{plan.rows_total} rows; its finished parts stay"
+                    )
                 first_row = plan.parts[index][0]
                 result = await score_part(plan, pipeline, table, first_row)
                 tmp = await _written(output, index, result.table, lease.owner)
                 ids = result.table.column("id")
                 elapsed = time.perf_counter() - started
                 rate = (rows_done + result.table.num_rows - resumed) / elapsed if elapsed > 0 else 0.0
-                _commit_part(lease, manifest, tmp, index, {
-                    "index": index, "file": part_name(index), "rows": result.table.num_rows,
-                    "rows_failed": result.rows_failed, "start": first_row, "stop": plan.parts[index][1],
-                    "first_id": ids[0].as_py() if len(ids) else None,
-                    "last_id": ids[-1].as_py() if len(ids) else None,
-                    "confusion": result.confusion.tolist(),
-                }, run={"seconds": elapsed, "rows_per_second": rate})
+                _commit_part(
+                    lease,
+                    manifest,
+                    tmp,
+                    index,
+                    {
+                        "index": index,
+                        "file": part_name(index),
+                        "rows": result.table.num_rows,
+                        "rows_failed": result.rows_failed,
+                        "start": first_row,
+                        "stop": plan.parts[index][1],
+                        "first_id": ids[0].as_py() if len(ids) else None,
+                        "last_id": ids[-1].as_py() if len(ids) else None,
+                        "confusion": result.confusion.tolist(),
+                    },
+                    run={"seconds": elapsed, "rows_per_second": rate},
+                )
                 rows_done += result.table.num_rows
                 failed += result.rows_failed
                 metrics.rows_scored.inc(result.table.num_rows)
@@ -221,9 +252,13 @@ async def score_job(plan: ShardPlan, pipeline: ProxyLabelPipeline, lease: Lease,
     yield summary_of(manifest, resumed, time.perf_counter() - started)
 
 
-async def run_shard(plan: ShardPlan, pipeline: ProxyLabelPipeline, *, throttle_seconds: float = 0.0,
-                    lock_expiry_seconds: float = DEFAULT_LOCK_EXPIRY_SECONDS
-                    ) -> AsyncIterator[Progress | Summary]:
+async def run_shard(
+    plan: ShardPlan,
+    pipeline: ProxyLabelPipeline,
+    *,
+    throttle_seconds: float = 0.0,
+    lock_expiry_seconds: float = DEFAULT_LOCK_EXPIRY_SECONDS,
+) -> AsyncIterator[Progress | Summary]:
     """Run a validated job in this process: a progress event first and after every part, then the
     summary. FAILED_PRECONDITION when a live process runs the same output.
 
@@ -232,8 +267,9 @@ async def run_shard(plan: ShardPlan, pipeline: ProxyLabelPipeline, *, throttle_s
     try:
         lease, manifest = open_output(plan, lock_expiry_seconds)
     except LeaseBusy as busy:
-        raise FailedPrecondition(f"another job is writing {plan.job.shown_output} "
-                                 f"({busy.holder.label})") from None
+        raise FailedPrecondition(
+            f"another job is writing {plan.job.shown_output} ({busy.holder.label})"
+        ) from None
     try:
         async with lease.kept_alive():
             async for event in score_job(plan, pipeline, lease, manifest, throttle_seconds=throttle_seconds):

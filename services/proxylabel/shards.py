@@ -36,7 +36,11 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def _is_id(t: pa.DataType) -> bool:
-    return _is_text(t) or pa.types.is_integer(t) or (pa.types.is_dictionary(t) and pa.types.is_integer(t.value_type))
+    return (
+        _is_text(t)
+        or pa.types.is_integer(t)
+        or (pa.types.is_dictionary(t) and pa.types.is_integer(t.value_type))
+    )
 
 
 def _column_type(schema: pa.Schema, name: str) -> pa.DataType:
@@ -59,8 +63,11 @@ def text_kind(schema: pa.Schema) -> tuple[str, list[str]]:
         t = _column_type(schema, "messages")
         ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_struct(t.value_type)
         fields = {f.name: f.type for f in t.value_type} if ok else {}
-        ok = ok and {"role", "content"} <= set(fields) and all(
-            _is_string(fields[k]) or pa.types.is_null(fields[k]) for k in ("role", "content"))
+        ok = (
+            ok
+            and {"role", "content"} <= set(fields)
+            and all(_is_string(fields[k]) or pa.types.is_null(fields[k]) for k in ("role", "content"))
+        )
         _expect(ok, "messages", t, "list<struct<role: string, content: string>>")
         return "messages", ["messages"]
     if {"prompt", "response"} <= names:
@@ -72,8 +79,10 @@ def text_kind(schema: pa.Schema) -> tuple[str, list[str]]:
         t = _column_type(schema, "text")
         _expect(_is_text(t), "text", t, "string")
         return "text", ["text"]
-    raise InvalidArgument(f"the shard has no conversation column: expected 'messages' (list of {{role, content}}), "
-                          f"'prompt' and 'response', or 'text'; it has {sorted(names)[:20]}")
+    raise InvalidArgument(
+        f"the shard has no conversation column: expected 'messages' (list of {{role, content}}), "
+        f"'prompt' and 'response', or 'text'; it has {sorted(names)[:20]}"
+    )
 
 
 @dataclass(frozen=True)
@@ -104,8 +113,13 @@ def shard_columns(schema: pa.Schema) -> ShardColumns:
         names.append(SCORES)
     if has_embedding:
         t = _column_type(schema, EMBEDDING)
-        _expect((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
-                and pa.types.is_floating(t.value_type), EMBEDDING, t, "a list of floats")
+        _expect(
+            (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+            and pa.types.is_floating(t.value_type),
+            EMBEDDING,
+            t,
+            "a list of floats",
+        )
         names.append(EMBEDDING)
     return ShardColumns(kind, names, has_id, has_embedding, has_scores)
 
@@ -156,20 +170,29 @@ def embedder_metadata(pf: pq.ParquetFile) -> dict | None:
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(f"the shard's '{key}' metadata is not JSON; expected an object "
-                              '{"name": <embedder>, "dimension": <width>}') from None
+        raise InvalidArgument(
+            f"the shard's '{key}' metadata is not JSON; expected an object "
+            '{"name": <embedder>, "dimension": <width>}'
+        ) from None
     if not isinstance(meta, dict):
-        raise InvalidArgument(f"the shard's '{key}' metadata is a {type(meta).__name__}; expected an object "
-                              '{"name": <embedder>, "dimension": <width>}')
+        raise InvalidArgument(
+            f"the shard's '{key}' metadata is a {type(meta).__name__}; expected an object "
+            '{"name": <embedder>, "dimension": <width>}'
+        )
     name, dimension = meta.get("name"), meta.get("dimension")
     if name is not None and not isinstance(name, str):
-        raise InvalidArgument(f"the shard's '{key}' metadata has name {_brief(name)} "
-                              f"({type(name).__name__}); expected a string")
+        raise InvalidArgument(
+            f"the shard's '{key}' metadata has name {_brief(name)} ({type(name).__name__}); expected a string"
+        )
     if isinstance(dimension, str) and dimension.strip().isdigit():
         dimension = int(dimension)
-    if dimension is not None and (isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0):
-        raise InvalidArgument(f"the shard's '{key}' metadata has dimension {_brief(dimension)} "
-                              f"({type(dimension).__name__}); expected a positive whole number")
+    if dimension is not None and (
+        isinstance(dimension, bool) or not isinstance(dimension, int) or dimension <= 0
+    ):
+        raise InvalidArgument(
+            f"the shard's '{key}' metadata has dimension {_brief(dimension)} "
+            f"({type(dimension).__name__}); expected a positive whole number"
+        )
     return {**meta, "dimension": dimension}
 
 
@@ -197,4 +220,6 @@ def open_shard(path: Path, label: str | None = None) -> pq.ParquetFile:
             raise InvalidArgument(f"shard {label!r} is not a file")
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise InvalidArgument(f"shard {label!r} is not a parquet file: {scrubbed(exc, path, label)}") from None
+        raise InvalidArgument(
+            f"shard {label!r} is not a parquet file: {scrubbed(exc, path, label)}"
+        ) from None

@@ -43,7 +43,8 @@ class Gate:
             self.metrics.admission_rejected.labels(method, "full").inc()
             raise ResourceExhausted(
                 f"{method}: server busy ({self.running} {self.name} calls running, {len(self.waiters)} waiting, "
-                f"limits {self.limit.max_concurrent}/{self.limit.max_queued}); retry with backoff")
+                f"limits {self.limit.max_concurrent}/{self.limit.max_queued}); retry with backoff"
+            )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         self.metrics.admission_queued.labels(self.name).inc()
@@ -54,7 +55,9 @@ class Gate:
             granted = True
         except TimeoutError:
             self.metrics.admission_rejected.labels(method, "deadline").inc()
-            raise DeadlineExceeded(f"{method}: the deadline passed while waiting for a slot; not run") from None
+            raise DeadlineExceeded(
+                f"{method}: the deadline passed while waiting for a slot; not run"
+            ) from None
         finally:
             self.metrics.admission_queued.labels(self.name).dec()
             if not granted:
@@ -69,8 +72,10 @@ class Gate:
         if left is not None and left < typical:
             self.leave()
             self.metrics.admission_rejected.labels(method, "deadline").inc()
-            raise DeadlineExceeded(f"{method}: {left * 1e3:.0f} ms left after waiting, a run takes about "
-                                   f"{typical * 1e3:.0f} ms; not run")
+            raise DeadlineExceeded(
+                f"{method}: {left * 1e3:.0f} ms left after waiting, a run takes about "
+                f"{typical * 1e3:.0f} ms; not run"
+            )
 
     def leave(self) -> None:
         """Free a slot: the first live waiter takes it."""

@@ -39,6 +39,7 @@ from services.runtime.watched import Stamp, WatchedFiles
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -102,12 +103,18 @@ class TokenStore:
             except (OSError, yaml.YAMLError, ValueError) as exc:
                 if first:
                     raise ValueError(f"token file {self.config.token_file}: {exc}") from None
-                log.error("token file %s changed but is invalid (%s); keeping the previous tokens",
-                          self.config.token_file, exc)
+                log.error(
+                    "token file %s changed but is invalid (%s); keeping the previous tokens",
+                    self.config.token_file,
+                    exc,
+                )
                 return
         self._entries = entries
-        self._buckets = {e.name: _Bucket(e.rate_per_second, max(e.rate_per_second, 1.0))
-                         for e in entries if e.rate_per_second is not None}
+        self._buckets = {
+            e.name: _Bucket(e.rate_per_second, max(e.rate_per_second, 1.0))
+            for e in entries
+            if e.rate_per_second is not None
+        }
         if not first:
             log.info("token file re-read: %d tokens", len(entries))
 
@@ -149,7 +156,9 @@ class Authorizer:
             return None if self.config.open_reflection else REFLECTION_SCOPE
         return self.config.method_scopes.get(method, self.config.default_scope)
 
-    def check(self, context: grpc.aio.ServicerContext[Any, Any], method: str, reflection: bool = False) -> Identity | None:
+    def check(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, reflection: bool = False
+    ) -> Identity | None:
         """The caller's identity, or Unauthenticated / PermissionDenied / ResourceExhausted."""
         scope = self.scope_of(method, reflection)
         if self.open or scope is None:
@@ -167,10 +176,14 @@ class Authorizer:
             raise Unauthenticated("missing or invalid bearer token in the 'authorization' metadata")
         identity = Identity(entry.name, frozenset(entry.scopes))
         if not identity.allows(scope):
-            raise PermissionDenied(f"{method} needs the '{scope}' scope; the token of {entry.name} has "
-                                   f"{', '.join(sorted(entry.scopes))}")
+            raise PermissionDenied(
+                f"{method} needs the '{scope}' scope; the token of {entry.name} has "
+                f"{', '.join(sorted(entry.scopes))}"
+            )
         if not self.tokens.within_rate(entry.name):
-            raise ResourceExhausted(f"rate limit of {entry.name} ({entry.rate_per_second}/s) reached; retry later")
+            raise ResourceExhausted(
+                f"rate limit of {entry.name} ({entry.rate_per_second}/s) reached; retry later"
+            )
         _identity.set(identity)
         return identity
 

@@ -44,17 +44,22 @@ class BatchPolicy(StrictModel):
     """How one model's requests are batched (from its config.pbtxt)."""
 
     max_batch_size: int = Field(
-        1, ge=0, description="Most rows in one run; 0 = the model has no batch axis (runs alone).")
+        1, ge=0, description="Most rows in one run; 0 = the model has no batch axis (runs alone)."
+    )
     dynamic: bool = Field(True, description="Merge queued requests; False runs each alone.")
     preferred_batch_sizes: tuple[int, ...] = Field(
-        (), description="Row counts at which a batch is dispatched without waiting longer.")
+        (), description="Row counts at which a batch is dispatched without waiting longer."
+    )
     max_queue_delay_microseconds: int = Field(
-        0, ge=0, description="Longest wait for more requests once the first one is queued.")
+        0, ge=0, description="Longest wait for more requests once the first one is queued."
+    )
     max_queue_size: int = Field(1024, gt=0, description="Queued requests beyond which submit fails.")
     idle_dispatch: bool = Field(
-        True, description="A request that finds the model idle (no run for longer than the queue delay, "
+        True,
+        description="A request that finds the model idle (no run for longer than the queue delay, "
         "nothing else queued) runs at once: waiting for company that is not coming only adds latency. "
-        "Under load, runs follow each other and the queue delay applies as configured.")
+        "Under load, runs follow each other and the queue delay applies as configured.",
+    )
 
     @property
     def batched(self) -> bool:
@@ -198,15 +203,16 @@ class DynamicBatcher:
             if rows > self.policy.max_batch_size:
                 raise ResourceExhausted(
                     f"request has {rows} rows; model '{self.model}' takes at most "
-                    f"{self.policy.max_batch_size} per request")
+                    f"{self.policy.max_batch_size} per request"
+                )
         else:
             rows = 1  # no batch axis: the request is one unit
         if len(self._queue) >= self.policy.max_queue_size:
             raise ResourceExhausted(
-                f"queue of model '{self.model}' is full ({self.policy.max_queue_size} requests)")
+                f"queue of model '{self.model}' is full ({self.policy.max_queue_size} requests)"
+            )
         # Enqueue before the first await, so a request that saw this batcher is always served by it.
-        request = _Request(dict(inputs), rows, signature(inputs),
-                           asyncio.get_running_loop().create_future())
+        request = _Request(dict(inputs), rows, signature(inputs), asyncio.get_running_loop().create_future())
         self._queue.append(request)
         self._wakeup.set()
         return await request.future  # a cancelled caller cancels the future; _collect skips it
@@ -245,8 +251,11 @@ class DynamicBatcher:
             # The delay counts from the oldest request's arrival: one that waited behind a busy
             # run goes at once with whatever has queued meanwhile.
             deadline = self._queue[0].enqueued + delay
-            idle = self.policy.idle_dispatch and len(self._queue) == 1 and \
-                self._queue[0].enqueued - self._last_run_end > delay
+            idle = (
+                self.policy.idle_dispatch
+                and len(self._queue) == 1
+                and self._queue[0].enqueued - self._last_run_end > delay
+            )
             while True:
                 chosen, rows = self._plan()
                 remaining = deadline - time.perf_counter()
@@ -284,8 +293,12 @@ class DynamicBatcher:
                 self._resolve(batch[0], exc)
                 return
             # Which request broke the merged run is unknown: run each alone so only it fails.
-            log.warning("merged run of %d requests for model %s failed (%s); retrying each alone",
-                        len(batch), self.model, exc)
+            log.warning(
+                "merged run of %d requests for model %s failed (%s); retrying each alone",
+                len(batch),
+                self.model,
+                exc,
+            )
             for r in batch:
                 if r.future.done():
                     continue
@@ -312,7 +325,8 @@ class DynamicBatcher:
             if self._metrics is not None:
                 self._metrics.batch_size.labels(self.model).observe(sum(rows))
                 self._metrics.inference_duration.labels(self.model, self.version, self.backend).observe(
-                    time.perf_counter() - start)
+                    time.perf_counter() - start
+                )
         if not self.policy.batched:
             return [dict(outputs)]
         return split(outputs, rows)

@@ -29,28 +29,44 @@ class StrictModel(BaseModel):
 
 class Limit(StrictModel):
     max_concurrent: int | None = Field(None, gt=0, description="Calls running at once; null: no bound.")
-    max_queued: int = Field(0, ge=0, description="Calls waiting for a slot; beyond, RESOURCE_EXHAUSTED at once.")
+    max_queued: int = Field(
+        0, ge=0, description="Calls waiting for a slot; beyond, RESOURCE_EXHAUSTED at once."
+    )
 
 
 class AdmissionConfig(StrictModel):
-    unary: Limit = Field(Limit(max_concurrent=64, max_queued=128), description="Every unary call of the process "
-                         "(the model services default to 8 running, 32 waiting: their calls are CPU-bound).")
-    streams: Limit = Field(Limit(max_concurrent=256, max_queued=0),
-                           description="Calls that stream requests or answers (live video, clips, shard jobs).")
-    methods: dict[str, Limit] = Field(default_factory=dict,
-                                      description="A gate of its own for these RPC names (e.g. ClassifyEmotion).")
-    exempt: list[str] = Field(["GetStatus", "ListModels", "GetShardJob", "ListShardJobs"],
-                              description="RPC names that are never held back (operators must see an overloaded process).")
-    early_drop: bool = Field(True, description="Drop a queued call whose remaining deadline is shorter than the "
-                             "method's typical run (an average of its recent successful calls).")
+    unary: Limit = Field(
+        Limit(max_concurrent=64, max_queued=128),
+        description="Every unary call of the process "
+        "(the model services default to 8 running, 32 waiting: their calls are CPU-bound).",
+    )
+    streams: Limit = Field(
+        Limit(max_concurrent=256, max_queued=0),
+        description="Calls that stream requests or answers (live video, clips, shard jobs).",
+    )
+    methods: dict[str, Limit] = Field(
+        default_factory=dict, description="A gate of its own for these RPC names (e.g. ClassifyEmotion)."
+    )
+    exempt: list[str] = Field(
+        ["GetStatus", "ListModels", "GetShardJob", "ListShardJobs"],
+        description="RPC names that are never held back (operators must see an overloaded process).",
+    )
+    early_drop: bool = Field(
+        True,
+        description="Drop a queued call whose remaining deadline is shorter than the "
+        "method's typical run (an average of its recent successful calls).",
+    )
 
 
 class ServerTls(StrictModel):
     cert_file: Path = Field(description="PEM certificate chain the server presents.")
     key_file: Path = Field(description="PEM private key of that certificate.")
     client_ca_file: Path | None = Field(
-        None, description="Require client certificates signed by this CA (mutual TLS); null: any client.")
-    reload_seconds: float = Field(5.0, gt=0, description="How often, at most, the files are checked for a change.")
+        None, description="Require client certificates signed by this CA (mutual TLS); null: any client."
+    )
+    reload_seconds: float = Field(
+        5.0, gt=0, description="How often, at most, the files are checked for a change."
+    )
 
 
 class ChannelTls(StrictModel):
@@ -58,8 +74,10 @@ class ChannelTls(StrictModel):
     cert_file: Path | None = Field(None, description="Client certificate for mutual TLS (with key_file).")
     key_file: Path | None = None
     server_name: str | None = Field(
-        None, description="Name expected in the server's certificate, when the target's host differs "
-        "(e.g. an IP address, or a Kubernetes Service name the certificate does not carry).")
+        None,
+        description="Name expected in the server's certificate, when the target's host differs "
+        "(e.g. an IP address, or a Kubernetes Service name the certificate does not carry).",
+    )
 
 
 class ServerConfig(StrictModel):
@@ -75,16 +93,28 @@ class ServerConfig(StrictModel):
     keepalive_timeout_ms: int = Field(10_000, gt=0)
     max_concurrent_rpcs: int | None = Field(None, gt=0)
     max_connection_age_ms: int | None = Field(
-        300_000, gt=0, description="Clients reconnect (and re-resolve DNS) after this, so new replicas get traffic.")
+        300_000,
+        gt=0,
+        description="Clients reconnect (and re-resolve DNS) after this, so new replicas get traffic.",
+    )
     max_connection_age_grace_ms: int | None = Field(
-        None, ge=0, description="How long calls in flight on an aged connection may go on; null: as long as they "
-        "last (an hour-long live stream must not be cut by connection ageing; new calls go to a new connection).")
+        None,
+        ge=0,
+        description="How long calls in flight on an aged connection may go on; null: as long as they "
+        "last (an hour-long live stream must not be cut by connection ageing; new calls go to a new connection).",
+    )
     drain_streams_after_seconds: float = Field(
-        1.0, ge=0, description="On SIGTERM, long-lived streams end with UNAVAILABLE (saying so) this long after the "
-        "drain starts, so callers resume elsewhere; unary calls get the whole grace_seconds.")
+        1.0,
+        ge=0,
+        description="On SIGTERM, long-lived streams end with UNAVAILABLE (saying so) this long after the "
+        "drain starts, so callers resume elsewhere; unary calls get the whole grace_seconds.",
+    )
     tls: ServerTls | None = Field(None, description="Serve TLS (mTLS with client_ca_file); null: plaintext.")
-    admission: AdmissionConfig = Field(AdmissionConfig(), description="Bounds on calls running and waiting: "
-                                       "overload is answered at once (services.runtime.admission).")
+    admission: AdmissionConfig = Field(
+        AdmissionConfig(),
+        description="Bounds on calls running and waiting: "
+        "overload is answered at once (services.runtime.admission).",
+    )
     ready_file: Path | None = Field(
         None, description="Written (JSON: ports, pid) once the server is SERVING; for launchers and tests."
     )
@@ -100,9 +130,14 @@ REFLECTION_SCOPE = "reflection"
 
 # The public API's scopes; a model service's RPCs fall to `default_scope`.
 GATEWAY_SCOPES = {
-    "ClassifyEmotion": "classify", "ScoreTexts": "classify",
-    "ScoreClip": "stream", "StreamVideo": "stream",
-    "ScoreShard": "shard", "GetShardJob": "shard", "ListShardJobs": "shard", "CancelShardJob": "shard",
+    "ClassifyEmotion": "classify",
+    "ScoreTexts": "classify",
+    "ScoreClip": "stream",
+    "StreamVideo": "stream",
+    "ScoreShard": "shard",
+    "GetShardJob": "shard",
+    "ListShardJobs": "shard",
+    "CancelShardJob": "shard",
     "GetStatus": "status",
 }
 
@@ -111,7 +146,9 @@ class TokenEntry(StrictModel):
     token: str = Field(min_length=1)
     name: str = Field(min_length=1, description="Who holds it: in logs, and the owner of its shard jobs.")
     scopes: list[str] = Field([ALL_SCOPES], min_length=1)
-    rate_per_second: float | None = Field(None, gt=0, description="Calls per second allowed (burst: one second's).")
+    rate_per_second: float | None = Field(
+        None, gt=0, description="Calls per second allowed (burst: one second's)."
+    )
 
 
 class TokenFile(StrictModel):
@@ -121,12 +158,18 @@ class TokenFile(StrictModel):
 class AuthConfig(StrictModel):
     """Bearer tokens accepted in the `authorization` metadata; none and no trusted peers = open."""
 
-    tokens: list[str] = Field(default_factory=list, description="Tokens with every scope (small setups, tests).")
-    token_file: Path | None = Field(None, description="Token file, re-read when it changes (one per line, or YAML).")
+    tokens: list[str] = Field(
+        default_factory=list, description="Tokens with every scope (small setups, tests)."
+    )
+    token_file: Path | None = Field(
+        None, description="Token file, re-read when it changes (one per line, or YAML)."
+    )
     method_scopes: dict[str, str] = Field(default_factory=lambda: dict(GATEWAY_SCOPES))
     default_scope: str = Field("internal", description="Scope of RPCs not in method_scopes.")
     trusted_peers: list[str] = Field(
-        default_factory=list, description="Client-certificate names (CN or DNS SAN) let in with every scope (mTLS).")
+        default_factory=list,
+        description="Client-certificate names (CN or DNS SAN) let in with every scope (mTLS).",
+    )
     open_reflection: bool = Field(False, description="Serve gRPC reflection without a token.")
 
 
@@ -174,7 +217,7 @@ def env_overrides(process: str, environ: Mapping[str, str] | None = None) -> dic
     for name, raw in environ.items():
         if not name.startswith(prefix):
             continue
-        path = [part.lower() for part in name[len(prefix):].split("__")]
+        path = [part.lower() for part in name[len(prefix) :].split("__")]
         if not all(path):
             raise ConfigError(f"{name}: empty key segment")
         _set_path(tree, path, yaml.safe_load(raw) if raw != "" else None)
@@ -253,4 +296,5 @@ class ServiceConfig(ProcessConfig):
 
     model_repository: Path = Field(Path("model_repository"), description="Triton-layout model repository.")
     repository_poll_seconds: float | None = Field(
-        5.0, gt=0, description="How often to look for new model versions (hot swap); null: never.")
+        5.0, gt=0, description="How often to look for new model versions (hot swap); null: never."
+    )

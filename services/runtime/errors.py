@@ -60,8 +60,16 @@ class PermissionDenied(ServingError):
 
 _BY_CODE: dict[grpc.StatusCode, type[ServingError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, ResourceExhausted, NotFound, FailedPrecondition, Unavailable,
-                DeadlineExceeded, Unauthenticated, PermissionDenied)
+    for cls in (
+        InvalidArgument,
+        ResourceExhausted,
+        NotFound,
+        FailedPrecondition,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+    )
 }
 
 

@@ -69,8 +69,9 @@ async def _decoded_stream(requests: AsyncIterator[Any], method: str) -> AsyncIte
     index = 0
     async for request in requests:
         if isinstance(request, _Undecodable):
-            raise InvalidArgument(f"message {index} of the {method} stream is not a valid protobuf message "
-                                  f"({request.reason})")
+            raise InvalidArgument(
+                f"message {index} of the {method} stream is not a valid protobuf message ({request.reason})"
+            )
         index += 1
         yield request
 
@@ -131,16 +132,24 @@ class _Call:
             m.request_errors.labels(self.service, self.method, name).inc()
         # One line per call, findable by its id in the gateway's and the service's logs alike.
         identity = current_identity()
-        log.info("%s %s id=%s peer=%s%s %.1f ms%s", self.method, name, self.request_id, self.peer,
-                 f" caller={identity.name}" if identity else "", seconds * 1e3,
-                 f": {self.message}" if self.message else "")
+        log.info(
+            "%s %s id=%s peer=%s%s %.1f ms%s",
+            self.method,
+            name,
+            self.request_id,
+            self.peer,
+            f" caller={identity.name}" if identity else "",
+            seconds * 1e3,
+            f": {self.message}" if self.message else "",
+        )
 
 
 class ServingInterceptor(_ServerInterceptor):
     """Times every RPC, checks auth, and maps domain errors to statuses."""
 
-    def __init__(self, metrics: Metrics, authorizer: Authorizer | None = None,
-                 admission: Admission | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, authorizer: Authorizer | None = None, admission: Admission | None = None
+    ) -> None:
         self.metrics = metrics
         self.authorizer = authorizer
         self.admission = admission
@@ -162,8 +171,13 @@ class ServingInterceptor(_ServerInterceptor):
         metrics, authorizer, admission = self.metrics, self.authorizer, self.admission
 
         @contextlib.asynccontextmanager
-        async def served(request: Any, context: _Context, streaming_request: bool,
-                         gate: Gate | None, typical: Callable[[], float]) -> AsyncIterator[Any]:
+        async def served(
+            request: Any,
+            context: _Context,
+            streaming_request: bool,
+            gate: Gate | None,
+            typical: Callable[[], float],
+        ) -> AsyncIterator[Any]:
             """One call around its handler: auth, the request decoded, admission, then the
             handler's outcome mapped to a status and measured. Yields the decoded request."""
             call = _Call(metrics, service, method, context)
@@ -200,10 +214,16 @@ class ServingInterceptor(_ServerInterceptor):
                         admission.observe(method, time.perf_counter() - start)
                     return result
 
-            factory = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
-                       else grpc.stream_unary_rpc_method_handler)
-            return factory(unary_response, request_deserializer=_tolerant(handler.request_deserializer),
-                           response_serializer=handler.response_serializer)
+            factory = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return factory(
+                unary_response,
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
 
         streamed = handler.unary_stream or handler.stream_stream
         if streamed is None:
@@ -217,10 +237,16 @@ class ServingInterceptor(_ServerInterceptor):
                 async for item in inner_stream(decoded, context):
                     yield item
 
-        factory = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
-                   else grpc.stream_stream_rpc_method_handler)
-        return factory(stream_response, request_deserializer=_tolerant(handler.request_deserializer),
-                       response_serializer=handler.response_serializer)
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            stream_response,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _reflection_behind_auth(handler: _Handler, authorizer: Authorizer) -> _Handler:
@@ -237,5 +263,8 @@ def _reflection_behind_auth(handler: _Handler, authorizer: Authorizer) -> _Handl
         async for reply in inner(requests, context):
             yield reply
 
-    return grpc.stream_stream_rpc_method_handler(reflect, request_deserializer=handler.request_deserializer,
-                                                 response_serializer=handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        reflect,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -26,8 +26,12 @@ class _StderrHandler(logging.StreamHandler[TextIO]):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -49,8 +53,13 @@ def setup_logging(config: LoggingConfig, process: str) -> None:
 # already reported on its own answer, so these lines are counted, not printed.
 _NATIVE_LINES = (
     ("libpng", re.compile(r"^libpng (warning|error):")),
-    ("libjpeg", re.compile(r"^(Corrupt JPEG data|Premature end of JPEG|Invalid JPEG|Bogus marker|"
-                           r"Unsupported marker|JPEG datastream|Not a JPEG file|Warning: unknown JFIF)")),
+    (
+        "libjpeg",
+        re.compile(
+            r"^(Corrupt JPEG data|Premature end of JPEG|Invalid JPEG|Bogus marker|"
+            r"Unsupported marker|JPEG datastream|Not a JPEG file|Warning: unknown JFIF)"
+        ),
+    ),
 )
 
 
@@ -78,7 +87,9 @@ class NativeStderr:
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)
-        self._thread = threading.Thread(target=self._pump, args=(read_end,), name="native-stderr", daemon=True)
+        self._thread = threading.Thread(
+            target=self._pump, args=(read_end,), name="native-stderr", daemon=True
+        )
         self._thread.start()
 
     def _pump(self, read_end: int) -> None:

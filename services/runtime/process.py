@@ -60,8 +60,16 @@ def parse_args(process: str, argv: Sequence[str] | None) -> tuple[Path | None, d
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--ready-file", type=Path)
     args = parser.parse_args(argv)
-    server = {k: v for k, v in {"host": args.host, "port": args.port, "metrics_port": args.metrics_port,
-                                "ready_file": args.ready_file}.items() if v is not None}
+    server = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "metrics_port": args.metrics_port,
+            "ready_file": args.ready_file,
+        }.items()
+        if v is not None
+    }
     return args.config, ({"server": server} if server else {})
 
 

@@ -25,9 +25,13 @@ class RepositoryPoller:
     names that changed. A failed reload is logged, never fatal (the models already served keep
     serving)."""
 
-    def __init__(self, backend: Backend, interval: float | None,
-                 on_change: Callable[[list[str]], Awaitable[None]] | None = None,
-                 also: Sequence[Reloadable] = ()) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        interval: float | None,
+        on_change: Callable[[list[str]], Awaitable[None]] | None = None,
+        also: Sequence[Reloadable] = (),
+    ) -> None:
         self.sources: list[Reloadable] = [backend, *also]
         self.interval = interval
         self.on_change = on_change
@@ -53,7 +57,9 @@ class RepositoryPoller:
                     try:
                         await self.on_change(changed)
                     except Exception:  # the models already in use keep serving
-                        log.exception("models changed (%s) but applying the change failed", ", ".join(changed))
+                        log.exception(
+                            "models changed (%s) but applying the change failed", ", ".join(changed)
+                        )
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -89,12 +89,16 @@ def check_signature(
     model_inputs = {t.name: t for t in inputs}
     model_outputs = {t.name: t for t in outputs}
 
-    def compare(kind: str, declared: Iterable[mc.ModelInput | mc.ModelOutput], actual: Mapping[str, TensorSpec]) -> None:
+    def compare(
+        kind: str, declared: Iterable[mc.ModelInput | mc.ModelOutput], actual: Mapping[str, TensorSpec]
+    ) -> None:
         for tensor in declared:
             spec = actual.get(tensor.name)
             if spec is None:
-                problems.append(f"{kind} '{tensor.name}' is in the config but not in the model "
-                                f"(model has {sorted(actual)})")
+                problems.append(
+                    f"{kind} '{tensor.name}' is in the config but not in the model "
+                    f"(model has {sorted(actual)})"
+                )
                 continue
             try:
                 want = numpy_dtype(tensor.data_type)
@@ -102,20 +106,25 @@ def check_signature(
                 problems.append(f"{kind} '{tensor.name}': {exc}")
                 continue
             if spec.dtype != want:
-                problems.append(f"{kind} '{tensor.name}': config says {mc.DataType.Name(tensor.data_type)}, "
-                                f"model has {spec.dtype}")
+                problems.append(
+                    f"{kind} '{tensor.name}': config says {mc.DataType.Name(tensor.data_type)}, "
+                    f"model has {spec.dtype}"
+                )
             if tensor.HasField("reshape"):
                 continue  # the model sees the reshaped tensor; Triton checks that, not we
             dims = [-1, *tensor.dims] if batched else list(tensor.dims)
             shape = list(spec.shape)
             mismatch = len(dims) != len(shape) or any(
-                d != -1 and s is not None and d != s for d, s in zip(dims, shape, strict=False))
+                d != -1 and s is not None and d != s for d, s in zip(dims, shape, strict=False)
+            )
             if batched and shape and shape[0] is not None:
                 mismatch = True  # a fixed batch axis cannot take merged batches
             if mismatch:
                 shown = ["batch" if batched and i == 0 else d for i, d in enumerate(dims)]
-                problems.append(f"{kind} '{tensor.name}': config shape {shown} does not match model "
-                                f"shape {[s if s is not None else -1 for s in shape]}")
+                problems.append(
+                    f"{kind} '{tensor.name}': config shape {shown} does not match model "
+                    f"shape {[s if s is not None else -1 for s in shape]}"
+                )
 
     compare("input", config.input, model_inputs)
     compare("output", config.output, model_outputs)
@@ -143,8 +152,9 @@ def onnx_signature(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
                 continue  # old exporters list weights as graph inputs
             tt = v.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-            out.append(TensorSpec(v.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)),
-                                  shape))
+            out.append(
+                TensorSpec(v.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), shape)
+            )
         return out
 
     return specs(model.graph.input), specs(model.graph.output)
@@ -276,10 +286,19 @@ def load_entry(model_dir: Path) -> ModelEntry:
     config_path = model_dir / CONFIG_FILE
     fingerprint: list[object] = [file_stamp(config_path)]
 
-    def broken(error: str, config: mc.ModelConfig | None = None,
-               versions: Mapping[int, Path] | None = None) -> ModelEntry:
-        return ModelEntry(name, model_dir, config, dict(versions or {}), None,
-                          _parameters(config), error, tuple(fingerprint))
+    def broken(
+        error: str, config: mc.ModelConfig | None = None, versions: Mapping[int, Path] | None = None
+    ) -> ModelEntry:
+        return ModelEntry(
+            name,
+            model_dir,
+            config,
+            dict(versions or {}),
+            None,
+            _parameters(config),
+            error,
+            tuple(fingerprint),
+        )
 
     if not config_path.is_file():
         return broken(f"{config_path}: missing")
@@ -289,8 +308,7 @@ def load_entry(model_dir: Path) -> ModelEntry:
     except (text_format.ParseError, UnicodeDecodeError, OSError) as exc:
         return broken(f"{config_path}: cannot parse: {exc}")
     if config.name and config.name != name:
-        return broken(f"{config_path}: names model '{config.name}' but its directory is '{name}'",
-                      config)
+        return broken(f"{config_path}: names model '{config.name}' but its directory is '{name}'", config)
     if not config.name:
         config.name = name
 
@@ -298,8 +316,7 @@ def load_entry(model_dir: Path) -> ModelEntry:
     filename = model_filename(config)
     shown = filename or "a model file"
     if not versions:
-        return broken(f"{model_dir}: no version directory (expected {model_dir}/1/{shown})",
-                      config, versions)
+        return broken(f"{model_dir}: no version directory (expected {model_dir}/1/{shown})", config, versions)
     usable = [v for v, d in versions.items() if _has_model(d, filename)]
     for v in versions:
         if v not in usable:
@@ -318,8 +335,9 @@ def load_entry(model_dir: Path) -> ModelEntry:
         error = _check_onnx(config, model_file)
         if error:
             return broken(error, config, versions)
-    return ModelEntry(name, model_dir, config, versions, version, _parameters(config), None,
-                      tuple(fingerprint))
+    return ModelEntry(
+        name, model_dir, config, versions, version, _parameters(config), None, tuple(fingerprint)
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -375,10 +393,15 @@ class ModelRepository:
         old, new = self._entries, self._scan()
         added = tuple(n for n in new if n not in old)
         removed = tuple(n for n in old if n not in new)
-        changed = tuple(n for n in new if n in old and
-                        (new[n].fingerprint != old[n].fingerprint or new[n].error != old[n].error))
-        versions = {n: (old[n].version if n in old else None, new[n].version if n in new else None)
-                    for n in (*added, *removed, *changed)}
+        changed = tuple(
+            n
+            for n in new
+            if n in old and (new[n].fingerprint != old[n].fingerprint or new[n].error != old[n].error)
+        )
+        versions = {
+            n: (old[n].version if n in old else None, new[n].version if n in new else None)
+            for n in (*added, *removed, *changed)
+        }
         self._entries = new  # one assignment: readers see the old or the new scan, never a mix
         return RepositoryChanges(added, removed, changed, versions)
 

@@ -45,8 +45,13 @@ def _with_id(details: grpc.aio.ClientCallDetails, extra: Extra | None) -> grpc.a
         return details
     keys = {k for k, _ in added}
     metadata = [(k, v) for k, v in (details.metadata or ()) if k not in keys] + added
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata),
-                                      details.credentials, details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
+    )
 
 
 if TYPE_CHECKING:

@@ -40,8 +40,9 @@ class _Rotating:
     def configuration(self) -> Any:
         t = self.tls
         ca = _read(t.client_ca_file) if t.client_ca_file else None
-        return grpc.ssl_server_certificate_configuration([(_read(t.key_file), _read(t.cert_file))],
-                                                         root_certificates=ca)
+        return grpc.ssl_server_certificate_configuration(
+            [(_read(t.key_file), _read(t.cert_file))], root_certificates=ca
+        )
 
     def fetch(self) -> Any:
         """gRPC asks at each handshake: a new configuration when the files changed, else None."""
@@ -64,8 +65,9 @@ def server_credentials(tls: ServerTls) -> grpc.ServerCredentials:
         initial = rotating.configuration()
     except ValueError as exc:
         raise ConfigError(f"server.tls: {exc}") from None
-    return grpc.dynamic_ssl_server_credentials(initial, rotating.fetch,
-                                               require_client_authentication=tls.client_ca_file is not None)
+    return grpc.dynamic_ssl_server_credentials(
+        initial, rotating.fetch, require_client_authentication=tls.client_ca_file is not None
+    )
 
 
 def channel_credentials(tls: ChannelTls) -> tuple[grpc.ChannelCredentials, list[tuple[str, Any]]]:
@@ -76,7 +78,8 @@ def channel_credentials(tls: ChannelTls) -> tuple[grpc.ChannelCredentials, list[
         creds = grpc.ssl_channel_credentials(
             root_certificates=_read(tls.ca_file),
             private_key=_read(tls.key_file) if tls.key_file else None,
-            certificate_chain=_read(tls.cert_file) if tls.cert_file else None)
+            certificate_chain=_read(tls.cert_file) if tls.cert_file else None,
+        )
     except ValueError as exc:
         raise ConfigError(f"channel TLS: {exc}") from None
     options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []

@@ -72,10 +72,14 @@ class ServingProcess:
         options = channel_options(config)
         if config.max_connection_age_ms is not None:
             grace = config.max_connection_age_grace_ms
-            options += [("grpc.max_connection_age_ms", config.max_connection_age_ms),
-                        ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS if grace is None else grace)]
+            options += [
+                ("grpc.max_connection_age_ms", config.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", UNBOUNDED_MS if grace is None else grace),
+            ]
         self.server = grpc.aio.server(
-            interceptors=[ServingInterceptor(self.metrics, authorizer, Admission(config.admission, self.metrics))],
+            interceptors=[
+                ServingInterceptor(self.metrics, authorizer, Admission(config.admission, self.metrics))
+            ],
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
@@ -95,8 +99,11 @@ class ServingProcess:
         )
         address = f"{self.config.host}:{self.config.port}"
         tls = self.config.tls
-        self.port = (self.server.add_secure_port(address, server_credentials(tls)) if tls is not None
-                     else self.server.add_insecure_port(address))
+        self.port = (
+            self.server.add_secure_port(address, server_credentials(tls))
+            if tls is not None
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await self.server.start()
@@ -105,8 +112,14 @@ class ServingProcess:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._write_ready_file()
-        log.info("%s serving on %s:%d (%s; metrics port %s)", self.process, self.config.host, self.port,
-                 "plaintext" if tls is None else "mTLS" if tls.client_ca_file else "TLS", self.metrics.http_port)
+        log.info(
+            "%s serving on %s:%d (%s; metrics port %s)",
+            self.process,
+            self.config.host,
+            self.port,
+            "plaintext" if tls is None else "mTLS" if tls.client_ca_file else "TLS",
+            self.metrics.http_port,
+        )
         return self.port
 
     def _write_ready_file(self) -> None:
@@ -114,12 +127,23 @@ class ServingProcess:
         if path is None:
             return
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"process": self.process, "pid": os.getpid(), "host": self.config.host,
-                                   "port": self.port, "metrics_port": self.metrics.http_port}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "process": self.process,
+                    "pid": os.getpid(),
+                    "host": self.config.host,
+                    "port": self.port,
+                    "metrics_port": self.metrics.http_port,
+                }
+            )
+        )
         tmp.replace(path)
 
     async def set_serving(self, service: str, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self.health.set(service, status)
 
     async def stop(self, grace: float | None = None) -> None:

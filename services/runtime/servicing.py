@@ -23,8 +23,13 @@ class ServedModel:
     class_names: tuple[str, ...] = ()
 
     def info(self) -> common_pb2.ModelInfo:
-        return common_pb2.ModelInfo(name=self.name, version="" if self.version is None else str(self.version),
-                                    backend=self.backend, demo=self.demo, temperature=self.temperature)
+        return common_pb2.ModelInfo(
+            name=self.name,
+            version="" if self.version is None else str(self.version),
+            backend=self.backend,
+            demo=self.demo,
+            temperature=self.temperature,
+        )
 
 
 def is_demo(parameters: Mapping[str, str]) -> bool:

@@ -72,8 +72,9 @@ async def until_drained(items: AsyncIterator[T], drain: Drain, what: str) -> Asy
             if wait.expired():
                 break
             yield item
-        raise Unavailable(f"{what}: the server is shutting down (drain); reconnect and resume the stream "
-                          "with the same id")
+        raise Unavailable(
+            f"{what}: the server is shutting down (drain); reconnect and resume the stream with the same id"
+        )
     finally:
         closer = getattr(iterator, "aclose", None)
         if closer is not None:

@@ -126,7 +126,9 @@ def ssd_anchors(options: AnchorOptions, input_size: tuple[int, int]) -> np.ndarr
                     ratios.append(ratio)
                     scales.append(scale)
                 if options.interpolated_scale_aspect_ratio > 0.0:
-                    following = 1.0 if last == n - 1 else _scale(options.min_scale, options.max_scale, last + 1, n)
+                    following = (
+                        1.0 if last == n - 1 else _scale(options.min_scale, options.max_scale, last + 1, n)
+                    )
                     scales.append(math.sqrt(scale * following))
                     ratios.append(options.interpolated_scale_aspect_ratio)
             last += 1
@@ -158,8 +160,13 @@ class Detections:
         return len(self.scores)
 
 
-def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray, meta: BlazeFaceMeta,
-           score_threshold: float) -> Detections:
+def decode(
+    raw_boxes: np.ndarray,
+    raw_scores: np.ndarray,
+    anchors: np.ndarray,
+    meta: BlazeFaceMeta,
+    score_threshold: float,
+) -> Detections:
     """MediaPipe's TensorsToDetectionsCalculator for one image: raw_boxes (anchors, num_coords),
     raw_scores (anchors,) or (anchors, 1). Keeps detections scoring at least `score_threshold`
     whose box has a positive size."""
@@ -184,11 +191,16 @@ def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray, m
     h = raw[:, o + hi] / meta.h_scale * ah
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
     k = meta.num_keypoints
-    kp = raw[:, meta.keypoint_coord_offset:meta.keypoint_coord_offset + 2 * k].reshape(-1, k, 2)
+    kp = raw[:, meta.keypoint_coord_offset : meta.keypoint_coord_offset + 2 * k].reshape(-1, k, 2)
     if not meta.reverse_output_order:
         kp = kp[:, :, ::-1]
-    keypoints = np.stack([kp[:, :, 0] / meta.x_scale * aw[:, None] + ax[:, None],
-                          kp[:, :, 1] / meta.y_scale * ah[:, None] + ay[:, None]], axis=2)
+    keypoints = np.stack(
+        [
+            kp[:, :, 0] / meta.x_scale * aw[:, None] + ax[:, None],
+            kp[:, :, 1] / meta.y_scale * ah[:, None] + ay[:, None],
+        ],
+        axis=2,
+    )
     valid = (w > 0) & (h > 0)
     return Detections(boxes[valid], keypoints[valid], scores[valid])
 
@@ -197,8 +209,11 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     ix = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
     iy = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
     inter = ix * iy
-    union = ((box[2] - box[0]) * (box[3] - box[1])
-             + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]) - inter)
+    union = (
+        (box[2] - box[0]) * (box[3] - box[1])
+        + (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+        - inter
+    )
     return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
@@ -222,9 +237,11 @@ def weighted_nms(detections: Detections, iou_threshold: float) -> Detections:
         out_scores.append(scores[best])
         remaining = remaining[~overlap]
     k = keypoints.shape[1] if keypoints.ndim == 3 else 0
-    return Detections(np.asarray(out_boxes, np.float32).reshape(-1, 4),
-                      np.asarray(out_keypoints, np.float32).reshape(-1, k, 2),
-                      np.asarray(out_scores, np.float32))
+    return Detections(
+        np.asarray(out_boxes, np.float32).reshape(-1, 4),
+        np.asarray(out_keypoints, np.float32).reshape(-1, k, 2),
+        np.asarray(out_scores, np.float32),
+    )
 
 
 @dataclass(frozen=True)
@@ -249,8 +266,9 @@ class Letterbox:
         return out
 
 
-def letterbox(rgb: np.ndarray, input_size: tuple[int, int], scale: float, offset: float
-              ) -> tuple[np.ndarray, Letterbox]:
+def letterbox(
+    rgb: np.ndarray, input_size: tuple[int, int], scale: float, offset: float
+) -> tuple[np.ndarray, Letterbox]:
     """The network's input (1, H, W, 3) float32: the image scaled to fit (aspect kept), centred,
     the rest black (offset), and where it went."""
     ih, iw = input_size
@@ -261,8 +279,8 @@ def letterbox(rgb: np.ndarray, input_size: tuple[int, int], scale: float, offset
     resized = cv2.resize(rgb, (nw, nh), interpolation=interpolation) if (nw, nh) != (w, h) else rgb
     x, y = (iw - nw) // 2, (ih - nh) // 2
     tensor = np.full((1, ih, iw, 3), offset, dtype=np.float32)
-    np.multiply(resized, np.float32(scale), out=tensor[0, y:y + nh, x:x + nw], casting="unsafe")
-    tensor[0, y:y + nh, x:x + nw] += np.float32(offset)
+    np.multiply(resized, np.float32(scale), out=tensor[0, y : y + nh, x : x + nw], casting="unsafe")
+    tensor[0, y : y + nh, x : x + nw] += np.float32(offset)
     return tensor, Letterbox(input_size, x, y, nw, nh, w, h)
 
 
@@ -298,7 +316,8 @@ class BlazeFaceModel:
         if not model_dir.is_dir():
             raise FailedPrecondition(
                 f"face detector model '{name}' is not in the model repository "
-                "(`make models` builds it; or set detector.kind: haar)")
+                "(`make models` builds it; or set detector.kind: haar)"
+            )
         entry = load_entry(model_dir)
         if entry.error:
             log.error("face detector model %s cannot be loaded: %s", name, entry.error)
@@ -309,15 +328,19 @@ class BlazeFaceModel:
         except ConfigError as exc:
             log.error("face detector model %s: %s", name, exc)
             raise FailedPrecondition(
-                f"face detector model '{name}': its {META_FILE} is missing or invalid") from None
+                f"face detector model '{name}': its {META_FILE} is missing or invalid"
+            ) from None
         self.name = name
         self.version = entry.version
         self.anchors = ssd_anchors(self.meta.anchors, self.meta.input_size)
         if len(self.anchors) != self.meta.num_anchors:
-            raise FailedPrecondition(f"face detector model '{name}': {len(self.anchors)} anchors from "
-                                     f"{META_FILE}, {self.meta.num_anchors} expected")
-        self.session = ort.InferenceSession(str(entry.model_path()), session_options(DETECTOR_ONNX),
-                                            providers=["CPUExecutionProvider"])
+            raise FailedPrecondition(
+                f"face detector model '{name}': {len(self.anchors)} anchors from "
+                f"{META_FILE}, {self.meta.num_anchors} expected"
+            )
+        self.session = ort.InferenceSession(
+            str(entry.model_path()), session_options(DETECTOR_ONNX), providers=["CPUExecutionProvider"]
+        )
 
     def detect(self, rgb: np.ndarray, score_threshold: float, nms_iou: float) -> tuple[Detections, Letterbox]:
         """Detections of an RGB uint8 image, relative to the network's input, and the letterbox
@@ -329,8 +352,9 @@ class BlazeFaceModel:
         return weighted_nms(found, nms_iou), box
 
 
-def faces_in_image(model: BlazeFaceModel, rgb: np.ndarray, score_threshold: float, nms_iou: float,
-                   min_side: float = 0) -> Iterable[tuple[float, float, float, float, float, np.ndarray]]:
+def faces_in_image(
+    model: BlazeFaceModel, rgb: np.ndarray, score_threshold: float, nms_iou: float, min_side: float = 0
+) -> Iterable[tuple[float, float, float, float, float, np.ndarray]]:
     """(x, y, w, h, score, keypoints (k, 2)) in the image's pixels, sides of at least min_side."""
     found, box = model.detect(rgb, score_threshold, nms_iou)
     corners = box.to_image(found.boxes.reshape(-1, 2, 2)).reshape(-1, 4)

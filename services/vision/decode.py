@@ -198,9 +198,7 @@ def raw_to_bgr(height: int, width: int, fmt: str, data: bytes, limits: DecodeLim
     _check_pixels(width, height, limits, "raw image")
     expected = height * width * channels
     if len(data) != expected:
-        raise InvalidArgument(
-            f"raw {fmt} image of {width}x{height} needs {expected} bytes, got {len(data)}"
-        )
+        raise InvalidArgument(f"raw {fmt} image of {width}x{height} needs {expected} bytes, got {len(data)}")
     pixels = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
     if fmt == "gray8":
         return cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)

@@ -111,19 +111,32 @@ class CropMargin(StrictModel):
     own ratio wins over `ratio`, which wins over the detector's default for that side."""
 
     pixels: int = Field(0, ge=0, description="Pixels added on every side.")
-    ratio: float | None = Field(None, ge=0, le=1, description="Share of the box's side added on every side; "
-                                "null: the detector's default margins.")
+    ratio: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of the box's side added on every side; null: the detector's default margins.",
+    )
     top: float | None = Field(None, ge=-0.45, le=1, description="Share of the box's height added above.")
     bottom: float | None = Field(None, ge=-0.45, le=1, description="Share of the box's height added below.")
-    left: float | None = Field(None, ge=-0.45, le=1, description="Share of the box's width added on the left.")
-    right: float | None = Field(None, ge=-0.45, le=1, description="Share of the box's width added on the right.")
+    left: float | None = Field(
+        None, ge=-0.45, le=1, description="Share of the box's width added on the left."
+    )
+    right: float | None = Field(
+        None, ge=-0.45, le=1, description="Share of the box's width added on the right."
+    )
 
     def resolve(self, default: Margins) -> Margins:
         def side(own: float | None, fallback: float) -> float:
             return own if own is not None else self.ratio if self.ratio is not None else fallback
 
-        return Margins(side(self.top, default.top), side(self.bottom, default.bottom),
-                       side(self.left, default.left), side(self.right, default.right), self.pixels)
+        return Margins(
+            side(self.top, default.top),
+            side(self.bottom, default.bottom),
+            side(self.left, default.left),
+            side(self.right, default.right),
+            self.pixels,
+        )
 
 
 class HaarConfig(DetectorSettings):
@@ -143,19 +156,32 @@ class HaarConfig(DetectorSettings):
 class BlazeFaceConfig(DetectorSettings):
     kind: Literal["blazeface"] = "blazeface"
     range: Literal["short", "full", "short_then_full"] = Field(
-        "short_then_full", description="short: the 128² short-range model (faces within ~2 m of the camera: "
+        "short_then_full",
+        description="short: the 128² short-range model (faces within ~2 m of the camera: "
         "about a ninth of the image side or more); full: the 192² full-range model (~5 m: down to about a "
         "thirteenth, ~2.5× the cost); short_then_full: the full-range model only when the short-range one "
-        "finds nothing.")
+        "finds nothing.",
+    )
     min_size: int = Field(20, ge=1, description="Smallest face side, in pixels of the original image.")
-    score_threshold: float = Field(0.5, gt=0, lt=1, description="Lowest detection score kept (MediaPipe: 0.5 "
-                                   "short range, 0.6 full range).")
-    nms_iou: float = Field(0.3, gt=0, le=1, description="Detections overlapping the best one by more than this "
-                           "IoU are merged into it (weighted NMS).")
-    short_model: str = Field("face_detector_short", description="The short-range model, in the service's "
-                             "model repository.")
-    full_model: str = Field("face_detector_full", description="The full-range model, in the service's model "
-                            "repository.")
+    score_threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Lowest detection score kept (MediaPipe: 0.5 short range, 0.6 full range).",
+    )
+    nms_iou: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Detections overlapping the best one by more than this "
+        "IoU are merged into it (weighted NMS).",
+    )
+    short_model: str = Field(
+        "face_detector_short", description="The short-range model, in the service's model repository."
+    )
+    full_model: str = Field(
+        "face_detector_full", description="The full-range model, in the service's model repository."
+    )
 
     @property
     def margins(self) -> Margins:
@@ -175,15 +201,18 @@ def validate_detector_section(section: Any) -> Any:
     classes: dict[str, type[DetectorSettings]] = {"blazeface": BlazeFaceConfig, "haar": HaarConfig}
     kind = section.get("kind")
     if kind not in classes:
-        raise ValueError(f"detector.kind {kind!r} is not a face detector; known kinds: {', '.join(DETECTOR_KINDS)}")
+        raise ValueError(
+            f"detector.kind {kind!r} is not a face detector; known kinds: {', '.join(DETECTOR_KINDS)}"
+        )
     try:
         return classes[kind].model_validate(dict(section))
     except ValidationError as exc:
         raise ValueError(describe_validation_error(exc, ["detector"])) from None
 
 
-def detector_section_for_kind(data: Any, default: DetectorSettings,
-                              per_kind: Mapping[str, DetectorSettings]) -> Any:
+def detector_section_for_kind(
+    data: Any, default: DetectorSettings, per_kind: Mapping[str, DetectorSettings]
+) -> Any:
     """A service config's `detector` section (raw, before validation) with the defaults of the kind
     it names. `load_config` merges the file and the environment over the service's defaults, which
     hold every key of the default detector: `detector.kind: haar` alone would carry BlazeFace's
@@ -280,7 +309,9 @@ class BoundedDetector(ABC):
         for x, y, w, h, score, *rest in self._find(small, min_side):
             box = _clip(round(x / scale), round(y / scale), round(w / scale), round(h / scale), width, height)
             if box is not None:
-                keypoints = tuple((float(kx / scale), float(ky / scale)) for kx, ky in rest[0]) if rest else ()
+                keypoints = (
+                    tuple((float(kx / scale), float(ky / scale)) for kx, ky in rest[0]) if rest else ()
+                )
                 boxes.append(Box(*box, score=score, keypoints=keypoints))
         boxes.sort(key=lambda b: (-b.score, b.y, b.x))
         return boxes
@@ -373,8 +404,9 @@ class BlazeFaceDetector(BoundedDetector):
         self.config = config
         super().__init__(config)
         self.repository = Path(repository)
-        self._names = ([config.short_model] if config.range in ("short", "short_then_full") else []) + \
-                      ([config.full_model] if config.range in ("full", "short_then_full") else [])
+        self._names = ([config.short_model] if config.range in ("short", "short_then_full") else []) + (
+            [config.full_model] if config.range in ("full", "short_then_full") else []
+        )
         self._models: list[BlazeFaceModel] | None = None
         self._lock = threading.Lock()
         try:
@@ -400,14 +432,17 @@ class BlazeFaceDetector(BoundedDetector):
         rgb = to_rgb(image)
         found: list = []
         for model in models:
-            found = list(faces_in_image(model, rgb, self.config.score_threshold, self.config.nms_iou, min_side))
+            found = list(
+                faces_in_image(model, rgb, self.config.score_threshold, self.config.nms_iou, min_side)
+            )
             if found:
                 break
         return found
 
 
-def build_detector(config: HaarConfig | BlazeFaceConfig, repository: Path | str = Path("model_repository")
-                   ) -> FaceDetector:
+def build_detector(
+    config: HaarConfig | BlazeFaceConfig, repository: Path | str = Path("model_repository")
+) -> FaceDetector:
     """The detector a config names; BlazeFace loads its networks from `repository` (the service's
     model repository)."""
     if isinstance(config, HaarConfig):
@@ -418,7 +453,12 @@ def build_detector(config: HaarConfig | BlazeFaceConfig, repository: Path | str 
 
 
 def crop_region(
-    width: int, height: int, box: Box, *, margin_px: int = 0, margin_ratio: float = 0.0,
+    width: int,
+    height: int,
+    box: Box,
+    *,
+    margin_px: int = 0,
+    margin_ratio: float = 0.0,
     margins: Margins | None = None,
 ) -> tuple[int, int, int, int]:
     """(x, y, w, h) of the box grown on each side, then clipped to a width×height image.
@@ -449,17 +489,30 @@ def crop_region(
     return clipped
 
 
-def crop_view(bgr: np.ndarray, box: Box, *, margin_px: int = 0, margin_ratio: float = 0.0,
-              margins: Margins | None = None) -> np.ndarray:
+def crop_view(
+    bgr: np.ndarray,
+    box: Box,
+    *,
+    margin_px: int = 0,
+    margin_ratio: float = 0.0,
+    margins: Margins | None = None,
+) -> np.ndarray:
     """The grown, clipped box as a view into the image (no pixel copied: OpenCV reads views as
     they are, so preprocessing resizes straight from it). The view keeps the whole image alive."""
     height, width = bgr.shape[:2]
-    x, y, w, h = crop_region(width, height, box, margin_px=margin_px, margin_ratio=margin_ratio, margins=margins)
+    x, y, w, h = crop_region(
+        width, height, box, margin_px=margin_px, margin_ratio=margin_ratio, margins=margins
+    )
     return bgr[y : y + h, x : x + w]
 
 
 def crop_with_margin(
-    bgr: np.ndarray, box: Box, *, margin_px: int = 0, margin_ratio: float = 0.0, margins: Margins | None = None
+    bgr: np.ndarray,
+    box: Box,
+    *,
+    margin_px: int = 0,
+    margin_ratio: float = 0.0,
+    margins: Margins | None = None,
 ) -> np.ndarray:
     """A copy of `crop_view`: contiguous, and the frame can be freed while the crop is kept."""
     return crop_view(bgr, box, margin_px=margin_px, margin_ratio=margin_ratio, margins=margins).copy()

@@ -53,7 +53,9 @@ class PreprocessParams(StrictModel):
     @property
     def pixels_key(self) -> str:
         """What the preprocessed batch depends on: models with equal keys share one batch."""
-        return self.model_dump_json(include={"input_size", "color", "layout", "clahe", "interpolation", "mean", "std"})
+        return self.model_dump_json(
+            include={"input_size", "color", "layout", "clahe", "interpolation", "mean", "std"}
+        )
 
     @model_validator(mode="after")
     def _consistent(self) -> PreprocessParams:

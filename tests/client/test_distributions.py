@@ -37,9 +37,23 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("client-app") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     # The server's pins as constraints: the same grpcio/protobuf the suite runs, nothing else.
-    subprocess.run([str(UV), "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                    "-c", str(ROOT / "requirements" / "serve.txt"), str(ROOT / "gen"), str(ROOT / "client")],
-                   check=True, cwd=tmp_path_factory.getbasetemp(), timeout=600)
+    subprocess.run(
+        [
+            str(UV),
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(venv / "bin" / "python"),
+            "-c",
+            str(ROOT / "requirements" / "serve.txt"),
+            str(ROOT / "gen"),
+            str(ROOT / "client"),
+        ],
+        check=True,
+        cwd=tmp_path_factory.getbasetemp(),
+        timeout=600,
+    )
     return venv
 
 
@@ -48,8 +62,14 @@ def test_client_installs_alone_and_answers(client_venv: Path, suite: Suite, tmp_
     cv2.imwrite(str(photo), cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # Run from a folder outside the checkout, so nothing of the server can be found by accident.
-    out = subprocess.run([str(client_venv / "bin" / "python"), "-c", APP, suite.gateway.target, str(photo)],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    out = subprocess.run(
+        [str(client_venv / "bin" / "python"), "-c", APP, suite.gateway.target, str(photo)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     import json
 
@@ -61,15 +81,23 @@ def test_client_installs_alone_and_answers(client_venv: Path, suite: Suite, tmp_
 
 
 def test_client_distribution_carries_the_shard_command(client_venv: Path) -> None:
-    out = subprocess.run([str(client_venv / "bin" / "tessera-score-shard"), "--help"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(client_venv / "bin" / "tessera-score-shard"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "--gateway" in out.stdout
 
 
 def test_client_dependencies_are_the_api_and_grpc_only(client_venv: Path) -> None:
-    out = subprocess.run([str(UV), "pip", "list", "--python", str(client_venv / "bin" / "python"),
-                          "--format", "freeze"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(UV), "pip", "list", "--python", str(client_venv / "bin" / "python"), "--format", "freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = {line.split("==")[0].lower() for line in out.stdout.split()}
     assert {"tessera-api", "tessera-client", "grpcio", "protobuf", "numpy"} <= names
     assert not names & {"onnxruntime-gpu", "opencv-python-headless", "torch", "pydantic", "tessera-server"}

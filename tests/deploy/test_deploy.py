@@ -39,7 +39,6 @@ from launcher.suite import ROOT, SERVICES, Suite
 from services.fusion.rules import parse_rules
 from services.runtime.config import GATEWAY_SCOPES, load_config
 from tessera_client import TesseraClient
-from tests.helpers.suites import start_suite
 from tests.helpers.deploy import (
     BIN,
     DEPLOY,
@@ -57,6 +56,7 @@ from tests.helpers.deploy import (
     pod_spec,
     render,
 )
+from tests.helpers.suites import start_suite
 
 PROM_DIR = DEPLOY / "prometheus"
 COMPOSE_DIR = DEPLOY / "compose"
@@ -65,9 +65,12 @@ ALERTS = PROM_DIR / "alerts.yml"
 ALERT_TESTS = PROM_DIR / "alerts.test.yml"
 ADAPTER_VALUES = PROM_DIR / "prometheus-adapter-values.yaml"
 GATEWAY_SERVICE = "tessera.gateway.v1.GatewayService"
-SERVICE_NAMES = {"gateway": GATEWAY_SERVICE, "emotion": "tessera.emotion.v1.EmotionService",
-                 "engagement": "tessera.engagement.v1.EngagementService",
-                 "proxylabel": "tessera.proxylabel.v1.ProxyLabelService"}
+SERVICE_NAMES = {
+    "gateway": GATEWAY_SERVICE,
+    "emotion": "tessera.emotion.v1.EmotionService",
+    "engagement": "tessera.engagement.v1.EngagementService",
+    "proxylabel": "tessera.proxylabel.v1.ProxyLabelService",
+}
 NAMESPACE = "tessera"
 
 # The Kubernetes version the manifests are validated against (and the namespace's Pod Security
@@ -81,8 +84,10 @@ KUBERNETES_VALIDATE = BIN / "kubernetes-validate"
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 DOCKER_COMPOSE = shutil.which("docker-compose")
-INSTALL_HINT = ("make prometheus (Debian packages prometheus + docker-compose, and the Compose schema); "
-                "it also stops the prometheus system service")
+INSTALL_HINT = (
+    "make prometheus (Debian packages prometheus + docker-compose, and the Compose schema); "
+    "it also stops the prometheus system service"
+)
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason=f"promtool not found: {INSTALL_HINT}")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason=f"prometheus not found: {INSTALL_HINT}")
 # The current Compose Specification schema, as the npm package dclint ships it (make prometheus);
@@ -92,27 +97,12 @@ COMPOSE_V1_SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_
 COMPOSE_FILES = (COMPOSE_DIR / "docker-compose.yml", COMPOSE_DIR / "triton.yml")
 
 
-
 def yaml_files() -> list[Path]:
     return sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
 
 
 def load_docs(path: Path) -> list[Any]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -126,8 +116,12 @@ def config_model(process: str) -> type[Any]:
     from services.engagement.config import EngagementConfig
     from services.proxylabel.config import ProxyLabelConfig
 
-    return {"gateway": GatewayConfig, "emotion": EmotionConfig, "engagement": EngagementConfig,
-            "proxylabel": ProxyLabelConfig}[process]
+    return {
+        "gateway": GatewayConfig,
+        "emotion": EmotionConfig,
+        "engagement": EngagementConfig,
+        "proxylabel": ProxyLabelConfig,
+    }[process]
 
 
 def validate_env(process: str, env: dict[str, str]) -> Any:
@@ -166,15 +160,29 @@ def adapter_metric_names() -> set[str]:
 # Files parse
 # ------------------------------------------------------------------------------------------------
 def test_deploy_holds_the_expected_files() -> None:
-    for rel in ("prometheus/prometheus.yml", "prometheus/alerts.yml", "prometheus/alerts.test.yml",
-                "prometheus/prometheus-k8s.yml", "prometheus/prometheus-adapter-values.yaml",
-                "grafana/dashboards/tessera.json", "compose/docker-compose.yml", "compose/triton.yml",
-                "compose/.env", "compose/data/.gitignore", "docker/Dockerfile", "docker/healthcheck.py",
-                "docker/seed-models.sh", "k8s/sync.py", "k8s/base/kustomization.yaml",
-                "k8s/overlays/cpu/kustomization.yaml", "k8s/overlays/gpu/kustomization.yaml",
-                "k8s/components/cert-manager/kustomization.yaml",
-                "k8s/components/prometheus-operator/kustomization.yaml",
-                "k8s/secrets/kustomization.yaml", "k8s/shard-job/job.yaml"):
+    for rel in (
+        "prometheus/prometheus.yml",
+        "prometheus/alerts.yml",
+        "prometheus/alerts.test.yml",
+        "prometheus/prometheus-k8s.yml",
+        "prometheus/prometheus-adapter-values.yaml",
+        "grafana/dashboards/tessera.json",
+        "compose/docker-compose.yml",
+        "compose/triton.yml",
+        "compose/.env",
+        "compose/data/.gitignore",
+        "docker/Dockerfile",
+        "docker/healthcheck.py",
+        "docker/seed-models.sh",
+        "k8s/sync.py",
+        "k8s/base/kustomization.yaml",
+        "k8s/overlays/cpu/kustomization.yaml",
+        "k8s/overlays/gpu/kustomization.yaml",
+        "k8s/components/cert-manager/kustomization.yaml",
+        "k8s/components/prometheus-operator/kustomization.yaml",
+        "k8s/secrets/kustomization.yaml",
+        "k8s/shard-job/job.yaml",
+    ):
         assert (DEPLOY / rel).is_file(), rel
     assert list((DEPLOY / "grafana/provisioning/datasources").glob("*.yaml"))
     assert list((DEPLOY / "grafana/provisioning/dashboards").glob("*.yaml"))
@@ -210,25 +218,41 @@ def test_kustomizations_use_every_file_of_their_folder() -> None:
     is used (a forgotten file would silently never be deployed)."""
     folders = [k.parent for k in K8S.rglob("kustomization.yaml")]
     assert {f.relative_to(K8S).as_posix() for f in folders} == {
-        "base", "overlays/cpu", "overlays/gpu", "components/cert-manager", "components/prometheus-operator",
-        "secrets", "shard-job"}
+        "base",
+        "overlays/cpu",
+        "overlays/gpu",
+        "components/cert-manager",
+        "components/prometheus-operator",
+        "secrets",
+        "shard-job",
+    }
     for folder in folders:
         (k,) = load_docs(folder / "kustomization.yaml")
         used = set()
-        for ref in [*k.get("resources", []), *k.get("components", []),
-                    *(p["path"] for p in k.get("patches", []))]:
+        for ref in [
+            *k.get("resources", []),
+            *k.get("components", []),
+            *(p["path"] for p in k.get("patches", [])),
+        ]:
             target = (folder / ref).resolve()
             assert target.exists(), f"{folder}: {ref} missing"
             used.add(target)
         for path in folder.glob("*.yaml"):
-            assert path.name == "kustomization.yaml" or path.resolve() in used, f"{path} is in no kustomization"
+            assert path.name == "kustomization.yaml" or path.resolve() in used, (
+                f"{path} is in no kustomization"
+            )
     # Nothing is left at the top of deploy/k8s but the generator.
     assert sorted(p.name for p in K8S.iterdir() if p.is_file()) == ["sync.py"]
 
 
 def test_generated_objects_are_in_sync() -> None:
-    out = subprocess.run([sys.executable, str(K8S / "sync.py"), "--check"], check=False, capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(K8S / "sync.py"), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -256,8 +280,13 @@ def test_rendered_objects_validate_strictly(name: str, tmp_path: Path) -> None:
     assert KUBERNETES_VALIDATE.exists(), f"{KUBERNETES_VALIDATE} missing: {TOOLS_HINT}"
     rendered = tmp_path / f"{name}.yaml"
     rendered.write_text(yaml.safe_dump_all(render(name)))
-    out = subprocess.run([str(KUBERNETES_VALIDATE), "--strict", "-k", K8S_VERSION, str(rendered)],
-                         check=False, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(KUBERNETES_VALIDATE), "--strict", "-k", K8S_VERSION, str(rendered)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stdout + out.stderr
     passed = [line for line in lines if line.startswith("INFO") and "passed" in line]
@@ -273,18 +302,39 @@ def test_strict_validation_catches_a_misspelt_field(tmp_path: Path) -> None:
     job["spec"]["backoffLimitPerIndexx"] = 3
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(job))
-    out = subprocess.run([str(KUBERNETES_VALIDATE), "--strict", "-k", K8S_VERSION, str(bad)],
-                         check=False, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(KUBERNETES_VALIDATE), "--strict", "-k", K8S_VERSION, str(bad)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "backoffLimitPerIndexx" in out.stdout, out.stdout
 
 
 # Pod Security Standards, "restricted" profile (baseline included), field by field.
-PSS_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                    "projected", "secret"}
-PSS_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
-                    "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range",
-                    "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
-                    "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+PSS_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+PSS_SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 
 
 def restricted_violations(spec: dict[str, Any]) -> list[str]:
@@ -304,8 +354,14 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
             bad.append(f"sysctl {sysctl['name']}")
     if pod.get("runAsUser") == 0 or pod.get("runAsGroup") == 0:
         bad.append("pod runs as root")
-    if pod.get("seLinuxOptions", {}).get("type") not in (None, "", "container_t", "container_init_t",
-                                                          "container_kvm_t", "container_engine_t"):
+    if pod.get("seLinuxOptions", {}).get("type") not in (
+        None,
+        "",
+        "container_t",
+        "container_init_t",
+        "container_kvm_t",
+        "container_engine_t",
+    ):
         bad.append("pod seLinuxOptions.type")
     for c in [*spec.get("initContainers", []), *spec["containers"], *spec.get("ephemeralContainers", [])]:
         sc = c.get("securityContext", {})
@@ -336,22 +392,36 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
 
 
 def pod_templates() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{name}/{o['kind']}/{o['metadata']['name']}", o) for name in RENDERED for o in render(name)
-            if "template" in o.get("spec", {})]
+    return [
+        (f"{name}/{o['kind']}/{o['metadata']['name']}", o)
+        for name in RENDERED
+        for o in render(name)
+        if "template" in o.get("spec", {})
+    ]
 
 
 def test_every_pod_meets_pod_security_restricted() -> None:
     templates = pod_templates()
     assert {t.split("/", 1)[1] for t, _ in templates} >= {
-        "Deployment/gateway", "Deployment/emotion", "Deployment/engagement", "Deployment/proxylabel",
-        "Deployment/triton", "Job/proxylabel-shards"}
+        "Deployment/gateway",
+        "Deployment/emotion",
+        "Deployment/engagement",
+        "Deployment/proxylabel",
+        "Deployment/triton",
+        "Job/proxylabel-shards",
+    }
     failures = {where: restricted_violations(pod_spec(o)) for where, o in templates}
     assert not {k: v for k, v in failures.items() if v}, failures
     # The checker itself: a pod as the old manifests had it fails on each missing field.
-    old = {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-           "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False}}]}
-    assert restricted_violations(old) == ["c: capabilities.drop lacks ALL", "c: seccompProfile None",
-                                          "c: readOnlyRootFilesystem is not true"]
+    old = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+        "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False}}],
+    }
+    assert restricted_violations(old) == [
+        "c: capabilities.drop lacks ALL",
+        "c: seccompProfile None",
+        "c: readOnlyRootFilesystem is not true",
+    ]
 
 
 def test_the_namespace_enforces_pod_security_restricted() -> None:
@@ -418,11 +488,16 @@ def test_every_process_has_a_deployment_service_hpa_and_pdb(overlay: str) -> Non
         assert {"tessera_unary_requests_in_flight", "tessera_streams_in_flight"} & set(custom)
         for m in hpa["spec"]["metrics"]:
             if m["type"] == "Resource":
-                assert m["resource"]["name"] in c["resources"]["requests"], (name, "HPA on an unrequested resource")
+                assert m["resource"]["name"] in c["resources"]["requests"], (
+                    name,
+                    "HPA on an unrequested resource",
+                )
         # Voluntary disruptions take one pod at a time; a broken pod never blocks a node drain.
         pdb = pdbs[name]
         assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-        assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert (
+            pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        )
     # Every other Deployment (Triton) has a fixed size and no HPA, and a PDB too.
     for name, dep in deployments.items():
         assert name in pdbs, f"{name}: no PodDisruptionBudget"
@@ -450,7 +525,10 @@ def test_probes_liveness_on_the_process_readiness_on_its_service(overlay: str) -
             # ... verified under the name of the Service the clients use.
             assert probe_option(command, "--server-name") == name
             # A mutual-TLS server gets the pod's own certificate (health is open to any of the CA).
-            assert ("--no-client-cert" in command) == (config.server.tls.client_ca_file is None), (name, probe)
+            assert ("--no-client-cert" in command) == (config.server.tls.client_ca_file is None), (
+                name,
+                probe,
+            )
         assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 120
         assert c["livenessProbe"]["failureThreshold"] >= 3
 
@@ -500,10 +578,13 @@ def secret_keys_used(overlay: str) -> dict[str, set[str]]:
                 assert "subPath" not in mount, f"{where}: a subPath mount never sees a renewed Secret"
                 assert mount.get("readOnly") is True, f"{where}: {mount['mountPath']}"
                 texts = [e.get("value", "") for e in c.get("env", [])] + [
-                    a for p in ("startupProbe", "livenessProbe", "readinessProbe") if p in c
-                    for a in c[p].get("exec", {}).get("command", [])]
+                    a
+                    for p in ("startupProbe", "livenessProbe", "readinessProbe")
+                    if p in c
+                    for a in c[p].get("exec", {}).get("command", [])
+                ]
                 prefix = mount["mountPath"] + "/"
-                files = {t[len(prefix):] for t in texts if t.startswith(prefix)}
+                files = {t[len(prefix) :] for t in texts if t.startswith(prefix)}
                 probe_dirs = [t for t in texts if t == mount["mountPath"]]
                 if probe_dirs:  # tessera-healthcheck --tls-dir: ca.crt, tls.crt, tls.key
                     files |= {"ca.crt", "tls.crt", "tls.key"}
@@ -526,11 +607,19 @@ def test_every_secret_a_pod_reads_is_provided(overlay: str) -> None:
     for secret in objects("secrets", "Secret").values():
         provided[secret["metadata"]["name"]] = set(secret.get("stringData", {})) | set(secret.get("data", {}))
     used = secret_keys_used(overlay)
-    assert set(used) == {"tessera-gateway-tls", "tessera-gateway-client-tls", "tessera-emotion-tls",
-                         "tessera-engagement-tls", "tessera-proxylabel-tls", "tessera-gateway-tokens",
-                         "tessera-shard-token"}
+    assert set(used) == {
+        "tessera-gateway-tls",
+        "tessera-gateway-client-tls",
+        "tessera-emotion-tls",
+        "tessera-engagement-tls",
+        "tessera-proxylabel-tls",
+        "tessera-gateway-tokens",
+        "tessera-shard-token",
+    }
     for name, keys in used.items():
-        assert name in provided, f"Secret {name} is read but neither cert-manager nor the placeholders make it"
+        assert name in provided, (
+            f"Secret {name} is read but neither cert-manager nor the placeholders make it"
+        )
         assert keys <= provided[name], (name, keys - provided[name])
 
 
@@ -578,7 +667,9 @@ def test_gateway_targets_are_headless_services_through_dns() -> None:
         m = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", target)
         assert m, target
         svc = services[m.group(1)]
-        assert svc["spec"].get("clusterIP") == "None", f"{m.group(1)} must be headless for round-robin over pods"
+        assert svc["spec"].get("clusterIP") == "None", (
+            f"{m.group(1)} must be headless for round-robin over pods"
+        )
         assert int(m.group(2)) in {p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"}
 
 
@@ -607,10 +698,14 @@ def test_models_live_on_a_shared_volume_seeded_from_the_image() -> None:
             spec = pod_spec(dep)
             volumes = {v["name"]: v for v in spec["volumes"]}
             claim = {n: v.get("persistentVolumeClaim", {}).get("claimName") for n, v in volumes.items()}
-            (mount,) = [m for m in main_container(dep)["volumeMounts"] if claim[m["name"]] == "tessera-models"]
+            (mount,) = [
+                m for m in main_container(dep)["volumeMounts"] if claim[m["name"]] == "tessera-models"
+            ]
             assert mount.get("readOnly") is True, name
             (seed,) = spec["initContainers"]
-            assert seed["command"] == ["tessera-seed-models", "/app/model_repository", mount["mountPath"]], name
+            assert seed["command"] == ["tessera-seed-models", "/app/model_repository", mount["mountPath"]], (
+                name
+            )
             assert seed["image"].startswith("tessera:")
             if name in SERVICES:
                 config = process_config(overlay, name)
@@ -620,8 +715,10 @@ def test_models_live_on_a_shared_volume_seeded_from_the_image() -> None:
         assert claims["tessera-shards"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+PROMETHEUS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+}
 
 
 def app_peer(name: str) -> dict[str, Any]:
@@ -641,9 +738,13 @@ def test_network_policies_let_only_the_gateway_in_and_only_prometheus_scrape(ove
     deployments = objects(overlay, "Deployment")
 
     def ingress_rules(labels: dict[str, str]) -> list[dict[str, Any]]:
-        return [rule for p in policies.values() if "Ingress" in p["spec"]["policyTypes"]
-                for rule in p["spec"].get("ingress", [])
-                if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+        return [
+            rule
+            for p in policies.values()
+            if "Ingress" in p["spec"]["policyTypes"]
+            for rule in p["spec"].get("ingress", [])
+            if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+        ]
 
     for name, dep in deployments.items():
         labels = dep["spec"]["template"]["metadata"]["labels"]
@@ -654,14 +755,20 @@ def test_network_policies_let_only_the_gateway_in_and_only_prometheus_scrape(ove
             rule_ports = {p["port"] for p in rule["ports"]}
             assert rule_ports <= ports, (name, rule_ports)
             if "metrics" in rule_ports:
-                assert rule_ports == {"metrics"} and prometheus_peers(rule), (name, "/metrics beyond Prometheus")
+                assert rule_ports == {"metrics"} and prometheus_peers(rule), (
+                    name,
+                    "/metrics beyond Prometheus",
+                )
             elif name == "gateway":
                 assert rule_ports == {"grpc"} and "from" not in rule  # the public API
             elif name == "triton":
                 assert rule["from"] == [app_peer("emotion")]
             else:  # a model service: the gateway only
                 assert rule["from"] == [app_peer("gateway")]
-        assert any("metrics" in {p["port"] for p in r["ports"]} for r in rules), (name, "Prometheus cannot scrape")
+        assert any("metrics" in {p["port"] for p in r["ports"]} for r in rules), (
+            name,
+            "Prometheus cannot scrape",
+        )
     # Egress: DNS for every pod; otherwise only suite-internal gRPC (gateway -> services,
     # emotion -> Triton, shard Job -> gateway).
     dns = policies["allow-dns"]["spec"]
@@ -670,8 +777,11 @@ def test_network_policies_let_only_the_gateway_in_and_only_prometheus_scrape(ove
         for rule in p["spec"].get("egress", []) if name != "allow-dns" else []:
             assert [port["port"] for port in rule["ports"]] == ["grpc"], name
             assert all(set(peer) == {"podSelector"} for peer in rule["to"]), name
-    egress = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
-              for p in policies.values() if p["spec"].get("egress") and p["spec"]["podSelector"]}
+    egress = {
+        p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+        for p in policies.values()
+        if p["spec"].get("egress") and p["spec"]["podSelector"]
+    }
     assert egress == {"gateway", "proxylabel-shards", *(["emotion"] if overlay == "gpu" else [])}
 
 
@@ -731,10 +841,15 @@ def test_shard_job_is_indexed_and_scores_its_shard_through_the_gateway() -> None
     assert args[:2] == ["--gateway", "$(GATEWAY_TARGET)"]
     assert " ".join(args).count("$(SHARD_INDEX)") == 2  # input and output path
     env = {e["name"]: e for e in c["env"]}
-    assert env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert (
+        env["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
     # Its token, from a Secret, in the variable the CLI reads.
-    assert env["TESSERA_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "tessera-shard-token", "key": "token"}
+    assert env["TESSERA_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tessera-shard-token",
+        "key": "token",
+    }
     target = env["GATEWAY_TARGET"]["value"]
     host, port = re.fullmatch(r"(?:dns:///)?([a-z0-9-]+):(\d+)", target).groups()  # type: ignore[union-attr]
     assert int(port) in {p["port"] for p in objects("cpu", "Service")[host]["spec"]["ports"]}
@@ -742,7 +857,10 @@ def test_shard_job_is_indexed_and_scores_its_shard_through_the_gateway() -> None
     # do not count.
     assert spec["backoffLimitPerIndex"] >= 1 and "backoffLimit" not in spec
     rules = spec["podFailurePolicy"]["rules"]
-    fail_job = {"action": "FailJob", "onExitCodes": {"containerName": c["name"], "operator": "In", "values": [2]}}
+    fail_job = {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": c["name"], "operator": "In", "values": [2]},
+    }
     assert fail_job in rules
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
     assert pod_spec(job)["restartPolicy"] == "Never"
@@ -754,8 +872,11 @@ def test_shard_job_is_indexed_and_scores_its_shard_through_the_gateway() -> None
     for var in ("SHARD_INPUT_DIR", "SHARD_OUTPUT_DIR"):
         path = env[var]["value"]
         assert path in roots and any(path.startswith(m + "/") for m in mounts), path
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod_spec(proxylabel)["volumes"]
-              if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod_spec(proxylabel)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert "tessera-shards" in claims and "tessera-shards" in objects("cpu", "PersistentVolumeClaim")
     # The gateway lets its token's scope run it.
     assert GATEWAY_SCOPES["ScoreShard"] == "shard"
@@ -812,7 +933,10 @@ def test_compose_runs_every_process_from_one_image_with_prometheus_and_grafana()
         config = validate_env(p, {**dockerfile_env(), **compose_env(services[p])})
         # Docker's health check: the process's own health on its port (plaintext in Compose).
         test = services[p]["healthcheck"]["test"]
-        assert test[:2] == ["CMD", "tessera-healthcheck"] and int(test[test.index("--port") + 1]) == config.server.port
+        assert (
+            test[:2] == ["CMD", "tessera-healthcheck"]
+            and int(test[test.index("--port") + 1]) == config.server.port
+        )
         assert config.server.tls is None and "--tls-dir" not in test
     for s in SERVICES:
         assert services["gateway"]["depends_on"][s] == {"condition": "service_healthy"}
@@ -822,8 +946,11 @@ def test_compose_runs_every_process_from_one_image_with_prometheus_and_grafana()
 
 def test_compose_publishes_only_on_localhost_and_generates_grafanas_password() -> None:
     services = compose()["services"]
-    env_file = dict(line.split("=", 1) for line in (COMPOSE_DIR / ".env").read_text().splitlines()
-                    if line and not line.startswith("#"))
+    env_file = dict(
+        line.split("=", 1)
+        for line in (COMPOSE_DIR / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     for name, service in services.items():
         for port in service.get("ports", []):
             host = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env_file.get(m.group(1), m.group(2)), str(port))
@@ -832,12 +959,17 @@ def test_compose_publishes_only_on_localhost_and_generates_grafanas_password() -
     grafana = compose_env(services["grafana"])
     assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana and grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     password_file = Path(grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"])
-    (volume,) = [v.split(":")[0] for v in services["grafana"]["volumes"]
-                 if v.split(":")[1] == str(password_file.parent)]
+    (volume,) = [
+        v.split(":")[0]
+        for v in services["grafana"]["volumes"]
+        if v.split(":")[1] == str(password_file.parent)
+    ]
     generator = services["grafana-password"]
     assert f"{volume}:/secrets" in generator["volumes"]
     assert f"/secrets/{password_file.name}" in generator["command"][2]
-    assert services["grafana"]["depends_on"]["grafana-password"] == {"condition": "service_completed_successfully"}
+    assert services["grafana"]["depends_on"]["grafana-password"] == {
+        "condition": "service_completed_successfully"
+    }
     assert "secrets.token_urlsafe" in generator["command"][2]
     assert env_file["COMPOSE_PROJECT_NAME"] == "tessera" and "name" not in compose()
 
@@ -879,7 +1011,10 @@ def test_compose_data_init_gives_each_folder_its_owner(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     shards, labels = (data / "shards").stat(), (data / "labels").stat()
     assert (shards.st_uid, shards.st_gid) == (1234, 5678)  # input: the person's
-    assert (labels.st_uid, labels.st_gid) == (10001, 5678) and labels.st_mode & 0o7777 == 0o2775  # the service's
+    assert (labels.st_uid, labels.st_gid) == (
+        10001,
+        5678,
+    ) and labels.st_mode & 0o7777 == 0o2775  # the service's
     assert run_one_off("data-init", {"/data": data}).returncode == 0  # again: nothing changes
 
 
@@ -888,7 +1023,8 @@ def test_compose_models_init_seeds_the_model_volume(tmp_path: Path) -> None:
     out = run_one_off("models-init", {"/models": models})
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in models.iterdir()) == sorted(
-        p.name for p in (ROOT / "model_repository").iterdir() if p.is_dir())
+        p.name for p in (ROOT / "model_repository").iterdir() if p.is_dir()
+    )
 
 
 def test_compose_proxylabel_reads_and_writes_the_data_folders() -> None:
@@ -905,15 +1041,19 @@ def test_compose_proxylabel_reads_and_writes_the_data_folders() -> None:
         assert services[name]["depends_on"]["models-init"]["condition"] == "service_completed_successfully"
 
 
-@pytest.mark.parametrize("schema_path", [COMPOSE_SCHEMA, COMPOSE_V1_SCHEMA],
-                         ids=["compose-spec", "compose-v1"])
+@pytest.mark.parametrize(
+    "schema_path", [COMPOSE_SCHEMA, COMPOSE_V1_SCHEMA], ids=["compose-spec", "compose-v1"]
+)
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_files_match_the_compose_specification_schema(schema_path: Path, path: Path) -> None:
     if not schema_path.is_file():
         pytest.skip(f"{schema_path} missing: {INSTALL_HINT}")
     schema = json.loads(schema_path.read_text())
-    validator_class = (jsonschema.Draft201909Validator if "2019-09" in schema.get("$schema", "")
-                       else jsonschema.Draft7Validator)
+    validator_class = (
+        jsonschema.Draft201909Validator
+        if "2019-09" in schema.get("$schema", "")
+        else jsonschema.Draft7Validator
+    )
     validator = validator_class(schema)
     document = yaml.safe_load(path.read_text())
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
@@ -928,8 +1068,14 @@ def test_docker_compose_config_accepts_the_files(files: tuple[Path, ...]) -> Non
     if DOCKER_COMPOSE is None:
         pytest.skip(f"docker-compose not found: {INSTALL_HINT}")
     args = [DOCKER_COMPOSE, *(a for f in files for a in ("-f", str(f))), "config"]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")})
+    out = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")},
+    )
     assert out.returncode == 0, out.stderr
     merged = yaml.safe_load(out.stdout)
     assert "127.0.0.1:50051:50051" in str(merged["services"]["gateway"]["ports"])
@@ -938,8 +1084,6 @@ def test_docker_compose_config_accepts_the_files(files: tuple[Path, ...]) -> Non
         config = validate_env("emotion", {**dockerfile_env(), **env})
         assert config.backend == "triton" and config.triton.url == "triton:8001"
         assert "triton" in merged["services"]["emotion"]["depends_on"]
-
-
 
 
 def test_dockerfile_builds_the_serving_image_without_torch() -> None:
@@ -994,10 +1138,17 @@ def test_dashboard_structure() -> None:
             for var in re.findall(r"\$\{?(\w+)", t["expr"]):
                 assert var.startswith("__") or var in variables, (panel["title"], var)
     text = json.dumps(d)
-    for metric in ("tessera_request_duration_seconds_count", "tessera_request_duration_seconds_bucket",
-                   "tessera_request_errors_total", "tessera_requests_in_flight",
-                   "tessera_stage_duration_seconds_bucket", "tessera_model_inference_seconds_bucket",
-                   "tessera_batch_size_bucket", "tessera_shard_rows_scored_total", "tessera_fusion_rules_info"):
+    for metric in (
+        "tessera_request_duration_seconds_count",
+        "tessera_request_duration_seconds_bucket",
+        "tessera_request_errors_total",
+        "tessera_requests_in_flight",
+        "tessera_stage_duration_seconds_bucket",
+        "tessera_model_inference_seconds_bucket",
+        "tessera_batch_size_bucket",
+        "tessera_shard_rows_scored_total",
+        "tessera_fusion_rules_info",
+    ):
         assert metric in text, metric
     datasource = load_docs(next((DEPLOY / "grafana/provisioning/datasources").glob("*.yaml")))[0]
     assert "prometheus" in {ds["uid"] for ds in datasource["datasources"]}
@@ -1061,8 +1212,6 @@ def test_promtool_check_k8s_config(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-
-
 class Prometheus:
     def __init__(self, base: str, popen: subprocess.Popen[bytes], log: Path) -> None:
         self.base = base
@@ -1110,8 +1259,9 @@ def call_bad(client: TesseraClient) -> None:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, model_repository: Path,
-         astronaut_jpeg: bytes) -> Iterator[tuple[Prometheus, Suite]]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, model_repository: Path, astronaut_jpeg: bytes
+) -> Iterator[tuple[Prometheus, Suite]]:
     if PROMETHEUS is None:
         pytest.skip(f"prometheus not found: {INSTALL_HINT}")
     work = tmp_path_factory.mktemp("deploy")
@@ -1124,10 +1274,17 @@ def live(tmp_path_factory: pytest.TempPathFactory, model_repository: Path,
             "scrape_configs": [
                 # namespace and pod as deploy/prometheus/prometheus-k8s.yml's relabelling (and the
                 # Prometheus Operator) add them: what the prometheus-adapter rules map to pods.
-                {"job_name": name,
-                 "static_configs": [{"targets": [f"127.0.0.1:{proc.metrics_port}"],
-                                     "labels": {"namespace": NAMESPACE, "pod": live_pod(name)}}]}
-                for name, proc in suite.processes.items()],
+                {
+                    "job_name": name,
+                    "static_configs": [
+                        {
+                            "targets": [f"127.0.0.1:{proc.metrics_port}"],
+                            "labels": {"namespace": NAMESPACE, "pod": live_pod(name)},
+                        }
+                    ],
+                }
+                for name, proc in suite.processes.items()
+            ],
         }
         config_file = work / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config))
@@ -1135,9 +1292,17 @@ def live(tmp_path_factory: pytest.TempPathFactory, model_repository: Path,
         log = work / "prometheus.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config_file}", f"--storage.tsdb.path={work / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT, cwd=work)
+                [
+                    PROMETHEUS,
+                    f"--config.file={config_file}",
+                    f"--storage.tsdb.path={work / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=work,
+            )
         prom = Prometheus(f"http://127.0.0.1:{port}", popen, log)
 
         def ready() -> bool:
@@ -1150,8 +1315,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, model_repository: Path,
                 return False
 
         wait_for("prometheus ready", ready, 60)
-        wait_for("every target scraped and up", lambda: len(
-            [r for r in prom.result("up == 1")]) == len(suite.processes), 60)
+        wait_for(
+            "every target scraped and up",
+            lambda: len([r for r in prom.result("up == 1")]) == len(suite.processes),
+            60,
+        )
 
         # Traffic in two rounds with scrapes in between, so counters move inside the rate windows.
         with TesseraClient(suite.gateway.target, timeout=60) as client:
@@ -1176,8 +1344,13 @@ def live_pod(process: str) -> str:
     return f"{process}-7c9d8f6b5-x2k4q"
 
 
-GATEWAY_VARS = {"job": "gateway", "service": GATEWAY_SERVICE, "method": "ClassifyEmotion",
-                "stage": ".*", "model": ".*"}
+GATEWAY_VARS = {
+    "job": "gateway",
+    "service": GATEWAY_SERVICE,
+    "method": "ClassifyEmotion",
+    "stage": ".*",
+    "model": ".*",
+}
 ALL_VARS = dict.fromkeys(GATEWAY_VARS, ".*")
 
 
@@ -1246,8 +1419,10 @@ def test_every_dashboard_query_evaluates(live: tuple[Prometheus, Suite], variabl
     failures = []
     for title, expr in dashboard_targets():
         query = substitute(expr, variables)
-        for reply in (prom.query(query),
-                      prom.get("/api/v1/query_range", query=query, start=now - 120, end=now, step=5)):
+        for reply in (
+            prom.query(query),
+            prom.get("/api/v1/query_range", query=query, start=now - 120, end=now, step=5),
+        ):
             if reply["status"] != "success":
                 failures.append((title, query, reply.get("errorType"), reply.get("error")))
     assert not failures, failures
@@ -1278,7 +1453,9 @@ def panel_exprs(title: str) -> list[str]:
 
 
 @needs_prometheus
-def test_request_rate_and_latency_panels_show_gateway_classify_emotion(live: tuple[Prometheus, Suite]) -> None:
+def test_request_rate_and_latency_panels_show_gateway_classify_emotion(
+    live: tuple[Prometheus, Suite],
+) -> None:
     prom, _ = live
 
     def series(title: str, index: int = 0) -> list[dict[str, Any]]:
@@ -1298,8 +1475,10 @@ def test_request_rate_and_latency_panels_show_gateway_classify_emotion(live: tup
     assert finite(ratio) == 0
     (flight,) = series("Requests in flight")
     assert finite(flight) == 0
-    stages = {s["metric"]["stage"] for s in prom.result(substitute(
-        panel_exprs("Time per second spent in each stage")[0], ALL_VARS))}
+    stages = {
+        s["metric"]["stage"]
+        for s in prom.result(substitute(panel_exprs("Time per second spent in each stage")[0], ALL_VARS))
+    }
     assert stages, "no stage durations"
     inference = prom.result(substitute(panel_exprs("Model executions per second")[0], ALL_VARS))
     assert {s["metric"]["model"] for s in inference} >= {"emotion_student"}
@@ -1316,11 +1495,17 @@ def test_recording_rules_record_the_gateway(live: tuple[Prometheus, Suite]) -> N
         return prom.result(name + sel)
 
     for q in ("p50", "p95", "p99"):
-        (s,) = wait_for(f"{q} recorded", lambda q=q: recorded(f"service_method:tessera_request_duration_seconds:{q}_5m"), 30)
+        (s,) = wait_for(
+            f"{q} recorded",
+            lambda q=q: recorded(f"service_method:tessera_request_duration_seconds:{q}_5m"),
+            30,
+        )
         assert 0 < finite(s) <= 10
     (requests,) = wait_for("rate recorded", lambda: recorded("service_method:tessera_requests:rate5m"), 30)
     assert finite(requests) > 0
-    (ratio,) = wait_for("error ratio recorded", lambda: recorded("service_method:tessera_request_error_ratio:rate5m"), 30)
+    (ratio,) = wait_for(
+        "error ratio recorded", lambda: recorded("service_method:tessera_request_error_ratio:rate5m"), 30
+    )
     assert 0 < finite(ratio) < 1  # the bad calls count here ...
     (server,) = recorded("service_method:tessera_request_server_error_ratio:rate5m")
     assert finite(server) == 0  # ... but not against the error-rate objective
@@ -1350,7 +1535,8 @@ def test_adapter_rules_give_every_hpa_its_metrics(live: tuple[Prometheus, Suite]
         series = prom.get("/api/v1/series", **{"match[]": rule["seriesQuery"]})
         assert series["status"] == "success", series
         assert {(s["namespace"], s["pod"]) for s in series["data"]} == {
-            (NAMESPACE, live_pod(p)) for p in suite.processes}, rule["name"]["as"]
+            (NAMESPACE, live_pod(p)) for p in suite.processes
+        }, rule["name"]["as"]
     named = 0
     for overlay in OVERLAYS:
         for name, hpa in objects(overlay, "HorizontalPodAutoscaler").items():
@@ -1370,8 +1556,9 @@ def test_adapter_rules_give_every_hpa_its_metrics(live: tuple[Prometheus, Suite]
     assert named >= 9
     # The main part of a rule (before its `or 0 * up` fallback) reads the processes' series: the
     # gateway answered ClassifyEmotion calls, so its unary in-flight series exists.
-    primary = adapter_query(rules["tessera_unary_requests_in_flight"]["metricsQuery"].split(" or ")[0],
-                            [live_pod("gateway")])
+    primary = adapter_query(
+        rules["tessera_unary_requests_in_flight"]["metricsQuery"].split(" or ")[0], [live_pod("gateway")]
+    )
     assert prom.result(primary), primary
     # A live stream held open counts in the gateway's streams, not in its unary calls.
     import threading
@@ -1389,8 +1576,11 @@ def test_adapter_rules_give_every_hpa_its_metrics(live: tuple[Prometheus, Suite]
     with TesseraClient(suite.gateway.target, timeout=60) as client:
         call = client.stub.StreamVideo(requests(), timeout=60)
         try:
-            wait_for("the open stream in tessera_streams_in_flight",
-                     lambda: [s for s in prom.result(streams) if finite(s) >= 1], 30)
+            wait_for(
+                "the open stream in tessera_streams_in_flight",
+                lambda: [s for s in prom.result(streams) if finite(s) >= 1],
+                30,
+            )
             (sample,) = prom.result(unary)
             assert finite(sample) == 0
         finally:
@@ -1407,9 +1597,17 @@ def test_compose_health_checks_pass_on_a_running_suite(live: tuple[Prometheus, S
         test = list(services[name]["healthcheck"]["test"][1:])
         test[test.index("--port") + 1] = str(proc.port)
         for extra in ([], ["--service", SERVICE_NAMES[name]]):
-            out = subprocess.run([sys.executable, str(HEALTHCHECK), *test[1:], *extra], capture_output=True,
-                                 text=True, timeout=60)
+            out = subprocess.run(
+                [sys.executable, str(HEALTHCHECK), *test[1:], *extra],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert out.returncode == 0, (name, extra, out.stderr)
-    out = subprocess.run([sys.executable, str(HEALTHCHECK), "--port", str(free_port())], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(HEALTHCHECK), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr  # nothing listens there

@@ -39,12 +39,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
-from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
 
 from launcher.suite import ROOT, SERVICES
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
 from tessera_client import TesseraClient
-from tests.helpers.pki import TestCA
 from tests.helpers.deploy import (
     BIN,
     HEALTHCHECK,
@@ -56,20 +55,27 @@ from tests.helpers.deploy import (
     objects,
     pod_spec,
 )
+from tests.helpers.pki import TestCA
 from tools.modeller.proxylabel.generate import write_shard
 
 ADMIN_TOKEN = "k8s-admin-token-0123456789"
 SHARD_TOKEN = "k8s-shard-token-0123456789"
 CLASSIFY_TOKEN = "k8s-classify-token-0123456789"
-TOKENS = {"tokens": [{"token": ADMIN_TOKEN, "name": "ops", "scopes": ["admin"]},
-                     {"token": SHARD_TOKEN, "name": "shard-job", "scopes": ["shard"]},
-                     {"token": CLASSIFY_TOKEN, "name": "webapp", "scopes": ["classify", "stream"]}]}
+TOKENS = {
+    "tokens": [
+        {"token": ADMIN_TOKEN, "name": "ops", "scopes": ["admin"]},
+        {"token": SHARD_TOKEN, "name": "shard-job", "scopes": ["shard"]},
+        {"token": CLASSIFY_TOKEN, "name": "webapp", "scopes": ["classify", "stream"]},
+    ]
+}
 SHARD_ROWS = 16
 # The image's files the manifests name, in this checkout (the image's WORKDIR /app is a copy of it).
 IMAGE_PATHS = {"/app": ROOT}
 # The commands the image installs, here.
-COMMANDS = {"tessera-healthcheck": [sys.executable, str(HEALTHCHECK)],
-            "tessera-seed-models": [str(SEED_MODELS)]}
+COMMANDS = {
+    "tessera-healthcheck": [sys.executable, str(HEALTHCHECK)],
+    "tessera-seed-models": [str(SEED_MODELS)],
+}
 USAGES = {"server auth": ExtendedKeyUsageOID.SERVER_AUTH, "client auth": ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
@@ -80,21 +86,27 @@ def issue(ca: TestCA, spec: dict[str, Any]) -> tuple[bytes, bytes]:
     """A certificate as cert-manager issues one for this Certificate spec (common name, DNS names,
     usages), plus 127.0.0.1 so that a local client can reach the process by address."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    names = [*(x509.DNSName(d) for d in spec.get("dnsNames", [])),
-             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    now = datetime.datetime.now(datetime.UTC)
+    names = [
+        *(x509.DNSName(d) for d in spec.get("dnsNames", [])),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
     usages = [USAGES[u] for u in spec["usages"] if u in USAGES]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"])]))
-            .issuer_name(ca.cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-            .sign(ca.key, hashes.SHA256()))
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"])]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return cert.public_bytes(serialization.Encoding.PEM), pem_key
 
 
@@ -199,8 +211,9 @@ class LocalPod:
         inside = "|".join(re.escape(p) for p in sorted(self.paths, key=len, reverse=True))
         return re.sub(rf"(?<![\w/.-])({inside})(?=/|\"|'|$|\s)", lambda m: str(self.paths[m.group(1)]), text)
 
-    def env(self, container: dict[str, Any], index: int | None = None,
-            paths: LocalPod | None = None) -> dict[str, str]:
+    def env(
+        self, container: dict[str, Any], index: int | None = None, paths: LocalPod | None = None
+    ) -> dict[str, str]:
         """The container's environment as the kubelet builds it (the image's ENV, then the pod's),
         with container paths, ports and cluster names made local."""
         paths = paths or self
@@ -235,8 +248,11 @@ class LocalPod:
         env = env or {}
 
         def expand(word: str) -> str:
-            return re.sub(r"\$\$|\$\((\w+)\)",
-                          lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), word)
+            return re.sub(
+                r"\$\$|\$\((\w+)\)",
+                lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+                word,
+            )
 
         words = [expand(w) for w in words]
         out = []
@@ -253,21 +269,38 @@ class LocalPod:
     # -- lifecycle
     def run_init_containers(self) -> None:
         for c in pod_spec(self.obj).get("initContainers", []):
-            out = subprocess.run(self.command(c["command"] + c.get("args", [])), capture_output=True,
-                                 text=True, timeout=300, env=self.process_env(c), cwd=ROOT)
+            out = subprocess.run(
+                self.command(c["command"] + c.get("args", [])),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=self.process_env(c),
+                cwd=ROOT,
+            )
             assert out.returncode == 0, f"{self.name} init container {c['name']}: {out.stdout}{out.stderr}"
 
     def start(self) -> None:
         c = main_container(self.obj)
         self.log = self.cluster.root / f"{self.name}.log"
         with self.log.open("wb") as log:
-            self.popen = subprocess.Popen(self.command(c["command"] + c.get("args", [])),
-                                          env=self.process_env(c), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                self.command(c["command"] + c.get("args", [])),
+                env=self.process_env(c),
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def probe(self, name: str) -> subprocess.CompletedProcess[str]:
         c = main_container(self.obj)
-        return subprocess.run(self.command(c[name]["exec"]["command"]), capture_output=True, text=True,
-                              timeout=60, cwd=ROOT, env=outside_env())
+        return subprocess.run(
+            self.command(c[name]["exec"]["command"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env=outside_env(),
+        )
 
     def wait_started(self) -> None:
         """The startup probe, every periodSeconds, until it passes (failureThreshold times at most)."""
@@ -335,8 +368,9 @@ class LocalSuite:
     pods: dict[str, LocalPod]
 
     def client(self, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> TesseraClient:
-        return TesseraClient(self.pods["gateway"].target, token=token, root_certificates=self.ca.pem, timeout=60,
-                             **kwargs)
+        return TesseraClient(
+            self.pods["gateway"].target, token=token, root_certificates=self.ca.pem, timeout=60, **kwargs
+        )
 
 
 @pytest.fixture(scope="module")
@@ -369,8 +403,9 @@ def k8s_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) 
 # The Deployments
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PROCESSES)
-def test_every_deployment_starts_from_its_manifest_and_passes_its_probes(k8s_suite: LocalSuite,
-                                                                         name: str) -> None:
+def test_every_deployment_starts_from_its_manifest_and_passes_its_probes(
+    k8s_suite: LocalSuite, name: str
+) -> None:
     pod = k8s_suite.pods[name]
     assert pod.popen is not None and pod.popen.poll() is None, pod.log_tail()
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -392,16 +427,18 @@ def test_the_probes_check_the_servers_certificate_and_present_the_pods_own(k8s_s
     pod = k8s_suite.pods["emotion"]
     command = main_container(pod.obj)["livenessProbe"]["exec"]["command"]
     env = outside_env()
-    for changed in ([*command, "--no-client-cert"],
-                    [w if w != "emotion" else "engagement" for w in command]):
-        out = subprocess.run(pod.command(changed), capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    for changed in ([*command, "--no-client-cert"], [w if w != "emotion" else "engagement" for w in command]):
+        out = subprocess.run(
+            pod.command(changed), capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
+        )
         assert out.returncode == 1 and "UNAVAILABLE" in out.stderr, (changed, out.stderr)
 
 
 def test_the_seeded_model_volume_holds_the_images_models(k8s_suite: LocalSuite) -> None:
     volume = k8s_suite.cluster.root / "volumes" / "tessera-models"
     assert sorted(p.name for p in volume.iterdir()) == sorted(
-        p.name for p in (ROOT / "model_repository").iterdir() if p.is_dir())
+        p.name for p in (ROOT / "model_repository").iterdir() if p.is_dir()
+    )
     # Seeding again changes nothing (the pods of a rollout all run it).
     pod = k8s_suite.pods["emotion"]
     before = {p: p.stat().st_mtime_ns for p in volume.rglob("*")}
@@ -410,7 +447,8 @@ def test_the_seeded_model_volume_holds_the_images_models(k8s_suite: LocalSuite) 
 
 
 def test_the_gateway_serves_tls_with_tokens_and_reaches_every_service_over_mtls(
-        k8s_suite: LocalSuite, astronaut_jpeg: bytes) -> None:
+    k8s_suite: LocalSuite, astronaut_jpeg: bytes
+) -> None:
     with k8s_suite.client() as client:
         status = client.status()
         assert {s.state for s in status.services} == {1} and len(status.services) == len(SERVICES), status
@@ -422,8 +460,10 @@ def test_the_gateway_serves_tls_with_tokens_and_reaches_every_service_over_mtls(
     with k8s_suite.client(token=CLASSIFY_TOKEN) as client, pytest.raises(grpc.RpcError) as err:
         client.status()
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    with TesseraClient(k8s_suite.pods["gateway"].target, token=ADMIN_TOKEN) as client, \
-            pytest.raises(grpc.RpcError) as err:
+    with (
+        TesseraClient(k8s_suite.pods["gateway"].target, token=ADMIN_TOKEN) as client,
+        pytest.raises(grpc.RpcError) as err,
+    ):
         client.status(timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # no plaintext
 
@@ -435,8 +475,9 @@ def test_model_services_let_in_only_the_gateway(k8s_suite: LocalSuite) -> None:
         key = (secrets / secret / "tls.key").read_bytes() if secret else None
         crt = (secrets / secret / "tls.crt").read_bytes() if secret else None
         creds = grpc.ssl_channel_credentials(k8s_suite.ca.pem, key, crt)
-        return grpc.secure_channel(k8s_suite.pods["emotion"].target, creds,
-                                   options=[("grpc.ssl_target_name_override", "emotion")])
+        return grpc.secure_channel(
+            k8s_suite.pods["emotion"].target, creds, options=[("grpc.ssl_target_name_override", "emotion")]
+        )
 
     request = emotion_pb.ListModelsRequest()
     with channel("tessera-gateway-client-tls") as ch:
@@ -454,7 +495,8 @@ def test_model_services_let_in_only_the_gateway(k8s_suite: LocalSuite) -> None:
 
 
 def test_placeholder_tokens_let_no_call_in_and_the_drain_ends_within_the_grace_period(
-        k8s_suite: LocalSuite, tmp_path: Path) -> None:
+    k8s_suite: LocalSuite, tmp_path: Path
+) -> None:
     """A gateway started with deploy/k8s/secrets' placeholder token file refuses every call; on
     SIGTERM its readiness fails at once and it exits 0 well within terminationGracePeriodSeconds
     less the preStop sleep."""
@@ -473,8 +515,10 @@ def test_placeholder_tokens_let_no_call_in_and_the_drain_ends_within_the_grace_p
     try:
         pod.wait_started()
         for token in (None, ADMIN_TOKEN, ""):
-            with TesseraClient(pod.target, token=token, root_certificates=k8s_suite.ca.pem) as client, \
-                    pytest.raises(grpc.RpcError) as err:
+            with (
+                TesseraClient(pod.target, token=token, root_certificates=k8s_suite.ca.pem) as client,
+                pytest.raises(grpc.RpcError) as err,
+            ):
                 client.status(timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert pod.probe("readinessProbe").returncode == 0
@@ -503,22 +547,30 @@ def job_runner(k8s_suite: LocalSuite) -> Iterator[tuple[LocalPod, LocalPod, Path
     proxylabel = k8s_suite.pods["proxylabel"]
     shards = Path(proxylabel.local_path("/data/shards"))
     for index in range(2):
-        path = write_shard(shards / f"part-{index}.parquet", SHARD_ROWS, labelled_fraction=0.5, seed=index,
-                           row_group_rows=8, id_prefix=f"shard{index}")
+        path = write_shard(
+            shards / f"part-{index}.parquet",
+            SHARD_ROWS,
+            labelled_fraction=0.5,
+            seed=index,
+            row_group_rows=8,
+            id_prefix=f"shard{index}",
+        )
         # Text only: the service embeds the rows itself (the demo index's embedder).
         pq.write_table(pq.read_table(path).drop_columns(["embedding"]), path, row_group_size=8)
     yield pod, proxylabel, shards
 
 
-def job_command(pod: LocalPod, proxylabel: LocalPod, index: int, gateway: str = "gateway",
-                extra: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+def job_command(
+    pod: LocalPod, proxylabel: LocalPod, index: int, gateway: str = "gateway", extra: tuple[str, ...] = ()
+) -> tuple[list[str], dict[str, str]]:
     """The Job container's command line and environment for one completion index, as the kubelet
     builds them; the shard paths are the proxylabel service's, so they are made local through its
     mounts, and the Job's own mounts (the gateway's CA) through the Job pod's."""
     c = main_container(pod.obj)
     env = {k: pod.local_path(v) for k, v in pod.env(c, index=index, paths=proxylabel).items()}
     env["GATEWAY_TARGET"] = pod.cluster.resolve(
-        next(e["value"] for e in c["env"] if e["name"] == "GATEWAY_TARGET").replace("gateway:", gateway + ":"))
+        next(e["value"] for e in c["env"] if e["name"] == "GATEWAY_TARGET").replace("gateway:", gateway + ":")
+    )
     env["JOB_COMPLETION_INDEX"] = str(index)  # Kubernetes sets it too
     return pod.command(c["command"] + c["args"] + list(extra), env), {**outside_env(), **env}
 
@@ -532,8 +584,11 @@ def test_the_shard_jobs_command_scores_two_indexes(job_runner: tuple[LocalPod, L
         command, env = job_command(pod, proxylabel, index)
         assert command[0] == str(BIN / "tessera-score-shard") and "--gateway" in command
         assert env["TESSERA_TOKEN"] == SHARD_TOKEN
-        runs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True))
+        runs.append(
+            subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     labels = Path(proxylabel.local_path("/data/labels"))
     for index, run in enumerate(runs):
         stdout, stderr = run.communicate(timeout=240)
@@ -553,7 +608,8 @@ def fail_job_codes(pod: LocalPod) -> set[int]:
 
 
 def test_the_shard_jobs_exit_codes_are_the_ones_its_failure_policy_expects(
-        job_runner: tuple[LocalPod, LocalPod, Path]) -> None:
+    job_runner: tuple[LocalPod, LocalPod, Path],
+) -> None:
     """A command line the CLI refuses exits 2, which fails the whole Job at once (no index can
     do better: this is what a wrong flag such as the old --target did); a missing shard exits 1,
     retried for that index alone (backoffLimitPerIndex)."""

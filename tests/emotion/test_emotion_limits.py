@@ -20,8 +20,6 @@ import grpc
 import numpy as np
 import pytest
 from skimage import data as skdata
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2 as pb
 
 from launcher.suite import Suite
 from services.emotion.config import EmotionConfig
@@ -34,6 +32,8 @@ from services.runtime.repository import ModelRepository
 from services.runtime.servicing import ServedModel
 from services.vision.faces import Box, FaceDetector, HaarDetector
 from services.vision.inputs import ImageInput
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera_client import TesseraClient
 from tests.helpers.suites import start_suite
 
@@ -48,9 +48,14 @@ COVER = [(0, 0, SIDE, SIDE)] * 32  # 32 boxes each covering the photo: 1.15 G cr
 def suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Suite]:
     # A gateway that takes a 9 MB photo (the shared test limit is 4 MB). The Haar detector: these
     # tests are about its cost (seconds on a huge photo, big scratch buffers) and its 10 % margins.
-    s = start_suite(tmp_path_factory.mktemp("suite"), model_repository,
-                    extra_env={"TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(32 * MIB),
-                               "TESSERA_EMOTION__DETECTOR__KIND": "haar"})
+    s = start_suite(
+        tmp_path_factory.mktemp("suite"),
+        model_repository,
+        extra_env={
+            "TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(32 * MIB),
+            "TESSERA_EMOTION__DETECTOR__KIND": "haar",
+        },
+    )
     yield s
     s.stop()
 
@@ -82,12 +87,14 @@ def big_jpeg(astronaut: np.ndarray) -> bytes:
 
 
 def _image(data: bytes, boxes: Sequence[tuple[int, int, int, int]] = ()) -> common_pb2.Image:
-    return common_pb2.Image(encoded=data, faces=[common_pb2.BoundingBox(x=x, y=y, width=w, height=h)
-                                                 for x, y, w, h in boxes])
+    return common_pb2.Image(
+        encoded=data, faces=[common_pb2.BoundingBox(x=x, y=y, width=w, height=h) for x, y, w, h in boxes]
+    )
 
 
-def _classify(client: TesseraClient, images: list[common_pb2.Image], timeout: float = 120
-              ) -> pb.ClassifyEmotionResponse:
+def _classify(
+    client: TesseraClient, images: list[common_pb2.Image], timeout: float = 120
+) -> pb.ClassifyEmotionResponse:
     return client.stub.ClassifyEmotion(pb.ClassifyEmotionRequest(images=images), timeout=timeout)
 
 
@@ -106,8 +113,9 @@ def _reset_peak(suite: Suite) -> None:
 # ----------------------------------------------------------------------------- through the gateway
 
 
-def test_a_big_photo_leaves_no_memory_behind(suite: Suite, client: TesseraClient, big_jpeg: bytes,
-                                             astronaut_jpeg: bytes) -> None:
+def test_a_big_photo_leaves_no_memory_behind(
+    suite: Suite, client: TesseraClient, big_jpeg: bytes, astronaut_jpeg: bytes
+) -> None:
     # First in the module: the first big photo the process sees (the models are warmed by a small one).
     _classify(client, [_image(astronaut_jpeg)])
     before = _memory_mb(suite, "VmRSS")
@@ -119,7 +127,8 @@ def test_a_big_photo_leaves_no_memory_behind(suite: Suite, client: TesseraClient
 
 
 def test_a_huge_photo_past_its_deadline_does_not_delay_the_next_call(
-        client: TesseraClient, tiled_jpeg: bytes, astronaut_jpeg: bytes) -> None:
+    client: TesseraClient, tiled_jpeg: bytes, astronaut_jpeg: bytes
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _classify(client, [_image(tiled_jpeg)], timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -132,7 +141,8 @@ def test_a_huge_photo_past_its_deadline_does_not_delay_the_next_call(
 
 
 def test_caller_boxes_over_the_crop_budget_are_refused_before_decoding(
-        suite: Suite, client: TesseraClient, big_jpeg: bytes) -> None:
+    suite: Suite, client: TesseraClient, big_jpeg: bytes
+) -> None:
     _reset_peak(suite)
     before = _memory_mb(suite, "VmRSS")
     with pytest.raises(grpc.RpcError) as err:
@@ -147,8 +157,9 @@ def test_caller_boxes_over_the_crop_budget_are_refused_before_decoding(
     assert "max_crop_pixels_per_request" in err.value.details()
 
 
-def test_images_over_the_decoded_budget_are_refused(client: TesseraClient, big_jpeg: bytes,
-                                                    png_bomb: bytes) -> None:
+def test_images_over_the_decoded_budget_are_refused(
+    client: TesseraClient, big_jpeg: bytes, png_bomb: bytes
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         _classify(client, [_image(big_jpeg)] * 3)  # 108 M pixels
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -164,11 +175,18 @@ def test_a_request_at_the_crop_budget_is_answered(client: TesseraClient, big_jpe
     assert image.status.code == 0 and len(image.faces) == len(GRID)
 
 
-def test_resident_memory_is_stable_over_identical_bursts(suite: Suite, client: TesseraClient,
-                                                         big_jpeg: bytes, astronaut_jpeg: bytes) -> None:
+def test_resident_memory_is_stable_over_identical_bursts(
+    suite: Suite, client: TesseraClient, big_jpeg: bytes, astronaut_jpeg: bytes
+) -> None:
     big, astronaut = _image(big_jpeg), _image(astronaut_jpeg)
-    burst = [[big], [_image(big_jpeg, GRID)], [astronaut] * 32,
-             [_image(big_jpeg, GRID[:16]), _image(big_jpeg, GRID[16:])], [big], [_image(big_jpeg, GRID)]]
+    burst = [
+        [big],
+        [_image(big_jpeg, GRID)],
+        [astronaut] * 32,
+        [_image(big_jpeg, GRID[:16]), _image(big_jpeg, GRID[16:])],
+        [big],
+        [_image(big_jpeg, GRID)],
+    ]
     # ONNX Runtime keeps memory for the biggest batch it has run (the batcher merges concurrent
     # requests up to max_batch_size, 64 rows: ~+100 MB, reached on its second run), whichever burst
     # first merges that much; two 64-row requests first, so the bursts measure the pipeline.
@@ -223,14 +241,20 @@ Pipeline = tuple[EmotionPipeline, _RecordingBackend, list[ServedModel]]
 def _pipeline(repository: Path, detector: FaceDetector, **config: object) -> Pipeline:
     backend = _RecordingBackend()
     cfg = EmotionConfig(model_repository=repository, **config)  # type: ignore[arg-type]
-    pipeline = EmotionPipeline(cfg, ModelRepository(repository), backend,  # type: ignore[arg-type]
-                               detector, Metrics("test"))
+    pipeline = EmotionPipeline(
+        cfg,
+        ModelRepository(repository),
+        backend,  # type: ignore[arg-type]
+        detector,
+        Metrics("test"),
+    )
     served = [ServedModel("emotion_student", 1, backend.name, temperature=1.0, class_names=("Angry",) * 7)]
     return pipeline, backend, served
 
 
 def test_detected_faces_over_the_crop_budget_are_refused_before_preprocessing(
-        model_repository: Path, astronaut_jpeg: bytes) -> None:
+    model_repository: Path, astronaut_jpeg: bytes
+) -> None:
     # The astronaut's face with its margin is ~112² = 12.5 k pixels.
     detector = HaarDetector()
     pipeline, backend, served = _pipeline(model_repository, detector, max_crop_pixels_per_request=10_000)
@@ -243,7 +267,8 @@ def test_detected_faces_over_the_crop_budget_are_refused_before_preprocessing(
 
 
 def test_crops_are_views_preprocessed_one_batch_slice_at_a_time(
-        model_repository: Path, astronaut_jpeg: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_repository: Path, astronaut_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import services.emotion.pipeline as emotion_pipeline
 
     seen: list[tuple[int, bool]] = []  # (crops, all of them views)
@@ -275,7 +300,10 @@ def test_a_stopped_call_starts_no_further_stage(model_repository: Path, astronau
     # A deadline already passed: nothing starts, not even decoding.
     detector.calls = 0
     with pytest.raises(CallStopped) as err:
-        asyncio.run(pipeline.run([ImageInput(encoded=astronaut_jpeg)] * 3, served,
-                                 StopSignal(deadline=time.monotonic())))
+        asyncio.run(
+            pipeline.run(
+                [ImageInput(encoded=astronaut_jpeg)] * 3, served, StopSignal(deadline=time.monotonic())
+            )
+        )
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert detector.calls == 0 and backend.batches == []

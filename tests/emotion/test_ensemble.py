@@ -14,14 +14,14 @@ from scipy.special import softmax
 from skimage import data as skdata
 
 pytest.importorskip("timm")
-import torch  # noqa: E402
+import torch
 
-from tessera_client import TesseraClient  # noqa: E402
-from launcher.suite import ROOT  # noqa: E402
-from services.vision.preprocess import load_params, preprocess_faces  # noqa: E402
-from tests.helpers.suites import CACHE, start_suite  # noqa: E402
-from tools.modeller.export.timm_export import DEFAULT_CACHE, build_model, export_timm  # noqa: E402
-from tools.builders.fer_student import build_fer_student  # noqa: E402
+from launcher.suite import ROOT
+from services.vision.preprocess import load_params, preprocess_faces
+from tessera_client import TesseraClient
+from tests.helpers.suites import CACHE, start_suite
+from tools.builders.fer_student import build_fer_student
+from tools.modeller.export.timm_export import DEFAULT_CACHE, build_model, export_timm
 
 pytestmark = pytest.mark.torch
 
@@ -66,14 +66,22 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 def _imagenet_params():
     from services.vision.preprocess import ClaheParams, PreprocessParams
 
-    return PreprocessParams(input_name="input", output_name="logits", input_size=(224, 224), color="rgb",
-                            layout="NCHW", clahe=ClaheParams(clip_limit=2.0, tile_grid=(8, 8), space="lab_l"),
-                            mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                            class_names=["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"])
+    return PreprocessParams(
+        input_name="input",
+        output_name="logits",
+        input_size=(224, 224),
+        color="rgb",
+        layout="NCHW",
+        clahe=ClaheParams(clip_limit=2.0, tile_grid=(8, 8), space="lab_l"),
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+        class_names=["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"],
+    )
 
 
-def reference(repo: Path, models: dict[str, torch.nn.Module], weights: dict[str, float],
-              temperature: float = 1.0) -> np.ndarray:
+def reference(
+    repo: Path, models: dict[str, torch.nn.Module], weights: dict[str, float], temperature: float = 1.0
+) -> np.ndarray:
     """softmax(Σ w·l / T) with the PyTorch teachers on the crop preprocessed as each export says."""
     fused = 0.0
     for name, model in models.items():
@@ -86,7 +94,8 @@ def reference(repo: Path, models: dict[str, torch.nn.Module], weights: dict[str,
 
 
 def test_gateway_ensemble_equals_the_pytorch_reference_and_follows_rules_edits(
-        teachers: tuple[Path, dict[str, torch.nn.Module]], tmp_path: Path) -> None:
+    teachers: tuple[Path, dict[str, torch.nn.Module]], tmp_path: Path
+) -> None:
     repo, models = teachers
     rules = tmp_path / "rules.yaml"
     rules.write_text((ROOT / "config" / "fusion_rules.yaml").read_text())
@@ -94,24 +103,32 @@ def test_gateway_ensemble_equals_the_pytorch_reference_and_follows_rules_edits(
     suite = start_suite(tmp_path / "suite", repo, rules=rules, data_roots=(tmp_path,))
     try:
         with TesseraClient(suite.gateway.target, timeout=120) as client:
-            reply = client.classify([crop_png], mode="ensemble", ensemble="research", face_crop=True,
-                                    return_member_logits=True)
+            reply = client.classify(
+                [crop_png], mode="ensemble", ensemble="research", face_crop=True, return_member_logits=True
+            )
             (face,) = reply.images[0].faces
             expected = reference(repo, models, {"emotion_rn18": 0.4, "emotion_b3": 0.4, "emotion_cnxt": 0.2})
             np.testing.assert_allclose(face.probabilities, expected, atol=1e-4)
             assert {m.model for m in face.members} == set(TEACHERS)
             assert {m.name for m in reply.models} == set(TEACHERS)
 
-            text = rules.read_text().replace("{model: emotion_rn18, weight: 0.4}", "{model: emotion_rn18, weight: 0.0}")
+            text = rules.read_text().replace(
+                "{model: emotion_rn18, weight: 0.4}", "{model: emotion_rn18, weight: 0.0}"
+            )
             text = text.replace("temperature: {}", "temperature: {ensemble: 2.0}")
             rules.write_text(text)
             deadline = time.monotonic() + 15
-            while (again := client.classify([crop_png], ensemble="research", face_crop=True)).rules_version \
-                    == reply.rules_version:
+            while (
+                again := client.classify([crop_png], ensemble="research", face_crop=True)
+            ).rules_version == reply.rules_version:
                 assert time.monotonic() < deadline, "rules not reloaded"
                 time.sleep(0.2)
-            changed = reference(repo, models, {"emotion_rn18": 0.0, "emotion_b3": 0.4 / 0.6,
-                                               "emotion_cnxt": 0.2 / 0.6}, temperature=2.0)
+            changed = reference(
+                repo,
+                models,
+                {"emotion_rn18": 0.0, "emotion_b3": 0.4 / 0.6, "emotion_cnxt": 0.2 / 0.6},
+                temperature=2.0,
+            )
             np.testing.assert_allclose(again.images[0].faces[0].probabilities, changed, atol=1e-4)
             assert np.abs(np.array(again.images[0].faces[0].probabilities) - expected).max() > 1e-3
     finally:

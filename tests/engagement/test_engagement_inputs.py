@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2 as pb
 
 from launcher.suite import Suite
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera_client import TesseraClient
 from tests.helpers.suites import CACHE, start_suite
 from tools.builders.blazeface import build_blazeface
@@ -55,8 +55,9 @@ def frames() -> list[bytes]:
     return [encode_jpeg(f) for f in make_clip(LEVELS, n_frames=FRAMES, seed=3)]
 
 
-def _messages(cls: type, frames: Sequence[bytes], fps: float, stamps: Sequence[int] | None = None
-              ) -> Iterator[object]:
+def _messages(
+    cls: type, frames: Sequence[bytes], fps: float, stamps: Sequence[int] | None = None
+) -> Iterator[object]:
     yield cls(header=pb.ClipHeader(clip_id="inputs", fps=fps))
     for i, frame in enumerate(frames):
         stamp = i * STEP_US if stamps is None else stamps[i]
@@ -64,8 +65,9 @@ def _messages(cls: type, frames: Sequence[bytes], fps: float, stamps: Sequence[i
 
 
 @pytest.mark.parametrize("fps", [math.nan, math.inf, 0.0, -30.0])
-def test_a_bad_header_fps_fails_the_whole_call(client: TesseraClient, frames: list[bytes],
-                                                fps: float) -> None:
+def test_a_bad_header_fps_fails_the_whole_call(
+    client: TesseraClient, frames: list[bytes], fps: float
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.stub.ScoreClip(_messages(pb.ScoreClipRequest, frames, fps), timeout=30)
     assert err.value.code() == INVALID and "fps" in err.value.details(), err.value.details()
@@ -93,8 +95,9 @@ def test_a_clip_timestamp_going_backwards_names_the_frame(client: TesseraClient,
     assert "frame 5" in err.value.details() and "backwards" in err.value.details(), err.value.details()
 
 
-def test_a_stream_timestamp_going_backwards_is_that_frames_status(client: TesseraClient,
-                                                                   frames: list[bytes]) -> None:
+def test_a_stream_timestamp_going_backwards_is_that_frames_status(
+    client: TesseraClient, frames: list[bytes]
+) -> None:
     stamps = [i * STEP_US for i in range(FRAMES)]
     stamps[6] = 1  # one frame back in time; the next ones go on from frame 6's clock
     stream = _messages(pb.StreamVideoRequest, frames, 30.0, stamps)

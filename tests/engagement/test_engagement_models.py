@@ -69,8 +69,15 @@ def skimage_layout(cv_hog: np.ndarray, params: HogParams = PARAMS) -> np.ndarray
 
 
 def skimage_reference(crop: np.ndarray) -> np.ndarray:
-    return skimage_hog(crop, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2),
-                       block_norm="L2-Hys", transform_sqrt=True, feature_vector=False)
+    return skimage_hog(
+        crop,
+        orientations=9,
+        pixels_per_cell=(8, 8),
+        cells_per_block=(2, 2),
+        block_norm="L2-Hys",
+        transform_sqrt=True,
+        feature_vector=False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def test_hog_tracks_skimage_on_a_real_face() -> None:
 
 def test_hog_block_normalisation_and_contrast_invariance() -> None:
     crop = astronaut_crop()
-    blocks = hog_features(crop[None], PARAMS)[0].reshape(-1, PARAMS.block ** 2 * PARAMS.orientations)
+    blocks = hog_features(crop[None], PARAMS)[0].reshape(-1, PARAMS.block**2 * PARAMS.orientations)
     norms = np.linalg.norm(blocks, axis=1)
     assert norms.max() <= 1.0 + 1e-3 and np.median(norms) > 0.99  # L2-Hys: unit blocks
     assert blocks.min() >= 0
@@ -193,13 +200,25 @@ def test_clips_are_deterministic_and_crops_match_the_frames() -> None:
 
 
 def test_haar_finds_the_face_in_most_frames() -> None:
-    detectors = {"default": HaarDetector(),
-                 "service-like": HaarDetector(HaarConfig(detect_max_side=320, min_size=40))}
+    detectors = {
+        "default": HaarDetector(),
+        "service-like": HaarDetector(HaarConfig(detect_max_side=320, min_size=40)),
+    }
     found = {name: [] for name in detectors}
     overlap = []
     # The extremes of every affect, plus mixed clips.
-    for seed, levels in enumerate([[0, 3, 3, 3], [3, 0, 0, 0], [0, 0, 0, 0], [3, 3, 3, 3], [1, 2, 1, 2],
-                                   [2, 1, 2, 1], [0, 3, 0, 3], [3, 0, 3, 0]]):
+    for seed, levels in enumerate(
+        [
+            [0, 3, 3, 3],
+            [3, 0, 0, 0],
+            [0, 0, 0, 0],
+            [3, 3, 3, 3],
+            [1, 2, 1, 2],
+            [2, 1, 2, 1],
+            [0, 3, 0, 3],
+            [3, 0, 3, 0],
+        ]
+    ):
         frames, boxes = make_clip_with_boxes(levels, 9, seed=100 + seed)
         for frame, box in zip(frames[::2], boxes[::2]):
             for name, detector in detectors.items():
@@ -227,9 +246,24 @@ def test_encode_jpeg_round_trips() -> None:
 def run_build(repo: Path) -> tuple[float, str]:
     """`tessera-models` (engagement only: the other families have their own tests)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tools.builders", "--repo", str(repo), "--cache", str(CACHE),
-                           "--only", "engagement"], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.builders",
+            "--repo",
+            str(repo),
+            "--cache",
+            str(CACHE),
+            "--only",
+            "engagement",
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return time.perf_counter() - start, proc.stdout
 
@@ -261,13 +295,19 @@ def test_entries_are_demo_and_carry_their_preprocessing(repo: Path) -> None:
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
     assert config.HasField("dynamic_batching") and config.parameters["demo"].string_value == "true"
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
-        ("frames", mc.TYPE_FP32, [30, 1, 64, 64])]
+        ("frames", mc.TYPE_FP32, [30, 1, 64, 64])
+    ]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
-        ("probabilities", mc.TYPE_FP32, [4, 4])]
+        ("probabilities", mc.TYPE_FP32, [4, 4])
+    ]
     params = load_params(repo / "engagement_temporal" / "1" / "preprocess.json")
     assert params == temporal.PREPROCESS
     assert (params.input_name, params.output_name, params.color, params.layout) == (
-        "frames", "probabilities", "gray", "NCHW")
+        "frames",
+        "probabilities",
+        "gray",
+        "NCHW",
+    )
     assert params.input_size == (64, 64) and params.mean == (0.0,) and params.std == (1.0,)
     assert params.class_names == ("very low", "low", "high", "very high")
     entries = ModelRepository(repo)
@@ -413,8 +453,10 @@ async def test_detector_boxes_give_similar_answers(repo: Path) -> None:
         for kind, boxes in (("known", known), ("detected", detected)):
             crops = np.stack([face_crop(f, b) for f, b in zip(frames, boxes)])
             hog = clip_hog(crops, PARAMS)[None]
-            answers[kind] = (np.stack([b.predict(xgb.DMatrix(hog))[0] for b in boosters]),
-                             session.run(["probabilities"], {"frames": temporal.model_input(crops[None])})[0][0])
+            answers[kind] = (
+                np.stack([b.predict(xgb.DMatrix(hog))[0] for b in boosters]),
+                session.run(["probabilities"], {"frames": temporal.model_input(crops[None])})[0][0],
+            )
         gaps["xgboost"].append(np.abs(answers["known"][0] - answers["detected"][0]).mean())
         gaps["temporal"].append(np.abs(answers["known"][1] - answers["detected"][1]).mean())
     # Measured over 48 clips: 0.06 (boosters) and 0.09 (temporal) mean absolute difference.

@@ -13,10 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import xgboost as xgb
-from tessera.common.v1 import common_pb2
-from tessera.gateway.v1 import gateway_service_pb2 as pb
 
-from tessera_client import TesseraClient
 from launcher.suite import Suite
 from services.engagement.config import EngagementConfig
 from services.engagement.features import HogParams, face_crop, hog_features
@@ -24,11 +21,14 @@ from services.engagement.pipeline import evenly_spaced
 from services.fusion.affect_enum import AFFECT_NAMES
 from services.fusion.engagement import decide
 from services.fusion.rules import AFFECTS, FusionRules
+from tessera.common.v1 import common_pb2
+from tessera.gateway.v1 import gateway_service_pb2 as pb
+from tessera_client import TesseraClient
 from tests.helpers.suites import CACHE, start_suite
 from tools.builders.blazeface import build_blazeface
 from tools.builders.engagement_demo import build_engagement_demo
-from tools.modeller.engagement.generate import encode_jpeg, make_clip, make_clip_with_boxes
 from tools.builders.fer_student import build_fer_student
+from tools.modeller.engagement.generate import encode_jpeg, make_clip, make_clip_with_boxes
 
 LEVELS = {"engagement": 3, "boredom": 0, "confusion": 2, "frustration": 1}
 MAX_FRAMES = 120
@@ -45,8 +45,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory: pytest.TempPathFactory, repo: Path) -> Iterator[Suite]:
-    s = start_suite(tmp_path_factory.mktemp("suite"), repo,
-                    extra_env={"TESSERA_ENGAGEMENT__MAX_FRAMES_PER_CLIP": str(MAX_FRAMES)})
+    s = start_suite(
+        tmp_path_factory.mktemp("suite"),
+        repo,
+        extra_env={"TESSERA_ENGAGEMENT__MAX_FRAMES_PER_CLIP": str(MAX_FRAMES)},
+    )
     yield s
     s.stop()
 
@@ -68,7 +71,9 @@ def _code(err: pytest.ExceptionInfo) -> grpc.StatusCode:
 
 def _located(frame: np.ndarray, box: tuple[int, int, int, int]) -> common_pb2.Image:
     x, y, w, h = box
-    return common_pb2.Image(encoded=encode_jpeg(frame), faces=[common_pb2.BoundingBox(x=x, y=y, width=w, height=h)])
+    return common_pb2.Image(
+        encoded=encode_jpeg(frame), faces=[common_pb2.BoundingBox(x=x, y=y, width=w, height=h)]
+    )
 
 
 def _clip_messages(images: list[common_pb2.Image], fps: float = 30.0) -> Iterator[pb.ScoreClipRequest]:
@@ -106,8 +111,9 @@ def _offline(repo: Path, frames: list[np.ndarray], boxes: list[tuple[int, int, i
 
 def test_clip_equals_the_offline_reference(client: TesseraClient, repo: Path, clip: tuple) -> None:
     frames, boxes = clip
-    reply = client.stub.ScoreClip(_clip_messages([_located(f, b) for f, b in zip(frames, boxes, strict=True)]),
-                                  timeout=60)
+    reply = client.stub.ScoreClip(
+        _clip_messages([_located(f, b) for f, b in zip(frames, boxes, strict=True)]), timeout=60
+    )
     assert reply.frames_received == 60 and reply.frames_with_face == 60 and reply.rules_version
     want = _offline(repo, frames, boxes)
     got = {AFFECT_NAMES[a.affect]: a for a in reply.affects}
@@ -115,8 +121,10 @@ def test_clip_equals_the_offline_reference(client: TesseraClient, repo: Path, cl
     for affect, level in got.items():
         np.testing.assert_allclose(level.probabilities, want[affect].probabilities, atol=1e-5)
         assert level.level == want[affect].level
-        assert level.decided_by == {"temporal": "engagement_temporal", "xgboost": "engagement_xgb"}[
-            want[affect].decided_by]
+        assert (
+            level.decided_by
+            == {"temporal": "engagement_temporal", "xgboost": "engagement_xgb"}[want[affect].decided_by]
+        )
     assert got["engagement"].decided_by == "engagement_temporal"  # the rules: always the temporal model
     models = {m.name: m for m in reply.models}
     assert {"engagement_temporal", *(f"engagement_xgb_{a}" for a in AFFECTS)} <= set(models)
@@ -132,7 +140,8 @@ def test_clip_with_detection_finds_the_face_and_the_levels(client: TesseraClient
     assert sum(levels[a] == LEVELS[a] for a in AFFECTS) >= 2, levels
     for a in reply.affects:
         assert sum(a.probabilities) == pytest.approx(1.0, abs=1e-5) and a.confidence == pytest.approx(
-            max(a.probabilities))
+            max(a.probabilities)
+        )
 
 
 def test_stream_gives_every_frame_its_face_emotion_and_smoothed_engagement(client: TesseraClient) -> None:
@@ -140,12 +149,16 @@ def test_stream_gives_every_frame_its_face_emotion_and_smoothed_engagement(clien
     sent = [encode_jpeg(f) for f in frames]
     replies = list(client.stream_video(sent, fps=30, timeout=120))
     assert len(replies) == 60
-    assert [r.timestamp_us for r in replies] == sorted(r.timestamp_us for r in replies) and replies[-1].timestamp_us > 1.9e6
+    assert [r.timestamp_us for r in replies] == sorted(r.timestamp_us for r in replies) and replies[
+        -1
+    ].timestamp_us > 1.9e6
     with_face = [r for r in replies if r.face.width]
     assert len(with_face) >= 54
     for r in with_face:
         assert r.status.code == 0 and len(r.faces) == 1
-        assert len(r.faces[0].probabilities) == 7 and sum(r.faces[0].probabilities) == pytest.approx(1, abs=1e-5)
+        assert len(r.faces[0].probabilities) == 7 and sum(r.faces[0].probabilities) == pytest.approx(
+            1, abs=1e-5
+        )
     hops = [i for i, r in enumerate(replies) if r.engagement]
     assert hops == [14, 29, 44, 59]  # every 15th frame (hop_frames)
     for i in hops:
@@ -169,7 +182,7 @@ def test_a_bad_frame_in_a_stream_is_reported_on_it_and_the_stream_goes_on(client
 def test_clip_bad_input_gets_the_documented_status(client: TesseraClient, png_bomb: bytes) -> None:
     good = [encode_jpeg(f) for f in make_clip(LEVELS, n_frames=12, seed=1)]
     with pytest.raises(grpc.RpcError) as err:
-        client.score_clip(good[:5] + [b"garbage"] + good[5:])
+        client.score_clip([*good[:5], b"garbage", *good[5:]])
     assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "frame 6" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         client.score_clip([png_bomb])
@@ -203,7 +216,10 @@ def test_missing_models_are_named(tmp_path: Path) -> None:
                 with pytest.raises(grpc.RpcError) as err:
                     c.score_clip([encode_jpeg(np.zeros((48, 64, 3), np.uint8))] * 10)
                 assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION
-                assert "engagement_temporal" in err.value.details() and "engagement_xgb_boredom" in err.value.details()
+                assert (
+                    "engagement_temporal" in err.value.details()
+                    and "engagement_xgb_boredom" in err.value.details()
+                )
                 with pytest.raises(grpc.RpcError) as err:
                     list(c.stream_video([encode_jpeg(np.zeros((48, 64, 3), np.uint8))] * 10))
                 assert _code(err) == grpc.StatusCode.FAILED_PRECONDITION
@@ -243,11 +259,20 @@ def test_clip_members_on_request_refuse_to_the_answer(client: TesseraClient) -> 
     plain = client.score_clip(frames, fps=30)
     assert not plain.members
     reply = client.score_clip(frames, fps=30, return_member_outputs=True)
-    members = {m.model: {AFFECT_NAMES[a.affect]: np.asarray(a.probabilities) for a in m.affects}
-               for m in reply.members}
+    members = {
+        m.model: {AFFECT_NAMES[a.affect]: np.asarray(a.probabilities) for a in m.affects}
+        for m in reply.members
+    }
     assert set(members) == {"engagement_temporal", "engagement_xgb"}
     # The members, fused by the rules, are the answer.
-    fused = {d.affect: d for d in decide({"temporal": members["engagement_temporal"],
-                                          "xgboost": members["engagement_xgb"]}, FusionRules().engagement)}
+    fused = {
+        d.affect: d
+        for d in decide(
+            {"temporal": members["engagement_temporal"], "xgboost": members["engagement_xgb"]},
+            FusionRules().engagement,
+        )
+    }
     for level in reply.affects:
-        np.testing.assert_allclose(level.probabilities, fused[AFFECT_NAMES[level.affect]].probabilities, atol=1e-6)
+        np.testing.assert_allclose(
+            level.probabilities, fused[AFFECT_NAMES[level.affect]].probabilities, atol=1e-6
+        )

@@ -39,13 +39,16 @@ def test_config_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
     assert config.max_images_per_request == 4
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("server: {prot: 1}", "unknown key 'server.prot'"),
-    ("detector: {scale_factor: 1.1, colour: x}", "unknown key 'detector.colour'"),
-    ("server: {port: -1}", "'server.port'"),
-    ("[1, 2]", "mapping"),
-    ("server: {port: [", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("server: {prot: 1}", "unknown key 'server.prot'"),
+        ("detector: {scale_factor: 1.1, colour: x}", "unknown key 'detector.colour'"),
+        ("server: {port: -1}", "'server.port'"),
+        ("[1, 2]", "mapping"),
+        ("server: {port: [", "not valid YAML"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -63,8 +66,11 @@ def test_env_values_parse_as_yaml_scalars_and_lists() -> None:
 def test_shipped_rules_file_is_valid_and_matches_the_design() -> None:
     rules, version = parse_rules((ROOT / "config" / "fusion_rules.yaml").read_text())
     assert rules.emotion.default_mode == "student"
-    assert members_for(rules.emotion, "ensemble", "research") == {"emotion_rn18": 0.4, "emotion_b3": 0.4,
-                                                                  "emotion_cnxt": 0.2}
+    assert members_for(rules.emotion, "ensemble", "research") == {
+        "emotion_rn18": 0.4,
+        "emotion_b3": 0.4,
+        "emotion_cnxt": 0.2,
+    }
     # The file adds the pretrained ensemble (tests/test_pretrained_ensemble.py) and serves it in
     # mode ENSEMBLE; the research one is the schema's default.
     assert rules.emotion.ensemble == "pretrained"
@@ -74,18 +80,25 @@ def test_shipped_rules_file_is_valid_and_matches_the_design() -> None:
     assert version.startswith("2026-11-23@")
     # Otherwise the file spells out the defaults.
     assert rules.model_copy(update={"emotion": FusionRules().emotion}) == FusionRules(version="2026-11-23")
-    assert rules.emotion.model_copy(update={"ensemble": "research", "ensembles": FusionRules().emotion.ensembles}) \
+    assert (
+        rules.emotion.model_copy(
+            update={"ensemble": "research", "ensembles": FusionRules().emotion.ensembles}
+        )
         == FusionRules().emotion
+    )
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("emotion: {wieghts: 1}", "unknown key 'emotion.wieghts'"),
-    ("emotion: {default_mode: teacher}", "'emotion.default_mode'"),
-    ("emotion: {members: [{model: a, weight: 0}]}", "must not all be zero"),
-    ("engagement: {affects: {boredom: [{use: temporal, confidence_above: 0.3}]}}", "last rule"),
-    ("proxylabel: {alpha: 1.5}", "'proxylabel.alpha'"),
-    ("proxylabel: {knn: {weighting: cosine}}", "'proxylabel.knn.weighting'"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("emotion: {wieghts: 1}", "unknown key 'emotion.wieghts'"),
+        ("emotion: {default_mode: teacher}", "'emotion.default_mode'"),
+        ("emotion: {members: [{model: a, weight: 0}]}", "must not all be zero"),
+        ("engagement: {affects: {boredom: [{use: temporal, confidence_above: 0.3}]}}", "last rule"),
+        ("proxylabel: {alpha: 1.5}", "'proxylabel.alpha'"),
+        ("proxylabel: {knn: {weighting: cosine}}", "'proxylabel.knn.weighting'"),
+    ],
+)
 def test_rules_errors_name_the_key(text: str, needle: str) -> None:
     with pytest.raises(RulesError) as err:
         parse_rules(text, "rules.yaml")
@@ -144,8 +157,10 @@ def test_engagement_selective_fusion_follows_the_first_rule_that_holds() -> None
     confident = np.array([0.1, 0.1, 0.7, 0.1])
     unsure = np.array([0.3, 0.3, 0.2, 0.2])
     xgb = np.array([0.05, 0.8, 0.1, 0.05])
-    outputs = {"temporal": {"engagement": unsure, "boredom": confident, "confusion": unsure, "frustration": unsure},
-               "xgboost": {a: xgb for a in ("engagement", "boredom", "confusion", "frustration")}}
+    outputs = {
+        "temporal": {"engagement": unsure, "boredom": confident, "confusion": unsure, "frustration": unsure},
+        "xgboost": {a: xgb for a in ("engagement", "boredom", "confusion", "frustration")},
+    }
     by_affect = {d.affect: d for d in decide(outputs, rules)}
     assert by_affect["engagement"].decided_by == "temporal"  # always the temporal model
     assert by_affect["boredom"].decided_by == "temporal" and by_affect["boredom"].level == 2

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 from skimage import data as skdata
+
+from launcher.suite import ROOT, Suite
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
-
 from tessera_client import ItemError, TesseraClient
-from launcher.suite import ROOT, Suite
 from tests.helpers.suites import start_suite
 
 CLASSES = ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
@@ -52,10 +52,12 @@ def test_face_crop_and_caller_boxes_skip_detection(client: TesseraClient, astron
     (detected,) = client.classify_image(astronaut_jpeg)
     x, y, w, h = detected.box
     bgr = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
-    crop = bgr[y:y + h, x:x + w]
+    crop = bgr[y : y + h, x : x + w]
     (as_crop,) = client.classify_image(crop, face_crop=True)
     assert as_crop.label == "Happy" and as_crop.box == (0, 0, w, h)
-    image = common_pb2.Image(encoded=astronaut_jpeg, faces=[common_pb2.BoundingBox(x=x, y=y, width=w, height=h)])
+    image = common_pb2.Image(
+        encoded=astronaut_jpeg, faces=[common_pb2.BoundingBox(x=x, y=y, width=w, height=h)]
+    )
     reply = client.classify([image])
     assert [f.box.x for f in reply.images[0].faces] == [x]
     assert reply.images[0].faces[0].label == "Happy"
@@ -80,13 +82,16 @@ def test_grayscale_rgba_and_16bit_png_are_accepted(client: TesseraClient) -> Non
 
 
 def test_bad_images_are_reported_per_image_and_the_others_answered(
-        client: TesseraClient, astronaut_jpeg: bytes, png_bomb: bytes) -> None:
+    client: TesseraClient, astronaut_jpeg: bytes, png_bomb: bytes
+) -> None:
     zero = common_pb2.Image(raw=common_pb2.RawImage(height=0, width=0, format=common_pb2.PIXEL_FORMAT_BGR8))
     cases = [b"\xff\xd8\xff\xe0 this is no jpeg", b"", zero, png_bomb, os.urandom(5000)]
     images = [c if isinstance(c, common_pb2.Image) else common_pb2.Image(encoded=c) for c in cases]
     reply = client.classify([*images, astronaut_jpeg])
-    codes = [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                                                               grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    codes = [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 3 + [
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    ]
     assert [i.status.code for i in reply.images[:-1]] == codes
     assert all(i.status.message for i in reply.images[:-1])
     assert "30000" in reply.images[3].status.message
@@ -96,7 +101,9 @@ def test_bad_images_are_reported_per_image_and_the_others_answered(
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_png_bomb_does_not_grow_the_service_memory(suite: Suite, client: TesseraClient, png_bomb: bytes) -> None:
+def test_png_bomb_does_not_grow_the_service_memory(
+    suite: Suite, client: TesseraClient, png_bomb: bytes
+) -> None:
     pid = suite.processes["emotion"].popen.pid
 
     def rss_mb() -> float:
@@ -110,19 +117,25 @@ def test_png_bomb_does_not_grow_the_service_memory(suite: Suite, client: Tessera
     assert rss_mb() - before < 100  # decoding it would take 900 MB
 
 
-@pytest.mark.parametrize("request_kwargs,code", [
-    ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT),
-    ({"images": [common_pb2.Image(encoded=b"x")] * 33}, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ({"images": [common_pb2.Image(encoded=b"x")], "mode": 7}, grpc.StatusCode.INVALID_ARGUMENT),
-])
-def test_whole_request_problems_fail_before_work(client: TesseraClient, request_kwargs: dict,
-                                                 code: grpc.StatusCode) -> None:
+@pytest.mark.parametrize(
+    "request_kwargs,code",
+    [
+        ({"images": []}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"images": [common_pb2.Image(encoded=b"x")] * 33}, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ({"images": [common_pb2.Image(encoded=b"x")], "mode": 7}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_whole_request_problems_fail_before_work(
+    client: TesseraClient, request_kwargs: dict, code: grpc.StatusCode
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.stub.ClassifyEmotion(pb.ClassifyEmotionRequest(**request_kwargs), timeout=10)
     assert _code(err) == code and err.value.details()
 
 
-def test_ensemble_without_teachers_names_the_missing_models(client: TesseraClient, astronaut_jpeg: bytes) -> None:
+def test_ensemble_without_teachers_names_the_missing_models(
+    client: TesseraClient, astronaut_jpeg: bytes
+) -> None:
     with pytest.raises(grpc.RpcError) as err:
         # The research ensemble: its timm teachers are not in the default repository.
         client.classify([astronaut_jpeg], mode="ensemble", ensemble="research")
@@ -134,7 +147,9 @@ def test_clip_streams_validate_their_shape(client: TesseraClient, astronaut_jpeg
     with pytest.raises(grpc.RpcError) as err:
         client.stub.ScoreClip(iter([]), timeout=10)
     assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT
-    frame_first = [pb.ScoreClipRequest(frame=common_pb2.VideoFrame(image=common_pb2.Image(encoded=astronaut_jpeg)))]
+    frame_first = [
+        pb.ScoreClipRequest(frame=common_pb2.VideoFrame(image=common_pb2.Image(encoded=astronaut_jpeg)))
+    ]
     with pytest.raises(grpc.RpcError) as err:
         client.stub.ScoreClip(iter(frame_first), timeout=10)
     assert _code(err) == grpc.StatusCode.INVALID_ARGUMENT and "ClipHeader" in err.value.details()
@@ -151,9 +166,13 @@ def test_score_texts_validates_rows(client: TesseraClient) -> None:
         client.score_texts([{"id": str(i), "text": "x"} for i in range(4097)])
     assert _code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED
     # One bad row is reported on that row; the others are answered.
-    reply = client.score_texts([{"id": "ok", "text": "How do I boil an egg?", "response": "Simmer it 9 minutes."},
-                                {"id": "empty", "text": ""},
-                                {"id": "dim", "text": "hello", "embedding": [0.1] * 7}])
+    reply = client.score_texts(
+        [
+            {"id": "ok", "text": "How do I boil an egg?", "response": "Simmer it 9 minutes."},
+            {"id": "empty", "text": ""},
+            {"id": "dim", "text": "hello", "embedding": [0.1] * 7},
+        ]
+    )
     assert [r.id for r in reply.rows] == ["ok", "empty", "dim"]
     assert reply.rows[0].status.code == 0 and 0 <= reply.rows[0].label <= 5
     assert sum(reply.rows[0].probabilities) == pytest.approx(1.0, abs=1e-5)
@@ -189,7 +208,8 @@ def test_status_lists_models_versions_and_backends(client: TesseraClient) -> Non
     emotion = next(s for s in status.services if s.name == "emotion")
     # The student and the pretrained ensemble's other two members (the default repository).
     assert [(m.name, m.version, m.backend) for m in emotion.models] == [
-        (name, "1", "onnxruntime") for name in ("emotion_facex", "emotion_pyemotion", "emotion_student")]
+        (name, "1", "onnxruntime") for name in ("emotion_facex", "emotion_pyemotion", "emotion_student")
+    ]
     assert status.gateway_version and status.rules_version
 
 
@@ -201,8 +221,9 @@ def _rules_reload_errors(suite: Suite) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_rules_edits_change_answers_without_restart(tmp_path: Path, model_repository: Path,
-                                                   astronaut_jpeg: bytes) -> None:
+def test_rules_edits_change_answers_without_restart(
+    tmp_path: Path, model_repository: Path, astronaut_jpeg: bytes
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text((ROOT / "config" / "fusion_rules.yaml").read_text())
     suite = start_suite(tmp_path / "suite", model_repository, rules=rules, data_roots=(tmp_path,))
@@ -217,8 +238,12 @@ def test_rules_edits_change_answers_without_restart(tmp_path: Path, model_reposi
                 time.sleep(0.2)
             p1, p2 = first.images[0].faces[0].probabilities[3], second.images[0].faces[0].probabilities[3]
             assert p2 < p1  # a higher temperature flattens the answer
-            logits = np.log(np.array(first.images[0].faces[0].probabilities))  # softmax(l) → l up to a constant
-            np.testing.assert_allclose(second.images[0].faces[0].probabilities, softmax(logits / 4.0), atol=1e-5)
+            logits = np.log(
+                np.array(first.images[0].faces[0].probabilities)
+            )  # softmax(l) → l up to a constant
+            np.testing.assert_allclose(
+                second.images[0].faces[0].probabilities, softmax(logits / 4.0), atol=1e-5
+            )
             # An invalid edit is refused: the previous rules stay in force. The gateway counts the
             # refusal, so the check runs once the edit was read, not after a guessed delay.
             refused = _rules_reload_errors(suite)
@@ -234,8 +259,12 @@ def test_rules_edits_change_answers_without_restart(tmp_path: Path, model_reposi
 
 
 def test_bearer_tokens_are_checked(tmp_path: Path, model_repository: Path) -> None:
-    suite = start_suite(tmp_path, model_repository, data_roots=(tmp_path,),
-                        extra_env={"TESSERA_GATEWAY__AUTH__TOKENS": '["s3cret"]'})
+    suite = start_suite(
+        tmp_path,
+        model_repository,
+        data_roots=(tmp_path,),
+        extra_env={"TESSERA_GATEWAY__AUTH__TOKENS": '["s3cret"]'},
+    )
     try:
         for token in (None, "wrong"):
             with TesseraClient(suite.gateway.target, token=token) as client:

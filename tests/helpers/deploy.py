@@ -26,12 +26,18 @@ PROCESSES = ("gateway", *SERVICES)
 
 
 # Every folder kubectl renders: the two overlays, the shard Job, the placeholder Secrets.
-RENDERED = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu",
-            "shard-job": K8S / "shard-job", "secrets": K8S / "secrets"}
+RENDERED = {
+    "cpu": K8S / "overlays" / "cpu",
+    "gpu": K8S / "overlays" / "gpu",
+    "shard-job": K8S / "shard-job",
+    "secrets": K8S / "secrets",
+}
 
 
-COMPONENTS = {"cert-manager": K8S / "components" / "cert-manager",
-              "prometheus-operator": K8S / "components" / "prometheus-operator"}
+COMPONENTS = {
+    "cert-manager": K8S / "components" / "cert-manager",
+    "prometheus-operator": K8S / "components" / "prometheus-operator",
+}
 
 
 BIN = Path(sys.executable).parent
@@ -55,8 +61,9 @@ SEED_MODELS = DEPLOY / "docker" / "seed-models.sh"
 # ------------------------------------------------------------------------------------------------
 def kubectl(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     assert KUBECTL.exists(), f"{KUBECTL} missing: {TOOLS_HINT}"
-    return subprocess.run([str(KUBECTL), *args], check=False, capture_output=True, text=True, timeout=120,
-                          cwd=cwd)
+    return subprocess.run(
+        [str(KUBECTL), *args], check=False, capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def kustomize(folder: Path) -> list[dict[str, Any]]:
@@ -75,9 +82,16 @@ def render(name: str) -> tuple[dict[str, Any], ...]:
 
     with tempfile.TemporaryDirectory() as tmp:
         rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731 - kustomize refuses absolute paths
-        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump({
-            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-            "resources": [rel(RENDERED["gpu"])], "components": [rel(p) for p in COMPONENTS.values()]}))
+        (Path(tmp) / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [rel(RENDERED["gpu"])],
+                    "components": [rel(p) for p in COMPONENTS.values()],
+                }
+            )
+        )
         return tuple(kustomize(Path(tmp)))
 
 

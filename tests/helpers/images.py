@@ -14,7 +14,10 @@ def png_chunk(ctype: bytes, body: bytes) -> bytes:
 def png_bytes(width: int, height: int, depth: int, color: int, idat: bytes, extra: bytes = b"") -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + extra + png_chunk(b"IDAT", idat)
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + extra
+        + png_chunk(b"IDAT", idat)
         + png_chunk(b"IEND", b"")
     )
 

@@ -43,11 +43,19 @@ def linear_graph(w: np.ndarray, b: np.ndarray) -> onnx.GraphProto:
         "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[1]])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
 
 
-def add_model(root: Path, name: str, graph: onnx.GraphProto | None, version: int = 1,
-              din: int = DIN, dout: int = DOUT, batching: str = BATCHING) -> Path:
+def add_model(
+    root: Path,
+    name: str,
+    graph: onnx.GraphProto | None,
+    version: int = 1,
+    din: int = DIN,
+    dout: int = DOUT,
+    batching: str = BATCHING,
+) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.pbtxt").write_text(CONFIG.format(name=name, din=din, dout=dout, batching=batching))

@@ -14,7 +14,9 @@ GATEWAY_MAX_MESSAGE = 4 * 1024 * 1024
 
 
 def start_suite(workdir: Path, repository: Path, **kwargs: object) -> Suite:
-    env = {"TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(GATEWAY_MAX_MESSAGE),
-           "TESSERA_GATEWAY__HEALTH_POLL_SECONDS": "0.2",
-           **kwargs.pop("extra_env", {})}  # type: ignore[dict-item]
+    env = {
+        "TESSERA_GATEWAY__SERVER__MAX_RECEIVE_MESSAGE_BYTES": str(GATEWAY_MAX_MESSAGE),
+        "TESSERA_GATEWAY__HEALTH_POLL_SECONDS": "0.2",
+        **kwargs.pop("extra_env", {}),
+    }  # type: ignore[dict-item]
     return Suite(workdir, repository=repository, extra_env=env, **kwargs).start()  # type: ignore[arg-type]

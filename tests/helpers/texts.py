@@ -18,10 +18,14 @@ SHORT = [
     "   Leading and trailing whitespace should not matter.   ",
     "A",
     "",
-    ("Summarise the main arguments for and against a four-day working week, citing at least two "
-     "studies, and conclude with a recommendation for a mid-sized software company."),
-    ("The mitochondria is the powerhouse of the cell, but it also plays a central role in "
-     "apoptosis, calcium signalling and the regulation of cellular metabolism."),
+    (
+        "Summarise the main arguments for and against a four-day working week, citing at least two "
+        "studies, and conclude with a recommendation for a mid-sized software company."
+    ),
+    (
+        "The mitochondria is the powerhouse of the cell, but it also plays a central role in "
+        "apoptosis, calcium signalling and the regulation of cellular metabolism."
+    ),
 ]
 
 
@@ -46,9 +50,11 @@ LONG = [
     ESSAY * 2,
     " ".join(SHORT[:13]) + " " + " ".join(reversed(SHORT)) + " " + ESSAY,
     "User: Can you help me plan a two-week trip through Japan in spring? I like hiking, food and "
-    "old temples, and I do not want to rush. Assistant: " + " ".join(
+    "old temples, and I do not want to rush. Assistant: "
+    + " ".join(
         f"Day {d}: take a morning walk, visit a temple, try a local dish, and rest in the evening."
-        for d in range(1, 15)),
+        for d in range(1, 15)
+    ),
 ]
 
 

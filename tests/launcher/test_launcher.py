@@ -41,10 +41,25 @@ def _poll(what: str, check: Callable[[], object], seconds: float = 90.0) -> obje
 def served(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Popen[str], Path, Path]]:
     workdir, out = tmp_path / "suite", tmp_path / "serve.out"
     with out.open("w") as sink:
-        proc = subprocess.Popen([command_path("tessera-serve"), "--port", "0", "--workdir", str(workdir),
-                                 "--repository", str(model_repository), "--max-restarts", "2",
-                                 "--restart-window", "600"], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(
+            [
+                command_path("tessera-serve"),
+                "--port",
+                "0",
+                "--workdir",
+                str(workdir),
+                "--repository",
+                str(model_repository),
+                "--max-restarts",
+                "2",
+                "--restart-window",
+                "600",
+            ],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         # Ready when the launcher says so (it has seen every process SERVING): a ready file alone
         # can come before the launcher's own checks, and a kill then fails its start, not a restart.
@@ -78,7 +93,8 @@ def _answers(client: TesseraClient, service: str, photo: bytes) -> bool:
 
 
 def test_dead_services_come_back_on_their_ports_and_a_crash_loop_stops_the_suite(
-        served: tuple[subprocess.Popen[str], Path, Path], astronaut_jpeg: bytes) -> None:
+    served: tuple[subprocess.Popen[str], Path, Path], astronaut_jpeg: bytes
+) -> None:
     proc, workdir, out = served
     gateway = f"127.0.0.1:{_ready(workdir, 'gateway')['port']}"  # type: ignore[index]
     with TesseraClient(gateway, timeout=30) as client:
@@ -90,8 +106,12 @@ def test_dead_services_come_back_on_their_ports_and_a_crash_loop_stops_the_suite
             for other in SERVICES:
                 if other != service:
                     _call(client, other, astronaut_jpeg)  # the others answer while it is down
-            after = _poll(f"{service} restarted", lambda s=service, b=before: (  # type: ignore[misc]
-                (r := _ready(workdir, s)) and r["pid"] != b["pid"] and r))
+            after = _poll(
+                f"{service} restarted",
+                lambda s=service, b=before: (  # type: ignore[misc]
+                    (r := _ready(workdir, s)) and r["pid"] != b["pid"] and r
+                ),
+            )
             assert after["port"] == before["port"]  # type: ignore[index]
             _poll(f"gateway serves {service} again", lambda s=service: _answers(client, s, astronaut_jpeg))
             assert proc.poll() is None
@@ -115,9 +135,11 @@ def test_processes_stop_when_their_launcher_dies(tmp_path: Path, model_repositor
     import sys
 
     workdir = tmp_path / "suite"
-    code = ("import sys, time; from pathlib import Path; from launcher.suite import Suite; "
-            f"Suite(Path({str(workdir)!r}), repository=Path({str(model_repository)!r})).start(); "
-            "print('up', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from pathlib import Path; from launcher.suite import Suite; "
+        f"Suite(Path({str(workdir)!r}), repository=Path({str(model_repository)!r})).start(); "
+        "print('up', flush=True); time.sleep(600)"
+    )
     launcher = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert launcher.stdout is not None and launcher.stdout.readline().strip() == "up"

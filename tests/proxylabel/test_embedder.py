@@ -36,8 +36,6 @@ MAX_LEN = 256
 MIN_COSINE = 0.9999
 
 
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_text_embedder(tmp_path_factory.mktemp("model_repository"), CACHE)
@@ -64,7 +62,7 @@ def run_graph(session: ort.InferenceSession, ids: list[list[int]], length: int) 
     input_ids = np.zeros((len(ids), length), np.int64)
     mask = np.zeros((len(ids), length), np.int64)
     for i, seq in enumerate(ids):
-        input_ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+        input_ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
     return session.run(["sentence_embedding"], {"input_ids": input_ids, "attention_mask": mask})[0]
 
 
@@ -103,8 +101,7 @@ def test_graph_outputs_are_unit_norm(session: ort.InferenceSession, tokenization
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
 
 
-def test_padding_does_not_change_a_row(session: ort.InferenceSession,
-                                       tokenization: Tokenization) -> None:
+def test_padding_does_not_change_a_row(session: ort.InferenceSession, tokenization: Tokenization) -> None:
     ids = tokenization.encode(SHORT[:4])
     tight = np.stack([run_graph(session, [seq], len(seq))[0] for seq in ids])
     np.testing.assert_allclose(run_graph(session, ids, MAX_LEN), tight, atol=1e-5)
@@ -187,7 +184,8 @@ def test_equals_sentence_transformers(offline: np.ndarray) -> None:
     assert model.max_seq_length == MAX_LEN
     reference = model.encode(TEXTS, batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
     cosine = (offline * reference).sum(axis=1) / (
-        np.linalg.norm(offline, axis=1) * np.linalg.norm(reference, axis=1))
+        np.linalg.norm(offline, axis=1) * np.linalg.norm(reference, axis=1)
+    )
     print(f"min cosine vs sentence-transformers: {cosine.min():.7f}")
     assert cosine.min() >= MIN_COSINE, dict(zip(TEXTS, cosine.round(6), strict=True))
     np.testing.assert_allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-5)

@@ -30,9 +30,17 @@ def _side(text: str) -> dict[str, float]:
         sentences = _count(r"[.!?]+(?:[ \t\n\r\f]|$)", text) + (0 if re.search(r"[.!?]\Z", trimmed) else 1)
     paragraphs = 0 if not trimmed else 1 + _count(r"\n[ \t\r\f]*\n[ \t\n\r\f]*", trimmed)
     bigrams = list(itertools.pairwise(lower))
-    return {"chars": len(text), "words": len(words), "word_chars": sum(map(len, words)), "sentences": sentences,
-            "paragraphs": paragraphs, "distinct": len(set(lower)), "bigrams": len(bigrams),
-            "distinct_bigrams": len(set(bigrams)), "trimmed": trimmed}
+    return {
+        "chars": len(text),
+        "words": len(words),
+        "word_chars": sum(map(len, words)),
+        "sentences": sentences,
+        "paragraphs": paragraphs,
+        "distinct": len(set(lower)),
+        "bigrams": len(bigrams),
+        "distinct_bigrams": len(set(bigrams)),
+        "trimmed": trimmed,
+    }
 
 
 def reference(user: str, asst: str, turns: int, user_turns: int) -> list[float]:
@@ -43,18 +51,28 @@ def reference(user: str, asst: str, turns: int, user_turns: int) -> list[float]:
         return x / y if y > 0 else 0.0
 
     f = {
-        "user_chars": u["chars"], "asst_chars": a["chars"], "user_words": u["words"], "asst_words": a["words"],
-        "log_user_chars": math.log1p(u["chars"]), "log_asst_chars": math.log1p(a["chars"]),
-        "total_chars": u["chars"] + a["chars"], "len_ratio": a["chars"] / (u["chars"] + 1),
-        "turns": turns, "user_turns": user_turns,
-        "user_sentences": u["sentences"], "asst_sentences": a["sentences"], "asst_paragraphs": a["paragraphs"],
-        "user_avg_word_len": ratio(u["word_chars"], u["words"]), "asst_avg_word_len": ratio(a["word_chars"], a["words"]),
+        "user_chars": u["chars"],
+        "asst_chars": a["chars"],
+        "user_words": u["words"],
+        "asst_words": a["words"],
+        "log_user_chars": math.log1p(u["chars"]),
+        "log_asst_chars": math.log1p(a["chars"]),
+        "total_chars": u["chars"] + a["chars"],
+        "len_ratio": a["chars"] / (u["chars"] + 1),
+        "turns": turns,
+        "user_turns": user_turns,
+        "user_sentences": u["sentences"],
+        "asst_sentences": a["sentences"],
+        "asst_paragraphs": a["paragraphs"],
+        "user_avg_word_len": ratio(u["word_chars"], u["words"]),
+        "asst_avg_word_len": ratio(a["word_chars"], a["words"]),
         "user_avg_sentence_len": u["words"] / max(u["sentences"], 1),
         "asst_avg_sentence_len": a["words"] / max(a["sentences"], 1),
         "asst_words_per_paragraph": a["words"] / max(a["paragraphs"], 1),
         "user_lexical_diversity": ratio(u["distinct"], u["words"]),
         "asst_lexical_diversity": ratio(a["distinct"], a["words"]),
-        "asst_code_blocks": asst.count("```") // 2, "user_code_blocks": user.count("```") // 2,
+        "asst_code_blocks": asst.count("```") // 2,
+        "user_code_blocks": user.count("```") // 2,
         "asst_list_items": len(re.findall(r"^[ \t]*(?:[-*+•]|[0-9]+[.)])[ \t]+", asst, re.MULTILINE | A)),
         "asst_headings": len(re.findall(r"^[ \t]*#{1,6}[ \t]+[^ \t\n]", asst, re.MULTILINE | A)),
         "asst_urls": _count(r"(?:https?://|www\.)[^ \t\n\r\f]+", asst),
@@ -62,13 +80,16 @@ def reference(user: str, asst: str, turns: int, user_turns: int) -> list[float]:
         "user_special_char_density": _count(r"[!-/:-@\[-`{-~]", user) / max(u["chars"], 1),
         "asst_newline_density": asst.count("\n") / max(a["chars"], 1),
         "user_question_marks": user.count("?"),
-        "user_instruction_keywords": _count(F.INSTRUCTION.replace("(?i)", "").replace("(write", "(?:write"), user,
-                                            re.IGNORECASE),
+        "user_instruction_keywords": _count(
+            F.INSTRUCTION.replace("(?i)", "").replace("(write", "(?:write"), user, re.IGNORECASE
+        ),
         "user_ends_with_question": float(u["trimmed"].endswith("?")),
         "asst_capitalised_start": float(bool(re.match(r"[A-Z]", a["trimmed"]))),
         "asst_final_punctuation": float(bool(a["trimmed"]) and a["trimmed"][-1] in ".!?)\"'`"),
         "asst_bigram_repetition": 1 - a["distinct_bigrams"] / a["bigrams"] if a["bigrams"] else 0.0,
-        "asst_first_person_density": _count(r"\b(?:i|me|my|mine|myself|we|us|our|ours|ourselves)\b", asst, re.IGNORECASE)
+        "asst_first_person_density": _count(
+            r"\b(?:i|me|my|mine|myself|we|us|our|ours|ourselves)\b", asst, re.IGNORECASE
+        )
         / max(a["words"], 1),
     }
     assert list(f) == list(F.FEATURE_NAMES)
@@ -81,26 +102,47 @@ def test_the_table_defines_35_named_features() -> None:
 
 
 def test_hand_computed_values() -> None:
-    messages = pa.array([[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Write a poem? Please."},
-        {"role": "assistant", "content": "Sure! I wrote it.\n\n- one\n- two\nthe the the the"},
-    ]], MESSAGES_TYPE)
+    messages = pa.array(
+        [
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Write a poem? Please."},
+                {"role": "assistant", "content": "Sure! I wrote it.\n\n- one\n- two\nthe the the the"},
+            ]
+        ],
+        MESSAGES_TYPE,
+    )
     conv = F.from_messages(messages)
     assert conv.user.to_pylist() == ["Write a poem? Please."] and conv.turns.tolist() == [2]
     got = dict(zip(F.FEATURE_NAMES, F.compute_features(conv)[0].tolist(), strict=True))
     expected = {
-        "user_chars": 21, "asst_chars": 46, "user_words": 4, "asst_words": 10, "total_chars": 67,
-        "len_ratio": 46 / 22, "turns": 2, "user_turns": 1,
+        "user_chars": 21,
+        "asst_chars": 46,
+        "user_words": 4,
+        "asst_words": 10,
+        "total_chars": 67,
+        "len_ratio": 46 / 22,
+        "turns": 2,
+        "user_turns": 1,
         "user_sentences": 2,  # "poem? " and "Please." at the end
         "asst_sentences": 3,  # "Sure! ", "it.\n", and the unterminated list tail
-        "asst_paragraphs": 2, "user_avg_word_len": 4.0, "asst_avg_word_len": 3.0,
-        "asst_avg_sentence_len": 10 / 3, "asst_words_per_paragraph": 5.0,
-        "user_lexical_diversity": 1.0, "asst_lexical_diversity": 0.7,  # 7 distinct of 10
-        "asst_list_items": 2, "asst_headings": 0, "asst_code_blocks": 0,
+        "asst_paragraphs": 2,
+        "user_avg_word_len": 4.0,
+        "asst_avg_word_len": 3.0,
+        "asst_avg_sentence_len": 10 / 3,
+        "asst_words_per_paragraph": 5.0,
+        "user_lexical_diversity": 1.0,
+        "asst_lexical_diversity": 0.7,  # 7 distinct of 10
+        "asst_list_items": 2,
+        "asst_headings": 0,
+        "asst_code_blocks": 0,
         "asst_special_char_density": 4 / 46,  # ! . - -
-        "asst_newline_density": 4 / 46, "user_question_marks": 1, "user_instruction_keywords": 1,
-        "user_ends_with_question": 0, "asst_capitalised_start": 1, "asst_final_punctuation": 0,
+        "asst_newline_density": 4 / 46,
+        "user_question_marks": 1,
+        "user_instruction_keywords": 1,
+        "user_ends_with_question": 0,
+        "asst_capitalised_start": 1,
+        "asst_final_punctuation": 0,
         "asst_bigram_repetition": 1 - 7 / 9,  # the-the three times
         "asst_first_person_density": 0.1,
     }
@@ -109,8 +151,10 @@ def test_hand_computed_values() -> None:
 
 
 def test_markdown_code_urls_and_headings() -> None:
-    asst = ("## Setup\n\nVisit https://example.org/docs or www.python.org first.\n\n```python\nprint('x')\n```\n"
-            "1. Install it.\n2) Run it!\n* done")
+    asst = (
+        "## Setup\n\nVisit https://example.org/docs or www.python.org first.\n\n```python\nprint('x')\n```\n"
+        "1. Install it.\n2) Run it!\n* done"
+    )
     conv = F.from_pairs(["How do I start? I asked you to explain it, then describe it?"], [asst])
     got = dict(zip(F.FEATURE_NAMES, F.compute_features(conv)[0].tolist(), strict=True))
     assert got["asst_headings"] == 1 and got["asst_urls"] == 2 and got["asst_code_blocks"] == 1
@@ -129,21 +173,37 @@ def test_empty_and_missing_sides_are_zero() -> None:
 def test_vectorised_equals_per_row_reference() -> None:
     rng = np.random.default_rng(5)
     convs = [conversation(rng, int(q)) for q in rng.choice(6, size=300)]
-    convs += [[{"role": "user", "content": "Hi!!  What's up?\n\n\n  Next."},
-               {"role": "assistant", "content": "I... me? We're fine.\tOk\n\n# Title\n-  item\nhttp://x.y?z=1 end"}],
-              [{"role": "assistant", "content": "x"}], [{"role": "user", "content": "ünïcödé wörds ok"}]]
+    convs += [
+        [
+            {"role": "user", "content": "Hi!!  What's up?\n\n\n  Next."},
+            {
+                "role": "assistant",
+                "content": "I... me? We're fine.\tOk\n\n# Title\n-  item\nhttp://x.y?z=1 end",
+            },
+        ],
+        [{"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "ünïcödé wörds ok"}],
+    ]
     conv = F.from_messages(pa.array(convs, MESSAGES_TYPE))
     got = F.compute_features(conv)
     users, assts = conv.user.to_pylist(), conv.assistant.to_pylist()
-    want = np.array([reference(u, a, int(t), int(ut)) for u, a, t, ut in
-                     zip(users, assts, conv.turns, conv.user_turns, strict=True)])
+    want = np.array(
+        [
+            reference(u, a, int(t), int(ut))
+            for u, a, t, ut in zip(users, assts, conv.turns, conv.user_turns, strict=True)
+        ]
+    )
     for j, name in enumerate(F.FEATURE_NAMES):
         np.testing.assert_allclose(got[:, j], want[:, j], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_parsing_forms_agree() -> None:
-    messages = [{"role": "user", "content": "Explain tides."}, {"role": "assistant", "content": "The moon pulls."},
-                {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Sun too."}]
+    messages = [
+        {"role": "user", "content": "Explain tides."},
+        {"role": "assistant", "content": "The moon pulls."},
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "Sun too."},
+    ]
     a = F.from_messages(pa.array([messages], MESSAGES_TYPE))
     b = F.from_texts(a.rendered())
     c = F.from_texts(["Explain tides.\n\nMore?"], ["The moon pulls.\n\nSun too."])

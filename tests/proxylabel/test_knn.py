@@ -25,15 +25,16 @@ from services.runtime.repository import ModelRepository
 D = 24
 
 
-def brute_force(x: np.ndarray, labelled: np.ndarray, labels: np.ndarray, o: KnnOptions,
-                priors: np.ndarray) -> list[tuple[list[float], float, int, bool]]:
+def brute_force(
+    x: np.ndarray, labelled: np.ndarray, labels: np.ndarray, o: KnnOptions, priors: np.ndarray
+) -> list[tuple[list[float], float, int, bool]]:
     """The formulas of docs/operations.md#fusion-rules, one row and one neighbour at a time, in plain Python."""
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     ln = labelled / np.linalg.norm(labelled, axis=1, keepdims=True)
     out = []
     for q in xn:
         sims = [float(np.dot(q, v)) for v in ln]
-        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:o.k]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[: o.k]
         kept = [j for j in order if o.similarity_threshold is None or sims[j] >= o.similarity_threshold]
         votes = [0.0] * 6
         if o.weighting == "softmax" and kept:
@@ -73,15 +74,34 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 OPTION_GRID = [
-    KnnOptions(**dict(zip(("weighting", "aggregation", "similarity_threshold", "prior_calibration", "k", "tau"), v,
-                          strict=True)))
-    for v in itertools.product(("softmax", "power", "uniform"), ("vote", "regression"), (None, 0.25), (False, True),
-                               (1, 7, 50), (0.1,))
-] + [KnnOptions(tau=0.01), KnnOptions(tau=1.0), KnnOptions(weighting="power", power_alpha=3.0),
-     KnnOptions(k=500)]
+    KnnOptions(
+        **dict(
+            zip(
+                ("weighting", "aggregation", "similarity_threshold", "prior_calibration", "k", "tau"),
+                v,
+                strict=True,
+            )
+        )
+    )
+    for v in itertools.product(
+        ("softmax", "power", "uniform"),
+        ("vote", "regression"),
+        (None, 0.25),
+        (False, True),
+        (1, 7, 50),
+        (0.1,),
+    )
+] + [
+    KnnOptions(tau=0.01),
+    KnnOptions(tau=1.0),
+    KnnOptions(weighting="power", power_alpha=3.0),
+    KnnOptions(k=500),
+]
 
 
-@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(str(v) for v in o.model_dump().values()))
+@pytest.mark.parametrize(
+    "options", OPTION_GRID, ids=lambda o: "-".join(str(v) for v in o.model_dump().values())
+)
 def test_every_option_matches_brute_force(data, options: KnnOptions) -> None:
     labelled, labels, queries = data
     index = KnnIndex.build(labelled, labels, EmbedderInfo(name="test", dimension=D))
@@ -140,7 +160,9 @@ def test_overrides_keep_unset_options() -> None:
 
 def test_index_round_trips_through_the_repository(tmp_path, data) -> None:
     labelled, labels, queries = data
-    built = KnnIndex.build(labelled, labels, EmbedderInfo(name="test", dimension=D), KnnOptions(k=9), demo=True)
+    built = KnnIndex.build(
+        labelled, labels, EmbedderInfo(name="test", dimension=D), KnnOptions(k=9), demo=True
+    )
     write_model(tmp_path, built)
     entry = ModelRepository(tmp_path).get("proxylabel_knn")
     assert entry.ok, entry.error

@@ -71,8 +71,11 @@ def suite(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def base(data_root: Path) -> pa.Table:
-    return pq.read_table(write_shard(data_root / "base.parquet", 40, dimension=DIM, labelled_fraction=0.5,
-                                     seed=5, row_group_rows=20))
+    return pq.read_table(
+        write_shard(
+            data_root / "base.parquet", 40, dimension=DIM, labelled_fraction=0.5, seed=5, row_group_rows=20
+        )
+    )
 
 
 def client(suite: Suite, token: str) -> TesseraClient:
@@ -129,34 +132,66 @@ def hostile_shards(base: pa.Table) -> dict[str, tuple[pa.Table, list[str]]]:
     text = pa.array(["hello"] * n)
     binary = pa.array([b"\xff\xfe"] * n, pa.binary())
     return {
-        "text int64": (pa.table({"text": pa.array(range(n), pa.int64()), "embedding": emb}).replace_schema_metadata(
-            meta), ["'text'", "int64", "expected string"]),
-        "id struct": (_with(base, "id", pa.array([{"a": i} for i in range(n)])),
-                      ["'id'", "struct", "strings or integers"]),
-        "id list": (_with(base, "id", pa.array([[i] for i in range(n)])), ["'id'", "list", "strings or integers"]),
+        "text int64": (
+            pa.table({"text": pa.array(range(n), pa.int64()), "embedding": emb}).replace_schema_metadata(
+                meta
+            ),
+            ["'text'", "int64", "expected string"],
+        ),
+        "id struct": (
+            _with(base, "id", pa.array([{"a": i} for i in range(n)])),
+            ["'id'", "struct", "strings or integers"],
+        ),
+        "id list": (
+            _with(base, "id", pa.array([[i] for i in range(n)])),
+            ["'id'", "list", "strings or integers"],
+        ),
         "id binary": (_with(base, "id", binary), ["'id'", "binary", "strings or integers"]),
-        "messages int fields": (_with(base, "messages", pa.array([[{"role": 1, "content": 2}]] * n)),
-                                ["'messages'", "int64", "list<struct<role: string, content: string>>"]),
-        "prompt binary": (pa.table({"prompt": binary, "response": text, "embedding": emb}
-                                   ).replace_schema_metadata(meta), ["'prompt'", "binary", "expected string"]),
-        "response binary": (pa.table({"prompt": text, "response": binary, "embedding": emb}).replace_schema_metadata(
-            meta), ["'response'", "binary", "expected string"]),
-        "dimension abc": (_metadata(base, {"name": "synthetic", "dimension": "abc"}),
-                          ["dimension", "'abc'", "positive whole number"]),
-        "dimension negative": (_metadata(base, {"name": "synthetic", "dimension": -3}),
-                               ["dimension", "-3", "positive whole number"]),
-        "embedder name a number": (_metadata(base, {"name": 7, "dimension": DIM}), ["name", "7", "expected a string"]),
+        "messages int fields": (
+            _with(base, "messages", pa.array([[{"role": 1, "content": 2}]] * n)),
+            ["'messages'", "int64", "list<struct<role: string, content: string>>"],
+        ),
+        "prompt binary": (
+            pa.table({"prompt": binary, "response": text, "embedding": emb}).replace_schema_metadata(meta),
+            ["'prompt'", "binary", "expected string"],
+        ),
+        "response binary": (
+            pa.table({"prompt": text, "response": binary, "embedding": emb}).replace_schema_metadata(meta),
+            ["'response'", "binary", "expected string"],
+        ),
+        "dimension abc": (
+            _metadata(base, {"name": "synthetic", "dimension": "abc"}),
+            ["dimension", "'abc'", "positive whole number"],
+        ),
+        "dimension negative": (
+            _metadata(base, {"name": "synthetic", "dimension": -3}),
+            ["dimension", "-3", "positive whole number"],
+        ),
+        "embedder name a number": (
+            _metadata(base, {"name": 7, "dimension": DIM}),
+            ["name", "7", "expected a string"],
+        ),
         "embedder metadata not json": (_metadata(base, b"{not json"), ["tessera.embedder", "not JSON"]),
-        "gpt_scores strings": (_with(base, "gpt_scores", pa.array(["5"] * n)), ["'gpt_scores'", "string", "numbers"]),
-        "embedding strings": (_with(base, "embedding", pa.array([["0.1"] * DIM] * n)),
-                              ["'embedding'", "list of floats"]),
-        "two text columns": (pa.Table.from_arrays([text, text, emb], names=["text", "text", "embedding"]
-                                                  ).replace_schema_metadata(meta), ["2 columns named 'text'"]),
+        "gpt_scores strings": (
+            _with(base, "gpt_scores", pa.array(["5"] * n)),
+            ["'gpt_scores'", "string", "numbers"],
+        ),
+        "embedding strings": (
+            _with(base, "embedding", pa.array([["0.1"] * DIM] * n)),
+            ["'embedding'", "list of floats"],
+        ),
+        "two text columns": (
+            pa.Table.from_arrays(
+                [text, text, emb], names=["text", "text", "embedding"]
+            ).replace_schema_metadata(meta),
+            ["2 columns named 'text'"],
+        ),
     }
 
 
-def test_wrongly_typed_shards_are_refused_before_any_work_or_output(suite: Suite, base: pa.Table,
-                                                                     data_root: Path) -> None:
+def test_wrongly_typed_shards_are_refused_before_any_work_or_output(
+    suite: Suite, base: pa.Table, data_root: Path
+) -> None:
     folder = data_root / "hostile"
     folder.mkdir()
     with client(suite, ALICE) as alice:
@@ -183,8 +218,12 @@ def test_unusual_but_valid_columns_are_scored(suite: Suite, base: pa.Table, data
     struct = pa.struct([("role", pa.large_string()), ("content", pa.large_string())])
     cases = {
         "integer ids": (_with(base, "id", pa.array(range(n), pa.int64())), 0),
-        "dictionary text": (pa.table({"text": pa.array(["What is rain?"] * n).dictionary_encode(), "embedding": emb}
-                                     ).replace_schema_metadata(meta), 0),
+        "dictionary text": (
+            pa.table(
+                {"text": pa.array(["What is rain?"] * n).dictionary_encode(), "embedding": emb}
+            ).replace_schema_metadata(meta),
+            0,
+        ),
         "large strings": (_with(base, "messages", base.column("messages").cast(pa.large_list(struct))), 0),
         "null ids": (_with(base, "id", pa.nulls(n)), n),
         "null text": (pa.table({"text": pa.nulls(n), "embedding": emb}).replace_schema_metadata(meta), n),
@@ -195,7 +234,9 @@ def test_unusual_but_valid_columns_are_scored(suite: Suite, base: pa.Table, data
         for name, (table, failed) in cases.items():
             slug = name.replace(" ", "-")
             pq.write_table(table, folder / f"{slug}.parquet")
-            events, code, message = outcome(alice.score_shard(folder / f"{slug}.parquet", folder / f"out-{slug}"))
+            events, code, message = outcome(
+                alice.score_shard(folder / f"{slug}.parquet", folder / f"out-{slug}")
+            )
             assert code == grpc.StatusCode.OK, (name, code, message)
             summary = events[-1].summary
             assert (summary.rows_done, summary.rows_failed) == (n, failed), name
@@ -257,18 +298,38 @@ def test_messages_name_paths_relative_to_the_roots(suite: Suite, base: pa.Table,
         job = alice.get_shard_job(events[-1].summary.job_id)
         assert (job.input_path, job.output_path) == ("messages/a.parquet", "messages/scored")
         refusals = {
-            "missing": (folder / "missing.parquet", folder / "o1", grpc.StatusCode.NOT_FOUND,
-                        "shard 'input_roots[0]/messages/missing.parquet' does not exist"),
-            "not parquet": (folder / "notes.parquet", folder / "o2", INVALID,
-                            "'input_roots[0]/messages/notes.parquet' is not a parquet file"),
-            "outside the roots": ("/etc/passwd", folder / "o3", INVALID,
-                                  "outside the proxylabel service's input_roots"),
+            "missing": (
+                folder / "missing.parquet",
+                folder / "o1",
+                grpc.StatusCode.NOT_FOUND,
+                "shard 'input_roots[0]/messages/missing.parquet' does not exist",
+            ),
+            "not parquet": (
+                folder / "notes.parquet",
+                folder / "o2",
+                INVALID,
+                "'input_roots[0]/messages/notes.parquet' is not a parquet file",
+            ),
+            "outside the roots": (
+                "/etc/passwd",
+                folder / "o3",
+                INVALID,
+                "outside the proxylabel service's input_roots",
+            ),
             "output outside the roots": (shard, "/tmp/elsewhere", INVALID, "output_roots"),
             "relative outside": ("relative/shard.parquet", folder / "o4", INVALID, "outside"),
-            "a directory of something else": (shard, folder / "busy", grpc.StatusCode.FAILED_PRECONDITION,
-                                              "'output_roots[0]/messages/busy' is not empty"),
-            "another input": (other, folder / "scored", grpc.StatusCode.FAILED_PRECONDITION,
-                              "'output_roots[0]/messages/scored' holds a job with another input shard"),
+            "a directory of something else": (
+                shard,
+                folder / "busy",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "'output_roots[0]/messages/busy' is not empty",
+            ),
+            "another input": (
+                other,
+                folder / "scored",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "'output_roots[0]/messages/scored' holds a job with another input shard",
+            ),
         }
         for name, (source, out, want, words) in refusals.items():
             events, code, message = outcome(alice.score_shard(source, out))
@@ -282,13 +343,20 @@ def test_messages_name_paths_relative_to_the_roots(suite: Suite, base: pa.Table,
 # A. Degenerate embeddings
 
 
-DEGENERATE = {"subnormal": [1e-45] * DIM, "underflowing": [1e-30] * DIM, "tiny": [1e-20] * DIM,
-              "overflowing": [3e38] * DIM, "one huge value": [0.0] * (DIM - 1) + [3.4e38]}
+DEGENERATE = {
+    "subnormal": [1e-45] * DIM,
+    "underflowing": [1e-30] * DIM,
+    "tiny": [1e-20] * DIM,
+    "overflowing": [3e38] * DIM,
+    "one huge value": [0.0] * (DIM - 1) + [3.4e38],
+}
 
 
 def test_degenerate_embeddings_are_refused_per_row(suite: Suite) -> None:
-    rows = [{"id": name, "text": "How do plants make food?", "embedding": values}
-            for name, values in DEGENERATE.items()]
+    rows = [
+        {"id": name, "text": "How do plants make food?", "embedding": values}
+        for name, values in DEGENERATE.items()
+    ]
     rows.append({"id": "fine", "text": "How do plants make food?", "embedding": [0.3] * DIM})
     with client(suite, ALICE) as alice:
         got = {r.id: r for r in alice.score_texts(rows).rows}
@@ -318,6 +386,7 @@ def test_degenerate_embeddings_in_a_shard_get_a_reason(suite: Suite, base: pa.Ta
 def test_the_norm_bounds_are_inside_what_normalisation_handles() -> None:
     """Within the bounds float32 normalisation gives unit vectors; beyond them, a reason."""
     for dim in (16, 1024):
+
         def vector(norm: float) -> np.ndarray:
             return np.full((1, dim), norm / np.sqrt(dim), np.float32)
 
@@ -350,8 +419,9 @@ def test_a_finished_job_is_its_starters_and_the_admins(suite: Suite, base: pa.Ta
         # Bob's own job, for the listings.
         events, code, _ = outcome(bob.score_shard(shard, data_root / "bobs"))
         bobs = events[-1].summary.job_id
-        assert {j.job_id for j in alice.list_shard_jobs()} >= {job_id} and bobs not in \
-            {j.job_id for j in alice.list_shard_jobs()}
+        assert {j.job_id for j in alice.list_shard_jobs()} >= {job_id} and bobs not in {
+            j.job_id for j in alice.list_shard_jobs()
+        }
         assert {j.job_id for j in bob.list_shard_jobs()} == {bobs}
         assert all(j.started_by == "alice" for j in alice.list_shard_jobs())
         assert {job_id, bobs} <= {j.job_id for j in ops.list_shard_jobs()}
@@ -376,8 +446,9 @@ def test_a_finished_job_is_its_starters_and_the_admins(suite: Suite, base: pa.Ta
 
 
 def test_a_running_job_is_cancelled_only_by_its_starter_or_the_admin(suite: Suite, data_root: Path) -> None:
-    shard = write_shard(data_root / "long.parquet", ROWS, dimension=DIM, labelled_fraction=0.4, seed=8,
-                        row_group_rows=2000)
+    shard = write_shard(
+        data_root / "long.parquet", ROWS, dimension=DIM, labelled_fraction=0.4, seed=8, row_group_rows=2000
+    )
     with client(suite, ALICE) as alice, client(suite, BOB) as bob, client(suite, OPS) as ops:
         for canceller in (alice, ops):
             out = data_root / f"long-{'alice' if canceller is alice else 'ops'}"
@@ -398,8 +469,10 @@ def test_a_running_job_is_cancelled_only_by_its_starter_or_the_admin(suite: Suit
             assert asked.state == pb.SHARD_JOB_STATE_CANCELLED or asked.cancel_requested
             _, code, message = outcome(watch)
             assert code == grpc.StatusCode.CANCELLED and "cancelled" in message
-            done = wait_for(lambda: (j := alice.get_shard_job(job_id)).state == pb.SHARD_JOB_STATE_CANCELLED and j,
-                            "the job to stop")
+            done = wait_for(
+                lambda: (j := alice.get_shard_job(job_id)).state == pb.SHARD_JOB_STATE_CANCELLED and j,
+                "the job to stop",
+            )
             assert done.rows_done < ROWS and done.started_by == "alice"
 
 
@@ -410,8 +483,11 @@ def test_a_job_started_without_a_caller_is_the_admins(suite: Suite, base: pa.Tab
     pq.write_table(base, shard)
     channel, stub = _direct(suite)
     with channel, client(suite, ALICE) as alice, client(suite, OPS) as ops:
-        request = pb.ScoreShardRequest(input_path=str(shard), output_path=str(data_root / "anonymous"),
-                                       rules=pb.FusionRules(version="v", mode=pb.PROXY_MODE_ENSEMBLE, alpha=0.8))
+        request = pb.ScoreShardRequest(
+            input_path=str(shard),
+            output_path=str(data_root / "anonymous"),
+            rules=pb.FusionRules(version="v", mode=pb.PROXY_MODE_ENSEMBLE, alpha=0.8),
+        )
         events = list(stub.ScoreShard(request, timeout=60))
         job_id = events[-1].summary.job_id
         assert stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id), timeout=10).job.started_by == ""
@@ -423,8 +499,11 @@ def test_a_job_started_without_a_caller_is_the_admins(suite: Suite, base: pa.Tab
         assert job_id in everyone and {j.job_id for j in alice.list_shard_jobs()} <= everyone
         # The caller field is what the service goes by (it trusts the gateway alone to set it).
         as_bob = pb.Caller(name="bob")
-        code, _ = status(lambda: stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id, caller=as_bob), timeout=10))
+        code, _ = status(
+            lambda: stub.GetShardJob(pb.GetShardJobRequest(job_id=job_id, caller=as_bob), timeout=10)
+        )
         assert code == grpc.StatusCode.NOT_FOUND
-        code, _ = status(lambda: stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id, caller=as_bob),
-                                                     timeout=10))
+        code, _ = status(
+            lambda: stub.CancelShardJob(pb.CancelShardJobRequest(job_id=job_id, caller=as_bob), timeout=10)
+        )
         assert code == grpc.StatusCode.PERMISSION_DENIED

@@ -30,9 +30,11 @@ from tools.modeller.proxylabel.generate import write_shard
 DEMO_ROWS = 300
 OK = grpc.StatusCode.OK.value[0]
 
-CONVERSATION = ("<|user|>\nCan you explain compound interest to me?\n<|assistant|>\n"
-                "Compound interest rests on a precise principle: each period's interest is added to the principal.\n\n"
-                "1. Define the goal and the constraints.\n2. Work through a small, concrete example.")
+CONVERSATION = (
+    "<|user|>\nCan you explain compound interest to me?\n<|assistant|>\n"
+    "Compound interest rests on a precise principle: each period's interest is added to the principal.\n\n"
+    "1. Define the goal and the constraints.\n2. Work through a small, concrete example."
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,13 @@ def rules_file(data_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, demo_repo: Path, data_root: Path, rules_file: Path) -> Iterator[Suite]:
-    s = start_suite(tmp_path_factory.mktemp("suite"), demo_repo, rules=rules_file, data_roots=(data_root,),
-                    extra_env={"TESSERA_PROXYLABEL__REPOSITORY_POLL_SECONDS": "0.3"})
+    s = start_suite(
+        tmp_path_factory.mktemp("suite"),
+        demo_repo,
+        rules=rules_file,
+        data_roots=(data_root,),
+        extra_env={"TESSERA_PROXYLABEL__REPOSITORY_POLL_SECONDS": "0.3"},
+    )
     yield s
     s.stop()
 
@@ -86,8 +93,16 @@ def test_text_rows_are_embedded_and_scored(client: TesseraClient, demo_repo: Pat
     assert models["proxylabel_knn"].backend == "faiss" and reply.rules_version
     # The same row with its embedding precomputed gets the same answer.
     embedding = embed_offline(demo_repo / "text_embedder", [CONVERSATION])[0]
-    again = client.score_texts([{"id": "b", "text": CONVERSATION, "embedding": embedding.tolist(),
-                                 "embedder": "sentence-transformers/all-MiniLM-L6-v2"}]).rows[0]
+    again = client.score_texts(
+        [
+            {
+                "id": "b",
+                "text": CONVERSATION,
+                "embedding": embedding.tolist(),
+                "embedder": "sentence-transformers/all-MiniLM-L6-v2",
+            }
+        ]
+    ).rows[0]
     assert again.status.code == OK and again.label == row.label
     np.testing.assert_allclose(again.probabilities, row.probabilities, atol=1e-4)
 
@@ -95,15 +110,24 @@ def test_text_rows_are_embedded_and_scored(client: TesseraClient, demo_repo: Pat
 def test_row_problems_are_reported_per_row(client: TesseraClient) -> None:
     rows = [
         {"id": "ok", "text": "How do I start a sourdough starter?", "response": "Mix flour and water daily."},
-        {"id": "other-embedder", "text": "hi", "embedding": [0.1] * 384, "embedder": "BAAI/bge-large-en-v1.5"},
+        {
+            "id": "other-embedder",
+            "text": "hi",
+            "embedding": [0.1] * 384,
+            "embedder": "BAAI/bge-large-en-v1.5",
+        },
         {"id": "dimension", "text": "hi", "embedding": [0.1] * 10},
         {"id": "nan", "text": "hi", "embedding": [float("nan")] * 384},
         {"id": "empty", "text": "  "},
     ]
     got = {r.id: _code(r.status.code) for r in client.score_texts(rows).rows}
-    assert got == {"ok": grpc.StatusCode.OK, "other-embedder": grpc.StatusCode.FAILED_PRECONDITION,
-                   "dimension": grpc.StatusCode.INVALID_ARGUMENT, "nan": grpc.StatusCode.INVALID_ARGUMENT,
-                   "empty": grpc.StatusCode.INVALID_ARGUMENT}
+    assert got == {
+        "ok": grpc.StatusCode.OK,
+        "other-embedder": grpc.StatusCode.FAILED_PRECONDITION,
+        "dimension": grpc.StatusCode.INVALID_ARGUMENT,
+        "nan": grpc.StatusCode.INVALID_ARGUMENT,
+        "empty": grpc.StatusCode.INVALID_ARGUMENT,
+    }
 
 
 def test_score_shard_end_to_end(client: TesseraClient, data_root: Path) -> None:
@@ -130,16 +154,24 @@ def test_mode_follows_the_rules_file(client: TesseraClient, rules_file: Path) ->
     original = rules_file.read_text()
     try:
         rules_file.write_text(original.replace("mode: ensemble", "mode: knn"))
-        row = wait_for(lambda: (r := client.score_texts([{"id": "a", "text": CONVERSATION}]).rows[0]).decided_by
-                       == "knn" and r, "the rules edit to be picked up", timeout=15, every=0.2)
+        row = wait_for(
+            lambda: (
+                (r := client.score_texts([{"id": "a", "text": CONVERSATION}]).rows[0]).decided_by == "knn"
+                and r
+            ),
+            "the rules edit to be picked up",
+            timeout=15,
+            every=0.2,
+        )
         assert row.status.code == OK and sum(row.probabilities) == pytest.approx(1.0, abs=1e-5)
     finally:
         rules_file.write_text(original)
 
 
 def _knn_version_and_votes(stub: pb_grpc.ProxyLabelServiceStub) -> tuple[str, list[float]]:
-    reply = stub.ScoreTexts(pb.ScoreTextsRequest(rows=[pb.TextRow(id="a", text=CONVERSATION)], run_knn=True),
-                            timeout=30)
+    reply = stub.ScoreTexts(
+        pb.ScoreTextsRequest(rows=[pb.TextRow(id="a", text=CONVERSATION)], run_knn=True), timeout=30
+    )
     (row,) = reply.rows
     assert row.status.code == OK, row.status.message
     version = next(m.version for m in reply.models if m.name == "proxylabel_knn")
@@ -156,8 +188,12 @@ def test_new_index_version_is_served_without_restart(suite: Suite, demo_repo: Pa
         assert _knn_version_and_votes(stub)[0] == "1"
         # Same vectors, every neighbour now says 5: the vote moves all its mass there.
         KnnIndex(v1.index, np.full(v1.size, 5), v1.meta).save(model_dir / "2")
-        got = wait_for(lambda: (v := _knn_version_and_votes(stub))[0] == "2" and v, "version 2 to be picked up",
-                       timeout=20, every=0.2)
+        got = wait_for(
+            lambda: (v := _knn_version_and_votes(stub))[0] == "2" and v,
+            "version 2 to be picked up",
+            timeout=20,
+            every=0.2,
+        )
         assert got[1][5] == pytest.approx(1.0) and sum(got[1]) == pytest.approx(1.0)
         log = suite.processes["proxylabel"].log_file
         refused = "the new files are not loaded"  # what the service logs when it keeps the old index
@@ -165,7 +201,10 @@ def test_new_index_version_is_served_without_restart(suite: Suite, demo_repo: Pa
         (model_dir / "3").mkdir()
         shutil.copy(model_dir / "2" / "index.json", model_dir / "3")
         (model_dir / "3" / INDEX_FILE).write_bytes(b"not a faiss index")
-        wait_for(lambda: log.read_text(errors="replace").count(refused) > before, "v3 to be tried and refused",
-                 timeout=20)
+        wait_for(
+            lambda: log.read_text(errors="replace").count(refused) > before,
+            "v3 to be tried and refused",
+            timeout=20,
+        )
         assert _knn_version_and_votes(stub) == got
         assert suite.processes["proxylabel"].popen.poll() is None

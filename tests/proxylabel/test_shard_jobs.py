@@ -55,8 +55,9 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def shard(data_root: Path) -> Path:
-    return write_shard(data_root / "in.parquet", ROWS, dimension=DIM, labelled_fraction=0.4, seed=21,
-                       row_group_rows=2000)
+    return write_shard(
+        data_root / "in.parquet", ROWS, dimension=DIM, labelled_fraction=0.4, seed=21, row_group_rows=2000
+    )
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +126,22 @@ class ShardCli:
 
     def __init__(self, gateway: str, shard: Path, output: Path) -> None:
         self.proc = subprocess.Popen(
-            [command_path("tessera-score-shard"), "--gateway", gateway, str(shard), str(output),
-             "--batch-rows", str(BATCH), "--reconnect-seconds", "90"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                command_path("tessera-score-shard"),
+                "--gateway",
+                gateway,
+                str(shard),
+                str(output),
+                "--batch-rows",
+                str(BATCH),
+                "--reconnect-seconds",
+                "90",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.stderr: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -171,8 +185,16 @@ def get_direct(suite: Suite, job_id: str) -> pb.ShardJob:
 
 def _foreign(owner: str = "someone-else", heartbeat: float | None = None) -> Holder:
     now = time.time()
-    return Holder(owner, "elsewhere", "another-machine", "pid:[1]", 4242, 1,
-                  now if heartbeat is None else heartbeat, now)
+    return Holder(
+        owner,
+        "elsewhere",
+        "another-machine",
+        "pid:[1]",
+        4242,
+        1,
+        now if heartbeat is None else heartbeat,
+        now,
+    )
 
 
 def test_the_lock_is_taken_over_only_when_stale(tmp_path: Path) -> None:
@@ -206,8 +228,9 @@ def test_a_dead_holder_on_this_machine_is_stale_at_once(tmp_path: Path) -> None:
         mine.release()
         this_machine = read_lock(tmp_path)
         assert this_machine is not None
-        alive = replace(this_machine, owner="x", pid=sleeper.pid, start=process_start(sleeper.pid),
-                        heartbeat=time.time())
+        alive = replace(
+            this_machine, owner="x", pid=sleeper.pid, start=process_start(sleeper.pid), heartbeat=time.time()
+        )
         write_lock(tmp_path, alive)
         with pytest.raises(LeaseBusy):
             Lease.acquire(tmp_path, 3600)
@@ -215,8 +238,12 @@ def test_a_dead_holder_on_this_machine_is_stale_at_once(tmp_path: Path) -> None:
         sleeper.wait()
         Lease.acquire(tmp_path, 3600).release()  # its heartbeat is fresh, but its process is gone
         # A hung holder (process alive, heartbeat stopped) is stale after the expiry all the same.
-        write_lock(tmp_path, replace(alive, pid=os.getpid(), start=process_start(os.getpid()),
-                                     heartbeat=time.time() - EXPIRY - 0.1))
+        write_lock(
+            tmp_path,
+            replace(
+                alive, pid=os.getpid(), start=process_start(os.getpid()), heartbeat=time.time() - EXPIRY - 0.1
+            ),
+        )
         Lease.acquire(tmp_path, EXPIRY).release()
     finally:
         sleeper.kill()
@@ -227,15 +254,30 @@ def test_job_state_comes_from_the_manifest_and_the_lock(tmp_path: Path) -> None:
     out = tmp_path / "job"
     out.mkdir()
     job_id = "ab" * 16
-    (out / MANIFEST).write_text(json.dumps({
-        "job_id": job_id, "input": {"path": str(tmp_path / "in.parquet")}, "rows_total": 20, "parts_total": 2,
-        "parts": [{"rows": 10, "rows_failed": 1}], "state": "running", "updated": time.time(),
-        "owner": "a:1"}))
+    (out / MANIFEST).write_text(
+        json.dumps(
+            {
+                "job_id": job_id,
+                "input": {"path": str(tmp_path / "in.parquet")},
+                "rows_total": 20,
+                "parts_total": 2,
+                "parts": [{"rows": 10, "rows_failed": 1}],
+                "state": "running",
+                "updated": time.time(),
+                "owner": "a:1",
+            }
+        )
+    )
     (out / LOCK_FILE).touch()
     write_lock(out, _foreign())
     status = jobs.read_status(out, EXPIRY)
-    assert (status.state, status.owner, status.rows_done, status.rows_failed, status.parts_done) == \
-        ("running", "elsewhere:4242", 10, 1, 1)
+    assert (status.state, status.owner, status.rows_done, status.rows_failed, status.parts_done) == (
+        "running",
+        "elsewhere:4242",
+        10,
+        1,
+        1,
+    )
     write_lock(out, _foreign(heartbeat=time.time() - 10))
     assert jobs.read_status(out, EXPIRY).state == jobs.ORPHANED
     (out / CANCEL_FILE).touch()
@@ -252,7 +294,8 @@ def test_job_state_comes_from_the_manifest_and_the_lock(tmp_path: Path) -> None:
 
 
 def test_the_same_request_twice_reattaches_and_scores_each_part_once(
-        suite: Suite, client: TesseraClient, shard: Path, data_root: Path) -> None:
+    suite: Suite, client: TesseraClient, shard: Path, data_root: Path
+) -> None:
     out = data_root / "twice"
     before = rows_scored(suite)
     first = client.score_shard(shard, out, batch_rows=BATCH)
@@ -263,8 +306,10 @@ def test_the_same_request_twice_reattaches_and_scores_each_part_once(
     assert again == job_id and seen2[0].job.attachment == pb.SHARD_JOB_ATTACHMENT_REATTACHED
     assert 3 * BATCH <= seen2[0].rows_done < ROWS  # from where the job is, not from the start
     # Another job (other batch_rows: another id) may not write the same directory meanwhile.
-    assert code_of(lambda: list(client.score_shard(shard, out, batch_rows=BATCH + 1, timeout=30))) == \
-        grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code_of(lambda: list(client.score_shard(shard, out, batch_rows=BATCH + 1, timeout=30)))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     for stream in (first, second):
         events = list(stream)
         summary = events[-1].summary
@@ -282,8 +327,9 @@ def test_the_same_request_twice_reattaches_and_scores_each_part_once(
     assert events[-1].summary.rows_resumed == ROWS and rows_scored(suite) - before == ROWS
 
 
-def test_the_job_goes_on_when_its_watcher_leaves(suite: Suite, client: TesseraClient, shard: Path,
-                                                  data_root: Path) -> None:
+def test_the_job_goes_on_when_its_watcher_leaves(
+    suite: Suite, client: TesseraClient, shard: Path, data_root: Path
+) -> None:
     out = data_root / "jobs" / "detached"
     before = rows_scored(suite)
     call = client.score_shard(shard, out, batch_rows=BATCH)
@@ -295,8 +341,10 @@ def test_the_job_goes_on_when_its_watcher_leaves(suite: Suite, client: TesseraCl
     assert (job.input_path, job.output_path) == ("in.parquet", "jobs/detached")
     assert job.parts_total == PARTS and job.batch_rows == BATCH and job.rules_version
     assert job.update_time.seconds > 0 and job.heartbeat_time.seconds > 0
-    done = wait_for(lambda: (j := client.get_shard_job(job_id)).state == pb.SHARD_JOB_STATE_SUCCEEDED and j,
-                    "the job to finish without its watcher")
+    done = wait_for(
+        lambda: (j := client.get_shard_job(job_id)).state == pb.SHARD_JOB_STATE_SUCCEEDED and j,
+        "the job to finish without its watcher",
+    )
     assert (done.rows_done, done.parts_done, done.rows_total) == (ROWS, PARTS, ROWS)
     assert not done.HasField("error") and not done.cancel_requested
     assert_every_id_once(out, shard)
@@ -304,19 +352,24 @@ def test_the_job_goes_on_when_its_watcher_leaves(suite: Suite, client: TesseraCl
 
 
 def test_cancel_keeps_finished_parts_and_the_same_request_resumes(
-        suite: Suite, client: TesseraClient, shard: Path, data_root: Path) -> None:
+    suite: Suite, client: TesseraClient, shard: Path, data_root: Path
+) -> None:
     out = data_root / "cancelled"
     before = rows_scored(suite)
     call = client.score_shard(shard, out, batch_rows=BATCH)
     job_id, _ = progress_until(call, 3 * BATCH)
     asked = client.cancel_shard_job(job_id)
-    assert asked.job_id == job_id and (asked.state == pb.SHARD_JOB_STATE_CANCELLED or (
-        asked.state == pb.SHARD_JOB_STATE_RUNNING and asked.cancel_requested))
+    assert asked.job_id == job_id and (
+        asked.state == pb.SHARD_JOB_STATE_CANCELLED
+        or (asked.state == pb.SHARD_JOB_STATE_RUNNING and asked.cancel_requested)
+    )
     with pytest.raises(grpc.RpcError) as err:  # its watcher hears it
         list(call)
     assert err.value.code() == grpc.StatusCode.CANCELLED and "cancelled" in err.value.details()
-    job = wait_for(lambda: (j := client.get_shard_job(job_id)).state == pb.SHARD_JOB_STATE_CANCELLED and j,
-                   "the job to stop")
+    job = wait_for(
+        lambda: (j := client.get_shard_job(job_id)).state == pb.SHARD_JOB_STATE_CANCELLED and j,
+        "the job to stop",
+    )
     assert 3 <= job.parts_done < PARTS and job.rows_done == job.parts_done * BATCH
     # Its finished parts stay, committed: exactly the manifest's.
     assert sorted(p.name for p in out.glob("part-*.parquet")) == [part_name(i) for i in range(job.parts_done)]
@@ -340,18 +393,25 @@ def test_bad_and_unknown_job_ids(suite: Suite, client: TesseraClient, shard: Pat
     channel, stub = proxylabel_stub(suite)
     with channel:
         for name, gateway_call, service_call in [
-            ("get", client.get_shard_job,
-             lambda i: stub.GetShardJob(pb.GetShardJobRequest(job_id=i), timeout=10)),
-            ("cancel", client.cancel_shard_job,
-             lambda i: stub.CancelShardJob(pb.CancelShardJobRequest(job_id=i), timeout=10)),
+            (
+                "get",
+                client.get_shard_job,
+                lambda i: stub.GetShardJob(pb.GetShardJobRequest(job_id=i), timeout=10),
+            ),
+            (
+                "cancel",
+                client.cancel_shard_job,
+                lambda i: stub.CancelShardJob(pb.CancelShardJobRequest(job_id=i), timeout=10),
+            ),
         ]:
             for call in (gateway_call, service_call):
                 for job_id in bad:
                     assert code_of(call, job_id) == grpc.StatusCode.INVALID_ARGUMENT, (name, job_id)
                 assert code_of(call, unknown) == grpc.StatusCode.NOT_FOUND, name
     # A small job of its own, listed with paths relative to the roots.
-    small = write_shard(data_root / "small.parquet", 300, dimension=DIM, labelled_fraction=0.4, seed=3,
-                        row_group_rows=100)
+    small = write_shard(
+        data_root / "small.parquet", 300, dimension=DIM, labelled_fraction=0.4, seed=3, row_group_rows=100
+    )
     out = data_root / "listed"
     events = list(client.score_shard(small, out, timeout=60))
     job_id = events[0].progress.job.job_id
@@ -390,8 +450,9 @@ def test_the_cli_reattaches_across_a_gateway_restart(suite: Suite, shard: Path, 
 
 
 @pytest.mark.parametrize("how", ["killed, on this machine", "killed, on another machine", "stopped"])
-def test_the_cli_reattaches_across_a_proxylabel_restart(suite: Suite, shard: Path, data_root: Path,
-                                                        how: str) -> None:
+def test_the_cli_reattaches_across_a_proxylabel_restart(
+    suite: Suite, shard: Path, data_root: Path, how: str
+) -> None:
     """The proxylabel process goes away mid-job and starts again: the CLI re-attaches through the
     gateway and the new process takes the job over from its last finished part.
 
@@ -430,8 +491,10 @@ def test_the_cli_reattaches_across_a_proxylabel_restart(suite: Suite, shard: Pat
         if how == "killed, on another machine":
             # The CLI's stream reaches the new process, which watches the job but may not take
             # it from its live owner.
-            wait_for(lambda: metric(suite, "tessera_requests_in_flight", method="ScoreShard") >= 1,
-                     "the CLI to re-attach")
+            wait_for(
+                lambda: metric(suite, "tessera_requests_in_flight", method="ScoreShard") >= 1,
+                "the CLI to re-attach",
+            )
             job = get_direct(suite, job_id)
             assert job.state == pb.SHARD_JOB_STATE_RUNNING and job.owner == f"elsewhere:{foreign.pid}"
             assert job.rows_done == sum(p["rows"] for p in manifest["parts"])  # nobody scores meanwhile

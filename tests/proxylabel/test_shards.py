@@ -32,8 +32,10 @@ from tests.proxylabel.helpers import DIM, build_repository
 from tools.modeller.proxylabel.generate import SYNTHETIC_EMBEDDER, schema, write_shard
 
 # `tessera-score-shard-offline` in a child process, whatever script the environment installed.
-OFFLINE_CLI = ("import sys; from services.proxylabel.__main__ import score_shard_offline_main; "
-               "sys.exit(score_shard_offline_main())")
+OFFLINE_CLI = (
+    "import sys; from services.proxylabel.__main__ import score_shard_offline_main; "
+    "sys.exit(score_shard_offline_main())"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,24 +45,38 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shard(tmp_path_factory.mktemp("shards") / "in.parquet", 1000, dimension=DIM, labelled_fraction=0.4,
-                       seed=12, row_group_rows=250)
+    return write_shard(
+        tmp_path_factory.mktemp("shards") / "in.parquet",
+        1000,
+        dimension=DIM,
+        labelled_fraction=0.4,
+        seed=12,
+        row_group_rows=250,
+    )
 
 
-async def _job(repo: Path, source: Path, output: Path, rules: ProxyLabelRules, batch_rows: int = 0,
-               version: str = "v-test") -> list[Progress | Summary]:
+async def _job(
+    repo: Path,
+    source: Path,
+    output: Path,
+    rules: ProxyLabelRules,
+    batch_rows: int = 0,
+    version: str = "v-test",
+) -> list[Progress | Summary]:
     async with local_pipeline(repo) as pipeline:
         plan = plan_shard(ShardJob(source, output, rules, version, batch_rows), pipeline)
         return [event async for event in run_shard(plan, pipeline)]
 
 
-def run_job(repo: Path, source: Path, output: Path, rules: ProxyLabelRules | None = None, **kw: object
-            ) -> list[Progress | Summary]:
+def run_job(
+    repo: Path, source: Path, output: Path, rules: ProxyLabelRules | None = None, **kw: object
+) -> list[Progress | Summary]:
     return asyncio.run(_job(repo, source, output, rules or ProxyLabelRules(), **kw))  # type: ignore[arg-type]
 
 
-def status_of(repo: Path, source: Path, output: Path, rules: ProxyLabelRules | None = None, **kw: object
-              ) -> tuple[grpc.StatusCode, str]:
+def status_of(
+    repo: Path, source: Path, output: Path, rules: ProxyLabelRules | None = None, **kw: object
+) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(ServingError) as err:
         run_job(repo, source, output, rules, **kw)
     return err.value.code, err.value.message
@@ -94,10 +110,15 @@ def test_job_writes_parts_manifest_and_evaluation(repo: Path, shard: Path, tmp_p
     out = read_output(tmp_path / "out")
     source = pq.read_table(shard)
     assert out.column("id").to_pylist() == source.column("id").to_pylist()
-    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [f"part-0000{i}.parquet" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*.parquet")) == [
+        f"part-0000{i}.parquet" for i in range(4)
+    ]
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert manifest["complete"] and [p["rows"] for p in manifest["parts"]] == [250] * 4
-    assert manifest["parts"][0]["first_id"] == "row-00000000" and manifest["parts"][3]["last_id"] == "row-00000999"
+    assert (
+        manifest["parts"][0]["first_id"] == "row-00000000"
+        and manifest["parts"][3]["last_id"] == "row-00000999"
+    )
     probs = np.stack(out.column("probabilities").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     labels = out.column("label").to_numpy()
@@ -133,8 +154,10 @@ def test_knn_mode_and_regression(repo: Path, shard: Path, tmp_path: Path) -> Non
     v, r = read_output(tmp_path / "vote"), read_output(tmp_path / "regression")
     assert set(v.column("decided_by").to_pylist()) == {"knn"}
     # Same vote probabilities; regression labels are the rounded expected scores.
-    np.testing.assert_allclose(np.stack(v.column("probabilities").to_numpy(zero_copy_only=False)),
-                               np.stack(r.column("probabilities").to_numpy(zero_copy_only=False)))
+    np.testing.assert_allclose(
+        np.stack(v.column("probabilities").to_numpy(zero_copy_only=False)),
+        np.stack(r.column("probabilities").to_numpy(zero_copy_only=False)),
+    )
     expected = r.column("knn_expected_score").to_numpy()
     np.testing.assert_array_equal(r.column("label").to_numpy(), np.ceil(expected - 0.5).astype(int))
 
@@ -143,9 +166,20 @@ def test_killed_job_resumes_with_every_id_once(repo: Path, shard: Path, tmp_path
     reference = tmp_path / "reference"
     run_job(repo, shard, reference, batch_rows=100, version="cli")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", OFFLINE_CLI, str(shard), str(out), "--repo", str(repo), "--batch-rows", "100"]
-    proc = subprocess.Popen([*cmd, "--throttle-seconds", "0.3"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-c",
+        OFFLINE_CLI,
+        str(shard),
+        str(out),
+        "--repo",
+        str(repo),
+        "--batch-rows",
+        "100",
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "--throttle-seconds", "0.3"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     try:
         while True:
@@ -171,8 +205,11 @@ def test_killed_job_resumes_with_every_id_once(repo: Path, shard: Path, tmp_path
     ids = got.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 1000 and ids == want.column("id").to_pylist()
     assert got.column("label").to_pylist() == want.column("label").to_pylist()
-    np.testing.assert_allclose(np.stack(got.column("probabilities").to_numpy(zero_copy_only=False)),
-                               np.stack(want.column("probabilities").to_numpy(zero_copy_only=False)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.stack(got.column("probabilities").to_numpy(zero_copy_only=False)),
+        np.stack(want.column("probabilities").to_numpy(zero_copy_only=False)),
+        atol=1e-6,
+    )
     # Every file in the directory is a committed part (a killed part's temp file is gone).
     assert sorted(p.name for p in out.glob("*.parquet")) == [f"part-{i:05d}.parquet" for i in range(10)]
     assert not list(out.glob(".part-*"))
@@ -196,16 +233,34 @@ def test_bad_shards_are_refused_before_any_work(repo: Path, shard: Path, tmp_pat
     cases = {
         "missing": (tmp_path / "missing.parquet", grpc.StatusCode.NOT_FOUND, "does not exist"),
         "not parquet": (tmp_path / "notes.parquet", grpc.StatusCode.INVALID_ARGUMENT, "not a parquet file"),
-        "no text": (_write(tmp_path / "notext.parquet", source.drop_columns(["messages"])),
-                    grpc.StatusCode.INVALID_ARGUMENT, "no conversation column"),
-        "dimension": (_write(tmp_path / "dim.parquet", source.set_column(
-            2, "embedding", pa.array([[0.1] * (DIM + 1)] * 50, pa.list_(pa.float32())))),
-            grpc.StatusCode.INVALID_ARGUMENT, f"dimension {DIM + 1}"),
-        "embedder": (_write(tmp_path / "other.parquet", source.replace_schema_metadata(
-            {b"tessera.embedder": json.dumps({"name": "BAAI/bge-large-en-v1.5", "dimension": DIM})})),
-            grpc.StatusCode.FAILED_PRECONDITION, "BAAI/bge-large-en-v1.5"),
-        "no embedder for text-only rows": (_write(tmp_path / "textonly.parquet", source.drop_columns(["embedding"])),
-                                           grpc.StatusCode.FAILED_PRECONDITION, "text_embedder"),
+        "no text": (
+            _write(tmp_path / "notext.parquet", source.drop_columns(["messages"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no conversation column",
+        ),
+        "dimension": (
+            _write(
+                tmp_path / "dim.parquet",
+                source.set_column(2, "embedding", pa.array([[0.1] * (DIM + 1)] * 50, pa.list_(pa.float32()))),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"dimension {DIM + 1}",
+        ),
+        "embedder": (
+            _write(
+                tmp_path / "other.parquet",
+                source.replace_schema_metadata(
+                    {b"tessera.embedder": json.dumps({"name": "BAAI/bge-large-en-v1.5", "dimension": DIM})}
+                ),
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "BAAI/bge-large-en-v1.5",
+        ),
+        "no embedder for text-only rows": (
+            _write(tmp_path / "textonly.parquet", source.drop_columns(["embedding"])),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "text_embedder",
+        ),
     }
     (tmp_path / "notes.parquet").write_text("id,text\n1,hello\n")
     for name, (path, code, words) in cases.items():
@@ -222,13 +277,21 @@ def test_bad_rows_are_written_with_a_reason(repo: Path, shard: Path, tmp_path: P
     rows[2]["messages"] = [{"role": "user", "content": "   "}]
     rows[3]["embedding"] = None
     rows[4]["embedding"] = [0.0] * DIM
-    path = _write(tmp_path / "bad.parquet", pa.Table.from_pylist(rows, schema=schema(SYNTHETIC_EMBEDDER, DIM)))
+    path = _write(
+        tmp_path / "bad.parquet", pa.Table.from_pylist(rows, schema=schema(SYNTHETIC_EMBEDDER, DIM))
+    )
     events = run_job(repo, path, tmp_path / "out")
     assert events[-1].rows_done == 6 and events[-1].rows_failed == 4
     out = read_output(tmp_path / "out")
     assert out.column("id").to_pylist() == [r["id"] for r in rows]
-    assert out.column("reason").to_pylist() == [None, "embedding has NaN or infinite values", "empty text",
-                                                "no embedding", "embedding is all zeros", None]
+    assert out.column("reason").to_pylist() == [
+        None,
+        "embedding has NaN or infinite values",
+        "empty text",
+        "no embedding",
+        "embedding is all zeros",
+        None,
+    ]
     assert out.column("label").null_count == 4 and out.column("label")[0].is_valid
 
 
@@ -251,8 +314,9 @@ def test_no_neighbour_above_the_threshold(repo: Path, shard: Path, tmp_path: Pat
     assert ens.column("label").null_count == 0 and ens.column("reason")[0].as_py().startswith("no labelled")
 
 
-def test_a_failed_job_is_recorded_and_resumes(repo: Path, shard: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_job_is_recorded_and_resumes(
+    repo: Path, shard: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A failure mid-job is written in the manifest (the job's state lives with its output), its
     finished parts stay, and a rerun resumes after them."""
     from services.proxylabel import jobs, shard_run

@@ -101,8 +101,9 @@ def test_streams_status_and_methods_have_their_own_gates() -> None:
     assert admission.typical("M") == pytest.approx(1.2)
 
 
-def test_a_busy_gateway_sheds_unary_calls_but_not_streams_or_status(tmp_path, model_repository,
-                                                                     astronaut_jpeg: bytes) -> None:
+def test_a_busy_gateway_sheds_unary_calls_but_not_streams_or_status(
+    tmp_path, model_repository, astronaut_jpeg: bytes
+) -> None:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -111,14 +112,18 @@ def test_a_busy_gateway_sheds_unary_calls_but_not_streams_or_status(tmp_path, mo
     from tessera_client import TesseraClient
     from tests.helpers.suites import start_suite
 
-    env = {"TESSERA_GATEWAY__SERVER__ADMISSION__UNARY__MAX_CONCURRENT": "1",
-           "TESSERA_GATEWAY__SERVER__ADMISSION__UNARY__MAX_QUEUED": "0"}
-    with start_suite(tmp_path, model_repository, extra_env=env) as suite, \
-            TesseraClient(suite.gateway.target, timeout=60) as client:
+    env = {
+        "TESSERA_GATEWAY__SERVER__ADMISSION__UNARY__MAX_CONCURRENT": "1",
+        "TESSERA_GATEWAY__SERVER__ADMISSION__UNARY__MAX_QUEUED": "0",
+    }
+    with (
+        start_suite(tmp_path, model_repository, extra_env=env) as suite,
+        TesseraClient(suite.gateway.target, timeout=60) as client,
+    ):
         # A live stream holds a stream slot for as long as it lasts, never the only unary slot.
         first_answer, stop = threading.Event(), threading.Event()
 
-        def frames():  # noqa: ANN202
+        def frames():
             for _ in range(600):
                 if stop.is_set():
                     return

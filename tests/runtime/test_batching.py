@@ -134,10 +134,12 @@ async def test_concurrent_requests_are_merged_and_each_gets_its_own_result() -> 
     reg = metrics.registry
     assert reg.get_sample_value("tessera_batch_size_count", {"model": "lin"}) == len(run.calls)
     assert reg.get_sample_value("tessera_batch_size_sum", {"model": "lin"}) == 32
-    assert reg.get_sample_value("tessera_model_inference_seconds_count",
-                                {"model": "lin", "version": "1", "backend": "fake"}) == len(run.calls)
-    assert reg.get_sample_value("tessera_stage_duration_seconds_count",
-                                {"stage": "queue", "model": "lin"}) == 32
+    assert reg.get_sample_value(
+        "tessera_model_inference_seconds_count", {"model": "lin", "version": "1", "backend": "fake"}
+    ) == len(run.calls)
+    assert (
+        reg.get_sample_value("tessera_stage_duration_seconds_count", {"stage": "queue", "model": "lin"}) == 32
+    )
     await batcher.close()
 
 
@@ -167,8 +169,7 @@ async def test_different_trailing_shapes_run_in_separate_batches() -> None:
 
 async def test_full_queue_is_resource_exhausted() -> None:
     run = Recorder(hold=True)
-    batcher = DynamicBatcher("lin", run, policy(max_batch_size=1, preferred_batch_sizes=(),
-                                                max_queue_size=2))
+    batcher = DynamicBatcher("lin", run, policy(max_batch_size=1, preferred_batch_sizes=(), max_queue_size=2))
     x = np.ones((1, 4), np.float32)
     first = asyncio.ensure_future(batcher.submit({"x": x}))
     await until(run.started.is_set, "first run started")
@@ -209,8 +210,7 @@ async def test_wrong_output_length_fails_the_run_not_the_batcher() -> None:
     run = Recorder(lambda inputs: {"y": np.zeros((1, 3), np.float32)})
     batcher = DynamicBatcher("lin", run, policy(preferred_batch_sizes=(2,)))
     x = np.ones((1, 4), np.float32)
-    results = await asyncio.gather(batcher.submit({"x": x}), batcher.submit({"x": x}),
-                                   return_exceptions=True)
+    results = await asyncio.gather(batcher.submit({"x": x}), batcher.submit({"x": x}), return_exceptions=True)
     # Merged: 1 row for 2 fails; alone each gets its 1 row back.
     assert all(isinstance(r, dict) for r in results)
     with pytest.raises(BatchOutputError):
@@ -260,8 +260,9 @@ async def test_without_dynamic_batching_each_request_runs_alone() -> None:
 async def test_close_drains_queued_requests_then_refuses() -> None:
     run = Recorder()
     # A long delay and no preferred size: only close() makes these go.
-    batcher = DynamicBatcher("lin", run, policy(preferred_batch_sizes=(),
-                                                max_queue_delay_microseconds=60_000_000))
+    batcher = DynamicBatcher(
+        "lin", run, policy(preferred_batch_sizes=(), max_queue_delay_microseconds=60_000_000)
+    )
     x = np.ones((1, 4), np.float32)
     pending = [asyncio.ensure_future(batcher.submit({"x": x})) for _ in range(3)]
     await until(lambda: batcher.queued == 3, "three queued")

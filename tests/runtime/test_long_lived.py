@@ -19,11 +19,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from skimage import data as skdata
+
+from launcher.suite import Suite
 from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-
-from launcher.suite import Suite
 from tessera_client import TesseraClient
 from tests.helpers.suites import start_suite
 from tools.modeller.proxylabel.generate import write_shard
@@ -44,8 +44,11 @@ def _paced(items: list[bytes], per_second: float) -> Iterator[bytes]:
 def _raw_stream(target: str, frames: Iterator[bytes], fps: float = 30.0) -> Iterator[pb.StreamVideoRequest]:
     yield pb.StreamVideoRequest(header=pb.ClipHeader(clip_id="raw", fps=fps))
     for i, frame in enumerate(frames):
-        yield pb.StreamVideoRequest(frame=common_pb2.VideoFrame(
-            timestamp_us=int(i * 1e6 / fps), image=common_pb2.Image(encoded=frame)))
+        yield pb.StreamVideoRequest(
+            frame=common_pb2.VideoFrame(
+                timestamp_us=int(i * 1e6 / fps), image=common_pb2.Image(encoded=frame)
+            )
+        )
 
 
 def _age_env(age_ms: int, grace_ms: int | None = None) -> dict[str, str]:
@@ -59,18 +62,27 @@ def _age_env(age_ms: int, grace_ms: int | None = None) -> dict[str, str]:
 # Connection ageing (scaled down: connections age after 1 s, streams last several periods)
 @pytest.fixture(scope="module")
 def aged_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Suite]:
-    s = start_suite(tmp_path_factory.mktemp("aged"), model_repository, extra_env=_age_env(1000),
-                    data_roots=(tmp_path_factory.getbasetemp(),))
+    s = start_suite(
+        tmp_path_factory.mktemp("aged"),
+        model_repository,
+        extra_env=_age_env(1000),
+        data_roots=(tmp_path_factory.getbasetemp(),),
+    )
     yield s
     s.stop()
 
 
-@pytest.mark.parametrize("seconds", [4, pytest.param(300, marks=[pytest.mark.slow, pytest.mark.timeout(600)])])
+@pytest.mark.parametrize(
+    "seconds", [4, pytest.param(300, marks=[pytest.mark.slow, pytest.mark.timeout(600)])]
+)
 def test_live_stream_outlives_connection_ageing(aged_suite: Suite, seconds: int) -> None:
     frames = [_frame_bytes()] * (seconds * 12)
     with grpc.insecure_channel(aged_suite.gateway.target) as channel:
-        replies = list(pb_grpc.GatewayServiceStub(channel).StreamVideo(
-            _raw_stream(aged_suite.gateway.target, _paced(frames, 12)), timeout=seconds * 3 + 60))
+        replies = list(
+            pb_grpc.GatewayServiceStub(channel).StreamVideo(
+                _raw_stream(aged_suite.gateway.target, _paced(frames, 12)), timeout=seconds * 3 + 60
+            )
+        )
     assert len(replies) == len(frames)
     assert all(r.status.code == 0 and r.HasField("face") for r in replies)
 
@@ -82,7 +94,9 @@ def test_clip_upload_outlives_connection_ageing(aged_suite: Suite) -> None:
     assert reply.frames_received == len(frames)
 
 
-def test_shard_job_outlives_connection_ageing(aged_suite: Suite, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_shard_job_outlives_connection_ageing(
+    aged_suite: Suite, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     root = tmp_path_factory.getbasetemp() / "aged-shards"
     # Text only: the service embeds every row, so the job lasts several connection ages.
     shard = write_shard(root / "texts.parquet", 480, labelled_fraction=0.5, seed=4, row_group_rows=40)
@@ -99,8 +113,11 @@ def test_a_bounded_age_grace_would_cut_the_stream(tmp_path: Path, model_reposito
     with start_suite(tmp_path, model_repository, extra_env=_age_env(1000, grace_ms=300)) as s:
         with grpc.insecure_channel(s.gateway.target) as channel:
             with pytest.raises(grpc.RpcError) as info:
-                list(pb_grpc.GatewayServiceStub(channel).StreamVideo(
-                    _raw_stream(s.gateway.target, _paced([_frame_bytes()] * 50, 12)), timeout=120))
+                list(
+                    pb_grpc.GatewayServiceStub(channel).StreamVideo(
+                        _raw_stream(s.gateway.target, _paced([_frame_bytes()] * 50, 12)), timeout=120
+                    )
+                )
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -115,8 +132,9 @@ def test_drain_ends_a_live_stream_with_unavailable_saying_so(suite: Suite) -> No
             yield _frame_bytes()
 
     with grpc.insecure_channel(suite.gateway.target) as channel:
-        call = pb_grpc.GatewayServiceStub(channel).StreamVideo(_raw_stream(suite.gateway.target, frames()),
-                                                               timeout=120)
+        call = pb_grpc.GatewayServiceStub(channel).StreamVideo(
+            _raw_stream(suite.gateway.target, frames()), timeout=120
+        )
         terminator = threading.Thread(target=lambda: started.wait(60) and suite.kill("gateway", 15))
         terminator.start()
         with pytest.raises(grpc.RpcError) as info:
@@ -160,8 +178,10 @@ def _poll_log(path: Path, pattern: str, seconds: float = 20.0) -> str:
 def test_request_id_reaches_the_service_log(suite: Suite, astronaut_jpeg: bytes) -> None:
     with grpc.insecure_channel(suite.gateway.target) as channel:
         pb_grpc.GatewayServiceStub(channel).ClassifyEmotion(
-            pb.ClassifyEmotionRequest(images=[common_pb2.Image(encoded=astronaut_jpeg)]), timeout=30,
-            metadata=(("x-request-id", "trace-4711"),))
+            pb.ClassifyEmotionRequest(images=[common_pb2.Image(encoded=astronaut_jpeg)]),
+            timeout=30,
+            metadata=(("x-request-id", "trace-4711"),),
+        )
     _poll_log(suite.workdir / "gateway.log", r"ClassifyEmotion OK id=trace-4711 peer=\S+")
     _poll_log(suite.workdir / "emotion.log", r"InferFaces OK id=trace-4711 peer=\S+")
 

@@ -38,10 +38,14 @@ SPEC = ModelSpec(
 def write_pair_model(version_dir: Path) -> None:
     """An ONNX model with SPEC's signature: y = x, ids unused but declared."""
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "pair",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"]),
-         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])])
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "pair",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     version_dir.mkdir(parents=True)
@@ -58,7 +62,9 @@ def test_written_config_reads_back_as_the_entry_it_describes(tmp_path: Path) -> 
     assert entry.config == model_config(SPEC)
     assert entry.kind == "onnxruntime_onnx" and entry.version == 1 and entry.model_filename == "model.onnx"
     assert [(t.name, t.data_type, list(t.dims)) for t in entry.config.input] == [
-        ("ids", mc.TYPE_INT64, [-1]), ("x", mc.TYPE_FP32, [3, 4])]
+        ("ids", mc.TYPE_INT64, [-1]),
+        ("x", mc.TYPE_FP32, [3, 4]),
+    ]
     assert [(t.name, t.data_type, list(t.dims)) for t in entry.config.output] == [("y", mc.TYPE_FP32, [3, 4])]
     assert entry.parameters == dict(SPEC.parameters)
     policy = batch_policy(entry, default_queue_size=32)
@@ -71,8 +77,9 @@ def test_spec_and_its_message_print_the_same_config() -> None:
 
 
 def test_backend_batching_without_preferred_sizes_and_no_batching() -> None:
-    fil = model_config(ModelSpec(name="trees", backend="fil", max_batch_size=8,
-                                 batching=Batching(max_queue_delay_us=500)))
+    fil = model_config(
+        ModelSpec(name="trees", backend="fil", max_batch_size=8, batching=Batching(max_queue_delay_us=500))
+    )
     assert fil.backend == "fil" and not fil.platform
     assert fil.HasField("dynamic_batching") and not fil.dynamic_batching.preferred_batch_size
     alone = model_config(ModelSpec(name="detector", max_batch_size=8))

@@ -29,11 +29,6 @@ from tests.helpers.onnx_models import BATCHING, CONFIG, DIN, DOUT, B, W, add_mod
 RNG = np.random.default_rng(7)
 
 
-
-
-
-
-
 def slow_graph(bias: float, width: int = 128, depth: int = 40) -> onnx.GraphProto:
     """y = x @ I @ I ... + bias: exact in float32, yet slow enough that requests queue behind it."""
     nodes, prev = [], "x"
@@ -42,13 +37,15 @@ def slow_graph(bias: float, width: int = 128, depth: int = 40) -> onnx.GraphProt
         prev = f"h{i}"
     nodes.append(helper.make_node("Add", [prev, "b"], ["y"]))
     return helper.make_graph(
-        nodes, "slow",
+        nodes,
+        "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
-        [numpy_helper.from_array(np.eye(width, dtype=np.float32), "I"),
-         numpy_helper.from_array(np.full((width,), bias, np.float32), "b")])
-
-
+        [
+            numpy_helper.from_array(np.eye(width, dtype=np.float32), "I"),
+            numpy_helper.from_array(np.full((width,), bias, np.float32), "b"),
+        ],
+    )
 
 
 async def start(root: Path, **cfg) -> tuple[OnnxBackend, Metrics]:
@@ -83,11 +80,19 @@ async def test_concurrent_requests_run_in_fewer_batches(tmp_path: Path) -> None:
     runs = metrics.registry.get_sample_value("tessera_batch_size_count", {"model": "lin"})
     rows = metrics.registry.get_sample_value("tessera_batch_size_sum", {"model": "lin"})
     assert rows == 32 and runs < 32
-    assert metrics.registry.get_sample_value(
-        "tessera_model_inference_seconds_count",
-        {"model": "lin", "version": "1", "backend": "onnxruntime"}) == runs
-    assert metrics.registry.get_sample_value(
-        "tessera_stage_duration_seconds_count", {"stage": "queue", "model": "lin"}) == 32
+    assert (
+        metrics.registry.get_sample_value(
+            "tessera_model_inference_seconds_count",
+            {"model": "lin", "version": "1", "backend": "onnxruntime"},
+        )
+        == runs
+    )
+    assert (
+        metrics.registry.get_sample_value(
+            "tessera_stage_duration_seconds_count", {"stage": "queue", "model": "lin"}
+        )
+        == 32
+    )
     await backend.close()
 
 
@@ -123,17 +128,27 @@ async def test_broken_models_are_reported_and_others_keep_serving(tmp_path: Path
     corrupt = add_model(tmp_path, "corrupt", None)
     (corrupt / "1" / "model.onnx").write_bytes(b"\x08\x07garbage" * 20)
     # Parses as ONNX with the right signature, but ORT cannot build it: only a session finds this.
-    unknown_op = add_model(tmp_path, "unknown_op", helper.make_graph(
-        [helper.make_node("NoSuchOp", ["x"], ["y"])], "bad",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", DOUT])]))
+    unknown_op = add_model(
+        tmp_path,
+        "unknown_op",
+        helper.make_graph(
+            [helper.make_node("NoSuchOp", ["x"], ["y"])],
+            "bad",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIN])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", DOUT])],
+        ),
+    )
     backend, _ = await start(tmp_path)
 
     status = {s.name: s for s in backend.models()}
     assert set(status) == {"lin", "missing", "mismatch", "corrupt", "unknown_op"}
     assert status["lin"].ready
-    for name, d in [("missing", missing), ("mismatch", mismatch), ("corrupt", corrupt),
-                    ("unknown_op", unknown_op)]:
+    for name, d in [
+        ("missing", missing),
+        ("mismatch", mismatch),
+        ("corrupt", corrupt),
+        ("unknown_op", unknown_op),
+    ]:
         assert not status[name].ready
         assert str(d / "1" / "model.onnx") in status[name].error, status[name].error
         with pytest.raises(FailedPrecondition, match=str(d / "1" / "model.onnx")):
@@ -160,7 +175,7 @@ async def test_version_swap_under_load(tmp_path: Path) -> None:
         x = np.full((1, width), i % 7, np.float32)
         try:
             r = await backend.infer("slow", {"x": x})
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+        except Exception as exc:
             results.append(exc)
             return None
         # Whatever version answered, the output is that version's.

@@ -33,19 +33,20 @@ def linear_onnx(path: Path, din: int = 4, dout: int = 3, bias: float = 0.0) -> N
         "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", din])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dout])],
-        [w, b])
+        [w, b],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
 
 
-def write_model(root: Path, name: str, versions=(1,), din: int = 4, extra: str = "",
-                config_din: int | None = None) -> Path:
+def write_model(
+    root: Path, name: str, versions=(1,), din: int = 4, extra: str = "", config_din: int | None = None
+) -> Path:
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.pbtxt").write_text(LINEAR_CONFIG.format(
-        name=name, din=config_din or din, extra=extra))
+    (d / "config.pbtxt").write_text(LINEAR_CONFIG.format(name=name, din=config_din or din, extra=extra))
     for v in versions:
         linear_onnx(d / str(v) / "model.onnx", din=din)
     return d
@@ -71,12 +72,11 @@ def test_parses_config_versions_and_parameters(tmp_path: Path) -> None:
 
 
 def test_version_policy_specific_and_latest(tmp_path: Path) -> None:
-    write_model(tmp_path, "pinned", versions=(1, 2, 3),
-                extra="version_policy { specific { versions: [ 2 ] } }")
-    write_model(tmp_path, "latest", versions=(1, 2),
-                extra="version_policy { latest { num_versions: 1 } }")
-    write_model(tmp_path, "wants9", versions=(1,),
-                extra="version_policy { specific { versions: [ 9 ] } }")
+    write_model(
+        tmp_path, "pinned", versions=(1, 2, 3), extra="version_policy { specific { versions: [ 2 ] } }"
+    )
+    write_model(tmp_path, "latest", versions=(1, 2), extra="version_policy { latest { num_versions: 1 } }")
+    write_model(tmp_path, "wants9", versions=(1,), extra="version_policy { specific { versions: [ 9 ] } }")
     repo = ModelRepository(tmp_path)
     assert repo.get("pinned").version == 2
     assert repo.get("latest").version == 2

@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
-from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
 
 from launcher.suite import Suite
+from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
+from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
 from tessera_client import ClientTls, TesseraClient
-from tests.helpers.suites import start_suite
 from tests.helpers.pki import Issued, TestCA
+from tests.helpers.suites import start_suite
 from tools.modeller.proxylabel.generate import write_shard
 
 SERVICES = ("emotion", "engagement", "proxylabel")
@@ -53,29 +53,41 @@ def _env(pki: dict[str, object], tokens: Path) -> dict[str, str]:
     for p in ("gateway", *SERVICES):
         cert, key = pki[p]  # type: ignore[misc]
         prefix = f"TESSERA_{p.upper()}__"
-        env |= {f"{prefix}SERVER__TLS__CERT_FILE": str(cert), f"{prefix}SERVER__TLS__KEY_FILE": str(key),
-                f"{prefix}SERVER__TLS__RELOAD_SECONDS": "0.2"}
+        env |= {
+            f"{prefix}SERVER__TLS__CERT_FILE": str(cert),
+            f"{prefix}SERVER__TLS__KEY_FILE": str(key),
+            f"{prefix}SERVER__TLS__RELOAD_SECONDS": "0.2",
+        }
         if p != "gateway":  # services: mTLS, only the gateway's certificate gets in
-            env |= {f"{prefix}SERVER__TLS__CLIENT_CA_FILE": str(pki["ca_file"]),
-                    f"{prefix}AUTH__TRUSTED_PEERS": '["gateway"]'}
+            env |= {
+                f"{prefix}SERVER__TLS__CLIENT_CA_FILE": str(pki["ca_file"]),
+                f"{prefix}AUTH__TRUSTED_PEERS": '["gateway"]',
+            }
     cert, key = pki["gateway-client"]  # type: ignore[misc]
-    env |= {"TESSERA_GATEWAY__DOWNSTREAM__TLS__CA_FILE": str(pki["ca_file"]),
-            "TESSERA_GATEWAY__DOWNSTREAM__TLS__CERT_FILE": str(cert),
-            "TESSERA_GATEWAY__DOWNSTREAM__TLS__KEY_FILE": str(key),
-            "TESSERA_GATEWAY__AUTH__TOKEN_FILE": str(tokens)}
+    env |= {
+        "TESSERA_GATEWAY__DOWNSTREAM__TLS__CA_FILE": str(pki["ca_file"]),
+        "TESSERA_GATEWAY__DOWNSTREAM__TLS__CERT_FILE": str(cert),
+        "TESSERA_GATEWAY__DOWNSTREAM__TLS__KEY_FILE": str(key),
+        "TESSERA_GATEWAY__AUTH__TOKEN_FILE": str(tokens),
+    }
     return env
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory, model_repository: Path,
-           pki: dict[str, object]) -> Iterator[Suite]:
+def secure(
+    tmp_path_factory: pytest.TempPathFactory, model_repository: Path, pki: dict[str, object]
+) -> Iterator[Suite]:
     tokens = pki["dir"] / "tokens.yaml"  # type: ignore[operator]
     tokens.write_text(TOKENS)
     launcher: Issued = pki["launcher"]  # type: ignore[assignment]
     ca: TestCA = pki["ca"]  # type: ignore[assignment]
-    s = start_suite(tmp_path_factory.mktemp("secure"), model_repository, extra_env=_env(pki, tokens),
-                    data_roots=(tmp_path_factory.getbasetemp(),),
-                    tls=ClientTls(ca.pem, launcher.cert, launcher.key))
+    s = start_suite(
+        tmp_path_factory.mktemp("secure"),
+        model_repository,
+        extra_env=_env(pki, tokens),
+        data_roots=(tmp_path_factory.getbasetemp(),),
+        tls=ClientTls(ca.pem, launcher.cert, launcher.key),
+    )
     yield s
     s.stop()
 
@@ -85,8 +97,9 @@ def _client(suite: Suite, pki: dict[str, object], token: str | None = "admin-tok
     return TesseraClient(suite.gateway.target, token=token, root_certificates=ca.pem, timeout=60)
 
 
-def test_the_gateway_over_mtls_serves_every_public_rpc(secure: Suite, pki, astronaut_jpeg: bytes,
-                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_the_gateway_over_mtls_serves_every_public_rpc(
+    secure: Suite, pki, astronaut_jpeg: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     with _client(secure, pki) as client:
         assert [f.label for f in client.classify_image(astronaut_jpeg)] == ["Happy"]
         assert client.score_clip([astronaut_jpeg] * 5, fps=5).frames_received == 5
@@ -94,7 +107,9 @@ def test_the_gateway_over_mtls_serves_every_public_rpc(secure: Suite, pki, astro
         assert client.score_texts([{"id": "a", "text": "How do plants make food?"}]).rows[0].status.code == 0
         root = tmp_path_factory.getbasetemp() / "secure-shard"
         shard = write_shard(root / "s.parquet", 32, labelled_fraction=0.5, seed=1, row_group_rows=16)
-        pq.write_table(pq.read_table(shard).drop_columns(["embedding"]), shard, row_group_size=16)  # text only
+        pq.write_table(
+            pq.read_table(shard).drop_columns(["embedding"]), shard, row_group_size=16
+        )  # text only
         events = list(client.score_shard(shard, root / "out"))
         assert events[-1].summary.rows_done == 32
         status = client.status()
@@ -109,7 +124,9 @@ def test_plaintext_to_a_tls_port_fails(secure: Suite) -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def _emotion_stub(suite: Suite, pki, cert: Issued | None) -> tuple[grpc.Channel, emotion_grpc.EmotionServiceStub]:
+def _emotion_stub(
+    suite: Suite, pki, cert: Issued | None
+) -> tuple[grpc.Channel, emotion_grpc.EmotionServiceStub]:
     ca: TestCA = pki["ca"]
     creds = grpc.ssl_channel_credentials(ca.pem, cert.key if cert else None, cert.cert if cert else None)
     channel = grpc.secure_channel(suite.processes["emotion"].target, creds)
@@ -168,8 +185,11 @@ def test_reflection_needs_a_token_with_its_scope(secure: Suite, pki) -> None:
         with pytest.raises(grpc.RpcError) as info:
             list(stub.ServerReflectionInfo(iter([request]), timeout=10))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        replies = list(stub.ServerReflectionInfo(iter([request]), timeout=10,
-                                                 metadata=(("authorization", "Bearer admin-token-123"),)))
+        replies = list(
+            stub.ServerReflectionInfo(
+                iter([request]), timeout=10, metadata=(("authorization", "Bearer admin-token-123"),)
+            )
+        )
         names = {s.name for s in replies[0].list_services_response.service}
         assert "tessera.gateway.v1.GatewayService" in names
 
@@ -193,8 +213,10 @@ def _served_serial(target: str, ca_pem: bytes) -> int:
     host, port = target.rsplit(":", 1)
     context = ssl.create_default_context(cadata=ca_pem.decode())
     context.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, int(port)), timeout=10) as sock, \
-            context.wrap_socket(sock, server_hostname="gateway") as tls:
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as sock,
+        context.wrap_socket(sock, server_hostname="gateway") as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der).serial_number
 

@@ -48,17 +48,15 @@ def _header_then_junk(cls: type) -> Iterator[bytes]:
 def test_a_bad_message_after_good_ones_fails_the_gateway_stream_at_once(suite: Suite, name: str) -> None:
     method = SERVICES["gateway"].methods_by_name[name]
     cls = getattr(gateway_service_pb2, f"{name}Request")
-    with grpc.insecure_channel(suite.gateway.target) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            _call(channel, method, list(_header_then_junk(cls)))
+    with grpc.insecure_channel(suite.gateway.target) as channel, pytest.raises(grpc.RpcError) as info:
+        _call(channel, method, list(_header_then_junk(cls)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert "message 1 of the" in info.value.details()
 
 
 def test_bad_bytes_leave_one_log_line_and_no_traceback(suite: Suite) -> None:
-    with grpc.insecure_channel(suite.gateway.target) as channel:
-        with pytest.raises(grpc.RpcError):
-            channel.unary_unary("/tessera.gateway.v1.GatewayService/GetStatus")(JUNK, timeout=30)
+    with grpc.insecure_channel(suite.gateway.target) as channel, pytest.raises(grpc.RpcError):
+        channel.unary_unary("/tessera.gateway.v1.GatewayService/GetStatus")(JUNK, timeout=30)
     log = suite.gateway.log_file.read_text(errors="replace")
     assert "Traceback" not in log
     assert "GetStatus INVALID_ARGUMENT" in log

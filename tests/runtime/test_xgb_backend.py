@@ -61,7 +61,9 @@ async def test_outputs_equal_booster_predict(tmp_path: Path, affect, binary) -> 
         assert out.dtype == np.float32 and out.shape == (37, LEVELS if name == "boredom" else 2)
         np.testing.assert_allclose(out, reference(booster, x[:37]), rtol=0, atol=1e-6)
     assert [(s.name, s.ready, s.version, s.error) for s in backend.models()] == [
-        ("boredom", True, 1, None), ("yesno", True, 1, None)]
+        ("boredom", True, 1, None),
+        ("yesno", True, 1, None),
+    ]
     await backend.close()
 
 
@@ -75,9 +77,11 @@ def test_config_is_a_fil_config(tmp_path: Path, affect) -> None:
     assert params["model_type"] == "xgboost_json"
     assert params["output_class"] == params["predict_proba"] == params["demo"] == "true"
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
-        ("input__0", mc.TYPE_FP32, [N_FEATURES])]
+        ("input__0", mc.TYPE_FP32, [N_FEATURES])
+    ]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
-        ("output__0", mc.TYPE_FP32, [LEVELS])]
+        ("output__0", mc.TYPE_FP32, [LEVELS])
+    ]
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert config.HasField("dynamic_batching")
     entry = ModelRepository(tmp_path).get("boredom")
@@ -90,17 +94,22 @@ async def test_concurrent_requests_merge_into_fewer_runs(tmp_path: Path, affect)
     booster, x = affect
     write_xgb_model(booster, tmp_path, "boredom", demo=True)
     backend, metrics = await start_xgb(tmp_path)
-    rows = [x[i:i + 1] for i in range(32)]
+    rows = [x[i : i + 1] for i in range(32)]
     results = await asyncio.gather(*(backend.infer("boredom", {"input__0": r}) for r in rows))
     want = reference(booster, x[:32])
     for i, r in enumerate(results):  # each caller gets exactly its own row back
-        np.testing.assert_allclose(r.outputs["output__0"], want[i:i + 1], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(r.outputs["output__0"], want[i : i + 1], rtol=0, atol=1e-6)
     registry = metrics.registry
     runs = registry.get_sample_value("tessera_batch_size_count", {"model": "boredom"})
     assert registry.get_sample_value("tessera_batch_size_sum", {"model": "boredom"}) == 32
     assert runs < 32
-    assert registry.get_sample_value("tessera_model_inference_seconds_count",
-                                     {"model": "boredom", "version": "1", "backend": "xgboost"}) == runs
+    assert (
+        registry.get_sample_value(
+            "tessera_model_inference_seconds_count",
+            {"model": "boredom", "version": "1", "backend": "xgboost"},
+        )
+        == runs
+    )
     await backend.close()
 
 
@@ -171,11 +180,12 @@ async def test_new_version_and_reload(tmp_path: Path, affect) -> None:
     assert (await backend.infer("boredom", {"input__0": x[:3]})).version == 1
 
     assert write_xgb_model(booster2, tmp_path, "boredom", demo=True).name == "2"
-    in_flight = [asyncio.ensure_future(backend.infer("boredom", {"input__0": x[i:i + 1]}))
-                 for i in range(16)]
+    in_flight = [
+        asyncio.ensure_future(backend.infer("boredom", {"input__0": x[i : i + 1]})) for i in range(16)
+    ]
     assert await backend.reload() == ["boredom"]
     for i, r in enumerate(await asyncio.gather(*in_flight)):  # none fails across the swap
-        want = reference(booster1 if r.version == 1 else booster2, x[i:i + 1])
+        want = reference(booster1 if r.version == 1 else booster2, x[i : i + 1])
         np.testing.assert_allclose(r.outputs["output__0"], want, rtol=0, atol=1e-6)
     result = await backend.infer("boredom", {"input__0": x[:5]})
     assert result.version == 2
@@ -203,12 +213,16 @@ async def test_router_serves_onnx_and_xgboost_models(tmp_path: Path, affect) -> 
     (tmp_path / "tok" / "config.pbtxt").write_text('name: "tok"\nbackend: "python"\n')
     (tmp_path / "tok" / "1" / "model.py").write_text("")
     repository, metrics = ModelRepository(tmp_path), Metrics("test")
-    router = RoutingBackend(repository, [OnnxBackend(repository, OnnxConfig(), metrics),
-                                         XgbBackend(repository, XgbConfig(), metrics)])
+    router = RoutingBackend(
+        repository,
+        [OnnxBackend(repository, OnnxConfig(), metrics), XgbBackend(repository, XgbConfig(), metrics)],
+    )
     assert isinstance(router, Backend)
     await router.start()
     assert [(s.name, s.backend, s.ready) for s in router.models()] == [
-        ("boredom", "xgboost", True), ("lin", "onnxruntime", True)]
+        ("boredom", "xgboost", True),
+        ("lin", "onnxruntime", True),
+    ]
 
     v = np.ones((2, DIN), np.float32)
     lin = await router.infer("lin", {"x": v})

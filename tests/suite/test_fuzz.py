@@ -44,23 +44,34 @@ from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from skimage import data as skdata
+
+from bench import loadgen, results
+from launcher.suite import ROOT, Suite, command_path, wait_serving
 from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
 from tessera.gateway.v1 import gateway_service_pb2 as gateway_pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
-
-from bench import loadgen, results
-from launcher.suite import ROOT, Suite, command_path, wait_serving
 from tests.helpers.wire import METHODS
 
 # Hypothesis's own files (its cache of constants) under .cache/, not in the checkout's root.
 set_hypothesis_home_dir(str(ROOT / ".cache" / "hypothesis"))
 
 FD = pbd.FieldDescriptor
-DOCUMENTED = {grpc.StatusCode[name] for name in (
-    "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION", "UNAVAILABLE",
-    "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "PERMISSION_DENIED")}
+DOCUMENTED = {
+    grpc.StatusCode[name]
+    for name in (
+        "OK",
+        "INVALID_ARGUMENT",
+        "RESOURCE_EXHAUSTED",
+        "NOT_FOUND",
+        "FAILED_PRECONDITION",
+        "UNAVAILABLE",
+        "DEADLINE_EXCEEDED",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+    )
+}
 DOCUMENTED_VALUES = {c.value[0] for c in DOCUMENTED}
 CALL_DEADLINE = 30.0  # seconds; a valid request of these sizes takes well under one
 RSS_HEADROOM_MIB = 768
@@ -72,9 +83,14 @@ IDS = [f"{p}.{m.name}" for p, m in METHODS]
 
 
 def fuzz_settings(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, database=None, print_blob=True,
-                    suppress_health_check=list(HealthCheck),
-                    phases=(Phase.explicit, Phase.generate, Phase.shrink))
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,14 +122,46 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
 
 
-IMAGE_BYTES = [SMALL_JPEG, FACE_JPEG, FACE_PNG, SMALL_JPEG[: len(SMALL_JPEG) // 2], SMALL_JPEG[:20],
-               _png_header(30000, 30000), _png_header(1, 1), _png_header(0, 5), b"GIF89a\x01\x00\x01\x00",
-               b"\xff\xd8\xff\xe0", b"", b"\x00" * 100, _png(np.zeros((4, 4), np.uint16))]
+IMAGE_BYTES = [
+    SMALL_JPEG,
+    FACE_JPEG,
+    FACE_PNG,
+    SMALL_JPEG[: len(SMALL_JPEG) // 2],
+    SMALL_JPEG[:20],
+    _png_header(30000, 30000),
+    _png_header(1, 1),
+    _png_header(0, 5),
+    b"GIF89a\x01\x00\x01\x00",
+    b"\xff\xd8\xff\xe0",
+    b"",
+    b"\x00" * 100,
+    _png(np.zeros((4, 4), np.uint16)),
+]
 BOUNDARY_INTS = [0, 1, -1, 2, 7, 31, 32, 33, 50, 384, 899, 900, 901, 4096, 4097, 2**31 - 1, -(2**31)]
-HOSTILE_STRINGS = ["", " ", "..", "../../../../etc/passwd", "/etc/hostname", "/proc/self/mem", "/dev/zero",
-                   "nul\x00l", "é中🙂", "a" * 2000, "%s%n", "emotion_student", "emotion_rn18", "text_embedder",
-                   "proxylabel_knn", "*", "emotion_*", "sentence-transformers/all-MiniLM-L6-v2",
-                   "0" * 32, "f" * 32, "0" * 31, "G" * 32]
+HOSTILE_STRINGS = [
+    "",
+    " ",
+    "..",
+    "../../../../etc/passwd",
+    "/etc/hostname",
+    "/proc/self/mem",
+    "/dev/zero",
+    "nul\x00l",
+    "é中🙂",
+    "a" * 2000,
+    "%s%n",
+    "emotion_student",
+    "emotion_rn18",
+    "text_embedder",
+    "proxylabel_knn",
+    "*",
+    "emotion_*",
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "0" * 32,
+    "f" * 32,
+    "0" * 31,
+    "G" * 32,
+]
 
 
 def _frames() -> list[bytes]:
@@ -137,25 +185,40 @@ class Material:
 
     def paths(self) -> st.SearchStrategy[str]:
         return st.one_of(
-            st.sampled_from([str(self.shard), str(self.out_root), str(self.shard.parent),
-                             str(self.shard) + ".x", str(self.out_root / ".." / ".." / ".." / "etc"),
-                             str(self.shard.parent / "missing.parquet"), "relative/shard.parquet"]),
-            st.builds(lambda s: str(self.out_root / s),
-                      st.text(st.characters(codec="ascii", exclude_characters="\0/"), min_size=1,
-                              max_size=12)),
-            st.text(max_size=40))
+            st.sampled_from(
+                [
+                    str(self.shard),
+                    str(self.out_root),
+                    str(self.shard.parent),
+                    str(self.shard) + ".x",
+                    str(self.out_root / ".." / ".." / ".." / "etc"),
+                    str(self.shard.parent / "missing.parquet"),
+                    "relative/shard.parquet",
+                ]
+            ),
+            st.builds(
+                lambda s: str(self.out_root / s),
+                st.text(st.characters(codec="ascii", exclude_characters="\0/"), min_size=1, max_size=12),
+            ),
+            st.text(max_size=40),
+        )
 
 
 def _ints(bits: int, signed: bool) -> st.SearchStrategy[int]:
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    return st.one_of(st.sampled_from([v for v in BOUNDARY_INTS if lo <= v <= hi] + [lo, hi]),
-                     st.integers(lo, hi), st.integers(max(lo, -10), min(hi, 1000)))
+    return st.one_of(
+        st.sampled_from([v for v in BOUNDARY_INTS if lo <= v <= hi] + [lo, hi]),
+        st.integers(lo, hi),
+        st.integers(max(lo, -10), min(hi, 1000)),
+    )
 
 
 def _floats(width: int) -> st.SearchStrategy[float]:
-    return st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1e-30, 1e30, float("nan"), float("inf"),
-                                      float("-inf")]),
-                     st.floats(width=width), st.floats(-10, 100, width=width))
+    return st.one_of(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1e-30, 1e30, float("nan"), float("inf"), float("-inf")]),
+        st.floats(width=width),
+        st.floats(-10, 100, width=width),
+    )
 
 
 def value_strategy(field: pbd.FieldDescriptor, material: Material, depth: int) -> st.SearchStrategy[Any]:
@@ -164,8 +227,11 @@ def value_strategy(field: pbd.FieldDescriptor, material: Material, depth: int) -
     if t == FD.TYPE_MESSAGE:
         return messages(field.message_type, material, depth + 1)
     if t == FD.TYPE_ENUM:
-        return st.one_of(st.sampled_from([v.number for v in field.enum_type.values]), st.integers(-3, 40),
-                         st.sampled_from([2**31 - 1, -(2**31)]))
+        return st.one_of(
+            st.sampled_from([v.number for v in field.enum_type.values]),
+            st.integers(-3, 40),
+            st.sampled_from([2**31 - 1, -(2**31)]),
+        )
     if t == FD.TYPE_BOOL:
         return st.booleans()
     if t in (FD.TYPE_FLOAT, FD.TYPE_DOUBLE):
@@ -186,13 +252,15 @@ def value_strategy(field: pbd.FieldDescriptor, material: Material, depth: int) -
     return st.one_of(st.sampled_from(HOSTILE_STRINGS), st.text(max_size=30))
 
 
-def repeated_strategy(field: pbd.FieldDescriptor, material: Material,
-                      depth: int) -> st.SearchStrategy[list[Any]]:
+def repeated_strategy(
+    field: pbd.FieldDescriptor, material: Material, depth: int
+) -> st.SearchStrategy[list[Any]]:
     element = value_strategy(field, material, depth)
     if field.name == "embedding":  # the dimension the services check, and its neighbours
-        return st.one_of(st.integers(0, 3).flatmap(lambda n: st.lists(element, min_size=n, max_size=n)),
-                         st.sampled_from([383, 384, 385]).flatmap(
-                             lambda n: st.lists(_floats(32), min_size=n, max_size=n)))
+        return st.one_of(
+            st.integers(0, 3).flatmap(lambda n: st.lists(element, min_size=n, max_size=n)),
+            st.sampled_from([383, 384, 385]).flatmap(lambda n: st.lists(_floats(32), min_size=n, max_size=n)),
+        )
     return st.lists(element, max_size=3 if depth < 2 else 1)
 
 
@@ -209,8 +277,15 @@ def _message(draw: st.DrawFn, descriptor: pbd.Descriptor, material: Material, de
             continue
         if field.type == FD.TYPE_MESSAGE and depth >= 4:
             continue
-        set_field(msg, field, draw(repeated_strategy(field, material, depth) if _repeated(field)
-                                   else value_strategy(field, material, depth)))
+        set_field(
+            msg,
+            field,
+            draw(
+                repeated_strategy(field, material, depth)
+                if _repeated(field)
+                else value_strategy(field, material, depth)
+            ),
+        )
     return msg
 
 
@@ -268,16 +343,23 @@ def mutated_message(draw: st.DrawFn, seed: Message, material: Material) -> Messa
             if not node.DESCRIPTOR.fields:
                 break
             field = draw(st.sampled_from(list(node.DESCRIPTOR.fields)))
-            if field.type == FD.TYPE_MESSAGE and not _repeated(field) and node.HasField(field.name) \
-                    and draw(st.booleans()):
+            if (
+                field.type == FD.TYPE_MESSAGE
+                and not _repeated(field)
+                and node.HasField(field.name)
+                and draw(st.booleans())
+            ):
                 node = getattr(node, field.name)
                 continue
             items = getattr(node, field.name) if _repeated(field) else None
             if items is not None and len(items) and field.type == FD.TYPE_MESSAGE and draw(st.booleans()):
                 node = items[draw(st.integers(0, len(items) - 1))]
                 continue
-            action = draw(st.sampled_from(["set", "clear", "copies"] if items is not None and len(items)
-                                          else ["set", "clear"]))
+            action = draw(
+                st.sampled_from(
+                    ["set", "clear", "copies"] if items is not None and len(items) else ["set", "clear"]
+                )
+            )
             if action == "clear":
                 node.ClearField(field.name)
             elif action == "copies":
@@ -289,8 +371,15 @@ def mutated_message(draw: st.DrawFn, seed: Message, material: Material) -> Messa
                 else:
                     items.extend([element] * n)
             else:
-                set_field(node, field, draw(repeated_strategy(field, material, 2) if _repeated(field)
-                                            else value_strategy(field, material, 2)))
+                set_field(
+                    node,
+                    field,
+                    draw(
+                        repeated_strategy(field, material, 2)
+                        if _repeated(field)
+                        else value_strategy(field, material, 2)
+                    ),
+                )
             break
     return msg
 
@@ -317,8 +406,9 @@ def mutated_stream(draw: st.DrawFn, seed: list[Message], material: Material) -> 
     return stream
 
 
-def request_streams(method: pbd.MethodDescriptor, seeds: list[list[Message]],
-                    material: Material) -> st.SearchStrategy[list[Message]]:
+def request_streams(
+    method: pbd.MethodDescriptor, seeds: list[list[Message]], material: Material
+) -> st.SearchStrategy[list[Message]]:
     """Lists of request messages (one for unary requests): random ones, or mutated seeds."""
     random_one = messages(method.input_type, material)
     if method.client_streaming:
@@ -326,8 +416,7 @@ def request_streams(method: pbd.MethodDescriptor, seeds: list[list[Message]],
         mutated = st.sampled_from(seeds).flatmap(lambda s: mutated_stream(s, material))
     else:
         random = random_one.map(lambda m: [m])
-        mutated = st.sampled_from(seeds).flatmap(
-            lambda s: mutated_message(s[0], material).map(lambda m: [m]))
+        mutated = st.sampled_from(seeds).flatmap(lambda s: mutated_message(s[0], material).map(lambda m: [m]))
     return st.one_of(random, mutated, mutated)
 
 
@@ -361,8 +450,9 @@ def records(draw: st.DrawFn, depth: int = 0) -> bytes:
             out += draw(st.binary(min_size=4, max_size=4))
         elif wire == 2:
             body = draw(st.binary(max_size=40) if depth >= 2 or draw(st.booleans()) else records(depth + 1))
-            length = draw(st.sampled_from([len(body), len(body) + 1, max(0, len(body) - 1), 2**31 - 1,
-                                           2**32]))
+            length = draw(
+                st.sampled_from([len(body), len(body) + 1, max(0, len(body) - 1), 2**31 - 1, 2**32])
+            )
             out += _varint(length) + body
         else:
             out += draw(st.binary(max_size=8))
@@ -385,18 +475,20 @@ def corrupted(draw: st.DrawFn, valid: bytes) -> bytes:
             data += draw(st.one_of(records(), st.binary(max_size=20)))
         else:
             j = draw(st.integers(0, max(0, len(data) - 1)))
-            data[i:i] = data[j:j + draw(st.integers(1, 64))]
+            data[i:i] = data[j : j + draw(st.integers(1, 64))]
     return bytes(data)
 
 
-def wire_streams(method: pbd.MethodDescriptor,
-                 seeds: list[list[Message]]) -> st.SearchStrategy[list[bytes]]:
+def wire_streams(method: pbd.MethodDescriptor, seeds: list[list[Message]]) -> st.SearchStrategy[list[bytes]]:
     valid = [m.SerializeToString() for s in seeds for m in s]
     one = st.one_of(st.binary(max_size=200), records(), st.sampled_from(valid).flatmap(corrupted))
     if not method.client_streaming:
         return one.map(lambda b: [b])
-    return st.sampled_from(seeds).flatmap(lambda s: st.lists(
-        st.one_of(st.sampled_from([m.SerializeToString() for m in s]), one), min_size=1, max_size=5))
+    return st.sampled_from(seeds).flatmap(
+        lambda s: st.lists(
+            st.one_of(st.sampled_from([m.SerializeToString() for m in s]), one), min_size=1, max_size=5
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,48 +496,69 @@ def wire_streams(method: pbd.MethodDescriptor,
 def seed_requests(material: Material) -> dict[tuple[str, str], list[list[Message]]]:
     image = common_pb2.Image(encoded=SMALL_JPEG)
     crop = common_pb2.Image(encoded=FACE_JPEG, is_face_crop=True)
-    boxed = common_pb2.Image(encoded=SMALL_JPEG,
-                             faces=[common_pb2.BoundingBox(x=40, y=10, width=60, height=60)])
-    raw = common_pb2.Image(raw=common_pb2.RawImage(height=112, width=112, format=common_pb2.PIXEL_FORMAT_BGR8,
-                                                   data=FACE.tobytes()), is_face_crop=True)
-    rows = [proxylabel_pb.TextRow(id="a", text="How do I boil an egg?", response="Simmer it nine minutes."),
-            proxylabel_pb.TextRow(id="b", text="hello", embedding=[0.05] * 384)]
-    knn = proxylabel_pb.KnnOptions(k=10, tau=0.1, weighting=proxylabel_pb.KNN_WEIGHTING_SOFTMAX,
-                                   aggregation=proxylabel_pb.KNN_AGGREGATION_VOTE)
-    rules = proxylabel_pb.FusionRules(version="fuzz", mode=proxylabel_pb.PROXY_MODE_ENSEMBLE, alpha=0.5,
-                                      knn=knn)
+    boxed = common_pb2.Image(
+        encoded=SMALL_JPEG, faces=[common_pb2.BoundingBox(x=40, y=10, width=60, height=60)]
+    )
+    raw = common_pb2.Image(
+        raw=common_pb2.RawImage(
+            height=112, width=112, format=common_pb2.PIXEL_FORMAT_BGR8, data=FACE.tobytes()
+        ),
+        is_face_crop=True,
+    )
+    rows = [
+        proxylabel_pb.TextRow(id="a", text="How do I boil an egg?", response="Simmer it nine minutes."),
+        proxylabel_pb.TextRow(id="b", text="hello", embedding=[0.05] * 384),
+    ]
+    knn = proxylabel_pb.KnnOptions(
+        k=10,
+        tau=0.1,
+        weighting=proxylabel_pb.KNN_WEIGHTING_SOFTMAX,
+        aggregation=proxylabel_pb.KNN_AGGREGATION_VOTE,
+    )
+    rules = proxylabel_pb.FusionRules(
+        version="fuzz", mode=proxylabel_pb.PROXY_MODE_ENSEMBLE, alpha=0.5, knn=knn
+    )
     job = "0" * 32
 
     def clip(cls: Any, header: Any) -> list[Message]:
-        return [cls(header=header)] + [cls(frame=common_pb2.VideoFrame(timestamp_us=i * 33_333,
-                                                                       image=common_pb2.Image(encoded=f)))
-                                       for i, f in enumerate(material.frames)]
+        return [cls(header=header)] + [
+            cls(frame=common_pb2.VideoFrame(timestamp_us=i * 33_333, image=common_pb2.Image(encoded=f)))
+            for i, f in enumerate(material.frames)
+        ]
 
     out = material.out_root
     g, e, n, p = gateway_pb, emotion_pb, engagement_pb, proxylabel_pb
     return {
         ("gateway", "ClassifyEmotion"): [
             [g.ClassifyEmotionRequest(images=[image, crop], mode=g.EMOTION_MODE_STUDENT)],
-            [g.ClassifyEmotionRequest(images=[boxed, raw], return_member_logits=True)]],
+            [g.ClassifyEmotionRequest(images=[boxed, raw], return_member_logits=True)],
+        ],
         ("gateway", "ScoreClip"): [clip(g.ScoreClipRequest, g.ClipHeader(clip_id="c", fps=30))],
         ("gateway", "StreamVideo"): [clip(g.StreamVideoRequest, g.ClipHeader(clip_id="s", fps=30))],
         ("gateway", "ScoreTexts"): [[g.ScoreTextsRequest(rows=rows)]],
-        ("gateway", "ScoreShard"): [[g.ScoreShardRequest(input_path=str(material.shard),
-                                                         output_path=str(out / "g"), batch_rows=16)]],
+        ("gateway", "ScoreShard"): [
+            [g.ScoreShardRequest(input_path=str(material.shard), output_path=str(out / "g"), batch_rows=16)]
+        ],
         ("gateway", "GetShardJob"): [[g.GetShardJobRequest(job_id=job)]],
         ("gateway", "ListShardJobs"): [[g.ListShardJobsRequest()]],
         ("gateway", "CancelShardJob"): [[g.CancelShardJobRequest(job_id=job)]],
         ("gateway", "GetStatus"): [[g.GetStatusRequest()]],
-        ("emotion", "InferFaces"): [[e.InferFacesRequest(images=[image, crop], models=["emotion_student"])],
-                                    [e.InferFacesRequest(images=[boxed, raw], models=["emotion_student"])]],
+        ("emotion", "InferFaces"): [
+            [e.InferFacesRequest(images=[image, crop], models=["emotion_student"])],
+            [e.InferFacesRequest(images=[boxed, raw], models=["emotion_student"])],
+        ],
         ("emotion", "ListModels"): [[e.ListModelsRequest()]],
         ("engagement", "ScoreClip"): [clip(n.ScoreClipRequest, n.ClipHeader(clip_id="c", fps=30))],
         ("engagement", "StreamVideo"): [clip(n.StreamVideoRequest, n.ClipHeader(clip_id="s", fps=30))],
         ("engagement", "ListModels"): [[n.ListModelsRequest()]],
         ("proxylabel", "ScoreTexts"): [[p.ScoreTextsRequest(rows=rows, knn=knn, run_knn=True, run_mlp=True)]],
-        ("proxylabel", "ScoreShard"): [[p.ScoreShardRequest(input_path=str(material.shard),
-                                                            output_path=str(out / "p"), rules=rules,
-                                                            batch_rows=16)]],
+        ("proxylabel", "ScoreShard"): [
+            [
+                p.ScoreShardRequest(
+                    input_path=str(material.shard), output_path=str(out / "p"), rules=rules, batch_rows=16
+                )
+            ]
+        ],
         ("proxylabel", "GetShardJob"): [[p.GetShardJobRequest(job_id=job)]],
         ("proxylabel", "ListShardJobs"): [[p.ListShardJobsRequest()]],
         ("proxylabel", "CancelShardJob"): [[p.CancelShardJobRequest(job_id=job)]],
@@ -463,8 +576,14 @@ def describe(msg: Message) -> str:
     parts = []
     for field, value in msg.ListFields():
         values = list(value) if _repeated(field) else [value]
-        shown = [("{" + describe(v) + "}") if field.type == FD.TYPE_MESSAGE
-                 else _short(v) if isinstance(v, bytes) else repr(v)[:60] for v in values[:4]]
+        shown = [
+            ("{" + describe(v) + "}")
+            if field.type == FD.TYPE_MESSAGE
+            else _short(v)
+            if isinstance(v, bytes)
+            else repr(v)[:60]
+            for v in values[:4]
+        ]
         more = f" …+{len(values) - 4}" if len(values) > 4 else ""
         parts.append(f"{field.name}: " + (", ".join(shown) + more if _repeated(field) else shown[0]))
     return "; ".join(parts)
@@ -480,8 +599,14 @@ class Case:
         return [i if isinstance(i, bytes) else i.SerializeToString() for i in self.items]
 
     def __repr__(self) -> str:
-        return "[" + ", ".join(_short(i) if isinstance(i, bytes) else f"{type(i).__name__}({describe(i)})"
-                               for i in self.items) + "]"
+        return (
+            "["
+            + ", ".join(
+                _short(i) if isinstance(i, bytes) else f"{type(i).__name__}({describe(i)})"
+                for i in self.items
+            )
+            + "]"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -510,9 +635,13 @@ def known_bug(process: str, method: pbd.MethodDescriptor, payloads: Sequence[byt
 
 # ------------------------------------------------------------------------------------------------
 # Calling and judging
-def invoke(channel: grpc.Channel, method: pbd.MethodDescriptor, payloads: Sequence[bytes],
-           timeout: float, metadata: Sequence[tuple[str, str]] = ()
-           ) -> tuple[grpc.StatusCode, str, list[bytes]]:
+def invoke(
+    channel: grpc.Channel,
+    method: pbd.MethodDescriptor,
+    payloads: Sequence[bytes],
+    timeout: float,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> tuple[grpc.StatusCode, str, list[bytes]]:
     """Send raw request bytes; (status, details, raw answers)."""
     path = f"/{method.containing_service.full_name}/{method.name}"
     kind = (method.client_streaming, method.server_streaming)
@@ -538,7 +667,7 @@ def item_codes(msg: Message) -> Iterator[tuple[str, int, str]]:
     for field, value in msg.ListFields():
         if field.type != FD.TYPE_MESSAGE:
             continue
-        for v in (value if _repeated(field) else [value]):
+        for v in value if _repeated(field) else [value]:
             if v.DESCRIPTOR.full_name == "tessera.common.v1.ItemStatus":
                 yield field.name, v.code, v.message
             else:
@@ -566,12 +695,23 @@ class Judge:
     def channel(self, process: str) -> grpc.Channel:
         target = self.suite.processes[process].target
         if target not in self.channels:
-            self.channels[target] = grpc.insecure_channel(target, options=[
-                ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+            self.channels[target] = grpc.insecure_channel(
+                target,
+                options=[
+                    ("grpc.max_send_message_length", 64 << 20),
+                    ("grpc.max_receive_message_length", 64 << 20),
+                ],
+            )
         return self.channels[target]
 
-    def check(self, process: str, method: pbd.MethodDescriptor, payloads: Sequence[bytes],
-              metadata: Sequence[tuple[str, str]] = (), target_channel: grpc.Channel | None = None) -> None:
+    def check(
+        self,
+        process: str,
+        method: pbd.MethodDescriptor,
+        payloads: Sequence[bytes],
+        metadata: Sequence[tuple[str, str]] = (),
+        target_channel: grpc.Channel | None = None,
+    ) -> None:
         if known_bug(process, method, payloads):
             assume(False)  # a known bug (its own test below): look for others
         channel = target_channel or self.channel(process)
@@ -580,8 +720,9 @@ class Judge:
         self.codes.setdefault(key, {}).setdefault(code.name, 0)
         self.codes[key][code.name] += 1
         assert code in DOCUMENTED, f"{key}: {code.name}: {details}"
-        assert code != grpc.StatusCode.DEADLINE_EXCEEDED, \
+        assert code != grpc.StatusCode.DEADLINE_EXCEEDED, (
             f"{key}: a hang: no answer within {CALL_DEADLINE:g} s"
+        )
         reply_cls = message_class(method.output_type)
         for raw in answers:
             try:
@@ -589,19 +730,20 @@ class Judge:
             except DecodeError as exc:
                 raise AssertionError(f"{key}: an answer that does not parse: {exc}") from None
             for field, item_code, message in item_codes(reply):
-                assert item_code in DOCUMENTED_VALUES, \
-                    f"{key}: item {field} has code {item_code}: {message}"
+                assert item_code in DOCUMENTED_VALUES, f"{key}: item {field} has code {item_code}: {message}"
         self.check_processes()
 
     def check_processes(self) -> None:
         for name in PROCESSES:
             proc = self.suite.processes[name]
-            assert proc.popen.poll() is None, \
+            assert proc.popen.poll() is None, (
                 f"{name} died (exit {proc.popen.returncode}):\n{proc.log_tail()}"
+            )
             rss = rss_mib(proc.popen.pid)
             self.peak[name] = max(self.peak[name], rss)
-            assert rss < self.baseline[name] + RSS_HEADROOM_MIB, \
+            assert rss < self.baseline[name] + RSS_HEADROOM_MIB, (
                 f"{name}: VmRSS {rss:.0f} MiB, {self.baseline[name]:.0f} at the start"
+            )
 
     def close(self) -> None:
         for c in self.channels.values():
@@ -637,19 +779,43 @@ def judge(suite: Suite) -> Iterator[Judge]:
             for code, n in codes.items():
                 totals[code] = totals.get(code, 0) + n
         bad = sum(n for code, n in totals.items() if grpc.StatusCode[code] not in DOCUMENTED)
-        results.record("fuzzing (tests/test_fuzz.py)", [
-            results.row(f"calls with fuzzed messages and bytes, {len(j.codes)} RPCs on both hops",
-                        sum(totals.values()), "calls",
-                        note=", ".join(f"{k} {v}" for k, v in sorted(totals.items()))),
-            results.row("calls ending UNKNOWN, INTERNAL or another undocumented status", bad, "calls",
-                        target="0", meets_target=bad == 0,
-                        note="known bugs are skipped: see KNOWN_BUGS in tests/test_fuzz.py"),
-            *(results.row(f"{n} VmRSS peak vs at the start", j.peak[n], "MiB",
-                          baseline=round(j.baseline[n], 1), target=f"< start + {RSS_HEADROOM_MIB} MiB",
-                          meets_target=j.peak[n] < j.baseline[n] + RSS_HEADROOM_MIB) for n in PROCESSES),
-        ], quick="long" not in j.forms, settings="examples per RPC: " + "; ".join(
-            f"{form} form: message level {n['message']}, wire level {n['wire']}"
-            for form, n in (("short", SHORT), ("long", LONG)) if form in j.forms))
+        results.record(
+            "fuzzing (tests/test_fuzz.py)",
+            [
+                results.row(
+                    f"calls with fuzzed messages and bytes, {len(j.codes)} RPCs on both hops",
+                    sum(totals.values()),
+                    "calls",
+                    note=", ".join(f"{k} {v}" for k, v in sorted(totals.items())),
+                ),
+                results.row(
+                    "calls ending UNKNOWN, INTERNAL or another undocumented status",
+                    bad,
+                    "calls",
+                    target="0",
+                    meets_target=bad == 0,
+                    note="known bugs are skipped: see KNOWN_BUGS in tests/test_fuzz.py",
+                ),
+                *(
+                    results.row(
+                        f"{n} VmRSS peak vs at the start",
+                        j.peak[n],
+                        "MiB",
+                        baseline=round(j.baseline[n], 1),
+                        target=f"< start + {RSS_HEADROOM_MIB} MiB",
+                        meets_target=j.peak[n] < j.baseline[n] + RSS_HEADROOM_MIB,
+                    )
+                    for n in PROCESSES
+                ),
+            ],
+            quick="long" not in j.forms,
+            settings="examples per RPC: "
+            + "; ".join(
+                f"{form} form: message level {n['message']}, wire level {n['wire']}"
+                for form, n in (("short", SHORT), ("long", LONG))
+                if form in j.forms
+            ),
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -666,17 +832,24 @@ def _params() -> list[Any]:
     params = []
     for (process, method), test_id in zip(METHODS, IDS, strict=True):
         params.append(pytest.param(process, method, "short", id=f"{test_id}-short"))
-        params.append(pytest.param(process, method, "long", id=f"{test_id}-long",
-                                   marks=[pytest.mark.slow, pytest.mark.timeout(1200)]))
+        params.append(
+            pytest.param(
+                process,
+                method,
+                "long",
+                id=f"{test_id}-long",
+                marks=[pytest.mark.slow, pytest.mark.timeout(1200)],
+            )
+        )
     return params
 
 
 # ------------------------------------------------------------------------------------------------
 # The tests
 @pytest.mark.parametrize(("process", "method", "form"), _params())
-def test_fuzzed_messages_end_with_a_documented_status(judge: Judge, seeds: dict, material: Material,
-                                                      process: str, method: pbd.MethodDescriptor,
-                                                      form: str) -> None:
+def test_fuzzed_messages_end_with_a_documented_status(
+    judge: Judge, seeds: dict, material: Material, process: str, method: pbd.MethodDescriptor, form: str
+) -> None:
     judge.forms.add(form)
 
     @fuzz_settings((SHORT if form == "short" else LONG)["message"])
@@ -688,8 +861,9 @@ def test_fuzzed_messages_end_with_a_documented_status(judge: Judge, seeds: dict,
 
 
 @pytest.mark.parametrize(("process", "method", "form"), _params())
-def test_fuzzed_bytes_end_with_a_documented_status(judge: Judge, seeds: dict, process: str,
-                                                   method: pbd.MethodDescriptor, form: str) -> None:
+def test_fuzzed_bytes_end_with_a_documented_status(
+    judge: Judge, seeds: dict, process: str, method: pbd.MethodDescriptor, form: str
+) -> None:
     judge.forms.add(form)
 
     @fuzz_settings((SHORT if form == "short" else LONG)["wire"])
@@ -707,19 +881,37 @@ _HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), ma
 
 
 @pytest.fixture(scope="module")
-def guarded_gateway(suite: Suite,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
+def guarded_gateway(
+    suite: Suite, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """A second gateway in front of the same services, with a bearer token configured."""
     work = tmp_path_factory.mktemp("guarded")
     ready = work / "gateway.ready.json"
-    env = {**os.environ, "TESSERA_GATEWAY__AUTH__TOKENS": f'["{TOKEN}"]',
-           "TESSERA_GATEWAY__RULES_PATH": str(ROOT / "config" / "fusion_rules.yaml"),
-           **{f"TESSERA_GATEWAY__TARGETS__{n.upper()}": suite.processes[n].target
-              for n in ("emotion", "engagement", "proxylabel")}}
+    env = {
+        **os.environ,
+        "TESSERA_GATEWAY__AUTH__TOKENS": f'["{TOKEN}"]',
+        "TESSERA_GATEWAY__RULES_PATH": str(ROOT / "config" / "fusion_rules.yaml"),
+        **{
+            f"TESSERA_GATEWAY__TARGETS__{n.upper()}": suite.processes[n].target
+            for n in ("emotion", "engagement", "proxylabel")
+        },
+    }
     with (work / "gateway.log").open("wb") as log:
-        popen = subprocess.Popen([command_path("tessera-gateway"), "--port", "0", "--metrics-port", "0",
-                                  "--ready-file", str(ready)], cwd=ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(
+            [
+                command_path("tessera-gateway"),
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--ready-file",
+                str(ready),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -740,14 +932,33 @@ def guarded_gateway(suite: Suite,
 
 @st.composite
 def auth_metadata(draw: st.DrawFn) -> list[tuple[str, str]]:
-    value = draw(st.one_of(
-        st.sampled_from([f"Bearer {TOKEN}", f"bearer {TOKEN}", f"Bearer  {TOKEN}", TOKEN,
-                         f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN} ", "Bearer ", "Basic czNjcmV0", ""]),
-        _HEADER_TEXT, _HEADER_TEXT.map(lambda s: f"Bearer {s}")))
+    value = draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    f"Bearer {TOKEN}",
+                    f"bearer {TOKEN}",
+                    f"Bearer  {TOKEN}",
+                    TOKEN,
+                    f"Bearer {TOKEN[:-1]}",
+                    f"Bearer {TOKEN} ",
+                    "Bearer ",
+                    "Basic czNjcmV0",
+                    "",
+                ]
+            ),
+            _HEADER_TEXT,
+            _HEADER_TEXT.map(lambda s: f"Bearer {s}"),
+        )
+    )
     md = [] if draw(st.booleans()) and value == "" else [("authorization", value)]
     if draw(st.booleans()):
-        md.append((draw(st.sampled_from(["authorization", "x-request-id", "x-api-key", "grpc-timeout-x"])),
-                   draw(_HEADER_TEXT)))
+        md.append(
+            (
+                draw(st.sampled_from(["authorization", "x-request-id", "x-api-key", "grpc-timeout-x"])),
+                draw(_HEADER_TEXT),
+            )
+        )
     return md
 
 
@@ -755,10 +966,12 @@ GATEWAY_METHODS = [(p, m) for p, m in METHODS if p == "gateway"]
 
 
 @pytest.mark.parametrize("examples", [20, pytest.param(300, marks=pytest.mark.slow)], ids=["short", "long"])
-def test_fuzzed_credentials_end_with_a_documented_status(judge: Judge, seeds: dict,
-                                                         guarded_gateway: tuple, examples: int) -> None:
+def test_fuzzed_credentials_end_with_a_documented_status(
+    judge: Judge, seeds: dict, guarded_gateway: tuple, examples: int
+) -> None:
     target, popen = guarded_gateway
     with grpc.insecure_channel(target) as channel:
+
         @fuzz_settings(examples)
         @given(st.sampled_from(GATEWAY_METHODS), auth_metadata())
         def run(pm: tuple[str, pbd.MethodDescriptor], metadata: list[tuple[str, str]]) -> None:
@@ -767,11 +980,16 @@ def test_fuzzed_credentials_end_with_a_documented_status(judge: Judge, seeds: di
             payloads = [m.SerializeToString() for m in stream]
             code, details, _ = invoke(channel, method, payloads, CALL_DEADLINE, metadata)
             assert code in DOCUMENTED and code != grpc.StatusCode.DEADLINE_EXCEEDED, f"{code.name}: {details}"
-            maybe_valid = any(k == "authorization" and v.strip().partition(" ")[0].lower() == "bearer"
-                              and v.strip().partition(" ")[2].strip() == TOKEN for k, v in metadata)
+            maybe_valid = any(
+                k == "authorization"
+                and v.strip().partition(" ")[0].lower() == "bearer"
+                and v.strip().partition(" ")[2].strip() == TOKEN
+                for k, v in metadata
+            )
             if not maybe_valid:
-                assert code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), \
+                assert code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), (
                     f"{method.name} with {metadata}: {code.name}"
+                )
             assert popen.poll() is None
             judge.check_processes()
 
@@ -783,9 +1001,13 @@ def test_fuzzed_credentials_end_with_a_documented_status(judge: Judge, seeds: di
 def test_a_model_named_twice_is_not_an_internal_error(suite: Suite) -> None:
     """Found by this module: InferFaces with a model named twice ended INTERNAL (every row's logits
     zipped twice); now INVALID_ARGUMENT naming it."""
-    request = emotion_pb.InferFacesRequest(images=[common_pb2.Image(encoded=FACE_JPEG, is_face_crop=True)],
-                                           models=["emotion_student", "emotion_student"])
+    request = emotion_pb.InferFacesRequest(
+        images=[common_pb2.Image(encoded=FACE_JPEG, is_face_crop=True)],
+        models=["emotion_student", "emotion_student"],
+    )
     method = emotion_pb.DESCRIPTOR.services_by_name["EmotionService"].methods_by_name["InferFaces"]
     with grpc.insecure_channel(suite.processes["emotion"].target) as channel:
         code, details, _ = invoke(channel, method, [request.SerializeToString()], CALL_DEADLINE)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "named more than once" in details, f"{code.name}: {details}"
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "named more than once" in details, (
+        f"{code.name}: {details}"
+    )

@@ -14,10 +14,10 @@ from scipy.special import softmax
 from skimage import data as skdata
 from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, log_loss
 
-from tessera_client import TesseraClient
 from launcher.suite import ROOT, Suite
 from services.fusion.emotion import CLASS_NAMES, fuse_logits, fused_logits
 from services.fusion.rules import parse_rules
+from tessera_client import TesseraClient
 from tools.modeller.evaluate import metrics
 from tools.modeller.evaluate.__main__ import main
 from tools.modeller.evaluate.emotion import Answers, parse_label, summarise
@@ -61,7 +61,8 @@ def test_classification_metrics_equal_scikit_learn(seed: int) -> None:
     expected = f1_score(labels, pred, labels=range(K), average=None, zero_division=0)
     np.testing.assert_allclose(metrics.per_class_f1(probs, labels), expected, atol=1e-12)
     assert metrics.macro_f1(probs, labels) == pytest.approx(
-        f1_score(labels, pred, labels=range(K), average="macro", zero_division=0), abs=1e-12)
+        f1_score(labels, pred, labels=range(K), average="macro", zero_division=0), abs=1e-12
+    )
     assert metrics.nll(probs, labels) == pytest.approx(log_loss(labels, probs, labels=range(K)), rel=1e-10)
 
 
@@ -74,7 +75,8 @@ def test_macro_f1_counts_a_class_absent_from_truth_and_prediction_as_zero() -> N
     assert f1[6] == 0.0 and 6 not in labels and 6 not in pred
     assert metrics.macro_f1(probs, labels) == pytest.approx(f1.sum() / K)
     assert metrics.macro_f1(probs, labels) == pytest.approx(
-        f1_score(labels, pred, labels=range(K), average="macro", zero_division=0), abs=1e-12)
+        f1_score(labels, pred, labels=range(K), average="macro", zero_division=0), abs=1e-12
+    )
 
 
 def test_nll_clips_a_zero_probability_at_1e_12() -> None:
@@ -86,7 +88,9 @@ def test_nll_clips_a_zero_probability_at_1e_12() -> None:
 def test_ece_equals_a_per_sample_reference(bins: int) -> None:
     for seed in range(3):
         probs, labels = _random_case(seed, truth_classes=K)
-        assert metrics.ece(probs, labels, bins) == pytest.approx(ece_reference(probs, labels, bins), abs=1e-12)
+        assert metrics.ece(probs, labels, bins) == pytest.approx(
+            ece_reference(probs, labels, bins), abs=1e-12
+        )
 
 
 def test_ece_puts_a_confidence_on_an_edge_in_the_bin_it_closes() -> None:
@@ -109,11 +113,14 @@ def test_ece_is_zero_when_every_bin_is_calibrated() -> None:
 
 def test_brier_is_the_multiclass_sum_of_squares() -> None:
     probs, labels = _random_case(4, truth_classes=K)
-    explicit = np.mean([sum((probs[i, k] - (labels[i] == k)) ** 2 for k in range(K)) for i in range(len(labels))])
+    explicit = np.mean(
+        [sum((probs[i, k] - (labels[i] == k)) ** 2 for k in range(K)) for i in range(len(labels))]
+    )
     assert metrics.brier(probs, labels) == pytest.approx(explicit, rel=1e-12)
     # scikit-learn >= 1.7 has the multi-class form too (unscaled when asked).
     assert metrics.brier(probs, labels) == pytest.approx(
-        brier_score_loss(labels, probs, labels=range(K), scale_by_half=False), rel=1e-10)
+        brier_score_loss(labels, probs, labels=range(K), scale_by_half=False), rel=1e-10
+    )
 
 
 def test_binary_brier_is_twice_sklearns_positive_class_score() -> None:
@@ -155,7 +162,9 @@ def test_fit_temperature_recovers_a_known_temperature(true_t: float) -> None:
 def test_fit_temperature_stays_in_bounds() -> None:
     logits = np.array([[5.0, 0.0], [0.0, 5.0]])
     # Perfectly separated: the NLL keeps falling as T → 0, so the lower bound is the answer.
-    assert metrics.fit_temperature(logits, np.array([0, 1]), bounds=(0.1, 10.0)) == pytest.approx(0.1, rel=1e-3)
+    assert metrics.fit_temperature(logits, np.array([0, 1]), bounds=(0.1, 10.0)) == pytest.approx(
+        0.1, rel=1e-3
+    )
 
 
 def test_fused_logits_are_what_fuse_logits_scales() -> None:
@@ -163,28 +172,44 @@ def test_fused_logits_are_what_fuse_logits_scales() -> None:
     members = {m: rng.normal(0, 4, size=(50, K)).astype(np.float32) for m in ("a", "b", "c")}
     weights = {"a": 2.0, "b": 2.0, "c": 1.0}
     for t in (0.7, 1.0, 2.5):
-        np.testing.assert_allclose(softmax(fused_logits(members, weights) / t, axis=1),
-                                   fuse_logits(members, weights, t), atol=1e-7)
+        np.testing.assert_allclose(
+            softmax(fused_logits(members, weights) / t, axis=1), fuse_logits(members, weights, t), atol=1e-7
+        )
 
 
 def test_labels_are_names_in_any_case_or_indices() -> None:
-    assert [parse_label(x) for x in ("Angry", "happy", " NEUTRAL ", "0", "6", "7", "joy", "-1")] == \
-        [0, 3, 6, 0, 6, None, None, None]
+    assert [parse_label(x) for x in ("Angry", "happy", " NEUTRAL ", "0", "6", "7", "joy", "-1")] == [
+        0,
+        3,
+        6,
+        0,
+        6,
+        None,
+        None,
+        None,
+    ]
 
 
 def _ensemble_answers(space: str, temperature: float, seed: int = 8) -> tuple[Answers, object, str]:
     """What the gateway would answer in ensemble mode under rules with a temperature override."""
-    rules, version = parse_rules(f"emotion: {{default_mode: ensemble, fusion_space: {space}, "
-                                 f"temperature: {{ensemble: {temperature}}}}}")
+    rules, version = parse_rules(
+        f"emotion: {{default_mode: ensemble, fusion_space: {space}, "
+        f"temperature: {{ensemble: {temperature}}}}}"
+    )
     rng = np.random.default_rng(seed)
     n = 400
     weights = {m.model: m.weight for m in rules.emotion.members}
     members = {m: rng.normal(0, 3, size=(n, K)).astype(np.float32) for m in weights}
     labels = rng.integers(0, K, n)
     served = fuse_logits(members, weights, temperature, space)
-    answers = Answers(labels=labels.tolist(), probabilities=served.tolist(),
-                      members={m: v.tolist() for m, v in members.items()}, class_names=list(CLASS_NAMES),
-                      modes={"ensemble"}, rules_versions={version})
+    answers = Answers(
+        labels=labels.tolist(),
+        probabilities=served.tolist(),
+        members={m: v.tolist() for m, v in members.items()},
+        class_names=list(CLASS_NAMES),
+        modes={"ensemble"},
+        rules_versions={version},
+    )
     return answers, rules, version
 
 
@@ -196,7 +221,9 @@ def test_ensemble_temperature_is_fitted_on_the_weighted_logits() -> None:
     assert ev.weights == pytest.approx({"emotion_rn18": 0.4, "emotion_b3": 0.4, "emotion_cnxt": 0.2})
     labels = np.array(answers.labels)
     members = {m: np.array(v, dtype=np.float32) for m, v in answers.members.items()}
-    expected = metrics.fit_temperature(sum(w * members[m].astype(np.float64) for m, w in ev.weights.items()), labels)
+    expected = metrics.fit_temperature(
+        sum(w * members[m].astype(np.float64) for m, w in ev.weights.items()), labels
+    )
     assert ev.metrics.temperature == pytest.approx(expected, rel=1e-9)
     # The printed line is valid rules: pasted into a file, it serves the fitted temperature.
     pasted, _ = parse_rules(ev.rules_snippet)
@@ -231,15 +258,16 @@ def client(suite: Suite) -> TesseraClient:
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory: pytest.TempPathFactory, client: TesseraClient,
-          astronaut_jpeg: bytes) -> tuple[Path, list[dict[str, str]]]:
+def faces(
+    tmp_path_factory: pytest.TempPathFactory, client: TesseraClient, astronaut_jpeg: bytes
+) -> tuple[Path, list[dict[str, str]]]:
     """Face images on disk and manifest rows for them: astronaut crops at several sizes (and
     mirrored), LFW faces upscaled to 96 px, and the whole astronaut with its box."""
     folder = tmp_path_factory.mktemp("evaluate")
     (face,) = client.classify_image(astronaut_jpeg)
     x, y, w, h = face.box
     bgr = cv2.cvtColor(skdata.astronaut(), cv2.COLOR_RGB2BGR)
-    crop = bgr[y:y + h, x:x + w]
+    crop = bgr[y : y + h, x : x + w]
     (folder / "img").mkdir()
     rows = []
     for i, size in enumerate((64, 96, 128, 200)):
@@ -254,12 +282,15 @@ def faces(tmp_path_factory: pytest.TempPathFactory, client: TesseraClient,
         cv2.imwrite(str(folder / "img" / f"lfw_{i}.png"), image)
         rows.append({"path": f"img/lfw_{i}.png", "label": label})
     cv2.imwrite(str(folder / "img" / "astronaut.jpg"), bgr)
-    rows.append({"path": "img/astronaut.jpg", "label": "Happy", "x": str(x), "y": str(y), "w": str(w), "h": str(h)})
+    rows.append(
+        {"path": "img/astronaut.jpg", "label": "Happy", "x": str(x), "y": str(y), "w": str(w), "h": str(h)}
+    )
     return folder, rows
 
 
-def _write_manifest(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("path", "label", "x", "y",
-                                                                                          "w", "h")) -> Path:
+def _write_manifest(
+    path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = ("path", "label", "x", "y", "w", "h")
+) -> Path:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
@@ -274,8 +305,11 @@ def _direct(client: TesseraClient, folder: Path, rows: list[dict[str, str]]) -> 
     images = []
     for r in rows:
         data = (folder / r["path"]).read_bytes()
-        box = [common_pb2.BoundingBox(x=int(r["x"]), y=int(r["y"]), width=int(r["w"]), height=int(r["h"]))] \
-            if r.get("x") else []
+        box = (
+            [common_pb2.BoundingBox(x=int(r["x"]), y=int(r["y"]), width=int(r["w"]), height=int(r["h"]))]
+            if r.get("x")
+            else []
+        )
         images.append(common_pb2.Image(encoded=data, faces=box, is_face_crop=not box))
     reply = client.classify(images, mode="student", return_member_logits=True)
     assert all(len(i.faces) == 1 for i in reply.images)
@@ -286,14 +320,34 @@ def _direct(client: TesseraClient, folder: Path, rows: list[dict[str, str]]) -> 
     return probs, logits
 
 
-def test_cli_reports_what_the_gateway_serves(suite: Suite, client: TesseraClient,
-                                             faces: tuple[Path, list[dict[str, str]]],
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_what_the_gateway_serves(
+    suite: Suite,
+    client: TesseraClient,
+    faces: tuple[Path, list[dict[str, str]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     folder, rows = faces
     manifest = _write_manifest(folder / "manifest.csv", rows)
     out = folder / "report.json"
-    code = main(["emotion", str(manifest), "--gateway", suite.gateway.target, "--mode", "student", "--batch", "5",
-                 "--fit-temperature", "--json", str(out), "--quiet", "--faces", "crop", "--no-cache"])
+    code = main(
+        [
+            "emotion",
+            str(manifest),
+            "--gateway",
+            suite.gateway.target,
+            "--mode",
+            "student",
+            "--batch",
+            "5",
+            "--fit-temperature",
+            "--json",
+            str(out),
+            "--quiet",
+            "--faces",
+            "crop",
+            "--no-cache",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
@@ -306,11 +360,13 @@ def test_cli_reports_what_the_gateway_serves(suite: Suite, client: TesseraClient
     labels = np.array([parse_label(r["label"]) for r in rows])
     probs, logits = _direct(client, folder, rows)
     assert m["accuracy"] == pytest.approx(accuracy_score(labels, probs.argmax(axis=1)), abs=1e-12)
-    assert m["nll"] == pytest.approx(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))),
-                                     rel=1e-5)
+    assert m["nll"] == pytest.approx(
+        -np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))), rel=1e-5
+    )
     assert m["ece"] == pytest.approx(ece_reference(probs, labels), abs=1e-5)
     assert m["macro_f1"] == pytest.approx(
-        f1_score(labels, probs.argmax(axis=1), labels=range(K), average="macro", zero_division=0), abs=1e-12)
+        f1_score(labels, probs.argmax(axis=1), labels=range(K), average="macro", zero_division=0), abs=1e-12
+    )
     fitted = metrics.fit_temperature(logits, labels)
     assert m["temperature"] == pytest.approx(fitted, rel=1e-4)
     assert m["scaled"]["nll"] <= m["nll"] + 1e-9
@@ -319,8 +375,9 @@ def test_cli_reports_what_the_gateway_serves(suite: Suite, client: TesseraClient
     assert parse_rules(report["rules_snippet"])[0].emotion.temperature == {"student": round(fitted, 4)}
 
 
-def test_a_mode_whose_models_are_not_served_exits_1(faces: tuple[Path, list[dict[str, str]]],
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_mode_whose_models_are_not_served_exits_1(
+    faces: tuple[Path, list[dict[str, str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
     # The default repository serves the ensemble (its pretrained members): the same repository
     # without two of them does not.
     from tests.helpers.suites import start_suite
@@ -334,41 +391,77 @@ def test_a_mode_whose_models_are_not_served_exits_1(faces: tuple[Path, list[dict
     manifest = _write_manifest(folder / "ensemble.csv", rows[:2])
     alone = start_suite(folder / "suite_without_members", repo, data_roots=(folder,))
     try:
-        assert main(["emotion", str(manifest), "--gateway", alone.gateway.target, "--mode", "ensemble",
-                     "--quiet", "--no-cache"]) == 1
+        assert (
+            main(
+                [
+                    "emotion",
+                    str(manifest),
+                    "--gateway",
+                    alone.gateway.target,
+                    "--mode",
+                    "ensemble",
+                    "--quiet",
+                    "--no-cache",
+                ]
+            )
+            == 1
+        )
     finally:
         alone.stop()
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
 
 
 def test_missing_and_undecodable_images_are_reported_per_image(
-        suite: Suite, faces: tuple[Path, list[dict[str, str]]], capsys: pytest.CaptureFixture[str]) -> None:
+    suite: Suite, faces: tuple[Path, list[dict[str, str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, rows = faces
     (folder / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    bad = [*rows[:3], {"path": "img/nowhere.png", "label": "Sad"}, {"path": "img/broken.png", "label": "Fear"}]
+    bad = [
+        *rows[:3],
+        {"path": "img/nowhere.png", "label": "Sad"},
+        {"path": "img/broken.png", "label": "Fear"},
+    ]
     manifest = _write_manifest(folder / "bad_images.csv", bad, ("path", "label"))
     out = folder / "bad_images.json"
-    code = main(["emotion", str(manifest), "--gateway", suite.gateway.target, "--json", str(out), "--quiet",
-                 "--faces", "crop", "--no-cache"])
+    code = main(
+        [
+            "emotion",
+            str(manifest),
+            "--gateway",
+            suite.gateway.target,
+            "--json",
+            str(out),
+            "--quiet",
+            "--faces",
+            "crop",
+            "--no-cache",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0, printed
     report = json.loads(out.read_text())
     assert report["scored"] == 3 and report["skipped"] == 2
     assert report["skipped_by_reason"] == {"unreadable": 1, "INVALID_ARGUMENT": 1}
-    assert [(s["line"], s["path"]) for s in report["skipped_first"]] == [(5, "img/nowhere.png"),
-                                                                         (6, "img/broken.png")]
+    assert [(s["line"], s["path"]) for s in report["skipped_first"]] == [
+        (5, "img/nowhere.png"),
+        (6, "img/broken.png"),
+    ]
     assert "img/nowhere.png" in printed and "img/broken.png" in printed
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("file,label\na.png,Happy\n", "missing column(s) 'path'"),
-    ("path,label\nimg/astro_64.png,Happy\nimg/astro_96.png,Joy\n", "line 3: unknown label 'Joy'"),
-    ("path,label,x,y\na.png,Happy,1,2\n", "need all of x, y, w, h"),
-    ("path,label,x,y,w,h\na.png,Happy,1,2,,\n", "line 2: a face box needs all"),
-    ("path,label\n", "no rows"),
-])
-def test_bad_manifests_exit_2_naming_the_problem(tmp_path: Path, text: str, message: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("file,label\na.png,Happy\n", "missing column(s) 'path'"),
+        ("path,label\nimg/astro_64.png,Happy\nimg/astro_96.png,Joy\n", "line 3: unknown label 'Joy'"),
+        ("path,label,x,y\na.png,Happy,1,2\n", "need all of x, y, w, h"),
+        ("path,label,x,y,w,h\na.png,Happy,1,2,,\n", "line 2: a face box needs all"),
+        ("path,label\n", "no rows"),
+    ],
+)
+def test_bad_manifests_exit_2_naming_the_problem(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = tmp_path / "m.csv"
     manifest.write_text(text)
     # Nothing is sent for a bad manifest: no gateway is needed.
@@ -383,8 +476,9 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["emotion", str(tmp_path / "m.csv"), "--mode", "teacher"]) == 2
 
 
-def test_an_unreachable_gateway_exits_1(faces: tuple[Path, list[dict[str, str]]],
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unreachable_gateway_exits_1(
+    faces: tuple[Path, list[dict[str, str]]], capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, rows = faces
     manifest = _write_manifest(folder / "unreachable.csv", rows[:2])
     assert main(["emotion", str(manifest), "--gateway", "127.0.0.1:1", "--timeout", "5", "--quiet"]) == 1

@@ -20,7 +20,9 @@ from tests.helpers.images import png_size
 from tools.modeller.evaluate import figures, metrics
 
 
-def _case(seed: int, n: int, k: int, truth: int | None = None, pred: int | None = None) -> tuple[np.ndarray, ...]:
+def _case(
+    seed: int, n: int, k: int, truth: int | None = None, pred: int | None = None
+) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, truth or k, n)
     p = rng.integers(0, pred or k, n)
@@ -39,22 +41,28 @@ CASES = [
 
 
 # Every case with every number of classes it fits in (classes absent from both sides included).
-COMBOS = [(name, case, k) for name, case in CASES for k in (2, 4, 6, 7) if max(case[0].max(), case[1].max()) < k]
+COMBOS = [
+    (name, case, k) for name, case in CASES for k in (2, 4, 6, 7) if max(case[0].max(), case[1].max()) < k
+]
 
 
 @pytest.mark.parametrize(("name", "case", "k"), COMBOS, ids=[f"{c[0]}, k={c[2]}" for c in COMBOS])
 def test_label_metrics_equal_scikit_learn(name: str, case: tuple[np.ndarray, np.ndarray], k: int) -> None:
     pred, y = case
     labels = list(range(k))
-    np.testing.assert_array_equal(metrics.confusion_matrix(pred, y, k), confusion_matrix(y, pred, labels=labels))
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(pred, y, k), confusion_matrix(y, pred, labels=labels)
+    )
     precision, recall, f1, support = metrics.precision_recall_f1_support(pred, y, k)
     want = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for got, expected in zip((precision, recall, f1, support), want, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-12)
     assert metrics.macro_f1_of_labels(pred, y, k) == pytest.approx(
-        f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+        f1_score(y, pred, average="macro", zero_division=0), abs=1e-12
+    )
     assert metrics.macro_f1_of_labels(pred, y, k, classes=k) == pytest.approx(
-        f1_score(y, pred, labels=labels, average="macro", zero_division=0), abs=1e-12)
+        f1_score(y, pred, labels=labels, average="macro", zero_division=0), abs=1e-12
+    )
     assert metrics.mean_absolute_error(pred, y) == pytest.approx(mean_absolute_error(y, pred), abs=1e-12)
     report = metrics.label_report(pred, y, [str(c) for c in labels], ordinal=True)
     assert report.accuracy == pytest.approx(accuracy_score(y, pred), abs=1e-12)
@@ -63,7 +71,9 @@ def test_label_metrics_equal_scikit_learn(name: str, case: tuple[np.ndarray, np.
     # Per-class accuracy is the recall; None for a class no label has (the shard summaries' NaN).
     for c in labels:
         expected = recall[c] if (y == c).any() else None
-        assert report.per_class_accuracy[str(c)] == (pytest.approx(expected) if expected is not None else None)
+        assert report.per_class_accuracy[str(c)] == (
+            pytest.approx(expected) if expected is not None else None
+        )
     assert list(report.support.values()) == np.bincount(y, minlength=k).tolist()
     assert list(report.predicted.values()) == np.bincount(pred, minlength=k).tolist()
 
@@ -130,9 +140,9 @@ def test_reliability_bins_equal_a_per_sample_reference(bins: int) -> None:
             assert np.isnan(acc[b]) and np.isnan(conf[b])
     # The ECE is the count-weighted gap of these bins.
     keep = count > 0
-    assert metrics.ece(probs, y, bins) == pytest.approx(np.sum(count[keep] * np.abs(acc[keep] - conf[keep])) / len(y))
-
-
+    assert metrics.ece(probs, y, bins) == pytest.approx(
+        np.sum(count[keep] * np.abs(acc[keep] - conf[keep])) / len(y)
+    )
 
 
 def test_every_figure_is_a_png_of_its_size(tmp_path: Path) -> None:
@@ -143,12 +153,21 @@ def test_every_figure_is_a_png_of_its_size(tmp_path: Path) -> None:
     made = {
         "reliability": figures.reliability_diagram(tmp_path / "r.png", {"a": (probs, y)}, "t"),
         "confusion": figures.confusion_heatmap(tmp_path / "c.png", matrix, list("ABCDEFG"), "t"),
-        "confusion_grid": figures.confusion_grid(tmp_path / "g.png", {"x": matrix[:4, :4], "y": matrix[:4, :4]},
-                                                 list("0123"), "t"),
-        "distribution": figures.distribution_bars(tmp_path / "d.png", {"p": {"true": [1, 2, 3], "m": [3, 2, 1]}},
-                                                  list("012"), "t"),
-        "sweep": figures.sweep_curves(tmp_path / "s.png", [0, 0.5, 1], {"a": [0.1, 0.5, 0.2]}, xlabel="x", ylabel="y",
-                                      title="t", marks={"now": 0.35}),
+        "confusion_grid": figures.confusion_grid(
+            tmp_path / "g.png", {"x": matrix[:4, :4], "y": matrix[:4, :4]}, list("0123"), "t"
+        ),
+        "distribution": figures.distribution_bars(
+            tmp_path / "d.png", {"p": {"true": [1, 2, 3], "m": [3, 2, 1]}}, list("012"), "t"
+        ),
+        "sweep": figures.sweep_curves(
+            tmp_path / "s.png",
+            [0, 0.5, 1],
+            {"a": [0.1, 0.5, 0.2]},
+            xlabel="x",
+            ylabel="y",
+            title="t",
+            marks={"now": 0.35},
+        ),
         "weights": figures.ranked_bars(tmp_path / "w.png", ["a", "b"], [0.5, 0.4], xlabel="x", title="t"),
     }
     for kind, path in made.items():

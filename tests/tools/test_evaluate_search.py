@@ -45,8 +45,11 @@ def _members_with_a_known_best(n: int = 700, seed: int = 0) -> tuple[dict[str, n
     y = rng.integers(0, K, n)
     signal = 2.0 * np.eye(K)[y]
     noise = rng.normal(0, 3, (n, K))
-    return {"a": (signal + noise).astype(np.float32), "b": (signal - 1.5 * noise).astype(np.float32),
-            "c": rng.normal(0, 3, (n, K)).astype(np.float32)}, y
+    return {
+        "a": (signal + noise).astype(np.float32),
+        "b": (signal - 1.5 * noise).astype(np.float32),
+        "c": rng.normal(0, 3, (n, K)).astype(np.float32),
+    }, y
 
 
 @pytest.mark.parametrize("metric", ["macro_f1", "nll"])
@@ -63,15 +66,19 @@ def test_weight_search_finds_the_known_best_weights(metric: str) -> None:
     # Each candidate's temperature minimises its own NLL (a nudge either way is no better).
     for c in ranked[:5]:
         used = {m: w for m, w in c.weights.items() if w > 0}
+
         def nll(t: float, used: dict[str, float] = used, space: str = c.space) -> float:
             p = fuse_logits(members, used, t, space).astype(np.float64)
             return float(-np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-12))))
+
         assert nll(c.temperature) <= min(nll(c.temperature * 1.05), nll(c.temperature / 1.05)) + 1e-9
 
 
 def test_splits_from_the_split_column_or_stratified_at_random() -> None:
     y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-    val, test, how = split_rows(y, ["val", "test"] * 4, val_split=None, test_split=None, val_fraction=0.5, seed=0)
+    val, test, how = split_rows(
+        y, ["val", "test"] * 4, val_split=None, test_split=None, val_fraction=0.5, seed=0
+    )
     assert val.tolist() == [0, 2, 4, 6] and test.tolist() == [1, 3, 5, 7] and "split column" in how
     val, test, how = split_rows(y, [None] * 8, val_split=None, test_split=None, val_fraction=0.5, seed=1)
     assert sorted([*val, *test]) == list(range(8)) and not set(val) & set(test) and "random" in how
@@ -81,15 +88,26 @@ def test_splits_from_the_split_column_or_stratified_at_random() -> None:
 
 
 def test_written_rules_are_valid_and_hold_the_weights(tmp_path: Path) -> None:
-    text = updated_rules_text((ROOT / "config" / "fusion_rules.yaml").read_text(), "pretrained",
-                              {"emotion_student": 0.2, "emotion_facex": 0.8, "emotion_pyemotion": 0.0}, "prob", 1.7345678,
-                              "a note")
+    text = updated_rules_text(
+        (ROOT / "config" / "fusion_rules.yaml").read_text(),
+        "pretrained",
+        {"emotion_student": 0.2, "emotion_facex": 0.8, "emotion_pyemotion": 0.0},
+        "prob",
+        1.7345678,
+        "a note",
+    )
     rules, _ = parse_rules(text)
     _, ens = rules.emotion.ensemble_rules("pretrained")
-    assert {m.model: m.weight for m in ens.members} == {"emotion_student": 0.2, "emotion_facex": 0.8,
-                                                        "emotion_pyemotion": 0.0}
+    assert {m.model: m.weight for m in ens.members} == {
+        "emotion_student": 0.2,
+        "emotion_facex": 0.8,
+        "emotion_pyemotion": 0.0,
+    }
     assert ens.fusion_space == "prob" and ens.temperature == 1.7346
-    assert "research" in rules.emotion.ensembles and rules.engagement.affects["boredom"][0].confidence_above == 0.35
+    assert (
+        "research" in rules.emotion.ensembles
+        and rules.engagement.affects["boredom"][0].confidence_above == 0.35
+    )
     assert text.startswith("# Fusion rules") and "# a note" in text
     # The one-ensemble form becomes the named form.
     flat = "emotion:\n  default_mode: ensemble\n  members: [{model: a, weight: 1}, {model: b, weight: 1}]\n"
@@ -99,14 +117,17 @@ def test_written_rules_are_valid_and_hold_the_weights(tmp_path: Path) -> None:
     # write_rules replaces the file whole (from the file itself when it exists).
     target = tmp_path / "rules.yaml"
     target.write_text(flat)
-    write_rules(target, ROOT / "config" / "fusion_rules.yaml", "research", {"a": 1.0, "b": 0.0}, "logit", 2.0, "n")
+    write_rules(
+        target, ROOT / "config" / "fusion_rules.yaml", "research", {"a": 1.0, "b": 0.0}, "logit", 2.0, "n"
+    )
     assert parse_rules(target.read_text())[0].emotion.ensembles["research"].temperature == 2.0
     assert [p.name for p in tmp_path.iterdir()] == ["rules.yaml"]
 
 
 # The threshold sweep -------------------------------------------------------------------------------------
-def _outputs_with_a_known_threshold(n: int = 400, seed: int = 1, best: float = 0.6
-                                    ) -> tuple[list[dict], np.ndarray]:
+def _outputs_with_a_known_threshold(
+    n: int = 400, seed: int = 1, best: float = 0.6
+) -> tuple[list[dict], np.ndarray]:
     """The temporal network is right exactly when its confidence is above `best`, XGBoost exactly
     when it is not: selective fusion at `best` is right everywhere, any other threshold is not."""
     rng = np.random.default_rng(seed)
@@ -136,11 +157,13 @@ def test_threshold_sweep_finds_the_known_best_threshold() -> None:
     for a in AFFECTS:
         i = s.thresholds.index(0.6)
         assert s.macro_f1[a][i] == 1.0 and s.accuracy[a][i] == 1.0
-        assert max(s.macro_f1[a][:i] + s.macro_f1[a][i + 1:]) < 1.0
+        assert max(s.macro_f1[a][:i] + s.macro_f1[a][i + 1 :]) < 1.0
     assert s.current == {"engagement": None, "boredom": 0.35, "confusion": 0.35, "frustration": 0.35}
     snippet = parse_rules(s.snippet)[0].engagement
-    assert all(snippet.affects[a][0].confidence_above == 0.6 and snippet.affects[a][1].use == "xgboost"
-               for a in AFFECTS)
+    assert all(
+        snippet.affects[a][0].confidence_above == 0.6 and snippet.affects[a][1].use == "xgboost"
+        for a in AFFECTS
+    )
 
 
 # The proxy-label sweep --------------------------------------------------------------------------------------
@@ -170,12 +193,25 @@ def test_kfold_sweep_never_scores_a_row_against_an_index_that_holds_it() -> None
         held = index.index.reconstruct_n(0, index.index.ntotal)
         # No scored row's vector is in the index it is scored against.
         for row in test:
-            assert not np.any(np.all(np.isclose(held, x[row], atol=1e-6), axis=1)), f"row {row} is in fold {fold}'s index"
+            assert not np.any(np.all(np.isclose(held, x[row], atol=1e-6), axis=1)), (
+                f"row {row} is in fold {fold}'s index"
+            )
         assert index.size == len(train)
         seen.extend(test.tolist())
 
-    result = sweep(x, y, mlp, embedder, current=parse_rules("")[0].proxylabel, current_options=KnnOptions(k=1),
-                   folds=4, ks=(1,), weightings=("uniform",), alphas=(0.0,), on_fold=hook)
+    result = sweep(
+        x,
+        y,
+        mlp,
+        embedder,
+        current=parse_rules("")[0].proxylabel,
+        current_options=KnnOptions(k=1),
+        folds=4,
+        ks=(1,),
+        weightings=("uniform",),
+        alphas=(0.0,),
+        on_fold=hook,
+    )
     assert sorted(seen) == list(range(n))
     # With K = 1 a row that found itself would be right every time; out of fold it is chance.
     assert result.best.knn.accuracy < 0.4
@@ -192,8 +228,18 @@ def test_sweep_snippet_is_valid_rules() -> None:
     x = (centres[quality] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     mlp = np.eye(6)[quality] * 0.5 + 0.5 / 6
-    result = sweep(x, quality, mlp, EmbedderInfo(name="s", dimension=dim), current=parse_rules("")[0].proxylabel,
-                   current_options=KnnOptions(), folds=3, ks=(5, 10), taus=(0.1,), weightings=("softmax", "uniform"))
+    result = sweep(
+        x,
+        quality,
+        mlp,
+        EmbedderInfo(name="s", dimension=dim),
+        current=parse_rules("")[0].proxylabel,
+        current_options=KnnOptions(),
+        folds=3,
+        ks=(5, 10),
+        taus=(0.1,),
+        weightings=("softmax", "uniform"),
+    )
     rules = parse_rules(result.rules_snippet)[0].proxylabel
     assert rules.alpha == result.best.best_alpha and rules.knn.k == result.best.options["k"]
     assert result.best.soft_vote.accuracy >= max(r.soft_vote.accuracy for r in result.settings)
@@ -203,9 +249,19 @@ def test_sweep_snippet_is_valid_rules() -> None:
 def test_cache_resumes_and_never_keeps_transient_failures(tmp_path: Path) -> None:
     key = {"manifest_sha256": "m", "models": {"x": "1"}}
     cache = AnswerCache(tmp_path, "emotion", key)
-    cache.put([{"row": "2:a.png", "sha": "s1", "status": "ok", "probabilities": [1.0]},
-               {"row": "3:b.png", "sha": "s2", "status": "skip", "skip_reason": "UNAVAILABLE", "message": "down"},
-               {"row": "4:c.png", "sha": "s3", "status": "skip", "skip_reason": "no_face", "message": "none"}])
+    cache.put(
+        [
+            {"row": "2:a.png", "sha": "s1", "status": "ok", "probabilities": [1.0]},
+            {
+                "row": "3:b.png",
+                "sha": "s2",
+                "status": "skip",
+                "skip_reason": "UNAVAILABLE",
+                "message": "down",
+            },
+            {"row": "4:c.png", "sha": "s3", "status": "skip", "skip_reason": "no_face", "message": "none"},
+        ]
+    )
     with cache.path.open("a") as f:  # type: ignore[union-attr]
         f.write('{"row": "5:d.png", "sha": "s4", "sta')  # a line cut by a crash
     again = AnswerCache(tmp_path, "emotion", key)
@@ -220,16 +276,27 @@ def test_cache_resumes_and_never_keeps_transient_failures(tmp_path: Path) -> Non
 
 
 # Bad input: exit 2, the message names the problem, nothing is sent (no gateway here) ------------------------
-@pytest.mark.parametrize(("command", "text", "message"), [
-    ("engagement", "path,engagement,boredom,confusion\nc,1,2,3\n", "missing column(s) 'frustration'"),
-    ("engagement", "path,engagement,boredom,confusion,frustration\nc,1,2,3,0\nd,1,4,0,0\n",
-     "line 3: boredom level '4'"),
-    ("engagement", "path,engagement,boredom,confusion,frustration,fps\nc,1,2,3,0,-5\n", "line 2: fps '-5'"),
-    ("search-weights", "path,label\na.png,Happy\n", "defines no ensemble 'nope'"),
-    ("export-softlabels", "path,label\na.png,Joy\n", "line 2: unknown label 'Joy'"),
-])
-def test_bad_input_exits_2_naming_the_problem(tmp_path: Path, command: str, text: str, message: str,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("command", "text", "message"),
+    [
+        ("engagement", "path,engagement,boredom,confusion\nc,1,2,3\n", "missing column(s) 'frustration'"),
+        (
+            "engagement",
+            "path,engagement,boredom,confusion,frustration\nc,1,2,3,0\nd,1,4,0,0\n",
+            "line 3: boredom level '4'",
+        ),
+        (
+            "engagement",
+            "path,engagement,boredom,confusion,frustration,fps\nc,1,2,3,0,-5\n",
+            "line 2: fps '-5'",
+        ),
+        ("search-weights", "path,label\na.png,Happy\n", "defines no ensemble 'nope'"),
+        ("export-softlabels", "path,label\na.png,Joy\n", "line 2: unknown label 'Joy'"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(
+    tmp_path: Path, command: str, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     listing = tmp_path / "list.csv"
     listing.write_text(text)
     extra = {"search-weights": ["--ensemble", "nope"], "export-softlabels": ["--out", str(tmp_path / "o")]}

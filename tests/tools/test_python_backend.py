@@ -83,26 +83,42 @@ def write_linear(repo: Path, name: str, max_batch_size: int) -> None:
     """y = tanh(x @ W + b) and s = sum(x): two outputs, so the split is checked on both."""
     rng = np.random.default_rng(7)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
-         helper.make_node("Tanh", ["z"], ["y"]),
-         helper.make_node("ReduceSum", ["x", "axis"], ["s"], keepdims=1)],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["z"]),
+            helper.make_node("Tanh", ["z"], ["y"]),
+            helper.make_node("ReduceSum", ["x", "axis"], ["s"], keepdims=1),
+        ],
         name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIN])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", DOUT]),
-         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 1])],
-        [numpy_helper.from_array(rng.standard_normal((DIN, DOUT)).astype(np.float32), "W"),
-         numpy_helper.from_array(rng.standard_normal(DOUT).astype(np.float32), "b"),
-         numpy_helper.from_array(np.array([1], np.int64), "axis")])
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", DOUT]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, ["N", 1]),
+        ],
+        [
+            numpy_helper.from_array(rng.standard_normal((DIN, DOUT)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(DOUT).astype(np.float32), "b"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
     (repo / name / "1").mkdir(parents=True)
     onnx.save(model, str(repo / name / "1" / "model.onnx"))
     batched = max_batch_size > 0
-    write_config(repo / name, ModelSpec(
-        name=name, max_batch_size=max_batch_size,
-        inputs=[Tensor("x", (DIN,) if batched else (-1, DIN))],
-        outputs=[Tensor("y", (DOUT,) if batched else (-1, DOUT)), Tensor("s", (1,) if batched else (-1, 1))],
-        batching=Batching(max_queue_delay_us=1000) if batched else None))
+    write_config(
+        repo / name,
+        ModelSpec(
+            name=name,
+            max_batch_size=max_batch_size,
+            inputs=[Tensor("x", (DIN,) if batched else (-1, DIN))],
+            outputs=[
+                Tensor("y", (DOUT,) if batched else (-1, DOUT)),
+                Tensor("s", (1,) if batched else (-1, 1)),
+            ],
+            batching=Batching(max_queue_delay_us=1000) if batched else None,
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +149,9 @@ class CountingSession:
         return self.session.run(names, feed)
 
 
-def load_model(overlay: tuple[Path, Path, ModelRepository], name: str,
-               monkeypatch: pytest.MonkeyPatch) -> Any:
+def load_model(
+    overlay: tuple[Path, Path, ModelRepository], name: str, monkeypatch: pytest.MonkeyPatch
+) -> Any:
     """The overlay's model.py of `name`, imported and initialised as the backend stub would."""
     target, site_packages, repository = overlay
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils())
@@ -150,8 +167,12 @@ def load_model(overlay: tuple[Path, Path, ModelRepository], name: str,
     assert config is not None and config.backend == "python"
     assert config.max_batch_size == repository.get(name).config.max_batch_size  # type: ignore[union-attr]
     model = module.TritonPythonModel()
-    model.initialize({"model_name": name, "model_config": json.dumps(
-        json_format.MessageToDict(config, preserving_proto_field_name=True))})
+    model.initialize(
+        {
+            "model_name": name,
+            "model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+        }
+    )
     return model
 
 
@@ -194,11 +215,17 @@ def test_a_bad_request_fails_alone(overlay, monkeypatch) -> None:
     responses = model.execute([good[0], wrong_width, missing, good[1]])
     assert counting.runs == [2, 2, 1]  # not mergeable: request by request, the missing one never runs
     assert responses[1].error.code == FakeError.INVALID_ARG and not responses[1].output_tensors
-    assert responses[2].error.code == FakeError.INVALID_ARG and "needs input 'x'" in responses[2].error.message
+    assert (
+        responses[2].error.code == FakeError.INVALID_ARG and "needs input 'x'" in responses[2].error.message
+    )
     for request, response in ((good[0], responses[0]), (good[1], responses[3])):
         assert response.error is None
-        np.testing.assert_allclose(response.outputs()["y"], direct(overlay[2], "batched", request.inputs["x"])["y"],
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            response.outputs()["y"],
+            direct(overlay[2], "batched", request.inputs["x"])["y"],
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 def test_a_failed_merged_run_falls_back_to_one_run_per_request(overlay, monkeypatch) -> None:
@@ -209,8 +236,12 @@ def test_a_failed_merged_run_falls_back_to_one_run_per_request(overlay, monkeypa
     assert counting.runs == [5, 2, 3]
     for request, response in zip(batch, responses, strict=True):
         assert response.error is None
-        np.testing.assert_allclose(response.outputs()["s"], direct(overlay[2], "batched", request.inputs["x"])["s"],
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            response.outputs()["s"],
+            direct(overlay[2], "batched", request.inputs["x"])["s"],
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 def test_a_model_without_batching_runs_each_request_alone(overlay, monkeypatch) -> None:
@@ -220,15 +251,20 @@ def test_a_model_without_batching_runs_each_request_alone(overlay, monkeypatch) 
     responses = model.execute(batch)
     assert counting.runs == [2, 2]
     for request, response in zip(batch, responses, strict=True):
-        np.testing.assert_allclose(response.outputs()["y"],
-                                   direct(overlay[2], "unbatched", request.inputs["x"])["y"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            response.outputs()["y"],
+            direct(overlay[2], "unbatched", request.inputs["x"])["y"],
+            rtol=0,
+            atol=1e-6,
+        )
 
 
 def test_the_overlay_holds_the_module_and_its_settings(overlay) -> None:
     target, site_packages, repository = overlay
     version_dir = target / "batched" / "1"
     assert (version_dir / MODEL_PY).read_text() == (
-        Path(__file__).resolve().parents[2] / "tools" / "devtriton" / "backend_model.py").read_text()
+        Path(__file__).resolve().parents[2] / "tools" / "devtriton" / "backend_model.py"
+    ).read_text()
     settings = json.loads((version_dir / "model.json").read_text())
     assert settings == {"site_packages": str(site_packages), "onnx": "model.onnx"}
     assert (version_dir / "model.onnx").resolve() == repository.get("batched").model_path().resolve()

@@ -20,18 +20,18 @@ import pytest
 
 pytest.importorskip("sentence_transformers")
 
-import torch  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
+import torch
+from sentence_transformers import SentenceTransformer
 
-from services.proxylabel.embedder import EmbedderInfo, TextEmbedder, Tokenization, embed_offline  # noqa: E402
-from services.runtime.backends.onnx import OnnxBackend, OnnxConfig  # noqa: E402
-from services.runtime.metrics import Metrics  # noqa: E402
-from services.runtime.repository import ModelRepository  # noqa: E402
-from tests.helpers.texts import LONG, TEXTS  # noqa: E402
-from tools.modeller.export import __main__ as cli  # noqa: E402
-from tools.modeller.export import st_export  # noqa: E402
-from tools.modeller.export.st_export import ExportError, export_sentence_transformer  # noqa: E402
-from tools.builders.minilm import EMBEDDER_NAME, build_text_embedder, unpack_checkpoint  # noqa: E402
+from services.proxylabel.embedder import EmbedderInfo, TextEmbedder, Tokenization, embed_offline
+from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
+from services.runtime.metrics import Metrics
+from services.runtime.repository import ModelRepository
+from tests.helpers.texts import LONG, TEXTS
+from tools.builders.minilm import EMBEDDER_NAME, build_text_embedder, unpack_checkpoint
+from tools.modeller.export import __main__ as cli
+from tools.modeller.export import st_export
+from tools.modeller.export.st_export import ExportError, export_sentence_transformer
 
 pytestmark = pytest.mark.torch
 
@@ -62,8 +62,13 @@ def encode(model: SentenceTransformer) -> np.ndarray:
     return model.encode(TEXTS, batch_size=8, convert_to_numpy=True, show_progress_bar=False)
 
 
-def variant(checkpoint: Path, dest: Path, modules: list[dict], pooling: dict | None = None,
-            st_config: dict | None = None) -> Path:
+def variant(
+    checkpoint: Path,
+    dest: Path,
+    modules: list[dict],
+    pooling: dict | None = None,
+    st_config: dict | None = None,
+) -> Path:
     """A copy of the checkpoint with its module list (and pooling, prompts) replaced; the big
     files are symlinked."""
     dest.mkdir(parents=True)
@@ -91,8 +96,13 @@ TRANSFORMER, POOLING = module(0, "", "Transformer"), module(1, "1_Pooling", "Poo
 
 
 def pooling_config(mode: str) -> dict:
-    return {"word_embedding_dimension": 384, **{f"pooling_mode_{m}": m == mode for m in (
-        "cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}}
+    return {
+        "word_embedding_dimension": 384,
+        **{
+            f"pooling_mode_{m}": m == mode
+            for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,17 +124,22 @@ def export_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def exported(checkpoint: Path, export_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """all-MiniLM-L6-v2 exported by torch into a fresh repository (filling the export cache)."""
     repo = tmp_path_factory.mktemp("repo")
-    return export_sentence_transformer(checkpoint, MODEL, repo, cache_dir=export_cache,
-                                       embedder_name=EMBEDDER_NAME)
+    return export_sentence_transformer(
+        checkpoint, MODEL, repo, cache_dir=export_cache, embedder_name=EMBEDDER_NAME
+    )
 
 
 # --- (1) the service's embedder vs sentence-transformers --------------------------------------
 
 
-async def test_served_embeddings_equal_sentence_transformers(exported: Path, checkpoint: Path,
-                                                             reference: np.ndarray) -> None:
+async def test_served_embeddings_equal_sentence_transformers(
+    exported: Path, checkpoint: Path, reference: np.ndarray
+) -> None:
     assert exported.name == "1" and sorted(p.name for p in exported.iterdir()) == [
-        "embedder.json", "model.onnx", "tokenizer.json"]
+        "embedder.json",
+        "model.onnx",
+        "tokenizer.json",
+    ]
     tokenizer = load(checkpoint).tokenizer
     assert all(len(tokenizer(t)["input_ids"]) > MAX_LEN + 50 for t in LONG)  # truncation is exercised
     repository = ModelRepository(exported.parents[1])
@@ -150,10 +165,13 @@ def test_agrees_with_torch_free_build(exported: Path, tmp_path: Path) -> None:
     built = build_text_embedder(tmp_path / "repo", CACHE) / "1"
     assert_same_embeddings(embed_offline(exported, TEXTS), embed_offline(built, TEXTS))
     ours, theirs = (json.loads((d / "embedder.json").read_text()) for d in (exported, built))
-    assert {k: v for k, v in ours.items() if k != "source"} == {k: v for k, v in theirs.items()
-                                                                if k != "source"}
-    tokenizations = [Tokenization(d / "tokenizer.json", EmbedderInfo.from_file(d / "embedder.json"))
-                     for d in (exported, built)]
+    assert {k: v for k, v in ours.items() if k != "source"} == {
+        k: v for k, v in theirs.items() if k != "source"
+    }
+    tokenizations = [
+        Tokenization(d / "tokenizer.json", EmbedderInfo.from_file(d / "embedder.json"))
+        for d in (exported, built)
+    ]
     assert tokenizations[0].encode(TEXTS) == tokenizations[1].encode(TEXTS)
     configs = [ModelRepository(d.parents[1]).get(MODEL).config for d in (exported, built)]
     for field in ("input", "output", "max_batch_size", "dynamic_batching", "platform"):
@@ -172,10 +190,12 @@ def _dense(dest: Path) -> dict:
     return module(2, "2_Dense", "Dense")
 
 
-@pytest.mark.parametrize(("mode", "dense", "normalize"), [("cls_token", False, True),
-                                                         ("max_tokens", True, False)])
-def test_other_pooling_matches_sentence_transformers(checkpoint: Path, tmp_path: Path, mode: str,
-                                                     dense: bool, normalize: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "dense", "normalize"), [("cls_token", False, True), ("max_tokens", True, False)]
+)
+def test_other_pooling_matches_sentence_transformers(
+    checkpoint: Path, tmp_path: Path, mode: str, dense: bool, normalize: bool
+) -> None:
     source = tmp_path / "checkpoint"
     modules = [TRANSFORMER, POOLING]
     variant(checkpoint, source, modules, pooling=pooling_config(mode))
@@ -189,7 +209,10 @@ def test_other_pooling_matches_sentence_transformers(checkpoint: Path, tmp_path:
     info = json.loads((out / "embedder.json").read_text())
     width = 128 if dense else 384
     assert (info["pooling"], info["normalize"], info["dimension"]) == (
-        {"cls_token": "cls", "max_tokens": "max"}[mode], normalize, width)
+        {"cls_token": "cls", "max_tokens": "max"}[mode],
+        normalize,
+        width,
+    )
     assert_same_embeddings(embed_offline(out, TEXTS), encode(load(source)))
 
 
@@ -202,12 +225,27 @@ def _weighted_layer_pooling(checkpoint: Path, dest: Path) -> Path:
 
 REFUSED: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "unsupported module": (_weighted_layer_pooling, "WeightedLayerPooling"),
-    "custom code": (lambda c, d: variant(c, d, [TRANSFORMER, POOLING, {
-        "idx": 2, "name": "2", "path": "2_Mine", "type": "my_package.MyPooling"}]), "my_package.MyPooling"),
-    "no pooling": (lambda c, d: variant(c, d, [TRANSFORMER, module(1, "2_Normalize", "Normalize")]),
-                   "no Pooling"),
-    "default prompt": (lambda c, d: variant(c, d, [TRANSFORMER, POOLING], st_config={
-        "prompts": {"query": "query: ", "document": ""}, "default_prompt_name": "query"}), "prompt"),
+    "custom code": (
+        lambda c, d: variant(
+            c,
+            d,
+            [TRANSFORMER, POOLING, {"idx": 2, "name": "2", "path": "2_Mine", "type": "my_package.MyPooling"}],
+        ),
+        "my_package.MyPooling",
+    ),
+    "no pooling": (
+        lambda c, d: variant(c, d, [TRANSFORMER, module(1, "2_Normalize", "Normalize")]),
+        "no Pooling",
+    ),
+    "default prompt": (
+        lambda c, d: variant(
+            c,
+            d,
+            [TRANSFORMER, POOLING],
+            st_config={"prompts": {"query": "query: ", "document": ""}, "default_prompt_name": "query"},
+        ),
+        "prompt",
+    ),
     "not a checkpoint": (lambda c, d: (d.mkdir(), d)[1], "no modules.json"),
 }
 
@@ -226,15 +264,17 @@ def test_refused_writes_nothing(checkpoint: Path, tmp_path: Path, case: str) -> 
 def test_cli_refusal_exits_1(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = _weighted_layer_pooling(checkpoint, tmp_path / "checkpoint")
     repo = tmp_path / "repo"
-    assert cli.main(["sentence-transformers", "--checkpoint", str(source), "--name", MODEL,
-                     "--repo", str(repo)]) == 1
+    assert (
+        cli.main(["sentence-transformers", "--checkpoint", str(source), "--name", MODEL, "--repo", str(repo)])
+        == 1
+    )
     assert "export failed" in capsys.readouterr().err and not repo.exists()
 
 
-def test_failed_parity_writes_nothing(checkpoint: Path, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(st_export, "check_parity",
-                        lambda *a: st_export.Parity(0.5, 0.0, "a text", 8))
+def test_failed_parity_writes_nothing(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(st_export, "check_parity", lambda *a: st_export.Parity(0.5, 0.0, "a text", 8))
     repo, cache = tmp_path / "repo", tmp_path / "cache"
     with pytest.raises(ExportError, match="min cosine 0.5"):
         export_sentence_transformer(checkpoint, MODEL, repo, cache_dir=cache)
@@ -244,23 +284,26 @@ def test_failed_parity_writes_nothing(checkpoint: Path, tmp_path: Path,
 # --- (5) the cache ----------------------------------------------------------------------------
 
 
-def test_cache_makes_a_second_export_fast_and_identical(exported: Path, checkpoint: Path, export_cache: Path,
-                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_makes_a_second_export_fast_and_identical(
+    exported: Path, checkpoint: Path, export_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_export(*args: object) -> None:
         raise AssertionError("exported again despite the cache")
 
     monkeypatch.setattr(st_export, "build_files", no_export)
     started = time.perf_counter()
-    again = export_sentence_transformer(checkpoint, MODEL, tmp_path / "repo", cache_dir=export_cache,
-                                        embedder_name=EMBEDDER_NAME)
+    again = export_sentence_transformer(
+        checkpoint, MODEL, tmp_path / "repo", cache_dir=export_cache, embedder_name=EMBEDDER_NAME
+    )
     assert time.perf_counter() - started < 10
     for name in ("model.onnx", "tokenizer.json", "embedder.json"):
         assert (again / name).read_bytes() == (exported / name).read_bytes(), name
     assert (again.parent / "config.pbtxt").read_bytes() == (exported.parent / "config.pbtxt").read_bytes()
 
 
-def test_versions_are_numbered_and_never_overwritten(exported: Path, checkpoint: Path,
-                                                     export_cache: Path, tmp_path: Path) -> None:
+def test_versions_are_numbered_and_never_overwritten(
+    exported: Path, checkpoint: Path, export_cache: Path, tmp_path: Path
+) -> None:
     repo = tmp_path / "repo"
     first = export_sentence_transformer(checkpoint, MODEL, repo, cache_dir=export_cache)
     second = export_sentence_transformer(checkpoint, MODEL, repo, cache_dir=export_cache)

@@ -18,8 +18,15 @@ from services.vision.preprocess import PreprocessParams
 from tools.modeller.export.__main__ import main as export_main
 
 FRAMES, SIZE = 30, 64
-PARAMS = PreprocessParams(input_name="frames", output_name="probabilities", input_size=(SIZE, SIZE), color="gray",
-                          mean=(0.5,), std=(0.25,), class_names=("very low", "low", "high", "very high"))
+PARAMS = PreprocessParams(
+    input_name="frames",
+    output_name="probabilities",
+    input_size=(SIZE, SIZE),
+    color="gray",
+    mean=(0.5,),
+    std=(0.25,),
+    class_names=("very low", "low", "high", "very high"),
+)
 
 
 def _network(path: Path, softmax: bool = True, out_shape: tuple[int, int] = (4, 4)) -> Path:
@@ -32,12 +39,18 @@ def _network(path: Path, softmax: bool = True, out_shape: tuple[int, int] = (4, 
         nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
     else:
         nodes.append(helper.make_node("Identity", ["logits"], ["probabilities"]))
-    inits = [helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
-             helper.make_tensor("ends", TensorProto.INT64, [2], list(out_shape)),
-             helper.make_tensor("axes_hw", TensorProto.INT64, [2], [1, 2])]
+    inits = [
+        helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], list(out_shape)),
+        helper.make_tensor("axes_hw", TensorProto.INT64, [2], [1, 2]),
+    ]
     graph = helper.make_graph(
-        nodes, "clip", [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["batch", FRAMES, 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", *out_shape])], inits)
+        nodes,
+        "clip",
+        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["batch", FRAMES, 1, SIZE, SIZE])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", *out_shape])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -50,15 +63,27 @@ def _preprocess(path: Path, params: PreprocessParams = PARAMS) -> Path:
 
 
 def _export(tmp_path: Path, model: Path, preprocess: Path, *extra: str) -> int:
-    return export_main(["temporal", "--model", str(model), "--preprocess", str(preprocess),
-                        "--repo", str(tmp_path / "repo"), *extra])
+    return export_main(
+        [
+            "temporal",
+            "--model",
+            str(model),
+            "--preprocess",
+            str(preprocess),
+            "--repo",
+            str(tmp_path / "repo"),
+            *extra,
+        ]
+    )
 
 
 def test_exported_network_is_served_as_onnx_runtime_runs_it(tmp_path: Path) -> None:
     model = _network(tmp_path / "net.onnx")
     assert _export(tmp_path, model, _preprocess(tmp_path / "pre.json")) == 0
     clips = np.random.default_rng(0).standard_normal((3, FRAMES, 1, SIZE, SIZE)).astype(np.float32)
-    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"frames": clips})[0]
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"frames": clips})[
+        0
+    ]
 
     async def served() -> np.ndarray:
         backend = OnnxBackend(ModelRepository(tmp_path / "repo"), OnnxConfig(), Metrics("test"))
@@ -70,7 +95,8 @@ def test_exported_network_is_served_as_onnx_runtime_runs_it(tmp_path: Path) -> N
 
     np.testing.assert_allclose(asyncio.run(served()), want, atol=1e-6)
     stored = PreprocessParams.model_validate_json(
-        (tmp_path / "repo" / "engagement_temporal" / "1" / "preprocess.json").read_text())
+        (tmp_path / "repo" / "engagement_temporal" / "1" / "preprocess.json").read_text()
+    )
     assert stored == PARAMS
 
 

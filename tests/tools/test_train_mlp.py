@@ -45,8 +45,12 @@ def tm() -> ModuleType:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train-mlp")
-    train = write_shard(root / "train.parquet", 500, dimension=DIM, labelled_fraction=1.0, seed=3, row_group_rows=250)
-    fresh = write_shard(root / "fresh.parquet", 300, dimension=DIM, labelled_fraction=1.0, seed=4, row_group_rows=300)
+    train = write_shard(
+        root / "train.parquet", 500, dimension=DIM, labelled_fraction=1.0, seed=3, row_group_rows=250
+    )
+    fresh = write_shard(
+        root / "fresh.parquet", 300, dimension=DIM, labelled_fraction=1.0, seed=4, row_group_rows=300
+    )
     return {"train": train, "fresh": fresh, "no5": without_score(train, 5, root / "no5.parquet")}
 
 
@@ -80,12 +84,16 @@ def cross_entropy(p: np.ndarray, labels: np.ndarray) -> float:
 
 
 @pytest.mark.torch
-def test_written_onnx_equals_torch_on_fresh_rows(tm: ModuleType, train_rows, fresh_rows, tmp_path: Path) -> None:
+def test_written_onnx_equals_torch_on_fresh_rows(
+    tm: ModuleType, train_rows, fresh_rows, tmp_path: Path
+) -> None:
     rows, raw = train_rows
     config = tm.TorchTrainConfig(hidden=(32, 16), dropout=0.2, max_epochs=15, seed=5)
     train_idx, val_idx = tm.held_out_split(rows.labels, config.validation_fraction, config.seed)
     stats = FeatureStats.fit(raw[train_idx])
-    net, _ = tm.fit_network(design_matrix(rows.embeddings, raw, stats), rows.labels, train_idx, val_idx, config)
+    net, _ = tm.fit_network(
+        design_matrix(rows.embeddings, raw, stats), rows.labels, train_idx, val_idx, config
+    )
     meta = MlpMeta(features=stats, embedder=rows.embedder, hidden_layers=list(config.hidden))
     model_dir = write_mlp(tmp_path, tm.export_onnx(net, meta.input_dimension), meta)
 
@@ -93,15 +101,19 @@ def test_written_onnx_equals_torch_on_fresh_rows(tm: ModuleType, train_rows, fre
     # The service's names and shapes; dropout is gone from the eval-mode graph.
     assert [i.name for i in written.graph.input] == ["features"]
     assert [o.name for o in written.graph.output] == ["probabilities"]
-    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-            for v in (written.graph.input[0], written.graph.output[0])]
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (written.graph.input[0], written.graph.output[0])
+    ]
     assert dims == [["batch", meta.input_dimension], ["batch", NUM_CLASSES]]
     assert {n.op_type for n in written.graph.node} <= {"Gemm", "Relu", "Softmax"}
     assert written.ir_version <= IR_VERSION
 
     fresh, fresh_raw = fresh_rows
     x = design_matrix(fresh.embeddings, fresh_raw, stats)
-    np.testing.assert_allclose(onnx_probabilities(written, x), tm.torch_probabilities(net, x), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        onnx_probabilities(written, x), tm.torch_probabilities(net, x), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.torch
@@ -110,18 +122,28 @@ def test_same_seed_same_model_other_seed_other_model(tm: ModuleType, train_rows,
 
     rows, raw = train_rows
     args = (rows.embeddings, raw, rows.labels, rows.embedder)
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state()
+    before = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.random.get_rng_state(),
+    )
     runs = [tm.train_mlp_torch(*args, hidden=(16,), max_epochs=8, seed=seed) for seed in (0, 0, 1)]
     # The caller's torch state is left as it was.
-    after = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.random.get_rng_state()
+    after = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.random.get_rng_state(),
+    )
     assert before[:2] == after[:2] and torch.equal(before[2], after[2])
 
     weights = [[numpy_helper.to_array(t).tobytes() for t in model.graph.initializer] for model, _, _ in runs]
     assert weights[0] == weights[1]
     assert weights[0] != weights[2]
     fresh, fresh_raw = fresh_rows
-    probs = [onnx_probabilities(model, design_matrix(fresh.embeddings, fresh_raw, meta.features))
-             for model, meta, _ in runs]
+    probs = [
+        onnx_probabilities(model, design_matrix(fresh.embeddings, fresh_raw, meta.features))
+        for model, meta, _ in runs
+    ]
     np.testing.assert_array_equal(probs[0], probs[1])
     assert np.abs(probs[0] - probs[2]).max() > 1e-3
     assert runs[0][2].val_losses == runs[1][2].val_losses
@@ -132,10 +154,15 @@ def test_early_stopping_keeps_the_best_epoch(tm: ModuleType) -> None:
     rng = np.random.default_rng(0)
     n = 300
     # Pure noise: the held-out loss can only get worse once the network starts memorising.
-    embeddings, raw, labels = rng.standard_normal((n, DIM)), rng.standard_normal((n, 35)), rng.integers(0, 5, n)
+    embeddings, raw, labels = (
+        rng.standard_normal((n, DIM)),
+        rng.standard_normal((n, 35)),
+        rng.integers(0, 5, n),
+    )
     config = tm.TorchTrainConfig(hidden=(64,), lr=1e-2, batch_size=64, patience=3, max_epochs=200, seed=2)
-    model, meta, report = tm.train_mlp_torch(embeddings, raw, labels, EmbedderInfo(name="noise", dimension=DIM),
-                                             config)
+    model, meta, report = tm.train_mlp_torch(
+        embeddings, raw, labels, EmbedderInfo(name="noise", dimension=DIM), config
+    )
 
     assert report.stopped_early and report.epochs_run < config.max_epochs
     assert report.epochs_run == report.best_epoch + config.patience == len(report.val_losses)
@@ -167,8 +194,17 @@ def test_held_out_split_is_stratified_when_it_can_be(tm: ModuleType) -> None:
 @pytest.mark.torch
 def test_the_mlp_learns_the_signal(tm: ModuleType, train_rows, fresh_rows) -> None:
     rows, raw = train_rows
-    model, meta, report = tm.train_mlp_torch(rows.embeddings, raw, rows.labels, rows.embedder, hidden=(32,),
-                                             lr=1e-2, max_epochs=60, patience=10, seed=0)
+    model, meta, report = tm.train_mlp_torch(
+        rows.embeddings,
+        raw,
+        rows.labels,
+        rows.embedder,
+        hidden=(32,),
+        lr=1e-2,
+        max_epochs=60,
+        patience=10,
+        seed=0,
+    )
     fresh, fresh_raw = fresh_rows
     p = onnx_probabilities(model, design_matrix(fresh.embeddings, fresh_raw, meta.features))
     accuracy = float(np.mean(p.argmax(axis=1) == fresh.labels))
@@ -181,7 +217,9 @@ def test_the_mlp_learns_the_signal(tm: ModuleType, train_rows, fresh_rows) -> No
 # The command line, through the service's loader
 
 
-async def served_probabilities(repo: Path, embeddings: np.ndarray, conversations: Conversations) -> np.ndarray:
+async def served_probabilities(
+    repo: Path, embeddings: np.ndarray, conversations: Conversations
+) -> np.ndarray:
     """The MLP's probabilities as the proxylabel service computes them (repository → ONNX backend)."""
     async with local_pipeline(repo) as pipeline:
         assert pipeline.mlp is not None, "the service did not load the MLP"
@@ -192,15 +230,34 @@ async def served_probabilities(repo: Path, embeddings: np.ndarray, conversations
 
 
 @pytest.mark.parametrize("trainer", [pytest.param("torch", marks=pytest.mark.torch), "sklearn"])
-def test_cli_writes_an_entry_the_service_serves(trainer: str, shards, fresh_rows, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_an_entry_the_service_serves(
+    trainer: str, shards, fresh_rows, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if trainer == "torch":
         pytest.importorskip("torch")
     repo = tmp_path / "repo"
     # --max-iter is the scikit-learn spelling of --max-epochs; both must keep working.
     epochs = ["--max-epochs", "30"] if trainer == "torch" else ["--max-iter", "30"]
-    assert cli.main([str(shards["no5"]), "--repo", str(repo), "--trainer", trainer, "--hidden", "16", *epochs,
-                     "--patience", "5", "--validation-fraction", "0.2", "--demo"]) == 0
+    assert (
+        cli.main(
+            [
+                str(shards["no5"]),
+                "--repo",
+                str(repo),
+                "--trainer",
+                trainer,
+                "--hidden",
+                "16",
+                *epochs,
+                "--patience",
+                "5",
+                "--validation-fraction",
+                "0.2",
+                "--demo",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"MLP ({trainer})" in out
     if trainer == "torch":
@@ -218,13 +275,15 @@ def test_cli_writes_an_entry_the_service_serves(trainer: str, shards, fresh_rows
     np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
     assert served[:, 5].max() < 1e-6  # score 5 was not in the training labels
     # The service standardises with the written statistics, as training did.
-    direct = onnx_probabilities(onnx.load(str(entry / "1" / "model.onnx")),
-                                design_matrix(fresh.embeddings, fresh_raw, meta.features))
+    direct = onnx_probabilities(
+        onnx.load(str(entry / "1" / "model.onnx")), design_matrix(fresh.embeddings, fresh_raw, meta.features)
+    )
     np.testing.assert_allclose(served, direct, atol=1e-5, rtol=0)
 
 
-def test_cli_without_torch_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_without_torch_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # As if torch were not installed (None in sys.modules makes its import fail).
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.delitem(sys.modules, "tools.modeller.proxylabel.train_mlp_torch", raising=False)

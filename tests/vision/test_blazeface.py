@@ -88,7 +88,9 @@ def test_served_detector_is_the_original_tflite(repo: Path, wheel: Path, variant
     interpreter = litert.Interpreter(model_content=builder.read_model(wheel, variant), num_threads=1)
     interpreter.allocate_tensors()
     (inp,) = interpreter.get_input_details()
-    outs = {tuple(o["shape"])[-1]: o["index"] for o in interpreter.get_output_details()}  # 16: boxes, 1: scores
+    outs = {
+        tuple(o["shape"])[-1]: o["index"] for o in interpreter.get_output_details()
+    }  # 16: boxes, 1: scores
     model = BlazeFaceModel(repo, variant.model_name)
     meta = model.meta
     for name in PHOTOS:
@@ -97,7 +99,9 @@ def test_served_detector_is_the_original_tflite(repo: Path, wheel: Path, variant
         interpreter.set_tensor(inp["index"], tensor)
         interpreter.invoke()
         want_boxes, want_scores = interpreter.get_tensor(outs[16]), interpreter.get_tensor(outs[1])
-        got_boxes, got_scores = model.session.run([meta.boxes_name, meta.scores_name], {meta.input_name: tensor})
+        got_boxes, got_scores = model.session.run(
+            [meta.boxes_name, meta.scores_name], {meta.input_name: tensor}
+        )
         assert got_boxes.shape == want_boxes.shape == (1, variant.anchors, 16)
         assert got_scores.shape == want_scores.shape == (1, variant.anchors, 1)
         np.testing.assert_allclose(got_boxes, want_boxes, rtol=0, atol=1e-3, err_msg=name)
@@ -132,10 +136,16 @@ def test_build_is_pinned_reproducible_and_cached(tmp_path: Path, wheel: Path, re
 # ----------------------------------------------------------------------------- decoding
 
 
-def _meta(size: int = 128, strides: tuple[int, ...] = (8, 16, 16, 16), interpolated: float = 1.0,
-          anchors: int = 896) -> BlazeFaceMeta:
-    variant = replace(builder.SHORT, input_size=size, strides=strides,
-                      interpolated_scale_aspect_ratio=interpolated, anchors=anchors)
+def _meta(
+    size: int = 128, strides: tuple[int, ...] = (8, 16, 16, 16), interpolated: float = 1.0, anchors: int = 896
+) -> BlazeFaceMeta:
+    variant = replace(
+        builder.SHORT,
+        input_size=size,
+        strides=strides,
+        interpolated_scale_aspect_ratio=interpolated,
+        anchors=anchors,
+    )
     return BlazeFaceMeta.model_validate(variant.meta())
 
 
@@ -154,8 +164,9 @@ def test_anchors_are_mediapipes() -> None:
     np.testing.assert_allclose(full[49], [1.5 / 48, 1.5 / 48, 1, 1])
 
 
-def _raw(meta: BlazeFaceMeta, anchors: np.ndarray, faces: dict[int, tuple[tuple[float, ...], float]]
-         ) -> tuple[np.ndarray, np.ndarray]:
+def _raw(
+    meta: BlazeFaceMeta, anchors: np.ndarray, faces: dict[int, tuple[tuple[float, ...], float]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Regressors and logits where anchor i holds a box (cx, cy, w, h in input pixels) with a
     logit, keypoints on a 3×2 grid inside it; every other anchor a logit of −10."""
     boxes = np.zeros((len(anchors), 16), np.float32)
@@ -190,18 +201,29 @@ def test_decode_an_anchor_set_by_hand() -> None:
 
 
 def test_weighted_nms_merges_overlaps_by_score() -> None:
-    boxes = np.array([[0.10, 0.10, 0.30, 0.30], [0.12, 0.10, 0.32, 0.30], [0.60, 0.60, 0.80, 0.80],
-                      [0.11, 0.30, 0.31, 0.50]], np.float32)
+    boxes = np.array(
+        [
+            [0.10, 0.10, 0.30, 0.30],
+            [0.12, 0.10, 0.32, 0.30],
+            [0.60, 0.60, 0.80, 0.80],
+            [0.11, 0.30, 0.31, 0.50],
+        ],
+        np.float32,
+    )
     keypoints = np.repeat(boxes[:, None, :2], 6, axis=1)
     scores = np.array([0.6, 0.9, 0.7, 0.8], np.float32)
     out = weighted_nms(Detections(boxes, keypoints, scores), 0.3)
     # The best (0.9) gathers the first box (IoU 0.82); the touching box (IoU 0) and the far one stay.
     np.testing.assert_allclose(out.scores, [0.9, 0.8, 0.7])
     np.testing.assert_allclose(out.boxes[0], (boxes[0] * 0.6 + boxes[1] * 0.9) / 1.5, atol=1e-6)
-    np.testing.assert_allclose(out.keypoints[0, 0], (boxes[0, :2] * 0.6 + boxes[1, :2] * 0.9) / 1.5, atol=1e-6)
+    np.testing.assert_allclose(
+        out.keypoints[0, 0], (boxes[0, :2] * 0.6 + boxes[1, :2] * 0.9) / 1.5, atol=1e-6
+    )
     np.testing.assert_allclose(out.boxes[1:], boxes[[3, 2]])
-    empty = weighted_nms(Detections(np.zeros((0, 4), np.float32), np.zeros((0, 6, 2), np.float32),
-                                    np.zeros(0, np.float32)), 0.3)
+    empty = weighted_nms(
+        Detections(np.zeros((0, 4), np.float32), np.zeros((0, 6, 2), np.float32), np.zeros(0, np.float32)),
+        0.3,
+    )
     assert len(empty) == 0
 
 
@@ -276,7 +298,7 @@ def _scaled_heads(sides: list[int], positions: list[tuple[int, int]]) -> np.ndar
     for side, (x, y) in zip(sides, positions, strict=True):
         k = side / 95  # Haar's box on the astronaut is 95 px
         head = cv2.resize(astronaut[0:220, 120:340], None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
-        frame[y:y + head.shape[0], x:x + head.shape[1]] = head
+        frame[y : y + head.shape[0], x : x + head.shape[1]] = head
     return frame
 
 
@@ -304,7 +326,8 @@ def test_concurrent_detections_agree(detector: BlazeFaceDetector) -> None:
 
 
 def test_a_missing_detector_model_is_named_by_each_detection_until_it_is_there(
-        tmp_path: Path, repo: Path) -> None:
+    tmp_path: Path, repo: Path
+) -> None:
     detector = build_detector(BlazeFaceConfig(range="short"), tmp_path)  # the service still starts
     for _ in range(2):
         missing = "'face_detector_short' is not in the model repository"
@@ -329,7 +352,7 @@ def _real_faces() -> Iterator[tuple[str, np.ndarray]]:
         side = (96, 128, 176)[i % 3]
         up = cv2.resize((face * 255).astype(np.uint8), (side, side), interpolation=cv2.INTER_CUBIC)
         frame = np.full((320, 320), 128, np.uint8)
-        frame[(320 - side) // 2:(320 + side) // 2, (320 - side) // 2:(320 + side) // 2] = up
+        frame[(320 - side) // 2 : (320 + side) // 2, (320 - side) // 2 : (320 + side) // 2] = up
         yield f"lfw{i}", cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
     rng = np.random.default_rng(1)
     for c, levels in enumerate(random_levels(rng, 24)):
@@ -369,8 +392,9 @@ def test_student_answers_alike_on_blazeface_and_haar_crops(both_found: list, rep
     86-95 %. Measured with the default margins: 72 % of all 218 faces, 99 % of the 98 faces the
     student is decided about (top-2 gap ≥ 0.5 on the Haar crop), the astronaut alike."""
     params = load_params(repo / "emotion_student" / "1" / "preprocess.json")
-    session = ort.InferenceSession(str(repo / "emotion_student" / "1" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repo / "emotion_student" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
 
     def probabilities(crops: list[np.ndarray]) -> np.ndarray:
         logits = session.run(None, {params.input_name: preprocess_faces(crops, params)})[0]
@@ -395,7 +419,8 @@ def test_margins_per_side() -> None:
     assert crop_region(1000, 1000, box, margins=BLAZEFACE_MARGINS) == (90, 80, 120, 100)
     assert crop_region(1000, 1000, box, margins=Margins(0.0, -0.25, 0.1, 0.0, pixels=2)) == (88, 98, 114, 64)
     assert crop_region(1000, 1000, box, margin_px=5, margin_ratio=0.1) == crop_region(
-        1000, 1000, box, margins=Margins.even(0.1, pixels=5))
+        1000, 1000, box, margins=Margins.even(0.1, pixels=5)
+    )
     # Configured margins: a side's own ratio, else `ratio`, else the detector's default.
     assert CropMargin().resolve(BLAZEFACE_MARGINS) == BLAZEFACE_MARGINS
     assert CropMargin(ratio=0.2, top=0.3).resolve(BLAZEFACE_MARGINS) == Margins(0.3, 0.2, 0.2, 0.2)
@@ -411,22 +436,34 @@ def test_detector_config_defaults_and_switch() -> None:
     assert emotion.crop_margins == BLAZEFACE_MARGINS
     haar = load_config(EmotionConfig, "emotion", environ={"TESSERA_EMOTION__DETECTOR__KIND": "haar"})
     assert haar.detector == HaarConfig() and haar.crop_margins == HAAR_MARGINS
-    back = load_config(EmotionConfig, "emotion", environ={},
-                       overrides={"detector": {"kind": "blazeface", "range": "full"}})
+    back = load_config(
+        EmotionConfig, "emotion", environ={}, overrides={"detector": {"kind": "blazeface", "range": "full"}}
+    )
     assert back.detector == BlazeFaceConfig(range="full")
     # The engagement service's video settings follow the kind: a 320-px copy, faces from 40 px.
     engagement = load_config(EngagementConfig, "engagement", environ={})
     assert engagement.detector == BlazeFaceConfig(range="short", detect_max_side=320, min_size=40)
     assert engagement.tracking.detect_every == 1
-    haar = load_config(EngagementConfig, "engagement", environ={"TESSERA_ENGAGEMENT__DETECTOR__KIND": "haar",
-                                                                 "TESSERA_ENGAGEMENT__DETECTOR__MIN_SIZE": "60"})
+    haar = load_config(
+        EngagementConfig,
+        "engagement",
+        environ={
+            "TESSERA_ENGAGEMENT__DETECTOR__KIND": "haar",
+            "TESSERA_ENGAGEMENT__DETECTOR__MIN_SIZE": "60",
+        },
+    )
     assert haar.detector == HaarConfig(detect_max_side=320, min_size=60) and haar.crop_margins == HAAR_MARGINS
-    old_style = load_config(EngagementConfig, "engagement", environ={"TESSERA_ENGAGEMENT__TRACKING__MARGIN": "0.2"})
+    old_style = load_config(
+        EngagementConfig, "engagement", environ={"TESSERA_ENGAGEMENT__TRACKING__MARGIN": "0.2"}
+    )
     assert old_style.crop_margins == Margins.even(0.2)
     # A key of the other kind is an error that names it.
     with pytest.raises(ConfigError, match="unknown key 'detector.range'"):
-        load_config(EmotionConfig, "emotion", environ={"TESSERA_EMOTION__DETECTOR__KIND": "haar",
-                                                       "TESSERA_EMOTION__DETECTOR__RANGE": "full"})
+        load_config(
+            EmotionConfig,
+            "emotion",
+            environ={"TESSERA_EMOTION__DETECTOR__KIND": "haar", "TESSERA_EMOTION__DETECTOR__RANGE": "full"},
+        )
     for model, process in ((EmotionConfig, "emotion"), (EngagementConfig, "engagement")):
         with pytest.raises(ConfigError, match="detector.kind 'yunet'.*blazeface, haar"):
             load_config(model, process, environ={f"TESSERA_{process.upper()}__DETECTOR__KIND": "yunet"})
@@ -435,9 +472,23 @@ def test_detector_config_defaults_and_switch() -> None:
 def _start_emotion(tmp_path: Path, repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
     ready = tmp_path / f"emotion-{len(list(tmp_path.iterdir()))}.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.emotion", "--port", "0", "--metrics-port", "0", "--ready-file", str(ready)],
-        cwd=ROOT, env={**os.environ, "TESSERA_EMOTION__MODEL_REPOSITORY": str(repo), **env},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "services.emotion",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "TESSERA_EMOTION__MODEL_REPOSITORY": str(repo), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, ready
 
 
@@ -446,10 +497,14 @@ def test_detector_kind_takes_effect_at_start(tmp_path: Path, repo: Path, astrona
     from tessera.emotion.v1 import emotion_service_pb2 as pb
     from tessera.emotion.v1 import emotion_service_pb2_grpc as pb_grpc
 
-    request = pb.InferFacesRequest(images=[common_pb2.Image(encoded=astronaut_jpeg)], models=["emotion_student"])
+    request = pb.InferFacesRequest(
+        images=[common_pb2.Image(encoded=astronaut_jpeg)], models=["emotion_student"]
+    )
     astronaut = cv2.imdecode(np.frombuffer(astronaut_jpeg, np.uint8), cv2.IMREAD_COLOR)
-    expected = {"haar": HaarDetector().detect(astronaut)[0],
-                "blazeface": build_detector(BlazeFaceConfig(), repo).detect(astronaut)[0]}
+    expected = {
+        "haar": HaarDetector().detect(astronaut)[0],
+        "blazeface": build_detector(BlazeFaceConfig(), repo).detect(astronaut)[0],
+    }
     for kind, want in expected.items():
         proc, ready = _start_emotion(tmp_path, repo, {"TESSERA_EMOTION__DETECTOR__KIND": kind})
         try:

@@ -245,8 +245,9 @@ def test_detection_runs_on_a_bounded_copy_by_default(astronaut: np.ndarray) -> N
     assert max(iou(b, scaled) for b in found) > 0.7
 
 
-def test_blazeface_is_bounded_too_and_answers_in_original_pixels(astronaut: np.ndarray, model_repository: Path
-                                                                 ) -> None:
+def test_blazeface_is_bounded_too_and_answers_in_original_pixels(
+    astronaut: np.ndarray, model_repository: Path
+) -> None:
     from services.vision.faces import DEFAULT_DETECT_MAX_SIDE, BlazeFaceConfig, BoundedDetector
 
     assert BlazeFaceConfig().detect_max_side == DEFAULT_DETECT_MAX_SIDE
@@ -310,9 +311,17 @@ def test_crop_with_margin() -> None:
 
 def _params(**kw: object) -> PreprocessParams:
     base = {
-        "input_name": "input", "output_name": "logits", "input_size": [64, 64], "color": "gray",
-        "layout": "NCHW", "clahe": None, "interpolation": "linear", "mean": [0.5], "std": [0.5],
-        "temperature": 1.0, "class_names": EMOTIONS,
+        "input_name": "input",
+        "output_name": "logits",
+        "input_size": [64, 64],
+        "color": "gray",
+        "layout": "NCHW",
+        "clahe": None,
+        "interpolation": "linear",
+        "mean": [0.5],
+        "std": [0.5],
+        "temperature": 1.0,
+        "class_names": EMOTIONS,
     }
     base.update(kw)
     return PreprocessParams.model_validate(base)
@@ -357,18 +366,27 @@ def crops(astronaut: np.ndarray) -> list[np.ndarray]:
         {"interpolation": "area", "input_size": [48, 40]},
         {"color": "gray", "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8], "space": "gray"}},
         {
-            "color": "rgb", "input_size": [224, 224], "layout": "NCHW",
+            "color": "rgb",
+            "input_size": [224, 224],
+            "layout": "NCHW",
             "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8], "space": "lab_l"},
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
         },
         {
-            "color": "rgb", "input_size": [224, 224], "layout": "NHWC",
+            "color": "rgb",
+            "input_size": [224, 224],
+            "layout": "NHWC",
             "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8], "space": "lab_l"},
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
         },
         {
-            "color": "bgr", "layout": "NHWC", "interpolation": "cubic",
-            "mean": [0.1, 0.2, 0.3], "std": [1, 2, 3],
+            "color": "bgr",
+            "layout": "NHWC",
+            "interpolation": "cubic",
+            "mean": [0.1, 0.2, 0.3],
+            "std": [1, 2, 3],
         },
     ],
 )
@@ -384,8 +402,12 @@ def test_preprocess_matches_reference(crops: list[np.ndarray], kw: dict) -> None
 
 
 def test_preprocess_gray_clahe_on_colour_model(crops: list[np.ndarray]) -> None:
-    p = _params(color="rgb", clahe={"clip_limit": 3.0, "tile_grid": [4, 4], "space": "gray"},
-                mean=[0.5] * 3, std=[0.5] * 3)
+    p = _params(
+        color="rgb",
+        clahe={"clip_limit": 3.0, "tile_grid": [4, 4], "space": "gray"},
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+    )
     batch = preprocess_faces(crops, p)
     np.testing.assert_array_equal(batch[:, 0], batch[:, 1])  # grey replicated to 3 channels
     gray = _params(clahe={"clip_limit": 3.0, "tile_grid": [4, 4], "space": "gray"})
@@ -401,9 +423,17 @@ def test_preprocess_empty_and_bad_crops() -> None:
 
 def test_load_params(tmp_path: Path) -> None:
     doc = {
-        "input_name": "input", "output_name": "logits", "input_size": [64, 48], "color": "gray",
-        "layout": "NCHW", "clahe": None, "interpolation": "linear", "mean": [0.5], "std": [0.5],
-        "temperature": 1.0, "class_names": EMOTIONS,
+        "input_name": "input",
+        "output_name": "logits",
+        "input_size": [64, 48],
+        "color": "gray",
+        "layout": "NCHW",
+        "clahe": None,
+        "interpolation": "linear",
+        "mean": [0.5],
+        "std": [0.5],
+        "temperature": 1.0,
+        "class_names": EMOTIONS,
     }
     path = tmp_path / "preprocess.json"
     path.write_text(json.dumps(doc))
@@ -415,8 +445,16 @@ def test_load_params(tmp_path: Path) -> None:
         ({**doc, "extra": 1}, "unknown key 'extra'"),
         ({**doc, "mean": [0.5, 0.5, 0.5]}, "needs 1 mean"),
         ({**doc, "temperature": 0}, "temperature"),
-        ({**doc, "color": "rgb", "mean": [0] * 3, "std": [1] * 3,
-          "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8], "space": "hsv"}}, "clahe.space"),
+        (
+            {
+                **doc,
+                "color": "rgb",
+                "mean": [0] * 3,
+                "std": [1] * 3,
+                "clahe": {"clip_limit": 2.0, "tile_grid": [8, 8], "space": "hsv"},
+            },
+            "clahe.space",
+        ),
     ]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match="preprocess.json") as info:

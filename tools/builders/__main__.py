@@ -37,8 +37,13 @@ BUILDERS: dict[str, Builder] = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = builder_parser(__doc__.splitlines()[0], prog="tessera-models")
-    parser.add_argument("--only", nargs="+", choices=list(BUILDERS), metavar="FAMILY",
-                        help=f"build only these ({', '.join(BUILDERS)}; default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=list(BUILDERS),
+        metavar="FAMILY",
+        help=f"build only these ({', '.join(BUILDERS)}; default: all)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     built: list[Path] = []
@@ -46,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.only is None or name in args.only:
             result = build(args.repo, args.cache)
             built += result if isinstance(result, list) else [result]
-    print(f"model repository {args.repo}: {', '.join(p.name for p in built)} ready "
-          f"in {time.perf_counter() - start:.1f}s")
+    print(
+        f"model repository {args.repo}: {', '.join(p.name for p in built)} ready "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 

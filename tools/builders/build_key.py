@@ -24,12 +24,17 @@ def is_built(model_dir: Path, key: str, files: Iterable[str]) -> bool:
     """Whether `model_dir` was built with `key` and still holds its config and `files` (in version 1)."""
     version_dir = Path(model_dir) / VERSION
     key_file = version_dir / KEY_FILE
-    return (key_file.is_file() and key_file.read_text() == key and (Path(model_dir) / CONFIG_FILE).is_file()
-            and all((version_dir / name).is_file() for name in files))
+    return (
+        key_file.is_file()
+        and key_file.read_text() == key
+        and (Path(model_dir) / CONFIG_FILE).is_file()
+        and all((version_dir / name).is_file() for name in files)
+    )
 
 
-def write_built(model_dir: Path, key: str, spec: ModelSpec | mc.ModelConfig,
-                files: Mapping[str, bytes | str]) -> Path:
+def write_built(
+    model_dir: Path, key: str, spec: ModelSpec | mc.ModelConfig, files: Mapping[str, bytes | str]
+) -> Path:
     """Write `files` into version 1, then the config for `spec`, then `key`; returns `model_dir`."""
     version_dir = Path(model_dir) / VERSION
     (version_dir / KEY_FILE).unlink(missing_ok=True)  # a half-rewritten directory must not pass as built

@@ -1,6 +1,6 @@
 """The command line every model builder shares: `--repo`, `--cache`, what was built and how fast.
 
-    python -m tools.builders.<builder> --repo model_repository --cache .cache
+python -m tools.builders.<builder> --repo model_repository --cache .cache
 """
 
 from __future__ import annotations

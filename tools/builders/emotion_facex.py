@@ -46,14 +46,27 @@ from tools.builders.emotion_member import check_gate, gate_batch, member_preproc
 from tools.builders.wheels import WheelFile, read_verified
 
 FACEX = WheelFile(
-    project="facex", version="1.1.0", member="facex/assets/model_optimized.tflite", size=2_615_520,
+    project="facex",
+    version="1.1.0",
+    member="facex/assets/model_optimized.tflite",
+    size=2_615_520,
     sha256="181e9dc6b5b19b7a4a3ee661d8de9969249b72c317b2080d79ac12d2b7027da5",
-    licence_member="facex-1.1.0.dist-info/LICENSE", licence_marker="MIT License", licence="MIT")
+    licence_member="facex-1.1.0.dist-info/LICENSE",
+    licence_marker="MIT License",
+    licence="MIT",
+)
 MODEL_NAME = "emotion_facex"
 # facex's own order (`EmotionClassifier.category` in facex/core.py) and each name's canonical class.
 FACEX_CLASSES = ("anger", "disgust", "fear", "happy", "neutral", "sadness", "surprised")
-_CANONICAL_OF = {"anger": "Angry", "disgust": "Disgust", "fear": "Fear", "happy": "Happy",
-                 "neutral": "Neutral", "sadness": "Sad", "surprised": "Surprise"}
+_CANONICAL_OF = {
+    "anger": "Angry",
+    "disgust": "Disgust",
+    "fear": "Fear",
+    "happy": "Happy",
+    "neutral": "Neutral",
+    "sadness": "Sad",
+    "surprised": "Surprise",
+}
 # Row i of the served logits is facex's output CLASS_ORDER[i].
 CLASS_ORDER = [[_CANONICAL_OF[c] for c in FACEX_CLASSES].index(name) for name in CLASS_NAMES]
 INPUT_SIZE = (200, 200)
@@ -115,8 +128,10 @@ def read_tflite(content: bytes) -> Graph:
         for t in op.InputsAsNumpy():
             consumers.setdefault(int(t), []).append(codes[op.OpcodeIndex()])
 
-    shapes = {t: tuple(int(d) for d in g.Tensors(t).ShapeAsNumpy()) if g.Tensors(t).ShapeLength() else ()
-              for t in range(g.TensorsLength())}
+    shapes = {
+        t: tuple(int(d) for d in g.Tensors(t).ShapeAsNumpy()) if g.Tensors(t).ShapeLength() else ()
+        for t in range(g.TensorsLength())
+    }
     constants: dict[int, np.ndarray] = {}
 
     def constant(t: int, kind: str) -> np.ndarray:
@@ -172,8 +187,11 @@ def read_tflite(content: bytes) -> Graph:
             o.Init(opts.Bytes, opts.Pos)
             if (o.DilationHFactor(), o.DilationWFactor()) != (1, 1):
                 raise NotImplementedError("dilated convolutions")
-            options = {"stride": (o.StrideH(), o.StrideW()), "padding": _PADDING[o.Padding()],
-                       "activation": _ACTIVATIONS[o.FusedActivationFunction()]}
+            options = {
+                "stride": (o.StrideH(), o.StrideW()),
+                "padding": _PADDING[o.Padding()],
+                "activation": _ACTIVATIONS[o.FusedActivationFunction()],
+            }
             constant(ins[1], kind)  # kernel and bias, dequantised once
             constant(ins[2], kind)
             ops.append(Op(kind, [ins[0], ins[1], ins[2]], out, options))
@@ -227,7 +245,7 @@ def _windows(x: np.ndarray, kh: int, kw: int, stride: tuple[int, int], padding: 
         (t, b), (le, r) = _same_pads(x.shape[1], kh, stride[0]), _same_pads(x.shape[2], kw, stride[1])
         x = np.pad(x, ((0, 0), (t, b), (le, r), (0, 0)))
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
-    return win[:, ::stride[0], ::stride[1]]
+    return win[:, :: stride[0], :: stride[1]]
 
 
 def numpy_forward(graph: Graph, nhwc: np.ndarray) -> np.ndarray:
@@ -320,7 +338,7 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
             kh, kw = kernel.shape[1:3]
             sh, sw = op.options["stride"]
             same = op.options["padding"] == "same"
-            (t, b), (le, r) = ((_same_pads(h, kh, sh), _same_pads(w_, kw, sw)) if same else ((0, 0), (0, 0)))
+            (t, b), (le, r) = (_same_pads(h, kh, sh), _same_pads(w_, kw, sw)) if same else ((0, 0), (0, 0))
             pads = [int(t + extra[1][0]), int(le + extra[2][0]), int(b + extra[1][1]), int(r + extra[2][1])]
             attrs: dict[str, Any] = {"kernel_shape": [kh, kw], "strides": [sh, sw], "pads": pads}
             if op.kind == "CONV_2D":
@@ -332,8 +350,15 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                 channels = graph.shapes[src][3]
                 weight = kernel[0].transpose(2, 0, 1)[:, None]  # [C·m, 1, KH, KW]
                 attrs["group"] = channels
-            nodes.append(helper.make_node("Conv", [names[src], init(f"{tag}/W", weight), init(f"{tag}/B", bias)],
-                                          [tag], name=tag, **attrs))
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    [names[src], init(f"{tag}/W", weight), init(f"{tag}/B", bias)],
+                    [tag],
+                    name=tag,
+                    **attrs,
+                )
+            )
             names[op.output] = activation(tag, op.options["activation"])
         elif op.kind == "ADD":
             nodes.append(helper.make_node("Add", [names[op.inputs[0]], names[op.inputs[1]]], [tag], name=tag))
@@ -348,8 +373,15 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
                 weight, bias = weight[CLASS_ORDER], bias[CLASS_ORDER]
             nodes.append(helper.make_node("Flatten", [names[op.inputs[0]]], [f"{tag}/flat"], axis=1))
             out = "logits" if op.output == graph.logits else tag
-            nodes.append(helper.make_node("Gemm", [f"{tag}/flat", init(f"{tag}/W", weight), init(f"{tag}/B", bias)],
-                                          [out], name=tag, transB=1))
+            nodes.append(
+                helper.make_node(
+                    "Gemm",
+                    [f"{tag}/flat", init(f"{tag}/W", weight), init(f"{tag}/B", bias)],
+                    [out],
+                    name=tag,
+                    transB=1,
+                )
+            )
             names[op.output] = activation(out, op.options["activation"])
         elif op.kind == "SOFTMAX":
             continue  # the cut
@@ -359,16 +391,26 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
         raise NotImplementedError("a PAD that feeds no convolution")
 
     model_graph = helper.make_graph(
-        nodes, "facex_mobilenetv2",
+        nodes,
+        "facex_mobilenetv2",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, *INPUT_SIZE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
-        inits)
-    model = helper.make_model(model_graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tessera.tools.builders.emotion_facex")
+        inits,
+    )
+    model = helper.make_model(
+        model_graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="tessera.tools.builders.emotion_facex",
+    )
     model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"source": f"{FACEX.pin} {FACEX.member} ({FACEX.licence})",
-                                   "class_names": json.dumps(CLASS_NAMES),
-                                   "source_class_names": json.dumps(FACEX_CLASSES)})
+    helper.set_model_props(
+        model,
+        {
+            "source": f"{FACEX.pin} {FACEX.member} ({FACEX.licence})",
+            "class_names": json.dumps(CLASS_NAMES),
+            "source_class_names": json.dumps(FACEX_CLASSES),
+        },
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -383,8 +425,12 @@ def reference_logits(graph: Graph, gray_nchw: np.ndarray) -> np.ndarray:
     return numpy_forward(graph, nhwc)[:, CLASS_ORDER]
 
 
-def gate(model: onnx.ModelProto, graph: Graph, batch: np.ndarray,
-         reference: Callable[[Graph, np.ndarray], np.ndarray] = reference_logits) -> float:
+def gate(
+    model: onnx.ModelProto,
+    graph: Graph,
+    batch: np.ndarray,
+    reference: Callable[[Graph, np.ndarray], np.ndarray] = reference_logits,
+) -> float:
     """max |served − reference| over the logits of `batch` (emotion_member.check_gate)."""
     return check_gate(MODEL_NAME, model, batch, reference(graph, batch))
 
@@ -394,8 +440,7 @@ def build_facex(repo: Path, cache: Path) -> Path:
 
     Skips the work when the directory was already built from the same file by this converter."""
     content = read_verified(FACEX, Path(cache))
-    key = (f"tflite_sha256={hashlib.sha256(content).hexdigest()} converter={CONVERTER_VERSION} "
-           f"{FACEX.pin}\n")
+    key = f"tflite_sha256={hashlib.sha256(content).hexdigest()} converter={CONVERTER_VERSION} {FACEX.pin}\n"
 
     def convert() -> onnx.ModelProto:
         graph = read_tflite(content)

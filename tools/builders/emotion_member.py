@@ -48,27 +48,36 @@ def member_preprocess(input_size: tuple[int, int], mean: float, std: float) -> d
     }
 
 
-def member_spec(name: str, input_dims: tuple[int, ...], max_batch: int, preferred: tuple[int, ...],
-                source: str) -> ModelSpec:
+def member_spec(
+    name: str, input_dims: tuple[int, ...], max_batch: int, preferred: tuple[int, ...], source: str
+) -> ModelSpec:
     """A member's config: one FP32 input `input`, one output `logits` (a score per class),
     dynamic batching."""
     return ModelSpec(
-        name=name, max_batch_size=max_batch,
-        inputs=[Tensor("input", input_dims)], outputs=[Tensor("logits", (len(CLASS_NAMES),))],
+        name=name,
+        max_batch_size=max_batch,
+        inputs=[Tensor("input", input_dims)],
+        outputs=[Tensor("logits", (len(CLASS_NAMES),))],
         batching=Batching(preferred=preferred, max_queue_delay_us=2000),
-        parameters={"demo": "false", "source": source})
+        parameters={"demo": "false", "source": source},
+    )
 
 
-def write_member(repo: Path, name: str, key: str, convert: Callable[[], onnx.ModelProto],
-                 preprocess: dict, spec: ModelSpec) -> Path:
+def write_member(
+    repo: Path, name: str, key: str, convert: Callable[[], onnx.ModelProto], preprocess: dict, spec: ModelSpec
+) -> Path:
     """Write `<repo>/<name>/` (config, version 1's ONNX and preprocess.json) from `convert()` (which
     builds and gates the graph), unless the directory was already built with the same `key`."""
     model_dir = Path(repo) / name
     if is_built(model_dir, key, (ONNX_FILE, PREPROCESS_FILE)):
         return model_dir
     model = convert()
-    return write_built(model_dir, key, spec, {ONNX_FILE: model.SerializeToString(),
-                                              PREPROCESS_FILE: json.dumps(preprocess, indent=2) + "\n"})
+    return write_built(
+        model_dir,
+        key,
+        spec,
+        {ONNX_FILE: model.SerializeToString(), PREPROCESS_FILE: json.dumps(preprocess, indent=2) + "\n"},
+    )
 
 
 def check_gate(name: str, model: onnx.ModelProto, batch: np.ndarray, expected: np.ndarray) -> float:
@@ -80,8 +89,9 @@ def check_gate(name: str, model: onnx.ModelProto, batch: np.ndarray, expected: n
     served = session.run(["logits"], {"input": batch})[0].astype(np.float64)
     diff = float(np.max(np.abs(served - expected)))
     if not diff <= GATE_ATOL:
-        raise ConversionError(f"{name}: ONNX differs from the numpy reference by {diff:.3g} "
-                              f"(gate {GATE_ATOL}); nothing written")
+        raise ConversionError(
+            f"{name}: ONNX differs from the numpy reference by {diff:.3g} (gate {GATE_ATOL}); nothing written"
+        )
     return diff
 
 
@@ -99,7 +109,9 @@ def gate_crops() -> list[np.ndarray]:
     crops = [np.ascontiguousarray(astronaut[50:290, 140:380])]
     for face in _skimage_data().lfw_subset()[:4]:
         gray = np.clip(np.round(face * 255.0), 0, 255).astype(np.uint8)
-        crops.append(cv2.cvtColor(cv2.resize(gray, (96, 96), interpolation=cv2.INTER_CUBIC), cv2.COLOR_GRAY2BGR))
+        crops.append(
+            cv2.cvtColor(cv2.resize(gray, (96, 96), interpolation=cv2.INTER_CUBIC), cv2.COLOR_GRAY2BGR)
+        )
     return crops
 
 

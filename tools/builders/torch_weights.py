@@ -30,9 +30,15 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 
 _DTYPES: dict[str, np.dtype[Any]] = {
-    "FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "HalfStorage": np.dtype("<f2"),
-    "LongStorage": np.dtype("<i8"), "IntStorage": np.dtype("<i4"), "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"), "ByteStorage": np.dtype("u1"), "BoolStorage": np.dtype("?"),
+    "FloatStorage": np.dtype("<f4"),
+    "DoubleStorage": np.dtype("<f8"),
+    "HalfStorage": np.dtype("<f2"),
+    "LongStorage": np.dtype("<i8"),
+    "IntStorage": np.dtype("<i4"),
+    "ShortStorage": np.dtype("<i2"),
+    "CharStorage": np.dtype("i1"),
+    "ByteStorage": np.dtype("u1"),
+    "BoolStorage": np.dtype("?"),
 }
 
 
@@ -68,7 +74,9 @@ class _TensorRef:
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _TensorRef:
     if not isinstance(storage, _Storage):
         raise CheckpointError("a tensor whose storage is not a storage record")
-    return _TensorRef(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    return _TensorRef(
+        storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    )
 
 
 _ALLOWED = {
@@ -89,8 +97,9 @@ class _Unpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         if module == "torch" and name in _DTYPES:
             return _StorageType(name)
-        raise CheckpointError(f"the checkpoint names {module}.{name}: only tensors and dicts are read, "
-                              "no code is run")
+        raise CheckpointError(
+            f"the checkpoint names {module}.{name}: only tensors and dicts are read, no code is run"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
@@ -121,8 +130,9 @@ def _materialise(obj: Any) -> Any:
                 raise CheckpointError(f"a tensor reaches outside its storage {obj.storage.key}")
         elif obj.offset >= data.size:
             raise CheckpointError(f"a scalar outside its storage {obj.storage.key}")
-        view = np.lib.stride_tricks.as_strided(data[obj.offset:], shape=obj.size,
-                                               strides=[s * data.itemsize for s in obj.stride])
+        view = np.lib.stride_tricks.as_strided(
+            data[obj.offset :], shape=obj.size, strides=[s * data.itemsize for s in obj.stride]
+        )
         return np.array(view)  # a copy: the storage may be shared
     if isinstance(obj, dict):
         out = obj.__class__()

@@ -35,8 +35,19 @@ def fetch_wheel(cache: Path, project: str, version: str) -> Path:
     # A private directory then a rename, so a concurrent build never sees half a wheel.
     with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", f"{project}=={version}", "--no-deps",
-             "--only-binary", ":all:", "--quiet", "-d", tmp],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"{project}=={version}",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--quiet",
+                "-d",
+                tmp,
+            ],
             check=True,
         )
         (downloaded,) = Path(tmp).glob(pattern)

@@ -35,15 +35,32 @@ def booster_classes(booster: xgb.Booster) -> int:
     raise ValueError(f"objective '{objective}' is not a classifier's")
 
 
-def fil_config(name: str, n_features: int, n_classes: int, *, demo: bool,
-               max_batch_size: int = 256, queue_delay_us: int = 500) -> mc.ModelConfig:
+def fil_config(
+    name: str,
+    n_features: int,
+    n_classes: int,
+    *,
+    demo: bool,
+    max_batch_size: int = 256,
+    queue_delay_us: int = 500,
+) -> mc.ModelConfig:
     """The FIL-backend config of a probability-output XGBoost classifier, on one CPU instance."""
-    config = model_config(ModelSpec(
-        name=name, backend="fil", max_batch_size=max_batch_size,
-        inputs=[Tensor("input__0", (n_features,))], outputs=[Tensor("output__0", (n_classes,))],
-        batching=Batching(max_queue_delay_us=queue_delay_us),
-        parameters={"model_type": "xgboost_json", "output_class": "true", "predict_proba": "true",
-                    "demo": str(demo).lower()}))
+    config = model_config(
+        ModelSpec(
+            name=name,
+            backend="fil",
+            max_batch_size=max_batch_size,
+            inputs=[Tensor("input__0", (n_features,))],
+            outputs=[Tensor("output__0", (n_classes,))],
+            batching=Batching(max_queue_delay_us=queue_delay_us),
+            parameters={
+                "model_type": "xgboost_json",
+                "output_class": "true",
+                "predict_proba": "true",
+                "demo": str(demo).lower(),
+            },
+        )
+    )
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     return config
 
@@ -75,8 +92,7 @@ def write_xgb_model(
         raise ValueError(f"n_features={n_features} but the booster has {actual_features} features")
     if n_classes is not None and n_classes != actual_classes:
         raise ValueError(f"n_classes={n_classes} but the booster predicts {actual_classes} classes")
-    config = fil_config(name, actual_features, actual_classes, demo=demo,
-                        max_batch_size=max_batch_size)
+    config = fil_config(name, actual_features, actual_classes, demo=demo, max_batch_size=max_batch_size)
     data = bytes(booster.save_raw(raw_format="json"))
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -97,8 +113,9 @@ def write_xgb_model(
     return version_dir
 
 
-def train_demo_booster(n_features: int, n_classes: int, *, rows: int = 400, rounds: int = 10,
-                       seed: int = 0) -> tuple[xgb.Booster, np.ndarray]:
+def train_demo_booster(
+    n_features: int, n_classes: int, *, rows: int = 400, rounds: int = 10, seed: int = 0
+) -> tuple[xgb.Booster, np.ndarray]:
     """A small classifier on generated, learnable data (labels from a random linear map).
 
     Returns the booster and a float32 sample of its inputs (useful to compare served outputs).

@@ -54,8 +54,15 @@ def main() -> int:
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
     rc = protoc.main(
-        ["grpc_tools.protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={OUT}",
-         f"--pyi_out={OUT}", f"--grpc_python_out={OUT}", *files]
+        [
+            "grpc_tools.protoc",
+            f"-I{PROTOS}",
+            f"-I{include}",
+            f"--python_out={OUT}",
+            f"--pyi_out={OUT}",
+            f"--grpc_python_out={OUT}",
+            *files,
+        ]
     )
     if rc != 0:
         return rc
@@ -63,9 +70,15 @@ def main() -> int:
     for d in [package, *sorted(p for p in package.rglob("*") if p.is_dir())]:
         (d / "__init__.py").touch()
     protobuf = _gencode_protobuf_version(next(package.rglob("*_pb2.py")))
-    (OUT / "pyproject.toml").write_text(PYPROJECT.format(
-        api_version=API_VERSION, grpc_tools=version("grpcio-tools"), grpcio=version("grpcio-tools"),
-        protobuf=protobuf, protobuf_next=int(protobuf.split(".")[0]) + 1))
+    (OUT / "pyproject.toml").write_text(
+        PYPROJECT.format(
+            api_version=API_VERSION,
+            grpc_tools=version("grpcio-tools"),
+            grpcio=version("grpcio-tools"),
+            protobuf=protobuf,
+            protobuf_next=int(protobuf.split(".")[0]) + 1,
+        )
+    )
     print(f"generated stubs for {len(files)} proto files into {OUT.relative_to(ROOT)}/")
     return 0
 

@@ -40,13 +40,16 @@ def error_response(message: str, invalid: bool) -> Any:
 def mergeable(feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
     """Whether the feeds can run as one: same inputs, dtypes and shapes but for the batch axis."""
     first = feeds[0]
-    return all(f.keys() == first.keys() and all(
-        f[k].dtype == first[k].dtype and f[k].shape[1:] == first[k].shape[1:] for k in f)
-        for f in feeds)
+    return all(
+        f.keys() == first.keys()
+        and all(f[k].dtype == first[k].dtype and f[k].shape[1:] == first[k].shape[1:] for k in f)
+        for f in feeds
+    )
 
 
-def run_merged(session: ort.InferenceSession, output_names: list[str],
-               feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[np.ndarray]]:
+def run_merged(
+    session: ort.InferenceSession, output_names: list[str], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> list[list[np.ndarray]]:
     """One run over the feeds' rows concatenated; each feed's outputs, cut back at its rows."""
     names = list(feeds[0])
     merged = {k: np.concatenate([f[k] for f in feeds]) for k in names}
@@ -68,8 +71,11 @@ class TritonPythonModel:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.name = args["model_name"]
-        self.session = ort.InferenceSession(str(Path(__file__).with_name(SETTINGS["onnx"])),
-                                            sess_options=opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(Path(__file__).with_name(SETTINGS["onnx"])),
+            sess_options=opts,
+            providers=["CPUExecutionProvider"],
+        )
         self.inputs = [(i["name"], bool(i.get("optional", False))) for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
@@ -119,5 +125,9 @@ class TritonPythonModel:
             yield i, self._response(outputs)
 
     def _response(self, outputs: Sequence[np.ndarray]) -> Any:
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(n, np.ascontiguousarray(o)) for n, o in zip(self.outputs, outputs, strict=True)])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(n, np.ascontiguousarray(o))
+                for n, o in zip(self.outputs, outputs, strict=True)
+            ]
+        )

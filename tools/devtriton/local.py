@@ -168,17 +168,27 @@ def unpack_server(wheel: Path, dest: Path) -> ServerFiles:
 
 def find_stub_python() -> str:
     """The system Python 3.11 that the backend stub embeds (TESSERA_TRITON_PYTHON overrides)."""
-    candidates = [os.environ.get("TESSERA_TRITON_PYTHON"), f"/usr/bin/python{STUB_PYTHON_VERSION}",
-                  f"/usr/local/bin/python{STUB_PYTHON_VERSION}", shutil.which(f"python{STUB_PYTHON_VERSION}")]
+    candidates = [
+        os.environ.get("TESSERA_TRITON_PYTHON"),
+        f"/usr/bin/python{STUB_PYTHON_VERSION}",
+        f"/usr/local/bin/python{STUB_PYTHON_VERSION}",
+        shutil.which(f"python{STUB_PYTHON_VERSION}"),
+    ]
     for python in filter(None, candidates):
         if not os.access(python, os.X_OK):
             continue
-        probe = subprocess.run([python, "-c", "import sys, pip; print('%d.%d' % sys.version_info[:2])"],
-                               capture_output=True, text=True, check=False)
+        probe = subprocess.run(
+            [python, "-c", "import sys, pip; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if probe.returncode == 0 and probe.stdout.strip() == STUB_PYTHON_VERSION:
             return python
-    raise RuntimeError(f"no Python {STUB_PYTHON_VERSION} with pip found for the Triton python backend "
-                       f"stub (tried {[c for c in candidates if c]}); set TESSERA_TRITON_PYTHON")
+    raise RuntimeError(
+        f"no Python {STUB_PYTHON_VERSION} with pip found for the Triton python backend "
+        f"stub (tried {[c for c in candidates if c]}); set TESSERA_TRITON_PYTHON"
+    )
 
 
 def build_site_packages(dest: Path, python: str) -> Path:
@@ -190,14 +200,29 @@ def build_site_packages(dest: Path, python: str) -> Path:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_TARGET", "VIRTUAL_ENV"))}
-    _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-warn-script-location",
-          "--quiet", *STUB_PIP_OPTIONS, "--target", str(tmp), *STUB_REQUIREMENTS],
-         "building the python-backend site-packages", env=env)
+    _run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--quiet",
+            *STUB_PIP_OPTIONS,
+            "--target",
+            str(tmp),
+            *STUB_REQUIREMENTS,
+        ],
+        "building the python-backend site-packages",
+        env=env,
+    )
     # Import the packages the way the stub will (isolated mode) before trusting the directory.
-    probe = (f"import sys; sys.path.insert(0, {str(tmp)!r}); import numpy, onnxruntime; "
-             "print(numpy.__version__, onnxruntime.__version__)")
-    versions = _run([python, "-I", "-c", probe],
-                    "checking the python-backend site-packages", env=env).split()
+    probe = (
+        f"import sys; sys.path.insert(0, {str(tmp)!r}); import numpy, onnxruntime; "
+        "print(numpy.__version__, onnxruntime.__version__)"
+    )
+    versions = _run([python, "-I", "-c", probe], "checking the python-backend site-packages", env=env).split()
     if not versions or not versions[0].startswith("1."):
         raise RuntimeError(f"{tmp}: numpy {versions[:1]} is not 1.x; the backend stub needs numpy 1")
     stamp_tmp = tmp / stamp.name
@@ -247,13 +272,17 @@ def overlay_config(entry: ModelEntry, intra_op_threads: int) -> mc.ModelConfig:
         for declared, specs in ((config.input, inputs), (config.output, outputs)):
             if not declared:
                 for spec in specs:
-                    declared.add(name=spec.name, data_type=_config_type(spec.dtype),
-                                 dims=[-1 if d is None else d for d in spec.shape[skip:]])
+                    declared.add(
+                        name=spec.name,
+                        data_type=_config_type(spec.dtype),
+                        dims=[-1 if d is None else d for d in spec.shape[skip:]],
+                    )
     return config
 
 
-def write_overlay(repository: ModelRepository, root: Path, site_packages: Path,
-                  intra_op_threads: int = 1) -> tuple[Path, list[str]]:
+def write_overlay(
+    repository: ModelRepository, root: Path, site_packages: Path, intra_op_threads: int = 1
+) -> tuple[Path, list[str]]:
     """The overlay repository for a model repository, under ``root/<content hash>``; reused when
     the repository's configs and model files have not changed."""
     entries = [e for e in repository.entries() if servable(e)]
@@ -265,8 +294,11 @@ def write_overlay(repository: ModelRepository, root: Path, site_packages: Path,
     plans: list[tuple[ModelEntry, mc.ModelConfig, dict[int, Path]]] = []
     for entry in entries:
         config = overlay_config(entry, intra_op_threads)
-        files = {v: (d / entry.model_filename).resolve() for v, d in entry.versions.items()
-                 if entry.model_filename and (d / entry.model_filename).is_file()}
+        files = {
+            v: (d / entry.model_filename).resolve()
+            for v, d in entry.versions.items()
+            if entry.model_filename and (d / entry.model_filename).is_file()
+        }
         digest.update(f"\0{entry.name}\0".encode() + config_text(config).encode())
         for version, path in files.items():
             digest.update(f"\0{version}\0{path}\0".encode())
@@ -373,8 +405,15 @@ class LocalTriton:
     ready; ``stop()`` always ends the server and its backend stubs.
     """
 
-    def __init__(self, repo: Path | str, cache: Path | str, *, host: str = "127.0.0.1",
-                 intra_op_threads: int = 1, ready_timeout: float = READY_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        repo: Path | str,
+        cache: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        intra_op_threads: int = 1,
+        ready_timeout: float = READY_TIMEOUT_SECONDS,
+    ) -> None:
         self.repo = Path(repo).resolve()
         self.cache = Path(cache).resolve()
         self.root = self.cache / "triton"
@@ -397,7 +436,8 @@ class LocalTriton:
             self._server = unpack_server(wheel, self.root / f"pytriton-{PYTRITON_VERSION}")
             site_packages = build_site_packages(self.root / "site-packages", find_stub_python())
             self.overlay, self.models = write_overlay(
-                ModelRepository(self.repo), self.root / "overlays", site_packages, self.intra_op_threads)
+                ModelRepository(self.repo), self.root / "overlays", site_packages, self.intra_op_threads
+            )
         log.info("local triton: overlay %s serves %s", self.overlay, self.models)
         return self.overlay
 
@@ -446,8 +486,9 @@ class LocalTriton:
                 return chosen
             except _PortInUse:
                 if attempt == attempts - 1:
-                    raise RuntimeError(f"tritonserver could not bind {chosen}:\n{log_tail(self.log_path)}") \
-                        from None
+                    raise RuntimeError(
+                        f"tritonserver could not bind {chosen}:\n{log_tail(self.log_path)}"
+                    ) from None
         raise AssertionError("unreachable")
 
     def _launch(self, ports: TritonPorts) -> None:
@@ -462,23 +503,35 @@ class LocalTriton:
             f"--backend-directory={server.backends}",
             "--model-control-mode=explicit",
             *[f"--load-model={name}" for name in self.models],
-            "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
-            f"--grpc-address={self.host}", f"--grpc-port={ports.grpc}",
-            f"--http-address={self.host}", f"--http-port={ports.http}",
-            f"--metrics-address={self.host}", f"--metrics-port={ports.metrics}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={ports.grpc}",
+            f"--http-address={self.host}",
+            f"--http-port={ports.http}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={ports.metrics}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_SECONDS}",
             # Unique shared-memory names: two local servers must not share the stubs' regions.
             f"--backend-config=python,shm-region-prefix-name=tessera_{os.getpid()}_{ports.grpc}",
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            filter(None, [str(server.libs), os.environ.get("LD_LIBRARY_PATH")]))
+            filter(None, [str(server.libs), os.environ.get("LD_LIBRARY_PATH")])
+        )
         with open(self.log_path, "ab") as log_file:
             log_file.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
             log_file.flush()
             # Own session: stop() signals the whole group, backend stubs included.
-            self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
-                                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self.ports = ports
         atexit.register(self.stop)
         try:
@@ -497,15 +550,18 @@ class LocalTriton:
                 tail = log_tail(self.log_path)
                 if "already in use" in tail or "Address in use" in tail:
                     raise _PortInUse()
-                raise RuntimeError(f"tritonserver exited with {code} before it was ready "
-                                   f"(log {self.log_path}):\n{tail}")
+                raise RuntimeError(
+                    f"tritonserver exited with {code} before it was ready (log {self.log_path}):\n{tail}"
+                )
             # Strict readiness (Triton's default): ready only once every loaded model is.
             if _http_ok(ready_url):
                 log.info("local triton ready: grpc %s, pid %d", self.grpc_url, self._process.pid)
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"tritonserver not ready after {self.ready_timeout:.0f} s "
-                           f"(log {self.log_path}):\n{log_tail(self.log_path)}")
+        raise TimeoutError(
+            f"tritonserver not ready after {self.ready_timeout:.0f} s "
+            f"(log {self.log_path}):\n{log_tail(self.log_path)}"
+        )
 
     def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
         """Stop the server (graceful, then killed); safe to call twice. Ports are kept for restart."""
@@ -582,8 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     triton = LocalTriton(args.repo, args.cache)
     started = time.monotonic()
     overlay = triton.prepare()
-    print(f"overlay {overlay}: {', '.join(triton.models) or 'no models'} "
-          f"(prepared in {time.monotonic() - started:.1f} s)")
+    print(
+        f"overlay {overlay}: {', '.join(triton.models) or 'no models'} "
+        f"(prepared in {time.monotonic() - started:.1f} s)"
+    )
     if args.command == "prepare":
         return 0
 
@@ -595,8 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     given = (args.grpc_port, args.http_port, args.metrics_port)
     ports = triton.start(TritonPorts(*given) if all(given) else None)
-    print(f"tritonserver pid {triton.pid} ready: grpc {triton.grpc_url}  http {triton.http_url}  "
-          f"metrics {triton.metrics_url}  log {triton.log_path}")
+    print(
+        f"tritonserver pid {triton.pid} ready: grpc {triton.grpc_url}  http {triton.http_url}  "
+        f"metrics {triton.metrics_url}  log {triton.log_path}"
+    )
     if args.foreground:
         try:
             while triton.running:
@@ -606,8 +666,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             triton.stop()
         return 0
-    state_path.write_text(json.dumps({"pid": triton.pid, "ports": list(ports), "repo": str(triton.repo),
-                                      "overlay": str(overlay), "log": str(triton.log_path)}))
+    state_path.write_text(
+        json.dumps(
+            {
+                "pid": triton.pid,
+                "ports": list(ports),
+                "repo": str(triton.repo),
+                "overlay": str(overlay),
+                "log": str(triton.log_path),
+            }
+        )
+    )
     triton.detach()
     return 0
 

@@ -62,16 +62,17 @@ def check_request(model: str, specs: Sequence[InputSpec], inputs: Mapping[str, n
             raise InvalidArgument(f"input '{spec.name}' of model '{model}' is not a numpy array")
         if array.dtype != spec.dtype:
             raise InvalidArgument(
-                f"input '{spec.name}' of model '{model}' must be {spec.dtype}, got {array.dtype}")
+                f"input '{spec.name}' of model '{model}' must be {spec.dtype}, got {array.dtype}"
+            )
         if not spec.dims:
             continue  # reshaped input: its shape is checked by the model
         if array.ndim != len(spec.dims) or any(
-                d != -1 and d != s for d, s in zip(spec.dims, array.shape, strict=True)):
+            d != -1 and d != s for d, s in zip(spec.dims, array.shape, strict=True)
+        ):
             raise InvalidArgument(
                 f"input '{spec.name}' of model '{model}' has shape {list(array.shape)}, "
-                f"expected {list(spec.dims)} (-1 = any)")
-
-
+                f"expected {list(spec.dims)} (-1 = any)"
+            )
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,13 @@ class InProcessBackend:
     name = "in-process"
     kind = "model"  # for messages: "is not an ONNX model of the repository"
 
-    def __init__(self, repository: ModelRepository, metrics: Metrics, max_queue_size: int,
-                 serves: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: Metrics,
+        max_queue_size: int,
+        serves: Callable[[str], bool] | None = None,
+    ) -> None:
         self.repository = repository
         # Which model names this process serves: the services share one repository, and each
         # loading every model of it would cost all of them the memory and start-up of all.
@@ -132,8 +138,12 @@ class InProcessBackend:
             mine = await asyncio.get_running_loop().run_in_executor(None, self._mine)
             for entry, fp in mine.values():
                 await self._apply(entry, fp)
-        log.info("%s backend: %d models ready, %d broken", self.name, len(self._served),
-                 len(set(self._errors) - set(self._served)))
+        log.info(
+            "%s backend: %d models ready, %d broken",
+            self.name,
+            len(self._served),
+            len(set(self._errors) - set(self._served)),
+        )
 
     async def infer(self, model: str, inputs: Tensors) -> InferResult:
         served = self._served.get(model)
@@ -152,12 +162,28 @@ class InProcessBackend:
         for name in sorted(set(self._served) | set(self._errors)):
             served = self._served.get(name)
             if served is not None:
-                out.append(ModelStatus(name, served.version, self.name, True, self._errors.get(name),
-                                       tuple(served.entry.versions)))
+                out.append(
+                    ModelStatus(
+                        name,
+                        served.version,
+                        self.name,
+                        True,
+                        self._errors.get(name),
+                        tuple(served.entry.versions),
+                    )
+                )
             else:
                 entry = self.repository.get(name) if name in self.repository else None
-                out.append(ModelStatus(name, entry.version if entry else None, self.name, False,
-                                       self._errors[name], tuple(entry.versions) if entry else ()))
+                out.append(
+                    ModelStatus(
+                        name,
+                        entry.version if entry else None,
+                        self.name,
+                        False,
+                        self._errors[name],
+                        tuple(entry.versions) if entry else (),
+                    )
+                )
         return out
 
     async def load(self, model: str) -> ModelStatus:
@@ -166,7 +192,9 @@ class InProcessBackend:
             if model not in mine:
                 self.repository.get(model)  # NotFound naming the repository when it is absent
                 if self.serves is not None and not self.serves(model):
-                    raise NotFound(f"model '{model}' of {self.repository.root} is not one this service serves")
+                    raise NotFound(
+                        f"model '{model}' of {self.repository.root} is not one this service serves"
+                    )
                 raise NotFound(f"model '{model}' of {self.repository.root} is not {self.kind}")
             await self._apply(*mine[model])
         return next(s for s in self.models() if s.name == model)
@@ -194,8 +222,11 @@ class InProcessBackend:
     def _mine(self) -> dict[str, tuple[ModelEntry, tuple[object, ...]]]:
         """Rescan and fingerprint this backend's models (file system work: a worker thread)."""
         self.repository.rescan()
-        return {e.name: (e, self._fingerprint(e)) for e in self.repository.entries()
-                if self._owns(e) and (self.serves is None or self.serves(e.name))}
+        return {
+            e.name: (e, self._fingerprint(e))
+            for e in self.repository.entries()
+            if self._owns(e) and (self.serves is None or self.serves(e.name))
+        }
 
     async def _apply(self, entry: ModelEntry, fp: tuple[object, ...]) -> None:
         """Load an entry and swap it in; on failure keep any version already serving."""
@@ -204,13 +235,23 @@ class InProcessBackend:
         if opened is None:
             self._errors[entry.name] = error or "cannot be opened"
             if entry.name in self._served:
-                log.error("model %s: new version not loaded, version %d keeps serving: %s",
-                          entry.name, self._served[entry.name].version, error)
+                log.error(
+                    "model %s: new version not loaded, version %d keeps serving: %s",
+                    entry.name,
+                    self._served[entry.name].version,
+                    error,
+                )
             else:
                 log.error("model %s not loaded: %s", entry.name, error)
             return
-        batcher = DynamicBatcher(entry.name, opened.run, batch_policy(entry, self.max_queue_size), self.metrics,
-                                 opened.version, self.name)
+        batcher = DynamicBatcher(
+            entry.name,
+            opened.run,
+            batch_policy(entry, self.max_queue_size),
+            self.metrics,
+            opened.version,
+            self.name,
+        )
         old = self._served.get(entry.name)
         self._served[entry.name] = _Served(entry, opened, batcher)  # the swap: one assignment on the loop
         self._errors.pop(entry.name, None)

@@ -63,16 +63,22 @@ _ORT_TYPES: Mapping[str, np.dtype] = {
 
 class OnnxConfig(StrictModel):
     intra_op_threads: int = Field(
-        2, ge=0, description="Threads inside one operator (0 = ORT picks: all cores).")
+        2, ge=0, description="Threads inside one operator (0 = ORT picks: all cores)."
+    )
     inter_op_threads: int = Field(1, ge=0, description="Threads across operators (sequential mode: 1).")
     allow_spinning: bool = Field(
-        False, description="Let idle ORT threads spin; off so they leave the cores to the event loop.")
+        False, description="Let idle ORT threads spin; off so they leave the cores to the event loop."
+    )
     graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
     use_gpu: Literal["auto", "never", "require"] = Field(
-        "auto", description="auto: CUDA when a driver is really present; require: fail without one.")
+        "auto", description="auto: CUDA when a driver is really present; require: fail without one."
+    )
     max_queue_size: int = Field(
-        1024, gt=0, description="Queued requests per model beyond which requests are refused "
-        "(the config's default_queue_policy.max_queue_size wins when set).")
+        1024,
+        gt=0,
+        description="Queued requests per model beyond which requests are refused "
+        "(the config's default_queue_policy.max_queue_size wins when set).",
+    )
 
 
 def cuda_driver_present() -> bool:
@@ -99,7 +105,8 @@ def select_providers(
         if use_gpu == "require":
             raise FailedPrecondition(
                 "use_gpu is 'require' but no usable GPU: the CUDA driver (libcuda.so.1) does not "
-                f"load or onnxruntime lacks {CUDA} (available: {available})")
+                f"load or onnxruntime lacks {CUDA} (available: {available})"
+            )
         return [CPU]
     providers = [CUDA, CPU]
     if TENSORRT in available and ctypes.util.find_library("nvinfer"):
@@ -121,8 +128,14 @@ def session_options(config: OnnxConfig) -> ort.SessionOptions:
 
 def session_signature(session: ort.InferenceSession) -> tuple[list[TensorSpec], list[TensorSpec]]:
     def specs(args: Sequence[ort.NodeArg]) -> list[TensorSpec]:
-        return [TensorSpec(a.name, _ORT_TYPES.get(a.type, np.dtype(np.void)),
-                           tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args]
+        return [
+            TensorSpec(
+                a.name,
+                _ORT_TYPES.get(a.type, np.dtype(np.void)),
+                tuple(d if isinstance(d, int) else None for d in a.shape),
+            )
+            for a in args
+        ]
 
     return specs(session.get_inputs()), specs(session.get_outputs())
 
@@ -132,13 +145,19 @@ def input_specs(entry: ModelEntry, session: ort.InferenceSession) -> tuple[Input
     assert config is not None
     batched = config.max_batch_size > 0
     if config.input:
-        return tuple(InputSpec(
-            t.name, numpy_dtype(t.data_type),
-            tuple([-1, *t.dims] if batched else t.dims) if not t.HasField("reshape") else (),
-            t.optional) for t in config.input)
+        return tuple(
+            InputSpec(
+                t.name,
+                numpy_dtype(t.data_type),
+                tuple([-1, *t.dims] if batched else t.dims) if not t.HasField("reshape") else (),
+                t.optional,
+            )
+            for t in config.input
+        )
     inputs, _ = session_signature(session)  # config without inputs: trust the model
-    return tuple(InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False)
-                 for s in inputs)
+    return tuple(
+        InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False) for s in inputs
+    )
 
 
 def is_onnx_entry(entry: ModelEntry) -> bool:
@@ -156,8 +175,13 @@ class OnnxBackend(InProcessBackend):
     name = BACKEND_NAME
     kind = "an ONNX model"
 
-    def __init__(self, repository: ModelRepository, config: OnnxConfig, metrics: Metrics,
-                 serves: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        config: OnnxConfig,
+        metrics: Metrics,
+        serves: Callable[[str], bool] | None = None,
+    ) -> None:
         super().__init__(repository, metrics, config.max_queue_size, serves)
         self.config = config
         self.providers = select_providers(config.use_gpu)
@@ -172,8 +196,7 @@ class OnnxBackend(InProcessBackend):
             return None, entry.error
         path = entry.model_path()
         try:
-            session = ort.InferenceSession(str(path), sess_options=self._options,
-                                           providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
         except Exception as exc:  # ORT raises its own types for corrupt files
             return None, f"{path}: onnxruntime cannot load it: {exc}"
         assert entry.config is not None and entry.version is not None
@@ -181,12 +204,18 @@ class OnnxBackend(InProcessBackend):
         if problems:
             return None, f"{path}: does not match config.pbtxt: " + "; ".join(problems)
         outputs = [o.name for o in entry.config.output] or [o.name for o in session.get_outputs()]
-        return Opened(entry.version, _runner(session, outputs), input_specs(entry, session),
-                      f"({', '.join(self.providers)})", session), None
+        return Opened(
+            entry.version,
+            _runner(session, outputs),
+            input_specs(entry, session),
+            f"({', '.join(self.providers)})",
+            session,
+        ), None
 
 
-def _runner(session: ort.InferenceSession, outputs: list[str]) -> Callable[[dict[str, np.ndarray]],
-                                                                           dict[str, np.ndarray]]:
+def _runner(
+    session: ort.InferenceSession, outputs: list[str]
+) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(outputs, session.run(outputs, inputs), strict=True))
 

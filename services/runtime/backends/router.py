@@ -109,5 +109,7 @@ class RoutingBackend:
             return NotFound(f"model '{model}' is not in the model repository {root}")
         kind = self.repository.get(model).kind or "unknown"
         served = ", ".join(b.name for b in self.backends)
-        return NotFound(f"model '{model}' of the model repository {root} is of kind '{kind}', "
-                        f"which none of the configured backends ({served}) serves")
+        return NotFound(
+            f"model '{model}' of the model repository {root} is of kind '{kind}', "
+            f"which none of the configured backends ({served}) serves"
+        )

@@ -51,11 +51,17 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 class XgbConfig(StrictModel):
     nthread: int = Field(
-        1, ge=1, description="XGBoost threads per prediction. Small: the process shares 2 cores with "
-        "the event loop and other models' batchers, and tree batches of a few rows gain little.")
+        1,
+        ge=1,
+        description="XGBoost threads per prediction. Small: the process shares 2 cores with "
+        "the event loop and other models' batchers, and tree batches of a few rows gain little.",
+    )
     max_queue_size: int = Field(
-        1024, gt=0, description="Queued requests per model beyond which requests are refused "
-        "(the config's default_queue_policy.max_queue_size wins when set).")
+        1024,
+        gt=0,
+        description="Queued requests per model beyond which requests are refused "
+        "(the config's default_queue_policy.max_queue_size wins when set).",
+    )
 
 
 def is_xgb_entry(entry: ModelEntry) -> bool:
@@ -79,8 +85,10 @@ def model_file(entry: ModelEntry) -> tuple[str | None, str | None]:
     assert entry.config is not None
     model_type = entry.parameters.get("model_type", "")
     if model_type not in MODEL_FILENAMES:
-        return None, (f"{entry.path / 'config.pbtxt'}: model_type '{model_type}' is served only by "
-                      f"Triton's FIL backend; in process: {sorted(MODEL_FILENAMES)}")
+        return None, (
+            f"{entry.path / 'config.pbtxt'}: model_type '{model_type}' is served only by "
+            f"Triton's FIL backend; in process: {sorted(MODEL_FILENAMES)}"
+        )
     return entry.config.default_model_filename or MODEL_FILENAMES[model_type], None
 
 
@@ -138,12 +146,18 @@ def make_predictor(booster: xgb.Booster, parameters: dict[str, str]) -> _Model:
         return booster.inplace_predict(x, validate_features=False)
 
     if not classifier:
-        return _Model(lambda x: raw(x).reshape(x.shape[0], -1).astype(np.float32), n_features, 1,
-                      f"regressor ({objective})")
+        return _Model(
+            lambda x: raw(x).reshape(x.shape[0], -1).astype(np.float32),
+            n_features,
+            1,
+            f"regressor ({objective})",
+        )
     if objective == "binary:logistic":
+
         def binary_proba(x: np.ndarray) -> np.ndarray:
             p = raw(x).astype(np.float32)
             return np.stack([1.0 - p, p], axis=1)
+
         prob_fn, n_classes = binary_proba, 2
     elif objective == "multi:softprob":
         prob_fn, n_classes = (lambda x: raw(x).astype(np.float32)), num_class
@@ -152,10 +166,13 @@ def make_predictor(booster: xgb.Booster, parameters: dict[str, str]) -> _Model:
         def margin_softmax(x: np.ndarray) -> np.ndarray:
             z = booster.inplace_predict(x, predict_type="margin", validate_features=False)
             return _softmax(z.astype(np.float64)).astype(np.float32)
+
         prob_fn, n_classes = margin_softmax, num_class
     else:
-        raise ValueError(f"objective '{objective}' gives no class probabilities; "
-                         "set output_class to false to serve it as a regressor")
+        raise ValueError(
+            f"objective '{objective}' gives no class probabilities; "
+            "set output_class to false to serve it as a regressor"
+        )
     if proba:
         return _Model(prob_fn, n_features, n_classes, f"{n_classes}-class probabilities ({objective})")
 
@@ -175,17 +192,24 @@ def check_config(config: mc.ModelConfig, model: _Model) -> list[str]:
     if len(config.input) != 1:
         problems.append(f"needs exactly one input ('{INPUT_NAME}'), has {len(config.input)}")
     else:
-        problems += _tensor_problems("input", config.input[0], model.n_features,
-                                     f"the booster has {model.n_features} features")
+        problems += _tensor_problems(
+            "input", config.input[0], model.n_features, f"the booster has {model.n_features} features"
+        )
     if len(config.output) < 1:
         problems.append(f"needs an output ('{OUTPUT_NAME}')")
     else:
-        problems += _tensor_problems("output", config.output[0], model.output_dim,
-                                     f"the booster gives {model.describe}: [{model.output_dim}]")
+        problems += _tensor_problems(
+            "output",
+            config.output[0],
+            model.output_dim,
+            f"the booster gives {model.describe}: [{model.output_dim}]",
+        )
     return problems
 
 
-def _tensor_problems(kind: str, t: mc.ModelInput | mc.ModelOutput, width: int, booster_says: str) -> list[str]:
+def _tensor_problems(
+    kind: str, t: mc.ModelInput | mc.ModelOutput, width: int, booster_says: str
+) -> list[str]:
     """A FIL tensor is FP32 with one dimension: the booster's width (or -1)."""
     problems = []
     if t.data_type != mc.TYPE_FP32:
@@ -201,8 +225,13 @@ class XgbBackend(InProcessBackend):
     name = BACKEND_NAME
     kind = "an XGBoost (FIL) model"
 
-    def __init__(self, repository: ModelRepository, config: XgbConfig, metrics: Metrics,
-                 serves: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        config: XgbConfig,
+        metrics: Metrics,
+        serves: Callable[[str], bool] | None = None,
+    ) -> None:
         super().__init__(repository, metrics, config.max_queue_size, serves)
         self.config = config
 
@@ -234,8 +263,9 @@ class XgbBackend(InProcessBackend):
         if filename is None:
             return None, why
         if entry.config.input and entry.config.input[0].name != INPUT_NAME:
-            return None, (f"{config_path}: FIL's input is named '{INPUT_NAME}', not "
-                          f"'{entry.config.input[0].name}'")
+            return None, (
+                f"{config_path}: FIL's input is named '{INPUT_NAME}', not '{entry.config.input[0].name}'"
+            )
         version = entry.version
         if version is None or version not in entry.versions:
             return None, f"{entry.path}: no version directory with {filename}"

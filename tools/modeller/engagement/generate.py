@@ -93,8 +93,12 @@ def _furrowed(face: Face, depth: float) -> Face:
 
 def _mirrored(face: Face) -> Face:
     w = face.bgr.shape[1]
-    return Face(np.ascontiguousarray(face.bgr[:, ::-1]), np.ascontiguousarray(face.alpha[:, ::-1]),
-                (w - face.center[0], face.center[1]), face.side)
+    return Face(
+        np.ascontiguousarray(face.bgr[:, ::-1]),
+        np.ascontiguousarray(face.alpha[:, ::-1]),
+        (w - face.center[0], face.center[1]),
+        face.side,
+    )
 
 
 def as_levels(levels: LevelsLike) -> np.ndarray:
@@ -169,7 +173,9 @@ def _style(levels: np.ndarray, size: tuple[int, int], rng: np.random.Generator) 
         face=face,
         face_bgra=_face_bgra(face, gain, bias, 0.015 * confusion * face.side),
         background=_to_uint8(_background(rng, height, width) * gain + bias),
-        side=side, start=start, wander=wander,
+        side=side,
+        start=start,
+        wander=wander,
         wander_phase=(float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0, 2 * math.pi))),
         yaw=12.0 * (LEVELS - 1 - engagement) * float(rng.choice([-1.0, 1.0])),
         roll=5.0 * boredom * float(rng.choice([-1.0, 1.0])),
@@ -202,8 +208,10 @@ class _Pose:
 def _pose(style: _Style, t: float, rng: np.random.Generator) -> _Pose:
     p1, p2 = style.wander_phase
     # Slow (0.1 Hz): a tracker that re-detects every few frames keeps up with it.
-    center = (style.start[0] + style.wander * math.sin(2 * math.pi * 0.1 * t + p1),
-              style.start[1] + 0.5 * style.wander * math.sin(2 * math.pi * 0.07 * t + p2))
+    center = (
+        style.start[0] + style.wander * math.sin(2 * math.pi * 0.1 * t + p1),
+        style.start[1] + 0.5 * style.wander * math.sin(2 * math.pi * 0.07 * t + p2),
+    )
     roll = style.roll + float(np.clip(rng.normal(0, style.shake), -2 * style.shake, 2 * style.shake))
     yaw = style.yaw + float(np.clip(rng.normal(0, 2 * style.shake), -4 * style.shake, 4 * style.shake))
     h = _homography(style.face, center, style.side / style.face.side, roll, yaw)
@@ -257,15 +265,17 @@ def _draw(style: _Style, pose: _Pose, window: Rect) -> np.ndarray:
     out = style.background[wy0:wy1, wx0:wx1].copy()
     ph, pw = style.face_bgra.shape[:2]
     corners = cv2.perspectiveTransform(
-        np.array([[[0, 0], [pw, 0], [0, ph], [pw, ph]]], np.float32), pose.homography)[0]
+        np.array([[[0, 0], [pw, 0], [0, ph], [pw, ph]]], np.float32), pose.homography
+    )[0]
     lo, hi = np.floor(corners.min(axis=0)).astype(int) - 2, np.ceil(corners.max(axis=0)).astype(int) + 2
     x0, y0, x1, y1 = _intersect((int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])), window)
     if x1 > x0 and y1 > y0:
         shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
-        warped = cv2.warpPerspective(style.face_bgra, shift @ pose.homography, (x1 - x0, y1 - y0),
-                                     flags=cv2.INTER_LINEAR)
+        warped = cv2.warpPerspective(
+            style.face_bgra, shift @ pose.homography, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR
+        )
         bgr, alpha = cv2.cvtColor(warped, cv2.COLOR_BGRA2BGR), warped[:, :, 3].astype(np.float32) / 255
-        roi = out[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        roi = out[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
         roi[:] = cv2.blendLinear(bgr, roi, alpha, 1.0 - alpha)
     _add_noise(out, window, style, pose)
     return out
@@ -278,8 +288,7 @@ def _add_noise(out: np.ndarray, window: Rect, style: _Style, pose: _Pose) -> Non
     height, width = style.background.shape[:2]
     cx, cy = pose.center
     half = 0.75 * style.side
-    area = _intersect((int(cx - half), int(cy - half), int(cx + half), int(cy + half)),
-                      (0, 0, width, height))
+    area = _intersect((int(cx - half), int(cy - half), int(cx + half), int(cy + half)), (0, 0, width, height))
     noise = np.empty((area[3] - area[1], area[2] - area[0]), np.int16)
     cv2.setRNGSeed(pose.noise_seed)
     cv2.randn(noise, 0, 2)  # type: ignore[call-overload]  # OpenCV's stubs want arrays; mean and sd may be numbers
@@ -287,8 +296,8 @@ def _add_noise(out: np.ndarray, window: Rect, style: _Style, pose: _Pose) -> Non
     if x1 <= x0 or y1 <= y0:
         return
     wx0, wy0 = window[:2]
-    patch = out[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
-    noisy = patch.astype(np.int16) + noise[y0 - area[1]:y1 - area[1], x0 - area[0]:x1 - area[0], None]
+    patch = out[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
+    noisy = patch.astype(np.int16) + noise[y0 - area[1] : y1 - area[1], x0 - area[0] : x1 - area[0], None]
     patch[:] = np.clip(noisy, 0, 255)
 
 
@@ -300,22 +309,30 @@ def _poses(levels: LevelsLike, n_frames: int, size: tuple[int, int], seed: int) 
     return style, [_pose(style, i / FPS, rng) for i in range(n_frames)]
 
 
-def make_clip_with_boxes(levels: LevelsLike, n_frames: int = 60, size: tuple[int, int] = (480, 640),
-                         seed: int = 0) -> tuple[list[np.ndarray], list[Box]]:
+def make_clip_with_boxes(
+    levels: LevelsLike, n_frames: int = 60, size: tuple[int, int] = (480, 640), seed: int = 0
+) -> tuple[list[np.ndarray], list[Box]]:
     """BGR uint8 frames [height, width, 3] and the face box (x, y, w, h) in each, as a detector sees it."""
     style, poses = _poses(levels, n_frames, size, seed)
     whole = (0, 0, size[1], size[0])
     return [_draw(style, p, whole) for p in poses], [p.box for p in poses]
 
 
-def make_clip(levels: LevelsLike, n_frames: int = 60, size: tuple[int, int] = (480, 640),
-              seed: int = 0) -> list[np.ndarray]:
+def make_clip(
+    levels: LevelsLike, n_frames: int = 60, size: tuple[int, int] = (480, 640), seed: int = 0
+) -> list[np.ndarray]:
     """A clip showing the given affect levels: BGR uint8 frames [height, width, 3]."""
     return make_clip_with_boxes(levels, n_frames, size, seed)[0]
 
 
-def clip_crops(levels: LevelsLike, n_frames: int = 30, size: tuple[int, int] = (480, 640), seed: int = 0,
-               margin: float = 0.1, box_noise: BoxNoise | None = None) -> np.ndarray:
+def clip_crops(
+    levels: LevelsLike,
+    n_frames: int = 30,
+    size: tuple[int, int] = (480, 640),
+    seed: int = 0,
+    margin: float = 0.1,
+    box_noise: BoxNoise | None = None,
+) -> np.ndarray:
     """The clip's face crops [n_frames, 64, 64] uint8 at the known face boxes (no detector), or
     at boxes strayed from them as a detector's do (``box_noise``, its own random stream).
 
@@ -342,8 +359,13 @@ def random_levels(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, LEVELS, size=(n, len(AFFECTS)))
 
 
-def make_dataset(n_clips: int, n_frames: int = 30, seed: int = 0, size: tuple[int, int] = (480, 640),
-                 box_noise: BoxNoise | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_dataset(
+    n_clips: int,
+    n_frames: int = 30,
+    seed: int = 0,
+    size: tuple[int, int] = (480, 640),
+    box_noise: BoxNoise | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crops [n_clips, n_frames, 64, 64] uint8, levels [n_clips, 4] and each clip's seed."""
     rng = np.random.default_rng(seed)
     levels = random_levels(rng, n_clips)
@@ -363,8 +385,7 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tessera-generate-clip",
-                                description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tessera-generate-clip", description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path, help="directory for the frames (JPEG)")
     p.add_argument("--levels", default="3,0,0,0", help="engagement,boredom,confusion,frustration (0-3)")
     p.add_argument("--frames", type=int, default=60)

@@ -29,8 +29,16 @@ import grpc
 CACHE_FORMAT = 1
 DEFAULT_CACHE = Path(".cache") / "evaluate"
 # gRPC codes of an item that may well be answered next time: never cached.
-TRANSIENT = {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL",
-             "ABORTED", "unreadable"}
+TRANSIENT = {
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "UNKNOWN",
+    "INTERNAL",
+    "ABORTED",
+    "unreadable",
+}
 
 
 class ManifestError(ValueError):
@@ -77,8 +85,15 @@ class Progress:
     """One progress line on stderr: rewritten in place on a terminal, else printed at most every
     ``every`` seconds (CI logs, ``| tee``); nothing when disabled."""
 
-    def __init__(self, total: int, what: str, *, enabled: bool = True, stream: TextIO | None = None,
-                 every: float = 10.0) -> None:
+    def __init__(
+        self,
+        total: int,
+        what: str,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        every: float = 10.0,
+    ) -> None:
         self.total = total
         self.what = what
         self.done = 0
@@ -251,4 +266,4 @@ def _jsonable(value: Any) -> Any:
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

@@ -81,8 +81,22 @@ from tools.modeller.evaluate.metrics import (
     nll,
 )
 
-__all__ = ["Answers", "EmotionEvaluation", "EvaluationError", "ManifestError", "ManifestRow", "Skipped", "collect",
-           "default_rules_path", "format_report", "load_rules", "parse_label", "read_manifest", "run", "summarise"]
+__all__ = [
+    "Answers",
+    "EmotionEvaluation",
+    "EvaluationError",
+    "ManifestError",
+    "ManifestRow",
+    "Skipped",
+    "collect",
+    "default_rules_path",
+    "format_report",
+    "load_rules",
+    "parse_label",
+    "read_manifest",
+    "run",
+    "summarise",
+]
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_RULES = ROOT / "config" / "fusion_rules.yaml"
@@ -143,11 +157,15 @@ def _columns(fieldnames: Sequence[str] | None, source: Path) -> dict[str, str]:
     columns = {name.strip().lower(): name for name in fieldnames if name}
     missing = [c for c in ("path", "label") if c not in columns]
     if missing:
-        raise ManifestError(f"{source}: missing column(s) {', '.join(repr(m) for m in missing)} "
-                            f"(header: {', '.join(fieldnames)})")
+        raise ManifestError(
+            f"{source}: missing column(s) {', '.join(repr(m) for m in missing)} "
+            f"(header: {', '.join(fieldnames)})"
+        )
     boxes = [c for c in BOX_COLUMNS if c in columns]
     if boxes and len(boxes) != len(BOX_COLUMNS):
-        raise ManifestError(f"{source}: face box columns need all of x, y, w, h, found only {', '.join(boxes)}")
+        raise ManifestError(
+            f"{source}: face box columns need all of x, y, w, h, found only {', '.join(boxes)}"
+        )
     return columns
 
 
@@ -167,8 +185,9 @@ def read_manifest(path: Path, split: str | None = None) -> list[ManifestRow]:
     return rows
 
 
-def _rows(reader: csv.DictReader, columns: dict[str, str], source: Path,
-          split: str | None) -> Iterator[ManifestRow]:
+def _rows(
+    reader: csv.DictReader, columns: dict[str, str], source: Path, split: str | None
+) -> Iterator[ManifestRow]:
     base = source.parent
     has_box = "x" in columns
 
@@ -188,8 +207,10 @@ def _rows(reader: csv.DictReader, columns: dict[str, str], source: Path,
         raw_label = cells.get(columns["label"]) or ""
         label = parse_label(raw_label)
         if label is None:
-            raise ManifestError(f"{where}: unknown label {raw_label!r} for {raw_path!r}; expected one of "
-                                f"{', '.join(CLASS_NAMES)} (any case) or an index 0-{len(CLASS_NAMES) - 1}")
+            raise ManifestError(
+                f"{where}: unknown label {raw_label!r} for {raw_path!r}; expected one of "
+                f"{', '.join(CLASS_NAMES)} (any case) or an index 0-{len(CLASS_NAMES) - 1}"
+            )
         box = _box([cells.get(columns[c]) or "" for c in BOX_COLUMNS], where) if has_box else None
         yield ManifestRow(line, raw_path, base / raw_path, label, box, cell(cells, "source"), row_split)
 
@@ -227,8 +248,12 @@ def _image(row: ManifestRow, data: bytes, faces: str) -> common_pb2.Image:
     return to_image(data, face_crop=faces == "crop")
 
 
-def _classify(client: TesseraClient, images: list[common_pb2.Image], mode: str | None, ensemble: str | None,
-              ) -> list[tuple[pb.ClassifyEmotionResponse, int] | grpc.RpcError]:
+def _classify(
+    client: TesseraClient,
+    images: list[common_pb2.Image],
+    mode: str | None,
+    ensemble: str | None,
+) -> list[tuple[pb.ClassifyEmotionResponse, int] | grpc.RpcError]:
     """(reply, index in reply) per image. A batch over the gateway's limits (count or bytes) is
     halved until it fits; an image too large on its own is that image's failure, not the run's."""
     try:
@@ -244,15 +269,28 @@ def _classify(client: TesseraClient, images: list[common_pb2.Image], mode: str |
 
 
 def _skip_entry(row: ManifestRow, sha: str, reason: str, message: str) -> dict[str, Any]:
-    return {"row": row.key, "sha": sha, "line": row.line, "path": row.path, "status": "skip",
-            "skip_reason": reason, "message": message}
+    return {
+        "row": row.key,
+        "sha": sha,
+        "line": row.line,
+        "path": row.path,
+        "status": "skip",
+        "skip_reason": reason,
+        "message": message,
+    }
 
 
-def _entry(row: ManifestRow, sha: str, reply: pb.ClassifyEmotionResponse, index: int, faces: str) -> dict[str, Any]:
+def _entry(
+    row: ManifestRow, sha: str, reply: pb.ClassifyEmotionResponse, index: int, faces: str
+) -> dict[str, Any]:
     image = reply.images[index]
     mode = pb.EmotionMode.Name(reply.mode).removeprefix("EMOTION_MODE_").lower()
-    base = {"mode": mode, "rules_version": reply.rules_version, "class_names": list(reply.class_names),
-            "models": {m.name: m.version for m in reply.models}}
+    base = {
+        "mode": mode,
+        "rules_version": reply.rules_version,
+        "class_names": list(reply.class_names),
+        "models": {m.name: m.version for m in reply.models},
+    }
     if image.status.code != 0:
         return {**_skip_entry(row, sha, status_code(image.status.code).name, image.status.message), **base}
     if len(image.faces) != 1:
@@ -264,16 +302,33 @@ def _entry(row: ManifestRow, sha: str, reply: pb.ClassifyEmotionResponse, index:
             message = f"{len(image.faces)} faces, expected 1"
         return {**_skip_entry(row, sha, reason, message), **base}
     face = image.faces[0]
-    return {"row": row.key, "sha": sha, "line": row.line, "path": row.path, "status": "ok", **base,
-            "probabilities": list(face.probabilities), "label": face.label,
-            "box": [face.box.x, face.box.y, face.box.width, face.box.height],
-            "members": {m.model: list(m.logits) for m in face.members}}
+    return {
+        "row": row.key,
+        "sha": sha,
+        "line": row.line,
+        "path": row.path,
+        "status": "ok",
+        **base,
+        "probabilities": list(face.probabilities),
+        "label": face.label,
+        "box": [face.box.x, face.box.y, face.box.width, face.box.height],
+        "members": {m.model: list(m.logits) for m in face.members},
+    }
 
 
-def collect(client: TesseraClient, rows: Sequence[ManifestRow], mode: str | None, batch: int,
-            progress: Callable[..., None] = lambda n, **kw: None, *, ensemble: str | None = None,
-            faces: str = "crop", cache: AnswerCache | None = None, rules_version: str | None = None,
-            need_served: bool = True) -> Answers:
+def collect(
+    client: TesseraClient,
+    rows: Sequence[ManifestRow],
+    mode: str | None,
+    batch: int,
+    progress: Callable[..., None] = lambda n, **kw: None,
+    *,
+    ensemble: str | None = None,
+    faces: str = "crop",
+    cache: AnswerCache | None = None,
+    rules_version: str | None = None,
+    need_served: bool = True,
+) -> Answers:
     """Ask the gateway about every row not in the cache, batch by batch; grpc.RpcError when a whole
     request fails. A cached answer counts when it was made from the same file, and (need_served)
     under the gateway's current rules version, since its fused probabilities depend on them."""
@@ -291,8 +346,12 @@ def collect(client: TesseraClient, rows: Sequence[ManifestRow], mode: str | None
                 continue
             sha = hashlib.sha256(data).hexdigest()
             hit = cache.get(row.key, sha)
-            if hit is not None and (not need_served or hit["status"] == "skip" or rules_version is None
-                                    or hit.get("rules_version") == rules_version):
+            if hit is not None and (
+                not need_served
+                or hit["status"] == "skip"
+                or rules_version is None
+                or hit.get("rules_version") == rules_version
+            ):
                 entries[row.key] = hit
                 cached += 1
                 failed += hit["status"] != "ok"
@@ -314,13 +373,26 @@ def collect(client: TesseraClient, rows: Sequence[ManifestRow], mode: str | None
     return assemble(rows, entries, ensemble=ensemble, faces=faces)
 
 
-def assemble(rows: Sequence[ManifestRow], entries: dict[str, dict[str, Any]], *, ensemble: str | None = None,
-             faces: str = "crop", from_cache: int = 0) -> Answers:
+def assemble(
+    rows: Sequence[ManifestRow],
+    entries: dict[str, dict[str, Any]],
+    *,
+    ensemble: str | None = None,
+    faces: str = "crop",
+    from_cache: int = 0,
+) -> Answers:
     answers = Answers(ensemble=ensemble, faces=faces, from_cache=from_cache)
     for row in rows:
         e = entries[row.key]
-        answers.records.append({**e, "label_index": row.label, "source": row.source, "split": row.split,
-                                "given_box": list(row.box) if row.box else None})
+        answers.records.append(
+            {
+                **e,
+                "label_index": row.label,
+                "source": row.source,
+                "split": row.split,
+                "given_box": list(row.box) if row.box else None,
+            }
+        )
         if "mode" in e:
             answers.modes.add(e["mode"])
             answers.rules_versions.add(e["rules_version"])
@@ -341,8 +413,9 @@ def assemble(rows: Sequence[ManifestRow], entries: dict[str, dict[str, Any]], *,
 
 
 # Fusion --------------------------------------------------------------------------------------
-def temperature_source(rules: EmotionRules, mode: EmotionModeName, stored: float | None,
-                       ensemble: str | None = None) -> str:
+def temperature_source(
+    rules: EmotionRules, mode: EmotionModeName, stored: float | None, ensemble: str | None = None
+) -> str:
     """Which rule of resolve_temperature's precedence gave the served temperature, in words."""
     if mode == "ensemble":
         name, ens = rules.ensemble_rules(ensemble)
@@ -352,11 +425,14 @@ def temperature_source(rules: EmotionRules, mode: EmotionModeName, stored: float
         return f"rules file: emotion.temperature.{mode}"
     if mode == "student" and stored and resolve_temperature(rules, mode, stored) == stored:
         return f"stored beside {rules.student} (preprocess.json)"
-    return "default 1.0 (none in the rules file" + (", none stored beside the student)" if mode == "student"
-                                                    else "; the ensemble's fused logits)")
+    return "default 1.0 (none in the rules file" + (
+        ", none stored beside the student)" if mode == "student" else "; the ensemble's fused logits)"
+    )
 
 
-def rules_snippet(rules: EmotionRules, mode: EmotionModeName, temperature: float, ensemble: str | None = None) -> str:
+def rules_snippet(
+    rules: EmotionRules, mode: EmotionModeName, temperature: float, ensemble: str | None = None
+) -> str:
     """The rules-file lines that serve ``temperature`` in ``mode`` (other modes' overrides kept). An
     ensemble that sets its own temperature (which wins over ``emotion.temperature.ensemble``) gets
     it there, with its members."""
@@ -364,8 +440,10 @@ def rules_snippet(rules: EmotionRules, mode: EmotionModeName, temperature: float
         name, ens = rules.ensemble_rules(ensemble)
         if ens.temperature is not None:
             members = ", ".join(f"{{model: {m.model}, weight: {m.weight:g}}}" for m in ens.members)
-            return (f"emotion:\n  ensembles:\n    {name}:\n      members: [{members}]\n"
-                    f"      fusion_space: {ens.fusion_space}\n      temperature: {round(temperature, 4):g}")
+            return (
+                f"emotion:\n  ensembles:\n    {name}:\n      members: [{members}]\n"
+                f"      fusion_space: {ens.fusion_space}\n      temperature: {round(temperature, 4):g}"
+            )
     overrides = {**rules.temperature, mode: round(temperature, 4)}
     inner = ", ".join(f"{m}: {t:g}" for m, t in sorted(overrides.items()))
     return f"emotion:\n  temperature: {{{inner}}}"
@@ -431,8 +509,10 @@ def _mode_name(mode: str) -> EmotionModeName | None:
 
 def _mode(answers: Answers) -> EmotionModeName:
     if len(answers.modes) != 1:
-        raise EvaluationError(f"answers came in several modes {sorted(answers.modes)}: the rules' default "
-                              "mode changed during the run; pass --mode")
+        raise EvaluationError(
+            f"answers came in several modes {sorted(answers.modes)}: the rules' default "
+            "mode changed during the run; pass --mode"
+        )
     answered = next(iter(answers.modes))
     mode = _mode_name(answered)
     if mode is None:
@@ -445,22 +525,38 @@ def member_probabilities(logits: np.ndarray) -> np.ndarray:
     return softmax(np.asarray(logits, np.float64))
 
 
-def summarise(answers: Answers, rows: int, rules: FusionRules, rules_version: str, *, fit: bool,
-              manifest: str, gateway: str, rules_file: str, bins: int = ECE_BINS,
-              bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> EmotionEvaluation:
+def summarise(
+    answers: Answers,
+    rows: int,
+    rules: FusionRules,
+    rules_version: str,
+    *,
+    fit: bool,
+    manifest: str,
+    gateway: str,
+    rules_file: str,
+    bins: int = ECE_BINS,
+    bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+) -> EmotionEvaluation:
     """Metrics of the served answers and of each member, overall and per source; the temperature
     in force and (fit) the best one."""
     if not answers.labels:
-        raise EvaluationError(f"no image of the {rows} rows could be scored "
-                              f"({dict(Counter(s.reason for s in answers.skipped))})")
+        raise EvaluationError(
+            f"no image of the {rows} rows could be scored "
+            f"({dict(Counter(s.reason for s in answers.skipped))})"
+        )
     if answers.class_names != list(CLASS_NAMES):
-        raise EvaluationError(f"the served classes {answers.class_names} are not the canonical {list(CLASS_NAMES)}")
+        raise EvaluationError(
+            f"the served classes {answers.class_names} are not the canonical {list(CLASS_NAMES)}"
+        )
     mode = _mode(answers)
     er = rules.emotion
     try:
         ensemble = er.ensemble_rules(answers.ensemble)[0] if mode == "ensemble" else None
     except UnknownEnsemble:
-        raise EvaluationError(f"the rules file {rules_file} defines no ensemble {answers.ensemble!r}") from None
+        raise EvaluationError(
+            f"the rules file {rules_file} defines no ensemble {answers.ensemble!r}"
+        ) from None
     weights = members_for(er, mode, ensemble)
     space = fusion_space_for(er, mode, ensemble)
     missing = [m for m in weights if len(answers.members.get(m, ())) != len(answers.labels)]
@@ -496,25 +592,53 @@ def summarise(answers: Answers, rows: int, rules: FusionRules, rules_version: st
                 table[m] = evaluate(p[idx], labels[idx], CLASS_NAMES, bins)
             by_source[str(source)] = table
     ev = EmotionEvaluation(
-        manifest=manifest, gateway=gateway, mode=mode, rows=rows, scored=len(labels),
-        skipped=len(answers.skipped), skipped_by_reason=dict(Counter(s.reason for s in answers.skipped)),
+        manifest=manifest,
+        gateway=gateway,
+        mode=mode,
+        rows=rows,
+        scored=len(labels),
+        skipped=len(answers.skipped),
+        skipped_by_reason=dict(Counter(s.reason for s in answers.skipped)),
         skipped_first=[asdict(s) for s in answers.skipped[:SKIPPED_SHOWN]],
-        models=[{"name": m.name, "version": m.version, "backend": m.backend, "demo": m.demo,
-                 "stored_temperature": m.temperature or None} for m in answers.models.values()],
-        weights={m: w / sum(weights.values()) for m, w in weights.items()}, fusion_space=space,
-        rules_version=", ".join(sorted(answers.rules_versions)), rules_file=rules_file,
-        rules_file_version=rules_version, rules_match=answers.rules_versions == {rules_version},
-        served_temperature=temperature, temperature_source=temperature_source(er, mode, stored, ensemble),
-        served_reproduced_max_abs_diff=float(np.max(np.abs(reproduced - served))), metrics=report,
-        rules_snippet=snippet, ensemble=ensemble, faces=answers.faces,
+        models=[
+            {
+                "name": m.name,
+                "version": m.version,
+                "backend": m.backend,
+                "demo": m.demo,
+                "stored_temperature": m.temperature or None,
+            }
+            for m in answers.models.values()
+        ],
+        weights={m: w / sum(weights.values()) for m, w in weights.items()},
+        fusion_space=space,
+        rules_version=", ".join(sorted(answers.rules_versions)),
+        rules_file=rules_file,
+        rules_file_version=rules_version,
+        rules_match=answers.rules_versions == {rules_version},
+        served_temperature=temperature,
+        temperature_source=temperature_source(er, mode, stored, ensemble),
+        served_reproduced_max_abs_diff=float(np.max(np.abs(reproduced - served))),
+        metrics=report,
+        rules_snippet=snippet,
+        ensemble=ensemble,
+        faces=answers.faces,
         member_metrics={m: evaluate(p, labels, CLASS_NAMES, bins) for m, p in member_probs.items()},
-        by_source=by_source, skipped_rows=[asdict(s) for s in answers.skipped], from_cache=answers.from_cache)
+        by_source=by_source,
+        skipped_rows=[asdict(s) for s in answers.skipped],
+        from_cache=answers.from_cache,
+    )
     ev.warnings = _warnings(ev, bounds)
     return ev
 
 
-def _fit(members: dict[str, np.ndarray], weights: dict[str, float], space: str, labels: np.ndarray,
-         bounds: tuple[float, float]) -> float:
+def _fit(
+    members: dict[str, np.ndarray],
+    weights: dict[str, float],
+    space: str,
+    labels: np.ndarray,
+    bounds: tuple[float, float],
+) -> float:
     if space == "logit":
         return fit_temperature(fused_logits(members, weights), labels, bounds)
     # prob space: T scales each member before the average, so there are no fused logits to fit on.
@@ -524,16 +648,22 @@ def _fit(members: dict[str, np.ndarray], weights: dict[str, float], space: str, 
 def _warnings(ev: EmotionEvaluation, bounds: tuple[float, float]) -> list[str]:
     out = []
     if not ev.rules_match:
-        out.append(f"the gateway's rules (version {ev.rules_version}) are not {ev.rules_file} (version "
-                   f"{ev.rules_file_version}); weights, fusion space and temperature were taken from the file: "
-                   f"served answers reproduced to within {ev.served_reproduced_max_abs_diff:.2g}")
+        out.append(
+            f"the gateway's rules (version {ev.rules_version}) are not {ev.rules_file} (version "
+            f"{ev.rules_file_version}); weights, fusion space and temperature were taken from the file: "
+            f"served answers reproduced to within {ev.served_reproduced_max_abs_diff:.2g}"
+        )
     elif ev.served_reproduced_max_abs_diff > 1e-5:
-        out.append(f"the served probabilities differ from the rules' fusion by up to "
-                   f"{ev.served_reproduced_max_abs_diff:.2g}")
+        out.append(
+            f"the served probabilities differ from the rules' fusion by up to "
+            f"{ev.served_reproduced_max_abs_diff:.2g}"
+        )
     t = ev.metrics.temperature
     if t is not None and (t <= bounds[0] * 1.001 or t >= bounds[1] * 0.999):
-        out.append(f"the fitted temperature {t:g} sits at the search bound {bounds}: the manifest is too "
-                   "small or too easy/hard to calibrate on")
+        out.append(
+            f"the fitted temperature {t:g} sits at the search bound {bounds}: the manifest is too "
+            "small or too easy/hard to calibrate on"
+        )
     if ev.skipped:
         out.append(f"{ev.skipped} of {ev.rows} images were not scored: {ev.skipped_by_reason}")
     return out
@@ -570,26 +700,53 @@ def resolve_request(rules: FusionRules, mode: str | None, ensemble: str | None, 
         try:
             name = rules.emotion.ensemble_rules(ensemble)[0]
         except UnknownEnsemble:
-            raise ManifestError(f"the rules file defines no ensemble {ensemble!r} (it defines "
-                                f"{', '.join(sorted(rules.emotion.ensembles))})") from None
+            raise ManifestError(
+                f"the rules file defines no ensemble {ensemble!r} (it defines "
+                f"{', '.join(sorted(rules.emotion.ensembles))})"
+            ) from None
     return Request(resolved, name, ensemble, faces, tuple(members_for(rules.emotion, resolved, name)))
 
 
-def fetch(manifest: Path, target: str, *, rows: Sequence[ManifestRow], rules: FusionRules, request: Request,
-          batch: int = 16, token: str | None = None, timeout: float = 60.0, progress: bool = False,
-          cache_dir: Path | None = None, need_served: bool = True) -> tuple[Answers, AnswerCache]:
+def fetch(
+    manifest: Path,
+    target: str,
+    *,
+    rows: Sequence[ManifestRow],
+    rules: FusionRules,
+    request: Request,
+    batch: int = 16,
+    token: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = False,
+    cache_dir: Path | None = None,
+    need_served: bool = True,
+) -> tuple[Answers, AnswerCache]:
     """Every row's answer, from the cache or the gateway (GetStatus first: the model versions and
     rules version the cache is keyed on)."""
     with TesseraClient(target, token=token, timeout=timeout) as client:
         status = client.status()
         versions = model_versions(status, "emotion")
-        key = {"manifest_sha256": sha256_file(manifest), "mode": request.mode, "ensemble": request.ensemble,
-               "faces": request.faces, "models": versions}
+        key = {
+            "manifest_sha256": sha256_file(manifest),
+            "mode": request.mode,
+            "ensemble": request.ensemble,
+            "faces": request.faces,
+            "models": versions,
+        }
         cache = AnswerCache(cache_dir, "emotion", key)
         with Progress(len(rows), "emotion images", enabled=progress) as bar:
-            answers = collect(client, rows, request.mode, batch, bar.update, ensemble=request.send_ensemble,
-                              faces=request.faces, cache=cache, rules_version=status.rules_version,
-                              need_served=need_served)
+            answers = collect(
+                client,
+                rows,
+                request.mode,
+                batch,
+                bar.update,
+                ensemble=request.send_ensemble,
+                faces=request.faces,
+                cache=cache,
+                rules_version=status.rules_version,
+                need_served=need_served,
+            )
             answers.from_cache = bar.cached
         # The models as the emotion service reports them (their stored temperatures too): the
         # answers' own model lists are not in the cache.
@@ -600,18 +757,51 @@ def fetch(manifest: Path, target: str, *, rows: Sequence[ManifestRow], rules: Fu
     return answers, cache
 
 
-def run(manifest: Path, target: str, *, mode: str | None = None, batch: int = 16, fit: bool = False,
-        token: str | None = None, rules_path: Path = DEFAULT_RULES, split: str | None = None,
-        bins: int = ECE_BINS, timeout: float = 60.0, progress: bool = False, ensemble: str | None = None,
-        faces: str = "detect", cache_dir: Path | None = None, out: Path | None = None) -> EmotionEvaluation:
+def run(
+    manifest: Path,
+    target: str,
+    *,
+    mode: str | None = None,
+    batch: int = 16,
+    fit: bool = False,
+    token: str | None = None,
+    rules_path: Path = DEFAULT_RULES,
+    split: str | None = None,
+    bins: int = ECE_BINS,
+    timeout: float = 60.0,
+    progress: bool = False,
+    ensemble: str | None = None,
+    faces: str = "detect",
+    cache_dir: Path | None = None,
+    out: Path | None = None,
+) -> EmotionEvaluation:
     """ManifestError for bad input (nothing sent), grpc.RpcError / EvaluationError from the gateway."""
     rows = read_manifest(manifest, split)
     rules, rules_version = load_rules(rules_path)
     request = resolve_request(rules, mode, ensemble, faces)
-    answers, cache = fetch(manifest, target, rows=rows, rules=rules, request=request, batch=batch, token=token,
-                           timeout=timeout, progress=progress, cache_dir=cache_dir)
-    ev = summarise(answers, len(rows), rules, rules_version, fit=fit, manifest=str(manifest), gateway=target,
-                   rules_file=str(rules_path), bins=bins)
+    answers, cache = fetch(
+        manifest,
+        target,
+        rows=rows,
+        rules=rules,
+        request=request,
+        batch=batch,
+        token=token,
+        timeout=timeout,
+        progress=progress,
+        cache_dir=cache_dir,
+    )
+    ev = summarise(
+        answers,
+        len(rows),
+        rules,
+        rules_version,
+        fit=fit,
+        manifest=str(manifest),
+        gateway=target,
+        rules_file=str(rules_path),
+        bins=bins,
+    )
     ev.cache_file = str(cache.path) if cache.path else None
     if out is not None:
         write_outputs(ev, answers, out, bins)
@@ -626,7 +816,11 @@ def default_rules_path() -> Path:
 
 # Outputs -------------------------------------------------------------------------------------
 def _answer_name(ev: EmotionEvaluation) -> str:
-    return f"fused: ensemble `{ev.ensemble}`" if ev.mode == "ensemble" else f"fused: student `{ev.weights and next(iter(ev.weights))}`"
+    return (
+        f"fused: ensemble `{ev.ensemble}`"
+        if ev.mode == "ensemble"
+        else f"fused: student `{ev.weights and next(iter(ev.weights))}`"
+    )
 
 
 def write_outputs(ev: EmotionEvaluation, answers: Answers, out: Path, bins: int = ECE_BINS) -> None:
@@ -634,22 +828,30 @@ def write_outputs(ev: EmotionEvaluation, answers: Answers, out: Path, bins: int 
     out.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(answers.labels, np.int64)
     served = np.asarray(answers.probabilities, np.float64)
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {f"served (T={ev.served_temperature:.3g})": (served, labels)}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        f"served (T={ev.served_temperature:.3g})": (served, labels)
+    }
     if ev.metrics.scaled is not None and ev.metrics.temperature is not None:
         weights = ev.weights
         members = {m: np.asarray(answers.members[m], np.float32) for m in weights}
         curves[f"fitted (T={ev.metrics.temperature:.3g})"] = (
-            fuse_logits(members, weights, ev.metrics.temperature, ev.fusion_space), labels)
+            fuse_logits(members, weights, ev.metrics.temperature, ev.fusion_space),
+            labels,
+        )
     if len(ev.member_metrics) > 1:
         for m in ev.member_metrics:
             curves[f"{m} alone"] = (member_probabilities(np.asarray(answers.members[m])), labels)
     title = f"{ev.mode} mode" + (f" (ensemble {ev.ensemble})" if ev.ensemble else "") + f", {ev.scored} faces"
     ev.figures = {
-        "reliability": figures.reliability_diagram(out / f"reliability-{ev.mode}.png", curves,
-                                                   f"Reliability: {title}", bins).name,
-        "confusion": figures.confusion_heatmap(out / f"confusion-{ev.mode}.png",
-                                               np.asarray(ev.metrics.confusion_matrix), CLASS_NAMES,
-                                               f"Confusion matrix: {title}").name,
+        "reliability": figures.reliability_diagram(
+            out / f"reliability-{ev.mode}.png", curves, f"Reliability: {title}", bins
+        ).name,
+        "confusion": figures.confusion_heatmap(
+            out / f"confusion-{ev.mode}.png",
+            np.asarray(ev.metrics.confusion_matrix),
+            CLASS_NAMES,
+            f"Confusion matrix: {title}",
+        ).name,
     }
     write_json(out / "report.json", ev.to_dict())
     write_text(out / "report.md", format_markdown(ev))
@@ -668,25 +870,33 @@ def format_markdown(ev: EmotionEvaluation) -> str:
     fused = _answer_name(ev)
     models = ", ".join(f"{x['name']} v{x['version']}" + (" (demo)" if x["demo"] else "") for x in ev.models)
     weights = ", ".join(f"{k} {v:.3g}" for k, v in ev.weights.items())
-    faces = ("rows without a box were sent whole and the **served face detector** found the face "
-             "(`--faces detect`); a row with no face or several faces is listed under *Not scored*"
-             if ev.faces == "detect" else
-             "rows without a box were sent as **face crops** (`--faces crop`)")
+    faces = (
+        "rows without a box were sent whole and the **served face detector** found the face "
+        "(`--faces detect`); a row with no face or several faces is listed under *Not scored*"
+        if ev.faces == "detect"
+        else "rows without a box were sent as **face crops** (`--faces crop`)"
+    )
     lines = [
-        f"# Emotion evaluation: `{ev.manifest}`", "",
+        f"# Emotion evaluation: `{ev.manifest}`",
+        "",
         f"- rows: {ev.rows}; scored {ev.scored}; not scored {ev.skipped}"
-        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(ev.skipped_by_reason.items()))})" if ev.skipped else ""),
+        + (
+            f" ({', '.join(f'{k} {v}' for k, v in sorted(ev.skipped_by_reason.items()))})"
+            if ev.skipped
+            else ""
+        ),
         f"- faces: {faces}",
-        f"- gateway `{ev.gateway}`, mode **{ev.mode}**" + (f", ensemble **{ev.ensemble}**" if ev.ensemble else ""),
+        f"- gateway `{ev.gateway}`, mode **{ev.mode}**"
+        + (f", ensemble **{ev.ensemble}**" if ev.ensemble else ""),
         f"- members and weights: {weights} ({ev.fusion_space} space)",
         f"- models: {models}",
-        f"- rules: {ev.rules_version}" + (f" (= `{ev.rules_file}`)" if ev.rules_match else f" (not `{ev.rules_file}`)"),
+        f"- rules: {ev.rules_version}"
+        + (f" (= `{ev.rules_file}`)" if ev.rules_match else f" (not `{ev.rules_file}`)"),
         f"- served temperature: {ev.served_temperature:g} ({ev.temperature_source})",
     ]
     if ev.from_cache:
         lines.append(f"- {ev.from_cache} answers from the cache `{ev.cache_file}`")
-    lines += ["", "## Table 1. Overall", "",
-              "Each member alone is softmax of its raw logits (T = 1).", ""]
+    lines += ["", "## Table 1. Overall", "", "Each member alone is softmax of its raw logits (T = 1).", ""]
     rows = [_metric_row(f"{fused} (served, T={ev.served_temperature:.4g})", m)]
     if m.scaled is not None:
         rows.append(_metric_row(f"{fused} (fitted T={m.temperature:.4g})", m.scaled))
@@ -697,17 +907,26 @@ def format_markdown(ev: EmotionEvaluation) -> str:
         srows = []
         for source, table in ev.by_source.items():
             for name, r in table.items():
-                label = {"fused": "fused (served)", "fused_fitted": "fused (fitted T)"}.get(name, f"member `{name}`")
+                label = {"fused": "fused (served)", "fused_fitted": "fused (fitted T)"}.get(
+                    name, f"member `{name}`"
+                )
                 srows.append([source, *_metric_row(label, r)])
         lines.append(md_table(("source", *METRIC_HEADER), srows, "llrrrrrr"))
     n = 3 if ev.by_source else 2
     lines += ["", f"## Table {n}. F1 per class", ""]
-    frows = [["support", *[m.support[c] for c in CLASS_NAMES]], [f"{fused} (served)", *m.per_class_f1.values()]]
+    frows = [
+        ["support", *[m.support[c] for c in CLASS_NAMES]],
+        [f"{fused} (served)", *m.per_class_f1.values()],
+    ]
     if m.scaled is not None:
         frows.append([f"{fused} (fitted T)", *m.scaled.per_class_f1.values()])
     frows += [[f"member `{name}`", *r.per_class_f1.values()] for name, r in ev.member_metrics.items()]
     lines.append(md_table(("answer", *CLASS_NAMES), frows, "l" + "r" * len(CLASS_NAMES)))
-    lines += ["", f"## Table {n + 1}. Confusion matrix of the served answer (rows: true, columns: predicted)", ""]
+    lines += [
+        "",
+        f"## Table {n + 1}. Confusion matrix of the served answer (rows: true, columns: predicted)",
+        "",
+    ]
     crows = [[c, *row] for c, row in zip(CLASS_NAMES, m.confusion_matrix, strict=True)]
     lines.append(md_table(("true \\ predicted", *CLASS_NAMES), crows, "l" + "r" * len(CLASS_NAMES)))
     if ev.figures:
@@ -715,11 +934,23 @@ def format_markdown(ev: EmotionEvaluation) -> str:
         for kind, name in ev.figures.items():
             lines += [f"- {kind}: `{name}`", "", f"  ![{kind}]({name})", ""]
     if ev.rules_snippet:
-        lines += ["", "## Temperature", "",
-                  f"To serve T={m.temperature:.4g} in {ev.mode} mode, put in the rules file (reloaded without restart):",
-                  "", "```yaml", ev.rules_snippet, "```"]
+        lines += [
+            "",
+            "## Temperature",
+            "",
+            f"To serve T={m.temperature:.4g} in {ev.mode} mode, put in the rules file (reloaded without restart):",
+            "",
+            "```yaml",
+            ev.rules_snippet,
+            "```",
+        ]
     if ev.skipped:
-        lines += ["", f"## Not scored ({ev.skipped})", "", skipped_table([Skipped(**s) for s in ev.skipped_rows])]
+        lines += [
+            "",
+            f"## Not scored ({ev.skipped})",
+            "",
+            skipped_table([Skipped(**s) for s in ev.skipped_rows]),
+        ]
     if ev.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in ev.warnings]
     return "\n".join(lines) + "\n"
@@ -730,5 +961,7 @@ format_report = format_markdown
 
 def summary_line(ev: EmotionEvaluation) -> str:
     m = ev.metrics
-    return (f"{ev.scored}/{ev.rows} scored: accuracy {fmt(m.accuracy)}, macro-F1 {fmt(m.macro_f1)}, "
-            f"NLL {fmt(m.nll)}, ECE {fmt(m.ece)}")
+    return (
+        f"{ev.scored}/{ev.rows} scored: accuracy {fmt(m.accuracy)}, macro-F1 {fmt(m.macro_f1)}, "
+        f"NLL {fmt(m.nll)}, ECE {fmt(m.ece)}"
+    )

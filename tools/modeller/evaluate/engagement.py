@@ -68,8 +68,12 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(21))
 # A clip's failure that says nothing about the gateway: that clip is reported, the run goes on.
-CLIP_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-               grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.OUT_OF_RANGE}
+CLIP_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
 ANSWERS = ("fused", "temporal", "xgboost")
 
 
@@ -98,8 +102,10 @@ def read_clips(path: Path) -> list[ClipRow]:
             columns = {n.strip().lower(): n for n in reader.fieldnames if n}
             missing = [c for c in ("path", *AFFECTS) if c not in columns]
             if missing:
-                raise ManifestError(f"{path}: missing column(s) {', '.join(repr(m) for m in missing)} "
-                                    f"(header: {', '.join(reader.fieldnames)})")
+                raise ManifestError(
+                    f"{path}: missing column(s) {', '.join(repr(m) for m in missing)} "
+                    f"(header: {', '.join(reader.fieldnames)})"
+                )
             rows = []
             for cells in reader:
                 where = f"{path} line {reader.line_num}"
@@ -114,7 +120,9 @@ def read_clips(path: Path) -> list[ClipRow]:
                 for affect in AFFECTS:
                     value = cell(affect)
                     if value not in LEVEL_SHORT:
-                        raise ManifestError(f"{where}: {affect} level {value!r} for {raw!r}: expected 0, 1, 2 or 3")
+                        raise ManifestError(
+                            f"{where}: {affect} level {value!r} for {raw!r}: expected 0, 1, 2 or 3"
+                        )
                     levels.append(int(value))
                 fps = None
                 if cell("fps"):
@@ -125,9 +133,17 @@ def read_clips(path: Path) -> list[ClipRow]:
                     if not (fps > 0 and np.isfinite(fps)):
                         raise ManifestError(f"{where}: fps {cell('fps')!r} is not a positive number")
                 engagement, boredom, confusion, frustration = levels  # one per affect, in AFFECTS order
-                rows.append(ClipRow(reader.line_num, raw, path.parent / raw,
-                                    (engagement, boredom, confusion, frustration), fps,
-                                    cell("source") or None, cell("split") or None))
+                rows.append(
+                    ClipRow(
+                        reader.line_num,
+                        raw,
+                        path.parent / raw,
+                        (engagement, boredom, confusion, frustration),
+                        fps,
+                        cell("source") or None,
+                        cell("split") or None,
+                    )
+                )
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(f"cannot read clip list {path}: {exc}") from None
     if not rows:
@@ -164,23 +180,56 @@ def _clip_frames(row: ClipRow, default_fps: float) -> tuple[str, float, Iterator
 
 
 def _skip(row: ClipRow, sha: str, reason: str, message: str) -> dict[str, Any]:
-    return {"row": row.key, "sha": sha, "line": row.line, "path": row.path, "status": "skip",
-            "skip_reason": reason, "message": message}
+    return {
+        "row": row.key,
+        "sha": sha,
+        "line": row.line,
+        "path": row.path,
+        "status": "skip",
+        "skip_reason": reason,
+        "message": message,
+    }
 
 
 def _entry(row: ClipRow, sha: str, fps: float, reply: Any) -> dict[str, Any]:
-    base = {"row": row.key, "sha": sha, "line": row.line, "path": row.path, "fps": fps,
-            "frames_received": reply.frames_received, "frames_with_face": reply.frames_with_face,
-            "rules_version": reply.rules_version, "models": {m.name: m.version for m in reply.models},
-            "members": {o.model: {common_pb2.Affect.Name(a.affect).removeprefix("AFFECT_").lower():
-                                  list(a.probabilities) for a in o.affects} for o in reply.members}}
+    base = {
+        "row": row.key,
+        "sha": sha,
+        "line": row.line,
+        "path": row.path,
+        "fps": fps,
+        "frames_received": reply.frames_received,
+        "frames_with_face": reply.frames_with_face,
+        "rules_version": reply.rules_version,
+        "models": {m.name: m.version for m in reply.models},
+        "members": {
+            o.model: {
+                common_pb2.Affect.Name(a.affect).removeprefix("AFFECT_").lower(): list(a.probabilities)
+                for a in o.affects
+            }
+            for o in reply.members
+        },
+    }
     if not reply.affects:
-        return {**base, "status": "skip", "skip_reason": "no_levels",
-                "message": f"{reply.frames_with_face} of {reply.frames_received} frames with a face: too few to score"}
-    return {**base, "status": "ok",
-            "affects": {common_pb2.Affect.Name(a.affect).removeprefix("AFFECT_").lower():
-                        {"level": a.level, "probabilities": list(a.probabilities), "decided_by": a.decided_by,
-                         "confidence": a.confidence} for a in reply.affects}}
+        return {
+            **base,
+            "status": "skip",
+            "skip_reason": "no_levels",
+            "message": f"{reply.frames_with_face} of {reply.frames_received} frames with a face: too few to score",
+        }
+    return {
+        **base,
+        "status": "ok",
+        "affects": {
+            common_pb2.Affect.Name(a.affect).removeprefix("AFFECT_").lower(): {
+                "level": a.level,
+                "probabilities": list(a.probabilities),
+                "decided_by": a.decided_by,
+                "confidence": a.confidence,
+            }
+            for a in reply.affects
+        },
+    }
 
 
 @dataclass
@@ -193,8 +242,15 @@ class ClipAnswers:
     from_cache: int = 0
 
 
-def collect(client: TesseraClient, rows: Sequence[ClipRow], *, cache: AnswerCache, default_fps: float,
-            rules_version: str | None, progress: Progress) -> ClipAnswers:
+def collect(
+    client: TesseraClient,
+    rows: Sequence[ClipRow],
+    *,
+    cache: AnswerCache,
+    default_fps: float,
+    rules_version: str | None,
+    progress: Progress,
+) -> ClipAnswers:
     out = ClipAnswers()
     entries: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -206,14 +262,16 @@ def collect(client: TesseraClient, rows: Sequence[ClipRow], *, cache: AnswerCach
             progress.update(1, failed=1)
             continue
         hit = cache.get(row.key, sha)
-        if hit is not None and (hit["status"] == "skip" or rules_version is None
-                                or hit.get("rules_version") == rules_version):
+        if hit is not None and (
+            hit["status"] == "skip" or rules_version is None or hit.get("rules_version") == rules_version
+        ):
             entries[row.key] = hit
             progress.update(1, cached=1, failed=int(hit["status"] != "ok"))
             continue
         try:
-            reply = client.score_clip(frames, fps=fps, clip_id=Path(row.path).name,
-                                      return_member_outputs=True)
+            reply = client.score_clip(
+                frames, fps=fps, clip_id=Path(row.path).name, return_member_outputs=True
+            )
             e = _entry(row, sha, fps, reply)
         except grpc.RpcError as exc:
             if exc.code() not in CLIP_ERRORS:
@@ -242,8 +300,11 @@ def collect(client: TesseraClient, rows: Sequence[ClipRow], *, cache: AnswerCach
 def outputs_by_role(entry: dict[str, Any], rules: EngagementRules) -> dict[str, dict[str, np.ndarray]]:
     """role ("temporal" | "xgboost") → affect → four probabilities, as the gateway maps them."""
     roles = {rules.temporal_model: "temporal", rules.xgboost_model: "xgboost"}
-    return {roles[m]: {a: np.asarray(p, np.float64) for a, p in affects.items()}
-            for m, affects in entry["members"].items() if m in roles}
+    return {
+        roles[m]: {a: np.asarray(p, np.float64) for a, p in affects.items()}
+        for m, affects in entry["members"].items()
+        if m in roles
+    }
 
 
 def decided_levels(outputs: Sequence[dict[str, dict[str, np.ndarray]]], rules: EngagementRules) -> np.ndarray:
@@ -257,7 +318,10 @@ def decided_levels(outputs: Sequence[dict[str, dict[str, np.ndarray]]], rules: E
 
 def with_threshold(rules: EngagementRules, affect: AffectName, threshold: float) -> EngagementRules:
     affects = dict(rules.affects)
-    affects[affect] = [EngagementRule(use="temporal", confidence_above=threshold), EngagementRule(use="xgboost")]
+    affects[affect] = [
+        EngagementRule(use="temporal", confidence_above=threshold),
+        EngagementRule(use="xgboost"),
+    ]
     return rules.model_copy(update={"affects": affects})
 
 
@@ -285,8 +349,12 @@ def _current_threshold(rules: EngagementRules, affect: AffectName) -> float | No
     return None
 
 
-def sweep_thresholds(outputs: Sequence[dict[str, dict[str, np.ndarray]]], truth: np.ndarray, rules: EngagementRules,
-                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> ThresholdSweep:
+def sweep_thresholds(
+    outputs: Sequence[dict[str, dict[str, np.ndarray]]],
+    truth: np.ndarray,
+    rules: EngagementRules,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> ThresholdSweep:
     """truth [clips, 4]. Per affect and threshold: the levels decide() gives with that affect's rules
     set to [{temporal, c}, {xgboost}], scored against the truth."""
     f1s: dict[str, list[float]] = {}
@@ -309,7 +377,9 @@ def sweep_thresholds(outputs: Sequence[dict[str, dict[str, np.ndarray]]], truth:
         now = current[affect]
         anchor = now if now is not None else 0.0
         best[affect] = float(min((thresholds[i] for i in top.tolist()), key=lambda c: (abs(c - anchor), c)))
-    parts = [f"    {a}: [{{use: temporal, confidence_above: {best[a]:g}}}, {{use: xgboost}}]" for a in AFFECTS]
+    parts = [
+        f"    {a}: [{{use: temporal, confidence_above: {best[a]:g}}}, {{use: xgboost}}]" for a in AFFECTS
+    ]
     snippet = "engagement:\n  affects:\n" + "\n".join(parts)
     parse_rules(snippet, "the threshold snippet")  # valid rules, by the gateway's schema
     return ThresholdSweep([float(c) for c in thresholds], f1s, accs, best, current, snippet)
@@ -353,21 +423,43 @@ def _reports(pred: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[s
     return out
 
 
-def summarise(answers: ClipAnswers, rows: int, rules: FusionRules, rules_version: str, *, clips_file: str,
-              gateway: str, rules_file: str, sweep: Sequence[float] | None = None) -> EngagementEvaluation:
+def summarise(
+    answers: ClipAnswers,
+    rows: int,
+    rules: FusionRules,
+    rules_version: str,
+    *,
+    clips_file: str,
+    gateway: str,
+    rules_file: str,
+    sweep: Sequence[float] | None = None,
+) -> EngagementEvaluation:
     if not answers.rows:
-        raise EvaluationError(f"no clip of the {rows} could be scored "
-                              f"({dict(Counter(s.reason for s in answers.skipped))})")
+        raise EvaluationError(
+            f"no clip of the {rows} could be scored ({dict(Counter(s.reason for s in answers.skipped))})"
+        )
     er = rules.engagement
     truth = np.asarray([r.levels for r in answers.rows], np.int64)
-    fused = np.asarray([[e["affects"][a]["level"] if a in e["affects"] else -1 for a in AFFECTS]
-                        for e in answers.entries], np.int64)
+    fused = np.asarray(
+        [[e["affects"][a]["level"] if a in e["affects"] else -1 for a in AFFECTS] for e in answers.entries],
+        np.int64,
+    )
     outputs = [outputs_by_role(e, er) for e in answers.entries]
-    members = {role: np.asarray([[int(np.argmax(o[role][a])) if role in o and a in o[role] else -1 for a in AFFECTS]
-                                 for o in outputs], np.int64) for role in ("temporal", "xgboost")}
+    members = {
+        role: np.asarray(
+            [
+                [int(np.argmax(o[role][a])) if role in o and a in o[role] else -1 for a in AFFECTS]
+                for o in outputs
+            ],
+            np.int64,
+        )
+        for role in ("temporal", "xgboost")
+    }
     pred = {"fused": fused, **members}
     decided_by: dict[str, dict[str, int]] = {
-        a: dict(Counter(e["affects"][a]["decided_by"] for e in answers.entries if a in e["affects"])) for a in AFFECTS}
+        a: dict(Counter(e["affects"][a]["decided_by"] for e in answers.entries if a in e["affects"]))
+        for a in AFFECTS
+    }
     reproduced = decided_levels(outputs, er)
     by_source: dict[str, dict[str, dict[str, LabelReport]]] = {}
     sources = [r.source for r in answers.rows]
@@ -377,40 +469,78 @@ def summarise(answers: ClipAnswers, rows: int, rules: FusionRules, rules_version
             idx = np.flatnonzero(values == source)
             by_source[str(source)] = _reports({k: v[idx] for k, v in pred.items()}, truth[idx])
     ev = EngagementEvaluation(
-        clips_file=clips_file, gateway=gateway, rows=rows, scored=len(answers.rows), skipped=answers.skipped,
-        rules_version=", ".join(sorted(answers.rules_versions)), rules_file=rules_file,
-        rules_file_version=rules_version, rules_match=answers.rules_versions == {rules_version},
-        models=answers.models, metrics=_reports(pred, truth), decided_by=decided_by,
-        reproduced_mismatches=int(np.any(reproduced != fused, axis=1).sum()), by_source=by_source,
+        clips_file=clips_file,
+        gateway=gateway,
+        rows=rows,
+        scored=len(answers.rows),
+        skipped=answers.skipped,
+        rules_version=", ".join(sorted(answers.rules_versions)),
+        rules_file=rules_file,
+        rules_file_version=rules_version,
+        rules_match=answers.rules_versions == {rules_version},
+        models=answers.models,
+        metrics=_reports(pred, truth),
+        decided_by=decided_by,
+        reproduced_mismatches=int(np.any(reproduced != fused, axis=1).sum()),
+        by_source=by_source,
         sweep=sweep_thresholds(outputs, truth, er, sweep) if sweep is not None else None,
-        from_cache=answers.from_cache)
+        from_cache=answers.from_cache,
+    )
     if not ev.rules_match:
-        ev.warnings.append(f"the gateway's rules ({ev.rules_version}) are not {rules_file} ({rules_version}): the "
-                           "threshold sweep starts from the file's rules")
+        ev.warnings.append(
+            f"the gateway's rules ({ev.rules_version}) are not {rules_file} ({rules_version}): the "
+            "threshold sweep starts from the file's rules"
+        )
     elif ev.reproduced_mismatches:
-        ev.warnings.append(f"{ev.reproduced_mismatches} clips' served levels differ from the rules' fusion of their "
-                           "model outputs")
+        ev.warnings.append(
+            f"{ev.reproduced_mismatches} clips' served levels differ from the rules' fusion of their "
+            "model outputs"
+        )
     if ev.skipped:
-        ev.warnings.append(f"{len(ev.skipped)} of {rows} clips were not scored: "
-                           f"{dict(Counter(s.reason for s in ev.skipped))}")
+        ev.warnings.append(
+            f"{len(ev.skipped)} of {rows} clips were not scored: "
+            f"{dict(Counter(s.reason for s in ev.skipped))}"
+        )
     return ev
 
 
-def run(clips_file: Path, target: str, *, token: str | None = None, rules_path: Path = DEFAULT_RULES,
-        fps: float = 30.0, sweep: Sequence[float] | None = None, timeout: float = 120.0, progress: bool = False,
-        cache_dir: Path | None = None, out: Path | None = None) -> EngagementEvaluation:
+def run(
+    clips_file: Path,
+    target: str,
+    *,
+    token: str | None = None,
+    rules_path: Path = DEFAULT_RULES,
+    fps: float = 30.0,
+    sweep: Sequence[float] | None = None,
+    timeout: float = 120.0,
+    progress: bool = False,
+    cache_dir: Path | None = None,
+    out: Path | None = None,
+) -> EngagementEvaluation:
     rows = read_clips(clips_file)
     rules, rules_version = load_rules(rules_path)
     with TesseraClient(target, token=token, timeout=timeout) as client:
         status = client.status()
-        key = {"clips_sha256": sha256_file(clips_file), "fps": fps,
-               "models": model_versions(status, "engagement")}
+        key = {
+            "clips_sha256": sha256_file(clips_file),
+            "fps": fps,
+            "models": model_versions(status, "engagement"),
+        }
         cache = AnswerCache(cache_dir, "engagement", key)
         with Progress(len(rows), "engagement clips", enabled=progress, every=5.0) as bar:
-            answers = collect(client, rows, cache=cache, default_fps=fps, rules_version=status.rules_version,
-                              progress=bar)
-    ev = summarise(answers, len(rows), rules, rules_version, clips_file=str(clips_file), gateway=target,
-                   rules_file=str(rules_path), sweep=sweep)
+            answers = collect(
+                client, rows, cache=cache, default_fps=fps, rules_version=status.rules_version, progress=bar
+            )
+    ev = summarise(
+        answers,
+        len(rows),
+        rules,
+        rules_version,
+        clips_file=str(clips_file),
+        gateway=target,
+        rules_file=str(rules_path),
+        sweep=sweep,
+    )
     if out is not None:
         write_outputs(ev, out)
     return ev
@@ -421,8 +551,11 @@ def write_outputs(ev: EngagementEvaluation, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     fused = ev.metrics["fused"]
     ev.figures["confusion"] = figures.confusion_grid(
-        out / "confusion-engagement.png", {a: np.asarray(fused[a].confusion_matrix) for a in fused}, LEVEL_SHORT,
-        f"Fused answer, {ev.scored} clips (rows: true level, columns: predicted)").name
+        out / "confusion-engagement.png",
+        {a: np.asarray(fused[a].confusion_matrix) for a in fused},
+        LEVEL_SHORT,
+        f"Fused answer, {ev.scored} clips (rows: true level, columns: predicted)",
+    ).name
     panels: dict[str, dict[str, list[int]]] = {}
     for affect in AFFECTS:
         series = {}
@@ -432,25 +565,38 @@ def write_outputs(ev: EngagementEvaluation, out: Path) -> None:
             if affect in ev.metrics.get(answer, {}):
                 series[answer] = list(ev.metrics[answer][affect].predicted.values())
         panels[affect] = series
-    ev.figures["levels"] = figures.distribution_bars(out / "levels-engagement.png", panels, LEVEL_SHORT,
-                                                     "True and predicted levels per affect").name
+    ev.figures["levels"] = figures.distribution_bars(
+        out / "levels-engagement.png", panels, LEVEL_SHORT, "True and predicted levels per affect"
+    ).name
     if ev.sweep is not None:
         marks = {f"now: {c:g}": c for c in {c for c in ev.sweep.current.values() if c is not None}}
         ev.figures["threshold_sweep"] = figures.sweep_curves(
-            out / "threshold-sweep.png", ev.sweep.thresholds, ev.sweep.macro_f1, xlabel="confidence_above (temporal)",
-            ylabel="macro-F1", title="Selective fusion: temporal when its confidence is above c, else XGBoost",
-            marks=marks).name
+            out / "threshold-sweep.png",
+            ev.sweep.thresholds,
+            ev.sweep.macro_f1,
+            xlabel="confidence_above (temporal)",
+            ylabel="macro-F1",
+            title="Selective fusion: temporal when its confidence is above c, else XGBoost",
+            marks=marks,
+        ).name
     write_json(out / "report.json", ev.to_dict())
     write_text(out / "report.md", format_markdown(ev))
 
 
 def format_markdown(ev: EngagementEvaluation) -> str:
-    lines = [f"# Engagement evaluation: `{ev.clips_file}`", "",
-             f"- clips: {ev.rows}; scored {ev.scored}; not scored {len(ev.skipped)}",
-             f"- gateway `{ev.gateway}`; models: " + ", ".join(f"{m} v{v}" for m, v in sorted(ev.models.items())),
-             f"- rules: {ev.rules_version}" + (f" (= `{ev.rules_file}`)" if ev.rules_match else f" (not `{ev.rules_file}`)"),
-             ("- each model's level is the argmax of its own probabilities; macro-F1 is over the levels present in "
-             "the truth or the predictions; MAE in levels"), ""]
+    lines = [
+        f"# Engagement evaluation: `{ev.clips_file}`",
+        "",
+        f"- clips: {ev.rows}; scored {ev.scored}; not scored {len(ev.skipped)}",
+        f"- gateway `{ev.gateway}`; models: " + ", ".join(f"{m} v{v}" for m, v in sorted(ev.models.items())),
+        f"- rules: {ev.rules_version}"
+        + (f" (= `{ev.rules_file}`)" if ev.rules_match else f" (not `{ev.rules_file}`)"),
+        (
+            "- each model's level is the argmax of its own probabilities; macro-F1 is over the levels present in "
+            "the truth or the predictions; MAE in levels"
+        ),
+        "",
+    ]
     if ev.from_cache:
         lines.insert(-1, f"- {ev.from_cache} answers from the cache")
     head = ("affect", "answer", "n", "accuracy", "macro-F1", "MAE")
@@ -461,9 +607,16 @@ def format_markdown(ev: EngagementEvaluation) -> str:
             if r is not None:
                 rows.append([affect, answer, r.n, r.accuracy, r.macro_f1, r.mae])
     lines += ["## Table 1. Per affect", "", md_table(head, rows, "llrrrr"), ""]
-    lines += ["## Table 2. Which model decided (fused answer)", "",
-              md_table(("affect", "decided by"), [[a, ", ".join(f"{m} {n}" for m, n in sorted(d.items()))]
-                                                   for a, d in ev.decided_by.items()], "ll"), ""]
+    lines += [
+        "## Table 2. Which model decided (fused answer)",
+        "",
+        md_table(
+            ("affect", "decided by"),
+            [[a, ", ".join(f"{m} {n}" for m, n in sorted(d.items()))] for a, d in ev.decided_by.items()],
+            "ll",
+        ),
+        "",
+    ]
     dist = []
     for affect in AFFECTS:
         fused = ev.metrics["fused"].get(affect)
@@ -474,8 +627,12 @@ def format_markdown(ev: EngagementEvaluation) -> str:
             r = ev.metrics.get(answer, {}).get(affect)
             if r is not None:
                 dist.append([affect, answer, *r.predicted.values()])
-    lines += ["## Table 3. Level distribution: true and predicted (clips per level)", "",
-              md_table(("affect", "", *LEVELS), dist, "llrrrr"), ""]
+    lines += [
+        "## Table 3. Level distribution: true and predicted (clips per level)",
+        "",
+        md_table(("affect", "", *LEVELS), dist, "llrrrr"),
+        "",
+    ]
     n = 4
     if ev.by_source:
         srows = []
@@ -489,22 +646,53 @@ def format_markdown(ev: EngagementEvaluation) -> str:
         n += 1
     lines += [f"## Table {n}. Confusion matrices of the fused answer (rows: true, columns: predicted)", ""]
     for fused_affect, r in ev.metrics["fused"].items():
-        lines += [f"**{fused_affect}**", "", md_table(("true \\ predicted", *LEVEL_SHORT),
-                                                [[LEVEL_SHORT[i], *row] for i, row in enumerate(r.confusion_matrix)],
-                                                "lrrrr"), ""]
+        lines += [
+            f"**{fused_affect}**",
+            "",
+            md_table(
+                ("true \\ predicted", *LEVEL_SHORT),
+                [[LEVEL_SHORT[i], *row] for i, row in enumerate(r.confusion_matrix)],
+                "lrrrr",
+            ),
+            "",
+        ]
     if ev.sweep is not None:
         s = ev.sweep
         n += 1
         head2 = ("confidence_above", *[f"{a} macro-F1" for a in AFFECTS])
         rows2 = [[f"{c:g}", *[s.macro_f1[a][i] for a in AFFECTS]] for i, c in enumerate(s.thresholds)]
-        lines += [f"## Table {n}. Selective-fusion threshold sweep", "",
-                  ("temporal when its confidence for the affect is above c, else XGBoost (c = 0: temporal alone, "
-                  "c = 1: XGBoost alone)"), "", md_table(head2, rows2), "",
-                  md_table(("affect", "threshold now", "best", "macro-F1 now", "macro-F1 best"),
-                           [[a, f"{s.current[a]:g}" if s.current[a] is not None else None, f"{s.best[a]:g}",
-                             s.macro_f1_at(a, s.current[a]),
-                             s.macro_f1[a][s.thresholds.index(s.best[a])]] for a in AFFECTS], "lrrrr"), "",
-                  "The rules that serve the best thresholds:", "", "```yaml", s.snippet, "```", ""]
+        lines += [
+            f"## Table {n}. Selective-fusion threshold sweep",
+            "",
+            (
+                "temporal when its confidence for the affect is above c, else XGBoost (c = 0: temporal alone, "
+                "c = 1: XGBoost alone)"
+            ),
+            "",
+            md_table(head2, rows2),
+            "",
+            md_table(
+                ("affect", "threshold now", "best", "macro-F1 now", "macro-F1 best"),
+                [
+                    [
+                        a,
+                        f"{s.current[a]:g}" if s.current[a] is not None else None,
+                        f"{s.best[a]:g}",
+                        s.macro_f1_at(a, s.current[a]),
+                        s.macro_f1[a][s.thresholds.index(s.best[a])],
+                    ]
+                    for a in AFFECTS
+                ],
+                "lrrrr",
+            ),
+            "",
+            "The rules that serve the best thresholds:",
+            "",
+            "```yaml",
+            s.snippet,
+            "```",
+            "",
+        ]
     if ev.figures:
         lines += ["## Figures", ""]
         for kind, name in ev.figures.items():
@@ -528,11 +716,24 @@ def parse_thresholds(text: str) -> list[float]:
         else:
             values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ManifestError(f"thresholds {text!r}: expected start:stop:step or a comma-separated list") from None
+        raise ManifestError(
+            f"thresholds {text!r}: expected start:stop:step or a comma-separated list"
+        ) from None
     if not values or any(not 0 <= v <= 1 for v in values):
         raise ManifestError(f"thresholds {text!r}: every threshold must be in [0, 1]")
     return values
 
 
-__all__ = ["ClipRow", "EngagementEvaluation", "ThresholdSweep", "collect", "decided_levels",
-           "parse_thresholds", "read_clips", "run", "summarise", "sweep_thresholds", "with_threshold"]
+__all__ = [
+    "ClipRow",
+    "EngagementEvaluation",
+    "ThresholdSweep",
+    "collect",
+    "decided_levels",
+    "parse_thresholds",
+    "read_clips",
+    "run",
+    "summarise",
+    "sweep_thresholds",
+    "with_threshold",
+]

@@ -22,10 +22,18 @@ if TYPE_CHECKING:  # matplotlib is optional: imported only when a figure is draw
 
 DPI = 100
 # (width, height) in inches; pixels are these × DPI.
-SIZES = {"reliability": (6.0, 6.0), "confusion": (7.0, 6.0), "confusion_grid": (10.0, 9.0),
-         "distribution": (10.0, 7.0), "sweep": (8.0, 5.0), "weights": (8.0, 5.0)}
-MISSING = ("tessera-evaluate draws its figures with matplotlib, which is not installed: "
-           "`make install-modeller` (or `uv pip install -r requirements/modeller.txt`)")
+SIZES = {
+    "reliability": (6.0, 6.0),
+    "confusion": (7.0, 6.0),
+    "confusion_grid": (10.0, 9.0),
+    "distribution": (10.0, 7.0),
+    "sweep": (8.0, 5.0),
+    "weights": (8.0, 5.0),
+}
+MISSING = (
+    "tessera-evaluate draws its figures with matplotlib, which is not installed: "
+    "`make install-modeller` (or `uv pip install -r requirements/modeller.txt`)"
+)
 
 
 class FiguresUnavailable(RuntimeError):
@@ -59,14 +67,16 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def reliability_diagram(path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str,
-                        bins: int = ECE_BINS) -> Path:
+def reliability_diagram(
+    path: Path, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, bins: int = ECE_BINS
+) -> Path:
     """Accuracy against confidence per bin (the bins of the ECE) for each named set of
     probabilities (name → (probabilities, labels)), the diagonal, and the share of samples per bin
     (bars) of the first set."""
     plt = _pyplot()
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=SIZES["reliability"], gridspec_kw={"height_ratios": [3, 1]},
-                                   sharex=True)
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=SIZES["reliability"], gridspec_kw={"height_ratios": [3, 1]}, sharex=True
+    )
     ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="calibrated")
     first = True
     for name, (probs, labels) in curves.items():
@@ -103,8 +113,15 @@ def _heatmap(ax: Axes, matrix: np.ndarray, names: Sequence[str], title: str) -> 
     for i in range(k):
         for j in range(k):
             if m[i, j]:
-                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(m[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
 
 
 def confusion_heatmap(path: Path, matrix: np.ndarray, names: Sequence[str], title: str) -> Path:
@@ -122,15 +139,16 @@ def confusion_grid(path: Path, matrices: Mapping[str, np.ndarray], names: Sequen
     fig, axes = plt.subplots(2, 2, figsize=SIZES["confusion_grid"])
     for ax, (name, matrix) in zip(axes.flat, matrices.items(), strict=False):
         _heatmap(ax, matrix, names, name)
-    for ax in list(axes.flat)[len(matrices):]:
+    for ax in list(axes.flat)[len(matrices) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def distribution_bars(path: Path, panels: Mapping[str, Mapping[str, Sequence[int]]], names: Sequence[str],
-                      title: str) -> Path:
+def distribution_bars(
+    path: Path, panels: Mapping[str, Mapping[str, Sequence[int]]], names: Sequence[str], title: str
+) -> Path:
     """Per panel (e.g. affect), grouped bars: the count per class of each series (true, each model)."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=SIZES["distribution"])
@@ -143,15 +161,23 @@ def distribution_bars(path: Path, panels: Mapping[str, Mapping[str, Sequence[int
         ax.set_title(panel, fontsize=10)
         ax.set_ylabel("clips")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def sweep_curves(path: Path, x: Sequence[float], curves: Mapping[str, Sequence[float]], *, xlabel: str,
-                 ylabel: str, title: str, marks: Mapping[str, float] | None = None) -> Path:
+def sweep_curves(
+    path: Path,
+    x: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    marks: Mapping[str, float] | None = None,
+) -> Path:
     """One line per curve over a shared x (e.g. macro-F1 per threshold, one line per affect);
     ``marks`` draws a vertical line per name (e.g. the shipped threshold)."""
     plt = _pyplot()
@@ -170,7 +196,9 @@ def sweep_curves(path: Path, x: Sequence[float], curves: Mapping[str, Sequence[f
     return _save(fig, path)
 
 
-def ranked_bars(path: Path, labels: Sequence[str], values: Sequence[float], *, xlabel: str, title: str) -> Path:
+def ranked_bars(
+    path: Path, labels: Sequence[str], values: Sequence[float], *, xlabel: str, title: str
+) -> Path:
     """Horizontal bars, best first (e.g. the weight search's top candidates)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=SIZES["weights"])

@@ -111,8 +111,9 @@ def softmax_nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0
     return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(y)), y]))
 
 
-def minimise_temperature(objective: Callable[[float], float],
-                         bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+def minimise_temperature(
+    objective: Callable[[float], float], bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+) -> float:
     """The T in bounds minimising objective(T), searched on log T (bounded Brent: deterministic).
 
     NLL(softmax(z / T)) is convex in 1/T, hence unimodal in log T, so a bounded 1-D search finds
@@ -121,16 +122,21 @@ def minimise_temperature(objective: Callable[[float], float],
     lo, hi = bounds
     if not 0 < lo < hi:
         raise ValueError(f"temperature bounds must satisfy 0 < low < high, got {bounds}")
-    result = minimize_scalar(lambda s: objective(float(np.exp(s))), bounds=(np.log(lo), np.log(hi)),
-                             method="bounded", options={"xatol": 1e-7, "maxiter": 500})
+    result = minimize_scalar(
+        lambda s: objective(float(np.exp(s))),
+        bounds=(np.log(lo), np.log(hi)),
+        method="bounded",
+        options={"xatol": 1e-7, "maxiter": 500},
+    )
     best = float(np.exp(result.x))
     # Brent never evaluates the bounds themselves: keep one if it is better (monotone objective).
     candidates = [(objective(best), best), (objective(lo), lo), (objective(hi), hi)]
     return min(candidates, key=lambda c: (c[0], c[1] != best))[1]
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray,
-                    bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+) -> float:
     """The temperature T minimising the NLL of softmax(logits / T)."""
     z, y = _check(logits, labels)
     return minimise_temperature(lambda t: softmax_nll(z, y, t), bounds)
@@ -160,8 +166,9 @@ class EvaluationReport:
         return asdict(self)
 
 
-def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-             bins: int = ECE_BINS) -> EvaluationReport:
+def evaluate(
+    probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], bins: int = ECE_BINS
+) -> EvaluationReport:
     p, y = _check(probs, labels)
     if len(class_names) != p.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {p.shape[1]} classes")
@@ -169,17 +176,23 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
     counts = np.bincount(y, minlength=p.shape[1])
     precision, recall, _, _ = precision_recall_f1_support(p.argmax(axis=1), y, p.shape[1])
     return EvaluationReport(
-        n=len(y), accuracy=accuracy(p, y), macro_f1=float(np.mean(f1)),
+        n=len(y),
+        accuracy=accuracy(p, y),
+        macro_f1=float(np.mean(f1)),
         per_class_f1={c: float(v) for c, v in zip(class_names, f1, strict=True)},
-        nll=nll(p, y), ece=ece(p, y, bins), brier=brier(p, y),
+        nll=nll(p, y),
+        ece=ece(p, y, bins),
+        brier=brier(p, y),
         support={c: int(v) for c, v in zip(class_names, counts, strict=True)},
         confusion_matrix=confusion_matrix(p.argmax(axis=1), y, p.shape[1]).tolist(),
         per_class_precision={c: float(v) for c, v in zip(class_names, precision, strict=True)},
-        per_class_recall={c: float(v) for c, v in zip(class_names, recall, strict=True)})
+        per_class_recall={c: float(v) for c, v in zip(class_names, recall, strict=True)},
+    )
 
 
-def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(edges [bins + 1], count, accuracy, mean confidence per bin; NaN where a bin is empty),
     with the bins of ``ece``: what a reliability diagram draws."""
     p, y = _check(probs, labels)
@@ -216,8 +229,9 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, k: int) -> np.nd
     return out
 
 
-def precision_recall_f1_support(predicted: np.ndarray, labels: np.ndarray, k: int
-                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def precision_recall_f1_support(
+    predicted: np.ndarray, labels: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per class, as scikit-learn's ``precision_recall_fscore_support(labels=range(k),
     zero_division=0)``: 0 where a ratio is 0/0."""
     c = confusion_matrix(predicted, labels, k).astype(np.float64)
@@ -229,7 +243,9 @@ def precision_recall_f1_support(predicted: np.ndarray, labels: np.ndarray, k: in
     return precision, recall, f1, true.astype(np.int64)
 
 
-def macro_f1_of_labels(predicted: np.ndarray, labels: np.ndarray, k: int, classes: int | None = None) -> float:
+def macro_f1_of_labels(
+    predicted: np.ndarray, labels: np.ndarray, k: int, classes: int | None = None
+) -> float:
     """Macro F1 over all k classes (``classes=k``) or, by default, over the classes present in the
     labels or the predictions (scikit-learn's ``f1_score(average="macro")`` without ``labels``)."""
     pred, y = _check_labels(predicted, labels, k)
@@ -270,8 +286,15 @@ class LabelReport:
         return asdict(self)
 
 
-def label_report(predicted: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, ordinal: bool = False,
-                 classes: int | None = None, probs: np.ndarray | None = None) -> LabelReport:
+def label_report(
+    predicted: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    ordinal: bool = False,
+    classes: int | None = None,
+    probs: np.ndarray | None = None,
+) -> LabelReport:
     """Accuracy, macro-F1 (see ``macro_f1_of_labels`` for ``classes``), MAE when ordinal,
     per-class F1 and accuracy (recall), the true and predicted distributions, the confusion
     matrix; the NLL when the probabilities are given."""
@@ -280,10 +303,16 @@ def label_report(predicted: np.ndarray, labels: np.ndarray, class_names: Sequenc
     c = confusion_matrix(pred, y, k)
     _, recall, f1, support = precision_recall_f1_support(pred, y, k)
     return LabelReport(
-        n=len(y), accuracy=float(np.mean(pred == y)), macro_f1=macro_f1_of_labels(pred, y, k, classes),
+        n=len(y),
+        accuracy=float(np.mean(pred == y)),
+        macro_f1=macro_f1_of_labels(pred, y, k, classes),
         mae=mean_absolute_error(pred, y) if ordinal else None,
         per_class_f1={n: float(v) for n, v in zip(class_names, f1, strict=True)},
-        per_class_accuracy={n: (float(r) if s else None) for n, r, s in zip(class_names, recall, support, strict=True)},
+        per_class_accuracy={
+            n: (float(r) if s else None) for n, r, s in zip(class_names, recall, support, strict=True)
+        },
         support={n: int(v) for n, v in zip(class_names, support, strict=True)},
         predicted={n: int(v) for n, v in zip(class_names, c.sum(axis=0), strict=True)},
-        confusion_matrix=c.tolist(), nll=nll(probs, y) if probs is not None else None)
+        confusion_matrix=c.tolist(),
+        nll=nll(probs, y) if probs is not None else None,
+    )

@@ -108,8 +108,12 @@ async def read_labelled(path: Path, pipeline: Any, *, progress: bool = False, ba
     if not len(known):
         raise ManifestError(f"{path}: no row has a score 0-5 in {SCORES!r}")
     table = table.take(pa.array(known))
-    ids = [str(v) if v is not None else str(i) for v, i in
-           zip(table.column(ID).to_pylist() if ID in names else [None] * len(known), known, strict=True)]
+    ids = [
+        str(v) if v is not None else str(i)
+        for v, i in zip(
+            table.column(ID).to_pylist() if ID in names else [None] * len(known), known, strict=True
+        )
+    ]
     conv = conversations_of(table, kind)
     reasons = ["" for _ in known]
     user, assistant = conv.user.to_pylist(), conv.assistant.to_pylist()
@@ -142,18 +146,27 @@ async def read_labelled(path: Path, pipeline: Any, *, progress: bool = False, ba
             texts = conv.rendered()
             with Progress(len(todo), "embedding rows", enabled=progress) as bar:
                 for start in range(0, len(todo), batch):
-                    part = todo[start:start + batch]
+                    part = todo[start : start + batch]
                     vectors = await pipeline.embed([texts[j] for j in part])
                     emb[part] = vectors
-                    for j, p in zip(part, embedding_problem(np.asarray(vectors, np.float32), dim), strict=True):
+                    for j, p in zip(
+                        part, embedding_problem(np.asarray(vectors, np.float32), dim), strict=True
+                    ):
                         reasons[j] = reasons[j] or (f"the text embedder's {p}" if p else "")
                     bar.update(len(part))
     ok = np.array([not r for r in reasons], bool)
     skipped = [Skipped(int(known[j]), ids[j], "bad_row", reasons[j]) for j in np.flatnonzero(~ok)]
     keep = np.flatnonzero(ok)
-    return Labelled([ids[j] for j in keep], [int(known[j]) for j in keep],
-                    np.rint(scores[known][keep]).astype(np.int64), normalise(emb[keep]),
-                    conversations_of(table.take(pa.array(keep)), kind), skipped, pf.metadata.num_rows, len(known))
+    return Labelled(
+        [ids[j] for j in keep],
+        [int(known[j]) for j in keep],
+        np.rint(scores[known][keep]).astype(np.int64),
+        normalise(emb[keep]),
+        conversations_of(table.take(pa.array(keep)), kind),
+        skipped,
+        pf.metadata.num_rows,
+        len(known),
+    )
 
 
 # The sweep ---------------------------------------------------------------------------------------------
@@ -174,14 +187,18 @@ def kfold(labels: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, np.int64)) for p in parts]
 
 
-def knn_settings(ks: Sequence[int], taus: Sequence[float], weightings: Sequence[str],
-                 power_alphas: Sequence[float]) -> list[KnnOptions]:
+def knn_settings(
+    ks: Sequence[int], taus: Sequence[float], weightings: Sequence[str], power_alphas: Sequence[float]
+) -> list[KnnOptions]:
     out = []
     for w in weightings:
         if w == "softmax":
             out += [KnnOptions(k=k, tau=t, weighting="softmax") for k, t in itertools.product(ks, taus)]
         elif w == "power":
-            out += [KnnOptions(k=k, power_alpha=a, weighting="power") for k, a in itertools.product(ks, power_alphas)]
+            out += [
+                KnnOptions(k=k, power_alpha=a, weighting="power")
+                for k, a in itertools.product(ks, power_alphas)
+            ]
         elif w == "uniform":
             out += [KnnOptions(k=k, weighting="uniform") for k in ks]
         else:
@@ -248,9 +265,14 @@ class Sweep:
 FoldHook = Callable[[int, np.ndarray, np.ndarray, KnnIndex], None]
 
 
-def out_of_fold_neighbours(embeddings: np.ndarray, labels: np.ndarray, embedder: EmbedderInfo, folds: list[np.ndarray],
-                           k_max: int, on_fold: FoldHook | None = None
-                           ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def out_of_fold_neighbours(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    embedder: EmbedderInfo,
+    folds: list[np.ndarray],
+    k_max: int,
+    on_fold: FoldHook | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Per row, the similarities [n, k_max] and labels [n, k_max] of its neighbours in an index of
     the other folds' rows only (label −1 where the index has fewer rows); and the priors of the
     index each row was scored against, per fold."""
@@ -272,19 +294,32 @@ def out_of_fold_neighbours(embeddings: np.ndarray, labels: np.ndarray, embedder:
     return sims, neighbour_labels, priors
 
 
-def sweep(embeddings: np.ndarray, labels: np.ndarray, mlp: np.ndarray, embedder: EmbedderInfo, *,
-          current: ProxyLabelRules, current_options: KnnOptions, folds: int = 5, seed: int = 0,
-          ks: Sequence[int] = DEFAULT_KS, taus: Sequence[float] = DEFAULT_TAUS,
-          weightings: Sequence[str] = DEFAULT_WEIGHTINGS, power_alphas: Sequence[float] = DEFAULT_POWER_ALPHAS,
-          alphas: Sequence[float] = DEFAULT_ALPHAS, rank: str = "accuracy",
-          on_fold: FoldHook | None = None) -> Sweep:
+def sweep(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    mlp: np.ndarray,
+    embedder: EmbedderInfo,
+    *,
+    current: ProxyLabelRules,
+    current_options: KnnOptions,
+    folds: int = 5,
+    seed: int = 0,
+    ks: Sequence[int] = DEFAULT_KS,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    weightings: Sequence[str] = DEFAULT_WEIGHTINGS,
+    power_alphas: Sequence[float] = DEFAULT_POWER_ALPHAS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    rank: str = "accuracy",
+    on_fold: FoldHook | None = None,
+) -> Sweep:
     """Cross-validated kNN (and soft vote with the served MLP's probabilities) for every setting."""
     if rank not in RANKS:
         raise ValueError(f"rank must be one of {RANKS}")
     fold_rows = kfold(labels, folds, seed)
     settings = knn_settings(ks, taus, weightings, power_alphas)
-    now = current_options.model_copy(update={"aggregation": "vote", "similarity_threshold": None,
-                                             "prior_calibration": False})
+    now = current_options.model_copy(
+        update={"aggregation": "vote", "similarity_threshold": None, "prior_calibration": False}
+    )
     k_max = max([o.k for o in settings] + [now.k])
     sims, nl, priors = out_of_fold_neighbours(embeddings, labels, embedder, fold_rows, k_max, on_fold)
     alphas = [float(a) for a in alphas]
@@ -292,11 +327,17 @@ def sweep(embeddings: np.ndarray, labels: np.ndarray, mlp: np.ndarray, embedder:
     def evaluate_setting(o: KnnOptions) -> SettingResult:
         probs = np.zeros((len(labels), NUM_CLASSES), np.float64)
         for test, prior in zip(fold_rows, priors, strict=True):
-            probs[test] = knn_probabilities(sims[test, :o.k], nl[test, :o.k], o, prior).probabilities
+            probs[test] = knn_probabilities(sims[test, : o.k], nl[test, : o.k], o, prior).probabilities
         by_alpha = [_scored(np.argmax(a * mlp + (1 - a) * probs, axis=1), labels) for a in alphas]
         best = min(range(len(alphas)), key=lambda i: by_alpha[i].key(rank))
-        return SettingResult(knn_rules_of(o), describe(o), _scored(np.argmax(probs, axis=1), labels), alphas[best],
-                             by_alpha[best], by_alpha)
+        return SettingResult(
+            knn_rules_of(o),
+            describe(o),
+            _scored(np.argmax(probs, axis=1), labels),
+            alphas[best],
+            by_alpha[best],
+            by_alpha,
+        )
 
     results = sorted((evaluate_setting(o) for o in settings), key=lambda r: r.soft_vote.key(rank))
     best = results[0]
@@ -305,8 +346,19 @@ def sweep(embeddings: np.ndarray, labels: np.ndarray, mlp: np.ndarray, embedder:
     snippet = f"proxylabel:\n  mode: {mode}\n  alpha: {best.best_alpha:g}\n  knn: {{{knn}}}"
     parse_rules(snippet, "the sweep's snippet")  # valid rules, by the gateway's schema
     cur = evaluate_setting(now)
-    return Sweep(folds, seed, rank, len(labels), alphas, results, best, cur, current.alpha,
-                 _scored(np.argmax(mlp, axis=1), labels), snippet)
+    return Sweep(
+        folds,
+        seed,
+        rank,
+        len(labels),
+        alphas,
+        results,
+        best,
+        cur,
+        current.alpha,
+        _scored(np.argmax(mlp, axis=1), labels),
+        snippet,
+    )
 
 
 # The command --------------------------------------------------------------------------------------------
@@ -335,36 +387,90 @@ class ProxyLabelEvaluation:
         return asdict(self)
 
 
-def evaluate_rows(data: Labelled, knn_probs: np.ndarray, knn_own: np.ndarray, mlp: np.ndarray,
-                  rules: ProxyLabelRules) -> dict[str, LabelReport]:
+def evaluate_rows(
+    data: Labelled, knn_probs: np.ndarray, knn_own: np.ndarray, mlp: np.ndarray, rules: ProxyLabelRules
+) -> dict[str, LabelReport]:
     fused = soft_vote(knn_probs, mlp, rules.model_copy(update={"mode": "ensemble"}))
     y = data.labels
-    return {"knn": label_report(knn_own, y, SCORE_NAMES, ordinal=True, probs=knn_probs),
-            "mlp": label_report(np.argmax(mlp, axis=1), y, SCORE_NAMES, ordinal=True, probs=mlp),
-            "soft_vote": label_report(final_labels(fused, rules.model_copy(update={"mode": "ensemble"}))[0], y,
-                                      SCORE_NAMES, ordinal=True, probs=fused)}
+    return {
+        "knn": label_report(knn_own, y, SCORE_NAMES, ordinal=True, probs=knn_probs),
+        "mlp": label_report(np.argmax(mlp, axis=1), y, SCORE_NAMES, ordinal=True, probs=mlp),
+        "soft_vote": label_report(
+            final_labels(fused, rules.model_copy(update={"mode": "ensemble"}))[0],
+            y,
+            SCORE_NAMES,
+            ordinal=True,
+            probs=fused,
+        ),
+    }
 
 
-def run(shard: Path, *, repo: Path = Path("model_repository"), rules_path: Path = DEFAULT_RULES,
-        do_sweep: bool = False, folds: int = 5, seed: int = 0, ks: Sequence[int] = DEFAULT_KS,
-        taus: Sequence[float] = DEFAULT_TAUS, weightings: Sequence[str] = DEFAULT_WEIGHTINGS,
-        power_alphas: Sequence[float] = DEFAULT_POWER_ALPHAS, alphas: Sequence[float] = DEFAULT_ALPHAS,
-        rank: str = "accuracy", progress: bool = False, out: Path | None = None,
-        on_fold: FoldHook | None = None) -> ProxyLabelEvaluation:
+def run(
+    shard: Path,
+    *,
+    repo: Path = Path("model_repository"),
+    rules_path: Path = DEFAULT_RULES,
+    do_sweep: bool = False,
+    folds: int = 5,
+    seed: int = 0,
+    ks: Sequence[int] = DEFAULT_KS,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    weightings: Sequence[str] = DEFAULT_WEIGHTINGS,
+    power_alphas: Sequence[float] = DEFAULT_POWER_ALPHAS,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    rank: str = "accuracy",
+    progress: bool = False,
+    out: Path | None = None,
+    on_fold: FoldHook | None = None,
+) -> ProxyLabelEvaluation:
     rules, rules_version = load_rules(rules_path)
     if not shard.is_file():
         raise ManifestError(f"cannot read shard {shard}: no such file")
     if not repo.is_dir():
         raise ManifestError(f"--repo {repo}: no such folder")
-    return asyncio.run(_run(shard, repo, rules, rules_version, rules_path, do_sweep=do_sweep, folds=folds,
-                            seed=seed, ks=ks, taus=taus, weightings=weightings, power_alphas=power_alphas,
-                            alphas=alphas, rank=rank, progress=progress, out=out, on_fold=on_fold))
+    return asyncio.run(
+        _run(
+            shard,
+            repo,
+            rules,
+            rules_version,
+            rules_path,
+            do_sweep=do_sweep,
+            folds=folds,
+            seed=seed,
+            ks=ks,
+            taus=taus,
+            weightings=weightings,
+            power_alphas=power_alphas,
+            alphas=alphas,
+            rank=rank,
+            progress=progress,
+            out=out,
+            on_fold=on_fold,
+        )
+    )
 
 
-async def _run(shard: Path, repo: Path, rules: FusionRules, rules_version: str, rules_path: Path, *, do_sweep: bool,
-               folds: int, seed: int, ks: Sequence[int], taus: Sequence[float], weightings: Sequence[str],
-               power_alphas: Sequence[float], alphas: Sequence[float], rank: str, progress: bool, out: Path | None,
-               on_fold: FoldHook | None) -> ProxyLabelEvaluation:
+async def _run(
+    shard: Path,
+    repo: Path,
+    rules: FusionRules,
+    rules_version: str,
+    rules_path: Path,
+    *,
+    do_sweep: bool,
+    folds: int,
+    seed: int,
+    ks: Sequence[int],
+    taus: Sequence[float],
+    weightings: Sequence[str],
+    power_alphas: Sequence[float],
+    alphas: Sequence[float],
+    rank: str,
+    progress: bool,
+    out: Path | None,
+    on_fold: FoldHook | None,
+) -> ProxyLabelEvaluation:
     pr = rules.proxylabel
     async with local_pipeline(repo) as pipe:
         try:
@@ -376,16 +482,22 @@ async def _run(shard: Path, repo: Path, rules: FusionRules, rules_version: str, 
             raise EvaluationError("the proxy-label evaluation needs the kNN index, which is not loaded")
         data = await read_labelled(shard, pipe, progress=progress)
         if not len(data.labels):
-            raise EvaluationError(f"no labelled row of {shard} could be scored "
-                                  f"({dict(Counter(s.message for s in data.skipped))})")
+            raise EvaluationError(
+                f"no labelled row of {shard} could be scored "
+                f"({dict(Counter(s.message for s in data.skipped))})"
+            )
         options = pipe.knn_options(pr.knn)
         knn_all: list[KnnScores] = []
         mlp_all: list[np.ndarray] = []
         with Progress(len(data.labels), "scoring rows", enabled=progress) as bar:
             for start in range(0, len(data.labels), 1024):
                 sl = slice(start, start + 1024)
-                conv = Conversations(data.conversations.user[sl], data.conversations.assistant[sl],
-                                     data.conversations.turns[sl], data.conversations.user_turns[sl])
+                conv = Conversations(
+                    data.conversations.user[sl],
+                    data.conversations.assistant[sl],
+                    data.conversations.turns[sl],
+                    data.conversations.user_turns[sl],
+                )
                 scores = await pipe.score(data.embeddings[sl], conv, options, True, True)
                 if scores.knn is None or scores.mlp is None:
                     raise EvaluationError("the pipeline left out the kNN or MLP scores it was asked for")
@@ -401,21 +513,49 @@ async def _run(shard: Path, repo: Path, rules: FusionRules, rules_version: str, 
         models = {m.name: {"version": m.version, "demo": m.demo} for m in pipe.models}
     metrics = evaluate_rows(data, knn_probs, knn_own, mlp, pr)
     ev = ProxyLabelEvaluation(
-        shard=str(shard), repo=str(repo), rows=data.rows, labelled=data.labelled, scored=len(data.labels),
-        skipped=data.skipped, models=models, rules_file=str(rules_path), rules_version=rules_version, mode=pr.mode,
-        alpha=pr.alpha, knn_options=options.model_dump(), metrics=metrics,
-        served_answer={"knn": "knn", "mlp": "mlp", "ensemble": "soft_vote"}[pr.mode], self_matches=self_matches)
+        shard=str(shard),
+        repo=str(repo),
+        rows=data.rows,
+        labelled=data.labelled,
+        scored=len(data.labels),
+        skipped=data.skipped,
+        models=models,
+        rules_file=str(rules_path),
+        rules_version=rules_version,
+        mode=pr.mode,
+        alpha=pr.alpha,
+        knn_options=options.model_dump(),
+        metrics=metrics,
+        served_answer={"knn": "knn", "mlp": "mlp", "ensemble": "soft_vote"}[pr.mode],
+        self_matches=self_matches,
+    )
     if self_matches:
-        ev.warnings.append(f"{self_matches} of {ev.scored} rows are in the served index (nearest neighbour "
-                           f"similarity ≥ {SELF_MATCH}): the kNN's and the soft vote's figures are optimistic; "
-                           "--sweep cross-validates without the problem")
+        ev.warnings.append(
+            f"{self_matches} of {ev.scored} rows are in the served index (nearest neighbour "
+            f"similarity ≥ {SELF_MATCH}): the kNN's and the soft vote's figures are optimistic; "
+            "--sweep cross-validates without the problem"
+        )
     if data.skipped:
         ev.warnings.append(f"{len(data.skipped)} labelled rows were not scored (listed under Not scored)")
     if do_sweep:
         ev.sweep = await asyncio.to_thread(
-            sweep, data.embeddings, data.labels, mlp, embedder, current=pr, current_options=options, folds=folds,
-            seed=seed, ks=ks, taus=taus, weightings=weightings, power_alphas=power_alphas, alphas=alphas, rank=rank,
-            on_fold=on_fold)
+            sweep,
+            data.embeddings,
+            data.labels,
+            mlp,
+            embedder,
+            current=pr,
+            current_options=options,
+            folds=folds,
+            seed=seed,
+            ks=ks,
+            taus=taus,
+            weightings=weightings,
+            power_alphas=power_alphas,
+            alphas=alphas,
+            rank=rank,
+            on_fold=on_fold,
+        )
     if out is not None:
         write_outputs(ev, out)
     return ev
@@ -428,87 +568,200 @@ ANSWER_NAMES = {"knn": "kNN", "mlp": "MLP", "soft_vote": "soft vote"}
 def write_outputs(ev: ProxyLabelEvaluation, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ev.figures["confusion"] = figures.confusion_grid(
-        out / "confusion-proxylabel.png", {ANSWER_NAMES[a]: np.asarray(r.confusion_matrix) for a, r in
-                                           ev.metrics.items()}, SCORE_NAMES,
-        f"{ev.scored} labelled rows (rows: known score, columns: proxy label)").name
+        out / "confusion-proxylabel.png",
+        {ANSWER_NAMES[a]: np.asarray(r.confusion_matrix) for a, r in ev.metrics.items()},
+        SCORE_NAMES,
+        f"{ev.scored} labelled rows (rows: known score, columns: proxy label)",
+    ).name
     first = next(iter(ev.metrics.values()))
-    series = {"known": list(first.support.values()),
-              **{ANSWER_NAMES[a]: list(r.predicted.values()) for a, r in ev.metrics.items()}}
-    ev.figures["scores"] = figures.distribution_bars(out / "scores-proxylabel.png", {"scores": series}, SCORE_NAMES,
-                                                     "Known and predicted scores").name
+    series = {
+        "known": list(first.support.values()),
+        **{ANSWER_NAMES[a]: list(r.predicted.values()) for a, r in ev.metrics.items()},
+    }
+    ev.figures["scores"] = figures.distribution_bars(
+        out / "scores-proxylabel.png", {"scores": series}, SCORE_NAMES, "Known and predicted scores"
+    ).name
     if ev.sweep is not None:
         s = ev.sweep
         ev.figures["alpha_sweep"] = figures.sweep_curves(
-            out / "alpha-sweep.png", s.alphas,
-            {f"best kNN ({s.best.description}) accuracy": [x.accuracy for x in s.best.by_alpha],
-             "best kNN macro-F1": [x.macro_f1 for x in s.best.by_alpha],
-             "rules now: accuracy": [x.accuracy for x in s.current.by_alpha],
-             "rules now: macro-F1": [x.macro_f1 for x in s.current.by_alpha]},
-            xlabel="alpha (the MLP's weight)", ylabel="cross-validated figure",
-            title=f"Soft vote, {s.folds}-fold cross-validation", marks={"now": s.current_alpha}).name
+            out / "alpha-sweep.png",
+            s.alphas,
+            {
+                f"best kNN ({s.best.description}) accuracy": [x.accuracy for x in s.best.by_alpha],
+                "best kNN macro-F1": [x.macro_f1 for x in s.best.by_alpha],
+                "rules now: accuracy": [x.accuracy for x in s.current.by_alpha],
+                "rules now: macro-F1": [x.macro_f1 for x in s.current.by_alpha],
+            },
+            xlabel="alpha (the MLP's weight)",
+            ylabel="cross-validated figure",
+            title=f"Soft vote, {s.folds}-fold cross-validation",
+            marks={"now": s.current_alpha},
+        ).name
     write_json(out / "report.json", ev.to_dict())
     write_text(out / "report.md", format_markdown(ev))
 
 
 def format_markdown(ev: ProxyLabelEvaluation) -> str:
     knn = ", ".join(f"{k} {v}" for k, v in ev.knn_options.items() if v is not None)
-    models = ", ".join(f"{m} v{i['version']}" + (" (demo)" if i["demo"] else "") for m, i in ev.models.items())
-    lines = [f"# Proxy-label evaluation: `{ev.shard}`", "",
-             f"- rows: {ev.rows}; labelled {ev.labelled}; scored {ev.scored}; not scored {len(ev.skipped)}",
-             f"- models (offline, from `{ev.repo}`): {models}",
-             (f"- rules `{ev.rules_file}` ({ev.rules_version}): mode **{ev.mode}** (the served answer is the "
-             f"{ANSWER_NAMES[ev.served_answer]}), alpha {ev.alpha:g}; kNN: {knn}"),
-             f"- rows found in the served index (similarity ≥ {SELF_MATCH}): {ev.self_matches}",
-             ("- macro-F1 over the scores present in the labels or the predictions; per-class accuracy is the "
-             "recall of each score"), "",
-             "## Table 1. Overall", "",
-             md_table(("answer", "n", "accuracy", "macro-F1", "MAE", "NLL"),
-                      [[ANSWER_NAMES[a] + (" (served)" if a == ev.served_answer else ""), r.n, r.accuracy, r.macro_f1,
-                        r.mae, r.nll] for a, r in ev.metrics.items()], "lrrrrr"), "",
-             "## Table 2. Accuracy per known score (recall)", "",
-             md_table(("answer", *SCORE_NAMES),
-                      [["support", *next(iter(ev.metrics.values())).support.values()]]
-                      + [[ANSWER_NAMES[a], *r.per_class_accuracy.values()] for a, r in ev.metrics.items()]), "",
-             "## Table 3. Confusion matrices (rows: known score, columns: proxy label)", ""]
+    models = ", ".join(
+        f"{m} v{i['version']}" + (" (demo)" if i["demo"] else "") for m, i in ev.models.items()
+    )
+    lines = [
+        f"# Proxy-label evaluation: `{ev.shard}`",
+        "",
+        f"- rows: {ev.rows}; labelled {ev.labelled}; scored {ev.scored}; not scored {len(ev.skipped)}",
+        f"- models (offline, from `{ev.repo}`): {models}",
+        (
+            f"- rules `{ev.rules_file}` ({ev.rules_version}): mode **{ev.mode}** (the served answer is the "
+            f"{ANSWER_NAMES[ev.served_answer]}), alpha {ev.alpha:g}; kNN: {knn}"
+        ),
+        f"- rows found in the served index (similarity ≥ {SELF_MATCH}): {ev.self_matches}",
+        (
+            "- macro-F1 over the scores present in the labels or the predictions; per-class accuracy is the "
+            "recall of each score"
+        ),
+        "",
+        "## Table 1. Overall",
+        "",
+        md_table(
+            ("answer", "n", "accuracy", "macro-F1", "MAE", "NLL"),
+            [
+                [
+                    ANSWER_NAMES[a] + (" (served)" if a == ev.served_answer else ""),
+                    r.n,
+                    r.accuracy,
+                    r.macro_f1,
+                    r.mae,
+                    r.nll,
+                ]
+                for a, r in ev.metrics.items()
+            ],
+            "lrrrrr",
+        ),
+        "",
+        "## Table 2. Accuracy per known score (recall)",
+        "",
+        md_table(
+            ("answer", *SCORE_NAMES),
+            [["support", *next(iter(ev.metrics.values())).support.values()]]
+            + [[ANSWER_NAMES[a], *r.per_class_accuracy.values()] for a, r in ev.metrics.items()],
+        ),
+        "",
+        "## Table 3. Confusion matrices (rows: known score, columns: proxy label)",
+        "",
+    ]
     for a, r in ev.metrics.items():
-        lines += [f"**{ANSWER_NAMES[a]}**", "",
-                  md_table(("known \\ label", *SCORE_NAMES), [[SCORE_NAMES[i], *row] for i, row in
-                                                              enumerate(r.confusion_matrix)]), ""]
+        lines += [
+            f"**{ANSWER_NAMES[a]}**",
+            "",
+            md_table(
+                ("known \\ label", *SCORE_NAMES),
+                [[SCORE_NAMES[i], *row] for i, row in enumerate(r.confusion_matrix)],
+            ),
+            "",
+        ]
     if ev.sweep is not None:
         s = ev.sweep
         top = s.settings[:15]
-        lines += [(f"## Table 4. {s.folds}-fold cross-validation over the kNN options (best {len(top)} of "
-                  f"{len(s.settings)}, by the soft vote's {s.rank} at its best alpha)"), "",
-                  (f"Each fold's {s.rows // s.folds}-odd rows are scored against an index of the other folds' rows "
-                  "only; the MLP's probabilities are the served MLP's (not retrained per fold)."), "",
-                  md_table(("kNN", "kNN accuracy", "kNN macro-F1", "kNN MAE", "best alpha", "soft vote accuracy",
-                            "soft vote macro-F1", "soft vote MAE"),
-                           [[r.description, r.knn.accuracy, r.knn.macro_f1, r.knn.mae, f"{r.best_alpha:g}",
-                             r.soft_vote.accuracy, r.soft_vote.macro_f1, r.soft_vote.mae] for r in top]
-                           + [[f"rules now ({s.current.description}, alpha {s.current_alpha:g})", s.current.knn.accuracy,
-                               s.current.knn.macro_f1, s.current.knn.mae, f"{s.current_alpha:g}",
-                               s.current.by_alpha[s.alphas.index(s.current_alpha)].accuracy
-                               if s.current_alpha in s.alphas else None,
-                               s.current.by_alpha[s.alphas.index(s.current_alpha)].macro_f1
-                               if s.current_alpha in s.alphas else None,
-                               s.current.by_alpha[s.alphas.index(s.current_alpha)].mae
-                               if s.current_alpha in s.alphas else None]]), "",
-                  f"MLP alone: accuracy {s.mlp.accuracy:.4f}, macro-F1 {s.mlp.macro_f1:.4f}, MAE {s.mlp.mae:.4f}.", "",
-                  f"## Table 5. Soft vote by alpha, best kNN ({s.best.description})", "",
-                  md_table(("alpha", "accuracy", "macro-F1", "MAE"),
-                           [[f"{a:g}", x.accuracy, x.macro_f1, x.mae] for a, x in zip(s.alphas, s.best.by_alpha, strict=True)]),
-                  "", "The rules that serve the best settings:", "", "```yaml", s.rules_snippet, "```", ""]
+        lines += [
+            (
+                f"## Table 4. {s.folds}-fold cross-validation over the kNN options (best {len(top)} of "
+                f"{len(s.settings)}, by the soft vote's {s.rank} at its best alpha)"
+            ),
+            "",
+            (
+                f"Each fold's {s.rows // s.folds}-odd rows are scored against an index of the other folds' rows "
+                "only; the MLP's probabilities are the served MLP's (not retrained per fold)."
+            ),
+            "",
+            md_table(
+                (
+                    "kNN",
+                    "kNN accuracy",
+                    "kNN macro-F1",
+                    "kNN MAE",
+                    "best alpha",
+                    "soft vote accuracy",
+                    "soft vote macro-F1",
+                    "soft vote MAE",
+                ),
+                [
+                    [
+                        r.description,
+                        r.knn.accuracy,
+                        r.knn.macro_f1,
+                        r.knn.mae,
+                        f"{r.best_alpha:g}",
+                        r.soft_vote.accuracy,
+                        r.soft_vote.macro_f1,
+                        r.soft_vote.mae,
+                    ]
+                    for r in top
+                ]
+                + [
+                    [
+                        f"rules now ({s.current.description}, alpha {s.current_alpha:g})",
+                        s.current.knn.accuracy,
+                        s.current.knn.macro_f1,
+                        s.current.knn.mae,
+                        f"{s.current_alpha:g}",
+                        s.current.by_alpha[s.alphas.index(s.current_alpha)].accuracy
+                        if s.current_alpha in s.alphas
+                        else None,
+                        s.current.by_alpha[s.alphas.index(s.current_alpha)].macro_f1
+                        if s.current_alpha in s.alphas
+                        else None,
+                        s.current.by_alpha[s.alphas.index(s.current_alpha)].mae
+                        if s.current_alpha in s.alphas
+                        else None,
+                    ]
+                ],
+            ),
+            "",
+            f"MLP alone: accuracy {s.mlp.accuracy:.4f}, macro-F1 {s.mlp.macro_f1:.4f}, MAE {s.mlp.mae:.4f}.",
+            "",
+            f"## Table 5. Soft vote by alpha, best kNN ({s.best.description})",
+            "",
+            md_table(
+                ("alpha", "accuracy", "macro-F1", "MAE"),
+                [
+                    [f"{a:g}", x.accuracy, x.macro_f1, x.mae]
+                    for a, x in zip(s.alphas, s.best.by_alpha, strict=True)
+                ],
+            ),
+            "",
+            "The rules that serve the best settings:",
+            "",
+            "```yaml",
+            s.rules_snippet,
+            "```",
+            "",
+        ]
     if ev.figures:
         lines += ["## Figures", ""]
         for kind, name in ev.figures.items():
             lines += [f"- {kind}: `{name}`", "", f"  ![{kind}]({name})", ""]
     if ev.skipped:
-        lines += [f"## Not scored ({len(ev.skipped)})", "",
-                  "line = the row's number in the shard (from 0), path = its id", "", skipped_table(ev.skipped), ""]
+        lines += [
+            f"## Not scored ({len(ev.skipped)})",
+            "",
+            "line = the row's number in the shard (from 0), path = its id",
+            "",
+            skipped_table(ev.skipped),
+            "",
+        ]
     if ev.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in ev.warnings]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Labelled", "ProxyLabelEvaluation", "Sweep", "kfold", "knn_settings", "out_of_fold_neighbours", "run",
-           "sweep"]
+__all__ = [
+    "Labelled",
+    "ProxyLabelEvaluation",
+    "Sweep",
+    "kfold",
+    "knn_settings",
+    "out_of_fold_neighbours",
+    "run",
+    "sweep",
+]

@@ -82,7 +82,9 @@ def simplex_grid(members: int, step: float = 0.1) -> np.ndarray:
     def compositions(total: int, n: int) -> list[list[int]]:
         if n == 1:
             return [[total]]
-        return [[first, *rest] for first in range(total, -1, -1) for rest in compositions(total - first, n - 1)]
+        return [
+            [first, *rest] for first in range(total, -1, -1) for rest in compositions(total - first, n - 1)
+        ]
 
     return np.asarray(compositions(parts, members), np.float64) / parts
 
@@ -101,16 +103,28 @@ class Candidate:
         return (-self.macro_f1, self.nll) if metric == "macro_f1" else (self.nll, -self.macro_f1)
 
 
-def _fit(members: dict[str, np.ndarray], weights: dict[str, float], space: str, labels: np.ndarray,
-         bounds: tuple[float, float]) -> float:
+def _fit(
+    members: dict[str, np.ndarray],
+    weights: dict[str, float],
+    space: str,
+    labels: np.ndarray,
+    bounds: tuple[float, float],
+) -> float:
     if space == "logit":
         return fit_temperature(fused_logits(members, weights), labels, bounds)
     return minimise_temperature(lambda t: nll(fuse_logits(members, weights, t, space), labels), bounds)
 
 
-def search(members: dict[str, np.ndarray], labels: np.ndarray, *, step: float = 0.1,
-           spaces: Sequence[str] = SPACES, metric: str = "macro_f1", bins: int = ECE_BINS,
-           bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> list[Candidate]:
+def search(
+    members: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    step: float = 0.1,
+    spaces: Sequence[str] = SPACES,
+    metric: str = "macro_f1",
+    bins: int = ECE_BINS,
+    bounds: tuple[float, float] = TEMPERATURE_BOUNDS,
+) -> list[Candidate]:
     """Every grid candidate scored on (members, labels) with its own fitted temperature, best first
     (a stable sort: among exact ties the grid's order, which starts with the first member alone)."""
     if metric not in METRICS:
@@ -128,8 +142,15 @@ def search(members: dict[str, np.ndarray], labels: np.ndarray, *, step: float = 
     return sorted(out, key=lambda c: c.key(metric))
 
 
-def split_rows(labels: np.ndarray, splits: Sequence[str | None], *, val_split: str | None, test_split: str | None,
-               val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+def split_rows(
+    labels: np.ndarray,
+    splits: Sequence[str | None],
+    *,
+    val_split: str | None,
+    test_split: str | None,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """(validation indices, test indices, how they were chosen)."""
     values = np.array([s or "" for s in splits], dtype=object)
     present = set(values)
@@ -144,8 +165,14 @@ def split_rows(labels: np.ndarray, splits: Sequence[str | None], *, val_split: s
         val = np.flatnonzero(values == val_split)
         test = np.flatnonzero(values == test_split)
         if not len(val) or not len(test):
-            raise ManifestError(f"no scored rows with split {val_split!r} ({len(val)}) or {test_split!r} ({len(test)})")
-        return val, test, f"the manifest's split column: {val_split!r} for validation, {test_split!r} for test"
+            raise ManifestError(
+                f"no scored rows with split {val_split!r} ({len(val)}) or {test_split!r} ({len(test)})"
+            )
+        return (
+            val,
+            test,
+            f"the manifest's split column: {val_split!r} for validation, {test_split!r} for test",
+        )
     if not 0 < val_fraction < 1:
         raise ManifestError("--val-fraction must be between 0 and 1")
     rng = np.random.default_rng(seed)
@@ -174,8 +201,9 @@ def _header(text: str) -> list[str]:
     return out
 
 
-def updated_rules_text(base_text: str, ensemble: str, weights: dict[str, float], space: str, temperature: float,
-                       note: str) -> str:
+def updated_rules_text(
+    base_text: str, ensemble: str, weights: dict[str, float], space: str, temperature: float, note: str
+) -> str:
     """The rules text with ``emotion.ensembles.<ensemble>`` set to these weights, space and
     temperature, through the schema's own classes; RulesError if the result is not valid rules.
     The one-ensemble form (``emotion.members``) becomes the named form."""
@@ -187,8 +215,11 @@ def updated_rules_text(base_text: str, ensemble: str, weights: dict[str, float],
         one = {k: emotion.pop(k) for k in ("members", "fusion_space") if k in emotion}
         emotion["ensembles"] = {emotion.get("ensemble", DEFAULT_ENSEMBLE): one}
     ensembles = dict(emotion.get("ensembles") or {})
-    chosen = EnsembleRules(members=[EmotionMember(model=m, weight=w) for m, w in weights.items()],
-                           fusion_space=space, temperature=round(temperature, 4))
+    chosen = EnsembleRules(
+        members=[EmotionMember(model=m, weight=w) for m, w in weights.items()],
+        fusion_space=space,
+        temperature=round(temperature, 4),
+    )
     ensembles[ensemble] = chosen.model_dump(exclude_none=True)
     emotion["ensembles"] = ensembles
     data["emotion"] = emotion
@@ -197,12 +228,21 @@ def updated_rules_text(base_text: str, ensemble: str, weights: dict[str, float],
     rules, _ = parse_rules(text, "the written rules")  # the gateway's own validation
     _, written = rules.emotion.ensemble_rules(ensemble)
     if {m.model: m.weight for m in written.members} != weights or written.fusion_space != space:
-        raise RulesError("the written rules do not hold the chosen weights")  # pragma: no cover - a schema change
+        raise RulesError(
+            "the written rules do not hold the chosen weights"
+        )  # pragma: no cover - a schema change
     return text
 
 
-def write_rules(path: Path, base: Path, ensemble: str, weights: dict[str, float], space: str, temperature: float,
-                note: str) -> str:
+def write_rules(
+    path: Path,
+    base: Path,
+    ensemble: str,
+    weights: dict[str, float],
+    space: str,
+    temperature: float,
+    note: str,
+) -> str:
     """Write the rules into ``path`` (starting from ``path`` itself when it exists, else from
     ``base``): a temporary file in the same folder, then renamed over it."""
     source = path if path.exists() else base
@@ -251,24 +291,55 @@ class WeightSearch:
         return asdict(self)
 
 
-def run(manifest: Path, target: str, *, ensemble: str | None = None, step: float = 0.1,
-        spaces: Sequence[str] = SPACES, metric: str = "macro_f1", val_split: str | None = None,
-        test_split: str | None = None, val_fraction: float = 0.5, seed: int = 0, top: int = 10,
-        write_rules_to: Path | None = None, rules_path: Path = DEFAULT_RULES, faces: str = "detect",
-        batch: int = 16, token: str | None = None, timeout: float = 60.0, progress: bool = False,
-        cache_dir: Path | None = None, bins: int = ECE_BINS, out: Path | None = None) -> WeightSearch:
+def run(
+    manifest: Path,
+    target: str,
+    *,
+    ensemble: str | None = None,
+    step: float = 0.1,
+    spaces: Sequence[str] = SPACES,
+    metric: str = "macro_f1",
+    val_split: str | None = None,
+    test_split: str | None = None,
+    val_fraction: float = 0.5,
+    seed: int = 0,
+    top: int = 10,
+    write_rules_to: Path | None = None,
+    rules_path: Path = DEFAULT_RULES,
+    faces: str = "detect",
+    batch: int = 16,
+    token: str | None = None,
+    timeout: float = 60.0,
+    progress: bool = False,
+    cache_dir: Path | None = None,
+    bins: int = ECE_BINS,
+    out: Path | None = None,
+) -> WeightSearch:
     rows = read_manifest(manifest)
     rules, _ = load_rules(rules_path)
     try:
         name, current = rules.emotion.ensemble_rules(ensemble)
     except UnknownEnsemble:
-        raise ManifestError(f"{rules_path} defines no ensemble {ensemble!r} (it defines "
-                            f"{', '.join(sorted(rules.emotion.ensembles))})") from None
+        raise ManifestError(
+            f"{rules_path} defines no ensemble {ensemble!r} (it defines "
+            f"{', '.join(sorted(rules.emotion.ensembles))})"
+        ) from None
     request = resolve_request(rules, "ensemble", name, faces)
     # Only the members' logits are needed: any cached answer of the same file counts, whatever
     # rules the gateway had when it gave it.
-    answers, _ = fetch(manifest, target, rows=rows, rules=rules, request=request, batch=batch, token=token,
-                       timeout=timeout, progress=progress, cache_dir=cache_dir, need_served=False)
+    answers, _ = fetch(
+        manifest,
+        target,
+        rows=rows,
+        rules=rules,
+        request=request,
+        batch=batch,
+        token=token,
+        timeout=timeout,
+        progress=progress,
+        cache_dir=cache_dir,
+        need_served=False,
+    )
     if not answers.labels:
         raise EvaluationError(f"no image of the {len(rows)} rows could be scored")
     names = [m.model for m in current.members]
@@ -277,38 +348,84 @@ def run(manifest: Path, target: str, *, ensemble: str | None = None, step: float
         raise EvaluationError(f"the answers carry no logits for {', '.join(missing)}")
     labels = np.asarray(answers.labels, np.int64)
     members = {m: np.asarray(answers.members[m], np.float32) for m in names}
-    val, test, how = split_rows(labels, [r.split for r in answers.rows], val_split=val_split, test_split=test_split,
-                                val_fraction=val_fraction, seed=seed)
-    ranked = search({m: v[val] for m, v in members.items()}, labels[val], step=step, spaces=spaces, metric=metric,
-                    bins=bins)
+    val, test, how = split_rows(
+        labels,
+        [r.split for r in answers.rows],
+        val_split=val_split,
+        test_split=test_split,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    ranked = search(
+        {m: v[val] for m, v in members.items()},
+        labels[val],
+        step=step,
+        spaces=spaces,
+        metric=metric,
+        bins=bins,
+    )
     best = ranked[0]
     used = {m: w for m, w in best.weights.items() if w > 0}
-    best_test = evaluate(fuse_logits({m: v[test] for m, v in members.items()}, used, best.temperature, best.space),
-                         labels[test], CLASS_NAMES, bins)
+    best_test = evaluate(
+        fuse_logits({m: v[test] for m, v in members.items()}, used, best.temperature, best.space),
+        labels[test],
+        CLASS_NAMES,
+        bins,
+    )
     weights_now = members_for(rules.emotion, "ensemble", name)
     t_now = resolve_temperature(rules.emotion, "ensemble", None, name)
     test_members = {m: v[test] for m, v in members.items()}
-    current_test = evaluate(fuse_logits(test_members, weights_now, t_now, current.fusion_space), labels[test],
-                            CLASS_NAMES, bins)
-    t_refit = _fit({m: v[val] for m, v in members.items()}, weights_now, current.fusion_space, labels[val],
-                   TEMPERATURE_BOUNDS)
-    current_refit = evaluate(fuse_logits(test_members, weights_now, t_refit, current.fusion_space), labels[test],
-                             CLASS_NAMES, bins)
+    current_test = evaluate(
+        fuse_logits(test_members, weights_now, t_now, current.fusion_space), labels[test], CLASS_NAMES, bins
+    )
+    t_refit = _fit(
+        {m: v[val] for m, v in members.items()},
+        weights_now,
+        current.fusion_space,
+        labels[val],
+        TEMPERATURE_BOUNDS,
+    )
+    current_refit = evaluate(
+        fuse_logits(test_members, weights_now, t_refit, current.fusion_space), labels[test], CLASS_NAMES, bins
+    )
     total = sum(weights_now.values())
-    note = (f"emotion.ensembles.{name}: weights searched by tessera-evaluate search-weights on {manifest.name} "
-            f"({len(val)} validation faces, by {metric}), {dt.date.today().isoformat()}")
+    note = (
+        f"emotion.ensembles.{name}: weights searched by tessera-evaluate search-weights on {manifest.name} "
+        f"({len(val)} validation faces, by {metric}), {dt.date.today().isoformat()}"
+    )
     snippet = _snippet(name, best)
     result = WeightSearch(
-        manifest=str(manifest), ensemble=name, members=names, metric=metric, step=step, spaces=list(spaces),
-        split=how, validation_rows=len(val), test_rows=len(test), candidates=len(ranked), top=ranked[:top],
-        best=best, best_test=best_test,
-        current={"weights": {m: w / total for m, w in weights_now.items()}, "fusion_space": current.fusion_space,
-                 "temperature": t_now, "refit_temperature": t_refit},
-        current_test=current_test, current_refit_test=current_refit, skipped=answers.skipped, rows=len(rows),
-        from_cache=answers.from_cache, rules_snippet=snippet)
+        manifest=str(manifest),
+        ensemble=name,
+        members=names,
+        metric=metric,
+        step=step,
+        spaces=list(spaces),
+        split=how,
+        validation_rows=len(val),
+        test_rows=len(test),
+        candidates=len(ranked),
+        top=ranked[:top],
+        best=best,
+        best_test=best_test,
+        current={
+            "weights": {m: w / total for m, w in weights_now.items()},
+            "fusion_space": current.fusion_space,
+            "temperature": t_now,
+            "refit_temperature": t_refit,
+        },
+        current_test=current_test,
+        current_refit_test=current_refit,
+        skipped=answers.skipped,
+        rows=len(rows),
+        from_cache=answers.from_cache,
+        rules_snippet=snippet,
+    )
     if best.temperature <= TEMPERATURE_BOUNDS[0] * 1.001 or best.temperature >= TEMPERATURE_BOUNDS[1] * 0.999:
-        result.warnings.append(f"the best candidate's temperature {best.temperature:g} sits at the search bound: "
-                               "the validation rows are too few or too easy to calibrate on")
+        result.warnings.append(
+            f"the best candidate's temperature {best.temperature:g} sits at the search bound: "
+            "the validation rows are too few or too easy to calibrate on"
+        )
     if len(val) < 50:
         result.warnings.append(f"only {len(val)} validation faces: the ranking is noisy")
     if write_rules_to is not None:
@@ -318,10 +435,12 @@ def run(manifest: Path, target: str, *, ensemble: str | None = None, step: float
         out.mkdir(parents=True, exist_ok=True)
         shown = ranked[:top]
         result.figures["ranking"] = figures.ranked_bars(
-            out / "weights-ranking.png", [_label(c) for c in shown],
+            out / "weights-ranking.png",
+            [_label(c) for c in shown],
             [c.macro_f1 if metric == "macro_f1" else c.nll for c in shown],
             xlabel=("macro-F1" if metric == "macro_f1" else "NLL") + " on validation",
-            title=f"Ensemble {name}: the best {len(shown)} of {len(ranked)} candidates").name
+            title=f"Ensemble {name}: the best {len(shown)} of {len(ranked)} candidates",
+        ).name
         write_json(out / "report.json", result.to_dict())
         write_text(out / "report.md", format_markdown(result))
     return result
@@ -333,14 +452,27 @@ def _label(c: Candidate) -> str:
 
 def _snippet(name: str, best: Candidate) -> str:
     members = ", ".join(f"{{model: {m}, weight: {w:g}}}" for m, w in best.weights.items())
-    return (f"emotion:\n  ensembles:\n    {name}:\n      members: [{members}]\n      fusion_space: {best.space}\n"
-            f"      temperature: {round(best.temperature, 4):g}")
+    return (
+        f"emotion:\n  ensembles:\n    {name}:\n      members: [{members}]\n      fusion_space: {best.space}\n"
+        f"      temperature: {round(best.temperature, 4):g}"
+    )
 
 
 def format_markdown(r: WeightSearch) -> str:
     head = ("rank", "space", *[f"w `{m}`" for m in r.members], "T", "accuracy", "macro-F1", "NLL", "ECE")
-    rows = [[i + 1, c.space, *[f"{c.weights[m]:g}" for m in r.members], c.temperature, c.accuracy, c.macro_f1, c.nll, c.ece]
-            for i, c in enumerate(r.top)]
+    rows = [
+        [
+            i + 1,
+            c.space,
+            *[f"{c.weights[m]:g}" for m in r.members],
+            c.temperature,
+            c.accuracy,
+            c.macro_f1,
+            c.nll,
+            c.ece,
+        ]
+        for i, c in enumerate(r.top)
+    ]
     metric = "macro-F1 (ties: lower NLL)" if r.metric == "macro_f1" else "NLL (ties: higher macro-F1)"
     test_head = ("ensemble", "T", "n", "accuracy", "macro-F1", "NLL", "ECE", "Brier")
     cur_w = " / ".join(f"{w:.3g}" for w in r.current["weights"].values())
@@ -349,24 +481,56 @@ def format_markdown(r: WeightSearch) -> str:
     def row(name: str, t: float, m: EvaluationReport) -> list[Any]:
         return [name, t, m.n, m.accuracy, m.macro_f1, m.nll, m.ece, m.brier]
 
-    lines = [f"# Weight search: ensemble `{r.ensemble}` on `{r.manifest}`", "",
-             f"- members: {', '.join(f'`{m}`' for m in r.members)}",
-             (f"- grid: weights in steps of {r.step:g} on the simplex, spaces {', '.join(r.spaces)}: {r.candidates} "
-             "candidates, each with its temperature fitted on the validation rows"),
-             f"- ranked by {metric} on {r.validation_rows} validation faces; reported on {r.test_rows} test faces",
-             f"- split: {r.split}",
-             f"- rows: {r.rows}; not scored {len(r.skipped)}; answers from the cache: {r.from_cache}", "",
-             f"## Table 1. The best {len(r.top)} candidates on validation", "",
-             md_table(head, rows, "rl" + "r" * (len(head) - 2)), "",
-             "## Table 2. On the test rows", "",
-             md_table(test_head, [
-                 row(f"served now ({r.current['fusion_space']} {cur_w})", r.current["temperature"], r.current_test),
-                 row("served now, T refitted on validation", r.current["refit_temperature"], r.current_refit_test),
-                 row(f"best ({r.best.space} {best_w})", r.best.temperature, r.best_test)], "lrrrrrrr"), "",
-             "## The rules that serve the best candidate", "", "```yaml", r.rules_snippet, "```"]
+    lines = [
+        f"# Weight search: ensemble `{r.ensemble}` on `{r.manifest}`",
+        "",
+        f"- members: {', '.join(f'`{m}`' for m in r.members)}",
+        (
+            f"- grid: weights in steps of {r.step:g} on the simplex, spaces {', '.join(r.spaces)}: {r.candidates} "
+            "candidates, each with its temperature fitted on the validation rows"
+        ),
+        f"- ranked by {metric} on {r.validation_rows} validation faces; reported on {r.test_rows} test faces",
+        f"- split: {r.split}",
+        f"- rows: {r.rows}; not scored {len(r.skipped)}; answers from the cache: {r.from_cache}",
+        "",
+        f"## Table 1. The best {len(r.top)} candidates on validation",
+        "",
+        md_table(head, rows, "rl" + "r" * (len(head) - 2)),
+        "",
+        "## Table 2. On the test rows",
+        "",
+        md_table(
+            test_head,
+            [
+                row(
+                    f"served now ({r.current['fusion_space']} {cur_w})",
+                    r.current["temperature"],
+                    r.current_test,
+                ),
+                row(
+                    "served now, T refitted on validation",
+                    r.current["refit_temperature"],
+                    r.current_refit_test,
+                ),
+                row(f"best ({r.best.space} {best_w})", r.best.temperature, r.best_test),
+            ],
+            "lrrrrrrr",
+        ),
+        "",
+        "## The rules that serve the best candidate",
+        "",
+        "```yaml",
+        r.rules_snippet,
+        "```",
+    ]
     if r.rules_written:
-        lines += ["", (f"Written into `{r.rules_written}` (validated by the gateway's schema; the gateway reloads "
-                      "it without a restart).")]
+        lines += [
+            "",
+            (
+                f"Written into `{r.rules_written}` (validated by the gateway's schema; the gateway reloads "
+                "it without a restart)."
+            ),
+        ]
     if r.figures:
         lines += ["", "## Figures", ""]
         for kind, name in r.figures.items():

@@ -101,9 +101,11 @@ class Parity:
         return self.min_cosine >= MIN_COSINE and self.max_norm_error <= NORM_TOLERANCE
 
     def __str__(self) -> str:
-        return (f"min cosine {self.min_cosine:.7f} (needs >= {MIN_COSINE}), max |norm ratio - 1| "
-                f"{self.max_norm_error:.2g} (needs <= {NORM_TOLERANCE:g}) over {self.rows} texts; "
-                f"worst: {self.worst_text[:60]!r}")
+        return (
+            f"min cosine {self.min_cosine:.7f} (needs >= {MIN_COSINE}), max |norm ratio - 1| "
+            f"{self.max_norm_error:.2g} (needs <= {NORM_TOLERANCE:g}) over {self.rows} texts; "
+            f"worst: {self.worst_text[:60]!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +120,9 @@ def module_types(checkpoint_dir: Path) -> list[str]:
     try:
         return [str(m["type"]) for m in json.loads(path.read_text())]
     except FileNotFoundError:
-        raise ExportError(f"{checkpoint_dir} is not a sentence-transformers checkpoint (no modules.json)") from None
+        raise ExportError(
+            f"{checkpoint_dir} is not a sentence-transformers checkpoint (no modules.json)"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{path} cannot be read: {exc}") from None
 
@@ -128,13 +132,17 @@ def check_module_types(types: list[str]) -> None:
     names = [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
     unsupported = [t for t, n in zip(types, names, strict=True) if n not in _SUPPORTED]
     if unsupported:
-        raise ExportError(f"the checkpoint has module(s) {unsupported} that the exported graph cannot "
-                          f"reproduce (supported: {', '.join(_SUPPORTED)})")
+        raise ExportError(
+            f"the checkpoint has module(s) {unsupported} that the exported graph cannot "
+            f"reproduce (supported: {', '.join(_SUPPORTED)})"
+        )
     if names[:1] != ["Transformer"] or names.count("Transformer") != 1:
         raise ExportError(f"the checkpoint's modules {names} do not start with its one Transformer")
     if "Pooling" not in names:
-        raise ExportError(f"the checkpoint's modules {names} have no Pooling: they give token embeddings, "
-                          f"not one sentence embedding")
+        raise ExportError(
+            f"the checkpoint's modules {names} have no Pooling: they give token embeddings, "
+            f"not one sentence embedding"
+        )
 
 
 def checkpoint_digest(checkpoint_dir: Path) -> str:
@@ -165,8 +173,12 @@ def cache_key(checkpoint_dir: Path, opset: int = OPSET, digest: str | None = Non
     Library versions are part of it (read without importing them) because they decide the graph
     and the reference the files were checked against.
     """
-    fields = {"checkpoint_sha256": digest or checkpoint_digest(checkpoint_dir), "opset": opset,
-              "exporter": EXPORTER_VERSION, **{p: _version_of(p) for p in _LIBRARIES}}
+    fields = {
+        "checkpoint_sha256": digest or checkpoint_digest(checkpoint_dir),
+        "opset": opset,
+        "exporter": EXPORTER_VERSION,
+        **{p: _version_of(p) for p in _LIBRARIES},
+    }
     digest16 = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return f"st-{Path(checkpoint_dir).resolve().name}-{digest16}", fields
 
@@ -183,11 +195,17 @@ def load_model(checkpoint_dir: Path) -> SentenceTransformer:
     try:
         # float32 because the service serves FP32: a half-precision config must not round the
         # weights on the way in (transformers 5 loads in the config's dtype by default).
-        model = SentenceTransformer(str(checkpoint_dir), device="cpu", local_files_only=True,
-                                    trust_remote_code=False, model_kwargs={"dtype": torch.float32})
+        model = SentenceTransformer(
+            str(checkpoint_dir),
+            device="cpu",
+            local_files_only=True,
+            trust_remote_code=False,
+            model_kwargs={"dtype": torch.float32},
+        )
     except Exception as exc:
-        raise ExportError(f"sentence-transformers cannot load {checkpoint_dir}: "
-                          f"{type(exc).__name__}: {exc}") from None
+        raise ExportError(
+            f"sentence-transformers cannot load {checkpoint_dir}: {type(exc).__name__}: {exc}"
+        ) from None
     return model.float().eval()
 
 
@@ -215,17 +233,22 @@ def check_loaded(model: SentenceTransformer) -> None:
     check_module_types(classes)
     transformer = _transformer(model)
     if transformer.transformer_task != "feature-extraction":
-        raise ExportError(f"the Transformer's task is {transformer.transformer_task!r}, not feature-extraction")
+        raise ExportError(
+            f"the Transformer's task is {transformer.transformer_task!r}, not feature-extraction"
+        )
     if "text" not in transformer.modality_config or "message" in transformer.modality_config:
-        raise ExportError(f"the Transformer takes {list(transformer.modality_config)}: the service sends "
-                          f"plain text through the tokenizer, without a chat template")
+        raise ExportError(
+            f"the Transformer takes {list(transformer.modality_config)}: the service sends "
+            f"plain text through the tokenizer, without a chat template"
+        )
     tokenizer = transformer.tokenizer
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise ExportError("the checkpoint has no fast (HF tokenizers) tokenizer to write as tokenizer.json")
     prompt = model.prompts.get(model.default_prompt_name or "", "")
     if prompt:
-        raise ExportError(f"the checkpoint prepends the default prompt {prompt!r} to every text; the "
-                          f"service has no prompts")
+        raise ExportError(
+            f"the checkpoint prepends the default prompt {prompt!r} to every text; the service has no prompts"
+        )
     if not transformer.max_seq_length:
         raise ExportError("the checkpoint has no max_seq_length")
 
@@ -243,8 +266,11 @@ def normalizes(model: SentenceTransformer) -> bool:
     from sentence_transformers.base.modules.normalize import Normalize
 
     last = list(model.children())[-1]
-    return (isinstance(last, Normalize) and last.module_output_name == "sentence_embedding"
-            and model.truncate_dim is None)
+    return (
+        isinstance(last, Normalize)
+        and last.module_output_name == "sentence_embedding"
+        and model.truncate_dim is None
+    )
 
 
 def serving_tokenizer(model: SentenceTransformer) -> str:
@@ -272,7 +298,9 @@ def _st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int
     """Token ids as sentence-transformers prepares them for encode(), padding removed."""
     features = _transformer(model).preprocess(list(texts))
     ids, mask = features["input_ids"].tolist(), features["attention_mask"].tolist()
-    return [[t for t, m in zip(row, row_mask, strict=True) if m] for row, row_mask in zip(ids, mask, strict=True)]
+    return [
+        [t for t, m in zip(row, row_mask, strict=True) if m] for row, row_mask in zip(ids, mask, strict=True)
+    ]
 
 
 def _strips(model: SentenceTransformer, tokenizer_json: str) -> bool:
@@ -288,12 +316,15 @@ def _strips(model: SentenceTransformer, tokenizer_json: str) -> bool:
         return True
     if tokenizer.encode(probe).ids == expected:
         return False
-    raise ExportError("the tokenizer written for the service does not reproduce sentence-transformers' "
-                      "tokens, stripped or not")
+    raise ExportError(
+        "the tokenizer written for the service does not reproduce sentence-transformers' "
+        "tokens, stripped or not"
+    )
 
 
-def embedder_info(model: SentenceTransformer, tokenizer_json: str, embedder_name: str,
-                  source: str) -> dict[str, Any]:
+def embedder_info(
+    model: SentenceTransformer, tokenizer_json: str, embedder_name: str, source: str
+) -> dict[str, Any]:
     """embedder.json: minilm's fields, filled from the loaded checkpoint."""
     transformer = _transformer(model)
     tokenizer, max_seq_length = _tokenizer(transformer)
@@ -302,14 +333,23 @@ def embedder_info(model: SentenceTransformer, tokenizer_json: str, embedder_name
         raise ExportError("the checkpoint does not say its embedding dimension")
     tokenizer_lowercase = _lowercases(json.loads(tokenizer_json).get("normalizer"))
     checkpoint = minilm.Checkpoint(
-        bert={"hidden_size": int(dimension)}, max_seq_length=int(max_seq_length),
+        bert={"hidden_size": int(dimension)},
+        max_seq_length=int(max_seq_length),
         # Lowercasing that the tokenizer already does must not be repeated by the service.
         do_lower_case=bool(transformer.do_lower_case) and not tokenizer_lowercase,
-        pooling=pooling_mode(model), normalize=normalizes(model), tokenizer_json=tokenizer_json)
+        pooling=pooling_mode(model),
+        normalize=normalizes(model),
+        tokenizer_json=tokenizer_json,
+    )
     info = minilm.embedder_json(checkpoint, tokenizer_json)
     pad_id = tokenizer.pad_token_id
-    info.update(name=embedder_name, strip=_strips(model, tokenizer_json),
-                tokenizer_lowercase=tokenizer_lowercase, pad_id=int(pad_id or 0), source=source)
+    info.update(
+        name=embedder_name,
+        strip=_strips(model, tokenizer_json),
+        tokenizer_lowercase=tokenizer_lowercase,
+        pad_id=int(pad_id or 0),
+        source=source,
+    )
     return info
 
 
@@ -347,7 +387,9 @@ def onnx_export(model: SentenceTransformer, opset: int = OPSET) -> bytes:
     """
     import torch
 
-    features = _transformer(model).preprocess(["A short probe.", "A longer probe sentence, so the first row is padded."])
+    features = _transformer(model).preprocess(
+        ["A short probe.", "A longer probe sentence, so the first row is padded."]
+    )
     args = (features["input_ids"].to(torch.int64), features["attention_mask"].to(torch.int64))
     axes = {n: {0: "N", 1: "L"} for n in minilm.INPUTS} | {minilm.OUTPUT: {0: "N"}}
     buffer = io.BytesIO()
@@ -356,10 +398,17 @@ def onnx_export(model: SentenceTransformer, opset: int = OPSET) -> bytes:
             # Tracer warnings about shape-dependent Python branches: the parity check decides.
             warnings.simplefilter("ignore")
             # torch types f as a path; the TorchScript exporter (dynamo=False) also writes to a file object.
-            torch.onnx.export(_encoder(model, model.truncate_dim), args, buffer,  # type: ignore[arg-type, unused-ignore]
-                              opset_version=opset,
-                              input_names=list(minilm.INPUTS), output_names=[minilm.OUTPUT],
-                              dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(
+                _encoder(model, model.truncate_dim),
+                args,
+                buffer,  # type: ignore[arg-type, unused-ignore]
+                opset_version=opset,
+                input_names=list(minilm.INPUTS),
+                output_names=[minilm.OUTPUT],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+                dynamo=False,
+            )
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from None
     return buffer.getvalue()
@@ -382,8 +431,10 @@ def check_tokenisation(model: SentenceTransformer, bundle: Path, texts: list[str
     served = Tokenization(bundle / info.tokenizer, info).encode(texts)
     for text, got, expected in zip(texts, served, _st_token_ids(model, texts), strict=True):
         if got != expected:
-            raise ExportError(f"the service would tokenise {text[:60]!r} as {got[:12]}… ({len(got)} "
-                              f"tokens), sentence-transformers as {expected[:12]}… ({len(expected)})")
+            raise ExportError(
+                f"the service would tokenise {text[:60]!r} as {got[:12]}… ({len(got)} "
+                f"tokens), sentence-transformers as {expected[:12]}… ({len(expected)})"
+            )
 
 
 def check_parity(model: SentenceTransformer, bundle: Path, texts: list[str]) -> Parity:
@@ -406,8 +457,9 @@ def check_parity(model: SentenceTransformer, bundle: Path, texts: list[str]) -> 
 # Building the verified files
 
 
-def build_files(checkpoint_dir: Path, out: Path, embedder_name: str, source: str,
-                opset: int = OPSET) -> dict[str, Any]:
+def build_files(
+    checkpoint_dir: Path, out: Path, embedder_name: str, source: str, opset: int = OPSET
+) -> dict[str, Any]:
     """Export into ``out`` (model.onnx, tokenizer.json, embedder.json) and verify them; returns the
     metadata to cache. ExportError when the service would not reproduce sentence-transformers."""
     started = time.perf_counter()
@@ -424,11 +476,14 @@ def build_files(checkpoint_dir: Path, out: Path, embedder_name: str, source: str
     log.info("exported %s to ONNX in %.1fs", checkpoint_dir, time.perf_counter() - started)
     parity = check_parity(model, out, texts)
     if not parity.ok:
-        raise ExportError(f"refusing to write: the service's embeddings differ from sentence-transformers': "
-                          f"{parity}")
+        raise ExportError(
+            f"refusing to write: the service's embeddings differ from sentence-transformers': {parity}"
+        )
     libraries = {p: _version_of(p) for p in ("sentence-transformers", "transformers", "torch")}
-    return {"parity": asdict(parity), "exporter": "tools.modeller.export.st_export " + " ".join(
-        f"{p}={v}" for p, v in libraries.items())}
+    return {
+        "parity": asdict(parity),
+        "exporter": "tools.modeller.export.st_export " + " ".join(f"{p}={v}" for p, v in libraries.items()),
+    }
 
 
 def _from_cache(cache_dir: Path | str | None, key: str) -> tuple[Path, dict] | None:
@@ -460,8 +515,11 @@ def _store(cache_dir: Path | str | None, key: str, built: Path, meta: dict) -> P
 
 def model_spec(name: str, dimension: int, embedder_name: str, source: str, exporter: str) -> ModelSpec:
     """minilm's config (inputs, output, batching) under ``name``, with this export's parameters."""
-    return replace(minilm.model_spec(dimension), name=name,
-                   parameters={"embedder": embedder_name, "source": source, "exporter": exporter})
+    return replace(
+        minilm.model_spec(dimension),
+        name=name,
+        parameters={"embedder": embedder_name, "source": source, "exporter": exporter},
+    )
 
 
 def write_version(repo: Path, version: int | None, files: Path, embedder_name: str, spec: ModelSpec) -> Path:
@@ -481,9 +539,16 @@ def write_version(repo: Path, version: int | None, files: Path, embedder_name: s
 # The whole export
 
 
-def export_sentence_transformer(checkpoint_dir: Path | str, name: str, repo: Path | str, *,
-                                version: int | None = None, cache_dir: Path | str | None = None,
-                                opset: int = OPSET, embedder_name: str | None = None) -> Path:
+def export_sentence_transformer(
+    checkpoint_dir: Path | str,
+    name: str,
+    repo: Path | str,
+    *,
+    version: int | None = None,
+    cache_dir: Path | str | None = None,
+    opset: int = OPSET,
+    embedder_name: str | None = None,
+) -> Path:
     """Export a sentence-transformers checkpoint into ``<repo>/<name>/<version>/``; returns that directory.
 
     ``version`` None takes one more than the highest existing. ``embedder_name`` is the identity
@@ -522,11 +587,25 @@ def export_sentence_transformer(checkpoint_dir: Path | str, name: str, repo: Pat
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _install(repo: Path | str, name: str, version: int | None, files: Path, embedder_name: str,
-             source: str, meta: dict, started: float) -> Path:
+def _install(
+    repo: Path | str,
+    name: str,
+    version: int | None,
+    files: Path,
+    embedder_name: str,
+    source: str,
+    meta: dict,
+    started: float,
+) -> Path:
     info = json.loads((files / EMBEDDER_FILE).read_text())
     spec = model_spec(name, int(info["dimension"]), embedder_name, source, meta["exporter"])
     final = write_version(Path(repo), version, files, embedder_name, spec)
-    log.info("exported %s (%s) to %s in %.1fs; %s", embedder_name, source, final,
-             time.perf_counter() - started, Parity(**meta["parity"]))
+    log.info(
+        "exported %s (%s) to %s in %.1fs; %s",
+        embedder_name,
+        source,
+        final,
+        time.perf_counter() - started,
+        Parity(**meta["parity"]),
+    )
     return final

@@ -28,6 +28,7 @@ from tools.modeller.export.versions import ExportError
 LEVELS = 4
 PREPROCESS_FILE = "preprocess.json"
 
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
 
@@ -38,26 +39,35 @@ def clip_shape(model: onnx.ModelProto, params: PreprocessParams) -> tuple[int, i
     inputs = {i.name: i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}}
     outputs = {o.name: o for o in model.graph.output}
     if params.input_name not in inputs or params.output_name not in outputs:
-        raise ExportError(f"the network's input/output are {sorted(inputs)} / {sorted(outputs)}; preprocess.json "
-                          f"names {params.input_name!r} / {params.output_name!r}")
+        raise ExportError(
+            f"the network's input/output are {sorted(inputs)} / {sorted(outputs)}; preprocess.json "
+            f"names {params.input_name!r} / {params.output_name!r}"
+        )
     dims = _dims(inputs[params.input_name])
     if len(dims) != 5 or None in dims[1:]:
-        raise ExportError(f"input {params.input_name!r} has shape {dims}; expected [batch, frames, channels, "
-                          "height, width] with fixed frames, channels and size")
+        raise ExportError(
+            f"input {params.input_name!r} has shape {dims}; expected [batch, frames, channels, "
+            "height, width] with fixed frames, channels and size"
+        )
     frames, channels, height, width = dims[1:]
     want = (params.channels, *params.input_size) if params.layout == "NCHW" else None
     if want is None or (channels, height, width) != want:
-        raise ExportError(f"input {params.input_name!r} takes frames of {[channels, height, width]}, but "
-                          f"preprocess.json makes {params.layout} crops of {[params.channels, *params.input_size]}")
+        raise ExportError(
+            f"input {params.input_name!r} takes frames of {[channels, height, width]}, but "
+            f"preprocess.json makes {params.layout} crops of {[params.channels, *params.input_size]}"
+        )
     out = _dims(outputs[params.output_name])
     if len(out) != 3 or out[1:] != [len(AFFECTS), LEVELS]:
-        raise ExportError(f"output {params.output_name!r} has shape {out}; expected [batch, {len(AFFECTS)}, "
-                          f"{LEVELS}] (affect × level)")
+        raise ExportError(
+            f"output {params.output_name!r} has shape {out}; expected [batch, {len(AFFECTS)}, "
+            f"{LEVELS}] (affect × level)"
+        )
     return frames, channels, height, width  # type: ignore[return-value]
 
 
-def check_probabilities(model: onnx.ModelProto, params: PreprocessParams, shape: tuple[int, ...],
-                        seed: int = 0) -> None:
+def check_probabilities(
+    model: onnx.ModelProto, params: PreprocessParams, shape: tuple[int, ...], seed: int = 0
+) -> None:
     """The network answers probabilities over the levels (non-negative, summing to 1)."""
     import onnxruntime as ort
 
@@ -67,12 +77,22 @@ def check_probabilities(model: onnx.ModelProto, params: PreprocessParams, shape:
     if out.shape != (2, len(AFFECTS), LEVELS):
         raise ExportError(f"for 2 clips the network answered shape {list(out.shape)}")
     if not (np.all(out >= -1e-6) and np.allclose(out.sum(axis=-1), 1.0, atol=1e-4)):
-        raise ExportError("the network's outputs are not probabilities over the levels (negative, or not "
-                          "summing to 1): export it with its softmax over the last axis")
+        raise ExportError(
+            "the network's outputs are not probabilities over the levels (negative, or not "
+            "summing to 1): export it with its softmax over the last axis"
+        )
 
 
-def export_temporal(model_path: Path, params: PreprocessParams, name: str, repo: Path, *,
-                    version: int | None = None, max_batch: int = 8, demo: bool = False) -> Path:
+def export_temporal(
+    model_path: Path,
+    params: PreprocessParams,
+    name: str,
+    repo: Path,
+    *,
+    version: int | None = None,
+    max_batch: int = 8,
+    demo: bool = False,
+) -> Path:
     try:
         model = onnx.load(str(model_path))
         onnx.checker.check_model(model)
@@ -81,9 +101,13 @@ def export_temporal(model_path: Path, params: PreprocessParams, name: str, repo:
     shape = clip_shape(model, params)
     check_probabilities(model, params, shape)
     spec = ModelSpec(
-        name=name, max_batch_size=max_batch,
-        inputs=[Tensor(params.input_name, shape)], outputs=[Tensor(params.output_name, (len(AFFECTS), LEVELS))],
-        batching=Batching(max_queue_delay_us=2000), parameters={"demo": "true"} if demo else {})
+        name=name,
+        max_batch_size=max_batch,
+        inputs=[Tensor(params.input_name, shape)],
+        outputs=[Tensor(params.output_name, (len(AFFECTS), LEVELS))],
+        batching=Batching(max_queue_delay_us=2000),
+        parameters={"demo": "true"} if demo else {},
+    )
 
     def fill(staging: Path) -> None:
         (staging / "model.onnx").write_bytes(model.SerializeToString())

@@ -70,7 +70,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ExportError(
             f"checkpoint {path} holds Python objects that safe loading (weights_only=True) refuses "
             f"to unpickle ({_refused_global(exc)}). Save the weights alone: "
-            f"torch.save(model.state_dict(), path)") from None
+            f"torch.save(model.state_dict(), path)"
+        ) from None
     except Exception as exc:
         raise ExportError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
     for key in ("state_dict", "model"):
@@ -78,8 +79,10 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ExportError(f"checkpoint {path} is not a state_dict (a mapping of names to tensors), "
-                          f"nor a dict with one under 'state_dict' or 'model'")
+        raise ExportError(
+            f"checkpoint {path} is not a state_dict (a mapping of names to tensors), "
+            f"nor a dict with one under 'state_dict' or 'model'"
+        )
     # DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") wrap the names.
     out = {}
     for name, tensor in obj.items():
@@ -114,8 +117,9 @@ def strip_final_softmax(model: nn.Module) -> bool:
     return True
 
 
-def build_model(arch: str, num_classes: int, checkpoint: Path | None = None,
-                seed: int | None = None) -> nn.Module:
+def build_model(
+    arch: str, num_classes: int, checkpoint: Path | None = None, seed: int | None = None
+) -> nn.Module:
     """The timm network in eval mode, from a checkpoint or (checkpoint None) a seeded random init."""
     if num_classes < 1:
         raise ExportError(f"num_classes must be positive, got {num_classes}")
@@ -130,8 +134,9 @@ def build_model(arch: str, num_classes: int, checkpoint: Path | None = None,
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             # torch's message lists missing/unexpected keys and size mismatches (wrong num_classes).
-            raise ExportError(f"checkpoint {checkpoint} does not fit {arch} with {num_classes} "
-                              f"classes: {exc}") from None
+            raise ExportError(
+                f"checkpoint {checkpoint} does not fit {arch} with {num_classes} classes: {exc}"
+            ) from None
     if strip_final_softmax(model):
         log.info("%s ends in a softmax: exporting the logits before it", arch)
     return model.eval()
@@ -160,10 +165,17 @@ def onnx_export(model: nn.Module, input_size: tuple[int, int]) -> bytes:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             # torch types f as a path; the TorchScript exporter (dynamo=False) also writes to a file object.
-            torch.onnx.export(model, (dummy,), buffer,  # type: ignore[arg-type, unused-ignore]
-                              opset_version=OPSET, input_names=["input"],
-                              output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-                              do_constant_folding=True, dynamo=False)
+            torch.onnx.export(
+                model,
+                (dummy,),
+                buffer,  # type: ignore[arg-type, unused-ignore]
+                opset_version=OPSET,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                do_constant_folding=True,
+                dynamo=False,
+            )
         data = buffer.getvalue()
     except Exception as legacy_error:
         log.warning("TorchScript ONNX export failed (%s); trying the dynamo exporter", legacy_error)
@@ -174,8 +186,15 @@ def onnx_export(model: nn.Module, input_size: tuple[int, int]) -> bytes:
 def _dynamo_export(model: nn.Module, dummy: torch.Tensor, legacy_error: Exception) -> bytes:
     try:
         batch = torch.export.Dim("N", min=1, max=1024)
-        program = torch.onnx.export(model, (dummy,), input_names=["input"], output_names=["logits"],
-                                    opset_version=OPSET, dynamo=True, dynamic_shapes=({0: batch},))
+        program = torch.onnx.export(
+            model,
+            (dummy,),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=OPSET,
+            dynamo=True,
+            dynamic_shapes=({0: batch},),
+        )
         if program is None:  # only the TorchScript exporter writes a file instead of returning a program
             raise ExportError("the dynamo exporter returned no ONNX program")
         with tempfile.TemporaryDirectory() as tmp:
@@ -183,8 +202,10 @@ def _dynamo_export(model: nn.Module, dummy: torch.Tensor, legacy_error: Exceptio
             program.save(str(path))
             return path.read_bytes()
     except Exception as exc:
-        raise ExportError(f"ONNX export failed with both exporters: TorchScript: {legacy_error}; "
-                          f"dynamo: {type(exc).__name__}: {exc}") from None
+        raise ExportError(
+            f"ONNX export failed with both exporters: TorchScript: {legacy_error}; "
+            f"dynamo: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _stamp_ir_version(data: bytes) -> bytes:
@@ -216,8 +237,10 @@ class Parity:
         return self.max_abs_diff <= self.allowed
 
     def __str__(self) -> str:
-        return (f"max |onnx - torch| = {self.max_abs_diff:.3g} (allowed {self.allowed:.3g} = "
-                f"{self.tolerance:g} × max(1, largest |logit| {self.largest_logit:.3g}))")
+        return (
+            f"max |onnx - torch| = {self.max_abs_diff:.3g} (allowed {self.allowed:.3g} = "
+            f"{self.tolerance:g} × max(1, largest |logit| {self.largest_logit:.3g}))"
+        )
 
 
 def ort_session(data: bytes, threads: int = 2) -> ort.InferenceSession:
@@ -227,8 +250,9 @@ def ort_session(data: bytes, threads: int = 2) -> ort.InferenceSession:
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def check_parity(model: nn.Module, data: bytes, input_size: tuple[int, int],
-                 batch: int = CHECK_BATCH, seed: int = 0) -> Parity:
+def check_parity(
+    model: nn.Module, data: bytes, input_size: tuple[int, int], batch: int = CHECK_BATCH, seed: int = 0
+) -> Parity:
     """Run PyTorch (eval) and ONNX Runtime (CPU) on the same random batch and compare logits."""
     x = np.random.default_rng(seed).standard_normal((batch, 3, *input_size)).astype(np.float32)
     with torch.no_grad():
@@ -242,8 +266,10 @@ def check_parity(model: nn.Module, data: bytes, input_size: tuple[int, int],
     rows = expected.sum(axis=1)
     if expected.min() >= 0 and np.allclose(rows, 1.0, atol=1e-4):
         # A softmax applied inside forward() (not a module we can cut) would be served as logits.
-        raise ExportError("the network's outputs are probabilities (rows sum to 1): it applies a "
-                          "softmax in forward(); export a model that returns logits")
+        raise ExportError(
+            "the network's outputs are probabilities (rows sum to 1): it applies a "
+            "softmax in forward(); export a model that returns logits"
+        )
     return Parity(float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected))), TOLERANCE)
 
 
@@ -251,9 +277,15 @@ def check_parity(model: nn.Module, data: bytes, input_size: tuple[int, int],
 # Cache
 
 
-def export_cache_key(arch: str, num_classes: int, seed: int | None, input_size: tuple[int, int] | int,
-                     torch_version: str | None = None, timm_version: str | None = None,
-                     weights_sha256: str | None = None) -> str:
+def export_cache_key(
+    arch: str,
+    num_classes: int,
+    seed: int | None,
+    input_size: tuple[int, int] | int,
+    torch_version: str | None = None,
+    timm_version: str | None = None,
+    weights_sha256: str | None = None,
+) -> str:
     """A directory name for one export: same key, same ONNX graph.
 
     A seeded random init is identified by its seed; a checkpoint by the digest of its weights.
@@ -263,16 +295,23 @@ def export_cache_key(arch: str, num_classes: int, seed: int | None, input_size: 
     if seed is None and weights_sha256 is None:
         raise ValueError("an export is cacheable only with a seed or a weights digest")
     fields = {
-        "arch": arch, "num_classes": num_classes, "seed": seed, "weights": weights_sha256,
-        "input_size": list(input_size), "torch": torch_version or torch.__version__,
-        "timm": timm_version or timm.__version__, "opset": OPSET, "exporter": EXPORTER_VERSION,
+        "arch": arch,
+        "num_classes": num_classes,
+        "seed": seed,
+        "weights": weights_sha256,
+        "input_size": list(input_size),
+        "torch": torch_version or torch.__version__,
+        "timm": timm_version or timm.__version__,
+        "opset": OPSET,
+        "exporter": EXPORTER_VERSION,
     }
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return f"{arch}-c{num_classes}-{input_size[0]}x{input_size[1]}-{digest}"
 
 
-def _cached_or_export(model: nn.Module, input_size: tuple[int, int], cache_dir: Path | None,
-                      key: str | None) -> bytes:
+def _cached_or_export(
+    model: nn.Module, input_size: tuple[int, int], cache_dir: Path | None, key: str | None
+) -> bytes:
     if cache_dir is None or key is None:
         return onnx_export(model, input_size)
     cached = cache_dir / key / "model.onnx"
@@ -292,28 +331,51 @@ def _store_in_cache(cache_dir: Path | None, key: str | None, data: bytes, about:
 # The repository files
 
 
-def preprocess_params(model: nn.Module, input_size: tuple[int, int], clahe: ClaheParams | None,
-                      temperature: float, class_names: Sequence[str]) -> PreprocessParams:
+def preprocess_params(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    clahe: ClaheParams | None,
+    temperature: float,
+    class_names: Sequence[str],
+) -> PreprocessParams:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(cfg.get("mean") or _IMAGENET_MEAN)
     std = tuple(cfg.get("std") or _IMAGENET_STD)
     return PreprocessParams(
-        input_name="input", output_name="logits", input_size=input_size, color="rgb", layout="NCHW",
-        clahe=clahe, interpolation="linear", mean=mean, std=std, temperature=temperature,
-        class_names=tuple(class_names))
+        input_name="input",
+        output_name="logits",
+        input_size=input_size,
+        color="rgb",
+        layout="NCHW",
+        clahe=clahe,
+        interpolation="linear",
+        mean=mean,
+        std=std,
+        temperature=temperature,
+        class_names=tuple(class_names),
+    )
 
 
 def model_spec(name: str, arch: str, input_size: tuple[int, int], num_classes: int, source: str) -> ModelSpec:
     """The classifier's config: an RGB crop in, `logits` out, dynamic batching, where it came from."""
     return ModelSpec(
-        name=name, max_batch_size=MAX_BATCH_SIZE,
-        inputs=[Tensor("input", (3, *input_size))], outputs=[Tensor("logits", (num_classes,))],
+        name=name,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=[Tensor("input", (3, *input_size))],
+        outputs=[Tensor("logits", (num_classes,))],
         batching=Batching(preferred=(4, 8, 16, 32), max_queue_delay_us=1000),
-        parameters={"demo": "false", "arch": arch, "source": source,
-                    "exporter": f"tools.modeller.export timm={timm.__version__} torch={torch.__version__}"})
+        parameters={
+            "demo": "false",
+            "arch": arch,
+            "source": source,
+            "exporter": f"tools.modeller.export timm={timm.__version__} torch={torch.__version__}",
+        },
+    )
 
 
-def write_version(repo: Path, version: int | None, data: bytes, params: PreprocessParams, spec: ModelSpec) -> Path:
+def write_version(
+    repo: Path, version: int | None, data: bytes, params: PreprocessParams, spec: ModelSpec
+) -> Path:
     """Put one version into the repository: whole or not at all; returns its directory."""
 
     def fill(staging: Path) -> None:
@@ -328,11 +390,20 @@ def write_version(repo: Path, version: int | None, data: bytes, params: Preproce
 # The whole export
 
 
-def export_timm(arch: str, checkpoint: Path | None, num_classes: int, name: str, repo: Path,
-                version: int | None = None, input_size: int | tuple[int, int] | None = 224,
-                clahe: ClaheParams | None = DEFAULT_CLAHE, temperature: float = 1.0,
-                class_names: Sequence[str] | None = None, seed: int | None = None,
-                cache_dir: Path | None = None) -> Path:
+def export_timm(
+    arch: str,
+    checkpoint: Path | None,
+    num_classes: int,
+    name: str,
+    repo: Path,
+    version: int | None = None,
+    input_size: int | tuple[int, int] | None = 224,
+    clahe: ClaheParams | None = DEFAULT_CLAHE,
+    temperature: float = 1.0,
+    class_names: Sequence[str] | None = None,
+    seed: int | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
     """Export a timm classifier into ``<repo>/<name>/<version>/``; returns that directory.
 
     ``checkpoint`` None builds a random init from ``seed``. ``input_size`` None takes the one of
@@ -343,8 +414,10 @@ def export_timm(arch: str, checkpoint: Path | None, num_classes: int, name: str,
     started = time.perf_counter()
     if class_names is None:
         if num_classes != len(CANON):
-            raise ExportError(f"num_classes is {num_classes}: give the {num_classes} class names "
-                              f"(the default is the {len(CANON)} emotion classes)")
+            raise ExportError(
+                f"num_classes is {num_classes}: give the {num_classes} class names "
+                f"(the default is the {len(CANON)} emotion classes)"
+            )
         class_names = CANON
     if len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names for {num_classes} classes")
@@ -380,10 +453,17 @@ def export_timm(arch: str, checkpoint: Path | None, num_classes: int, name: str,
     parity = check_parity(model, data, size)
     if not parity.ok:
         raise ExportError(f"refusing to write {name}: ONNX Runtime disagrees with PyTorch: {parity}")
-    _store_in_cache(cache_dir, key, data, {"arch": arch, "num_classes": num_classes, "seed": seed,
-                                           "input_size": list(size), "source": source})
+    _store_in_cache(
+        cache_dir,
+        key,
+        data,
+        {"arch": arch, "num_classes": num_classes, "seed": seed, "input_size": list(size), "source": source},
+    )
 
-    final = write_version(Path(repo), version, data, params, model_spec(name, arch, size, num_classes, source))
-    log.info("exported %s (%s) to %s in %.1fs; %s", arch, source, final,
-             time.perf_counter() - started, parity)
+    final = write_version(
+        Path(repo), version, data, params, model_spec(name, arch, size, num_classes, source)
+    )
+    log.info(
+        "exported %s (%s) to %s in %.1fs; %s", arch, source, final, time.perf_counter() - started, parity
+    )
     return final

@@ -37,9 +37,13 @@ def check_onnx_signature(config: mc.ModelConfig, staging: Path) -> None:
         raise ExportError("exported model disagrees with its config: " + "; ".join(problems))
 
 
-def write_version(repo: Path, version: int | None, spec: ModelSpec | mc.ModelConfig,
-                  fill: Callable[[Path], None],
-                  check: Callable[[mc.ModelConfig, Path], None] = check_onnx_signature) -> Path:
+def write_version(
+    repo: Path,
+    version: int | None,
+    spec: ModelSpec | mc.ModelConfig,
+    fill: Callable[[Path], None],
+    check: Callable[[mc.ModelConfig, Path], None] = check_onnx_signature,
+) -> Path:
     """`fill(staging)` writes the version's files (the model and what lies beside it); `check`
     holds them against the config `spec` describes (an ONNX model's signature by default), then
     they are renamed into `<repo>/<spec.name>/<version>` and the config is written. Returns the
@@ -53,8 +57,10 @@ def write_version(repo: Path, version: int | None, spec: ModelSpec | mc.ModelCon
     final = model_dir / str(version)
     if final.exists():
         _drop_if_empty(model_dir, created)
-        raise ExportError(f"{final} already exists: versions are never overwritten; "
-                          f"leave --version out to take the next one")
+        raise ExportError(
+            f"{final} already exists: versions are never overwritten; "
+            f"leave --version out to take the next one"
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
     try:
         fill(staging)

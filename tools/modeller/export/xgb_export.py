@@ -48,8 +48,15 @@ def check_served_equal(original: xgb.Booster, written: Path, n_features: int, se
     return diff
 
 
-def export_xgboost(booster_path: Path, name: str, repo: Path, *, version: int | None = None,
-                   hog: HogParams | None = None, demo: bool = False) -> Path:
+def export_xgboost(
+    booster_path: Path,
+    name: str,
+    repo: Path,
+    *,
+    version: int | None = None,
+    hog: HogParams | None = None,
+    demo: bool = False,
+) -> Path:
     """Write the booster (and its HOG parameters) as a new version; returns its directory."""
     booster = read_booster(booster_path)
     try:
@@ -58,8 +65,10 @@ def export_xgboost(booster_path: Path, name: str, repo: Path, *, version: int | 
         raise ExportError(f"{booster_path}: {exc}") from None
     hog = hog or HogParams()
     if booster.num_features() != hog.dimension:
-        raise ExportError(f"{booster_path} takes {booster.num_features()} features, but the HOG parameters give "
-                          f"{hog.dimension}: pass the hog.json it was trained with (--hog)")
+        raise ExportError(
+            f"{booster_path} takes {booster.num_features()} features, but the HOG parameters give "
+            f"{hog.dimension}: pass the hog.json it was trained with (--hog)"
+        )
     data = bytes(booster.save_raw(raw_format="json"))
 
     def fill(staging: Path) -> None:
@@ -70,5 +79,6 @@ def export_xgboost(booster_path: Path, name: str, repo: Path, *, version: int | 
         # The bytes the repository will hold, loaded back as the service loads them.
         check_served_equal(booster, staging / MODEL_FILENAME, booster.num_features())
 
-    return versions.write_version(repo, version, fil_config(name, booster.num_features(), classes, demo=demo),
-                                  fill, check)
+    return versions.write_version(
+        repo, version, fil_config(name, booster.num_features(), classes, demo=demo), fill, check
+    )

@@ -59,7 +59,9 @@ def labelled_rows(shards: Sequence[Path], embedder_name: str | None = None) -> L
             t = pf.read_row_group(rg, columns=[*columns, EMBEDDING, SCORES])
             scores = t.column(SCORES).to_numpy(zero_copy_only=False).astype(np.float64)
             keep = np.isfinite(scores) & (scores >= 0) & (scores < NUM_CLASSES)
-            keep &= pc.fill_null(pc.list_value_length(t.column(EMBEDDING)), 0).to_numpy(zero_copy_only=False) > 0
+            keep &= (
+                pc.fill_null(pc.list_value_length(t.column(EMBEDDING)), 0).to_numpy(zero_copy_only=False) > 0
+            )
             if not keep.any():
                 continue
             t = t.filter(pa.array(keep))
@@ -72,15 +74,26 @@ def labelled_rows(shards: Sequence[Path], embedder_name: str | None = None) -> L
         raise ValueError("no labelled rows (gpt_scores) with an embedding in the shards")
     name = embedder_name or (names.pop() if len(names) == 1 else None)
     if name is None:
-        raise ValueError(f"say which embedder made the embeddings (--embedder); the shards say {sorted(names) or 'nothing'}")
+        raise ValueError(
+            f"say which embedder made the embeddings (--embedder); the shards say {sorted(names) or 'nothing'}"
+        )
     x = np.concatenate(embeddings)
     table = pa.concat_tables(tables).combine_chunks()
-    return LabelledRows(x, np.concatenate(labels), conversations_of(table, kind or "messages"),
-                        EmbedderInfo(name=name, dimension=x.shape[1]))
+    return LabelledRows(
+        x,
+        np.concatenate(labels),
+        conversations_of(table, kind or "messages"),
+        EmbedderInfo(name=name, dimension=x.shape[1]),
+    )
 
 
-def build_index(shards: Sequence[Path], repo: Path, options: KnnOptions | None = None,
-                embedder_name: str | None = None, demo: bool = False) -> Path:
+def build_index(
+    shards: Sequence[Path],
+    repo: Path,
+    options: KnnOptions | None = None,
+    embedder_name: str | None = None,
+    demo: bool = False,
+) -> Path:
     rows = labelled_rows(shards, embedder_name)
     index = KnnIndex.build(rows.embeddings, rows.labels, rows.embedder, options, demo=demo)
     return write_model(repo, index)
@@ -100,12 +113,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-calibration", action="store_true")
     p.add_argument("--demo", action="store_true")
     args = p.parse_args(argv)
-    options = KnnOptions(k=args.k, tau=args.tau, weighting=args.weighting, power_alpha=args.power_alpha,
-                         aggregation=args.aggregation, similarity_threshold=args.similarity_threshold,
-                         prior_calibration=args.prior_calibration)
+    options = KnnOptions(
+        k=args.k,
+        tau=args.tau,
+        weighting=args.weighting,
+        power_alpha=args.power_alpha,
+        aggregation=args.aggregation,
+        similarity_threshold=args.similarity_threshold,
+        prior_calibration=args.prior_calibration,
+    )
     path = build_index(args.shards, args.repo, options, args.embedder, args.demo)
     meta = json.loads((path / "1" / "index.json").read_text())
-    print(f"{path}: {meta['rows']} labelled rows, {meta['embedder']['name']} ({meta['embedder']['dimension']}-d)")
+    print(
+        f"{path}: {meta['rows']} labelled rows, {meta['embedder']['name']} ({meta['embedder']['dimension']}-d)"
+    )
     return 0
 
 

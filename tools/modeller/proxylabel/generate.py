@@ -33,49 +33,161 @@ WORLD_SEED = 7919
 Embed = Callable[[list[str]], np.ndarray]
 
 TOPICS = {
-    "python": ("list comprehension", "generator", "decorator", "virtual environment", "dictionary", "exception",
-               "type hint", "unit test", "async function", "module import"),
-    "cooking": ("sourdough starter", "braised short ribs", "risotto", "vinaigrette", "cast iron pan",
-                "knife skills", "spice blend", "stock reduction", "proofing dough", "caramelised onions"),
-    "history": ("the Roman republic", "the printing press", "the Silk Road", "the industrial revolution",
-                "the Meiji restoration", "the Hanseatic League", "the French revolution", "medieval guilds",
-                "the Bronze Age collapse", "the Ottoman court"),
-    "finance": ("index funds", "compound interest", "an emergency fund", "bond yields", "inflation",
-                "a household budget", "dollar-cost averaging", "credit scores", "a Roth account", "diversification"),
-    "biology": ("photosynthesis", "the immune system", "gene expression", "cell division", "enzymes",
-                "the nervous system", "evolution by selection", "mitochondria", "protein folding", "ecosystems"),
-    "writing": ("a cover letter", "a short story opening", "a product description", "a persuasive essay",
-                "a wedding toast", "a haiku", "a press release", "meeting notes", "a book review", "a limerick"),
-    "travel": ("a week in Kyoto", "packing light", "train travel in Europe", "jet lag", "travel insurance",
-               "a road trip plan", "hiking safety", "budget hostels", "learning basic phrases", "visa rules"),
-    "math": ("prime numbers", "the derivative", "probability of dice", "matrix multiplication", "proof by induction",
-             "the Pythagorean theorem", "logarithms", "expected value", "graph colouring", "modular arithmetic"),
+    "python": (
+        "list comprehension",
+        "generator",
+        "decorator",
+        "virtual environment",
+        "dictionary",
+        "exception",
+        "type hint",
+        "unit test",
+        "async function",
+        "module import",
+    ),
+    "cooking": (
+        "sourdough starter",
+        "braised short ribs",
+        "risotto",
+        "vinaigrette",
+        "cast iron pan",
+        "knife skills",
+        "spice blend",
+        "stock reduction",
+        "proofing dough",
+        "caramelised onions",
+    ),
+    "history": (
+        "the Roman republic",
+        "the printing press",
+        "the Silk Road",
+        "the industrial revolution",
+        "the Meiji restoration",
+        "the Hanseatic League",
+        "the French revolution",
+        "medieval guilds",
+        "the Bronze Age collapse",
+        "the Ottoman court",
+    ),
+    "finance": (
+        "index funds",
+        "compound interest",
+        "an emergency fund",
+        "bond yields",
+        "inflation",
+        "a household budget",
+        "dollar-cost averaging",
+        "credit scores",
+        "a Roth account",
+        "diversification",
+    ),
+    "biology": (
+        "photosynthesis",
+        "the immune system",
+        "gene expression",
+        "cell division",
+        "enzymes",
+        "the nervous system",
+        "evolution by selection",
+        "mitochondria",
+        "protein folding",
+        "ecosystems",
+    ),
+    "writing": (
+        "a cover letter",
+        "a short story opening",
+        "a product description",
+        "a persuasive essay",
+        "a wedding toast",
+        "a haiku",
+        "a press release",
+        "meeting notes",
+        "a book review",
+        "a limerick",
+    ),
+    "travel": (
+        "a week in Kyoto",
+        "packing light",
+        "train travel in Europe",
+        "jet lag",
+        "travel insurance",
+        "a road trip plan",
+        "hiking safety",
+        "budget hostels",
+        "learning basic phrases",
+        "visa rules",
+    ),
+    "math": (
+        "prime numbers",
+        "the derivative",
+        "probability of dice",
+        "matrix multiplication",
+        "proof by induction",
+        "the Pythagorean theorem",
+        "logarithms",
+        "expected value",
+        "graph colouring",
+        "modular arithmetic",
+    ),
 }
 
-ASKS = ("Can you explain {t} to me?", "Write a short guide about {t}.", "How does {t} work?",
-        "Describe {t} in simple terms.", "I need help with {t}. Where should I start?",
-        "Give me three tips about {t}.", "Compare two approaches to {t}.", "What is the most common mistake with {t}?",
-        "summarize what matters about {t}", "explain {t} like I am twelve")
-FOLLOW_UPS = ("Thanks. Can you give an example?", "What about edge cases?", "Could you make it shorter?",
-              "Why does that matter?", "Can you list the steps?", "ok and then what", "Is there a better way?")
+ASKS = (
+    "Can you explain {t} to me?",
+    "Write a short guide about {t}.",
+    "How does {t} work?",
+    "Describe {t} in simple terms.",
+    "I need help with {t}. Where should I start?",
+    "Give me three tips about {t}.",
+    "Compare two approaches to {t}.",
+    "What is the most common mistake with {t}?",
+    "summarize what matters about {t}",
+    "explain {t} like I am twelve",
+)
+FOLLOW_UPS = (
+    "Thanks. Can you give an example?",
+    "What about edge cases?",
+    "Could you make it shorter?",
+    "Why does that matter?",
+    "Can you list the steps?",
+    "ok and then what",
+    "Is there a better way?",
+)
 
 # Register by quality: what low and high quality answers sound like.
 LOW_OPENERS = ("idk, maybe", "well its like", "um so", "yeah so basically", "not sure but", "i think")
-LOW_FILLER = ("it is kind of a thing", "you just do the thing", "stuff happens and then it works",
-              "it depends on stuff", "people say its good", "thats basically it i guess", "whatever works")
-MID_SENTENCES = ("{T} is a useful idea that many people use.", "The basic point of {t} is easy to follow.",
-                 "You can practise {t} a little every day.", "Most people learn {t} by trying it.",
-                 "There are a few things to watch out for with {t}.", "It helps to start small with {t}.")
-HIGH_SENTENCES = ("{T} rests on a precise principle: each step preserves an invariant you can check.",
-                  "A careful approach to {t} separates the essential constraints from incidental detail.",
-                  "In practice, {t} rewards deliberate, measurable iteration rather than guesswork.",
-                  "The key trade-off in {t} is between simplicity and generality; state it explicitly.",
-                  "Experts approach {t} by verifying assumptions early and documenting the reasoning.",
-                  "Consider a concrete example of {t}, then generalise from the pattern it reveals.")
-HIGH_LIST = ("Define the goal and the constraints.", "Work through a small, concrete example.",
-             "Check the result against an independent estimate.", "Note the common failure modes.",
-             "Summarise what generalises and what does not.")
-CODE = "```python\ndef example(items):\n    \"\"\"Return the squares of the even items.\"\"\"\n    return [x * x for x in items if x % 2 == 0]\n```"
+LOW_FILLER = (
+    "it is kind of a thing",
+    "you just do the thing",
+    "stuff happens and then it works",
+    "it depends on stuff",
+    "people say its good",
+    "thats basically it i guess",
+    "whatever works",
+)
+MID_SENTENCES = (
+    "{T} is a useful idea that many people use.",
+    "The basic point of {t} is easy to follow.",
+    "You can practise {t} a little every day.",
+    "Most people learn {t} by trying it.",
+    "There are a few things to watch out for with {t}.",
+    "It helps to start small with {t}.",
+)
+HIGH_SENTENCES = (
+    "{T} rests on a precise principle: each step preserves an invariant you can check.",
+    "A careful approach to {t} separates the essential constraints from incidental detail.",
+    "In practice, {t} rewards deliberate, measurable iteration rather than guesswork.",
+    "The key trade-off in {t} is between simplicity and generality; state it explicitly.",
+    "Experts approach {t} by verifying assumptions early and documenting the reasoning.",
+    "Consider a concrete example of {t}, then generalise from the pattern it reveals.",
+)
+HIGH_LIST = (
+    "Define the goal and the constraints.",
+    "Work through a small, concrete example.",
+    "Check the result against an independent estimate.",
+    "Note the common failure modes.",
+    "Summarise what generalises and what does not.",
+)
+CODE = '```python\ndef example(items):\n    """Return the squares of the even items."""\n    return [x * x for x in items if x % 2 == 0]\n```'
 
 
 def _cap(s: str) -> str:
@@ -93,7 +205,9 @@ def _answer(rng: np.random.Generator, quality: int, topic: str, kind: str) -> st
         text = " ".join(words) + f" about {t}"
         return text if quality == 0 else _cap(text)
     if quality == 2:
-        sentences = [str(rng.choice(MID_SENTENCES)).format(t=t, T=big) for _ in range(int(rng.integers(6, 11)))]
+        sentences = [
+            str(rng.choice(MID_SENTENCES)).format(t=t, T=big) for _ in range(int(rng.integers(6, 11)))
+        ]
         half = len(sentences) // 2
         return " ".join(sentences[:half]) + "\n\n" + " ".join(sentences[half:])
     sentences = [str(rng.choice(HIGH_SENTENCES)).format(t=t, T=big) for _ in range(int(rng.integers(4, 8)))]
@@ -126,14 +240,19 @@ def conversation(rng: np.random.Generator, quality: int) -> list[dict[str, str]]
     return messages
 
 
-def synthetic_embeddings(rng: np.random.Generator, quality: np.ndarray, dimension: int,
-                         directions: np.ndarray, signal: float | None = None) -> np.ndarray:
+def synthetic_embeddings(
+    rng: np.random.Generator,
+    quality: np.ndarray,
+    dimension: int,
+    directions: np.ndarray,
+    signal: float | None = None,
+) -> np.ndarray:
     """Unit vectors: noise plus a quality direction (ordered: neighbouring scores lie close).
 
     The default signal, 0.35 / dimension^(1/4), gives a kNN accuracy near the research's (~0.45)
     at any dimension: more dimensions average the noise out, so the signal shrinks with them.
     """
-    signal = 0.35 / dimension ** 0.25 if signal is None else signal
+    signal = 0.35 / dimension**0.25 if signal is None else signal
     noise = rng.standard_normal((len(quality), dimension)).astype(np.float32) / np.sqrt(dimension)
     x = noise + signal * directions[quality]
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -149,9 +268,17 @@ def quality_directions(dimension: int, world_seed: int = WORLD_SEED) -> np.ndarr
     return (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
 
 
-def generate_batches(rows: int, *, dimension: int = 384, labelled_fraction: float = 0.1, seed: int = 0,
-                     batch_rows: int = 1000, embed: Embed | None = None, id_prefix: str = "row",
-                     start: int = 0) -> Iterator[pa.RecordBatch]:
+def generate_batches(
+    rows: int,
+    *,
+    dimension: int = 384,
+    labelled_fraction: float = 0.1,
+    seed: int = 0,
+    batch_rows: int = 1000,
+    embed: Embed | None = None,
+    id_prefix: str = "row",
+    start: int = 0,
+) -> Iterator[pa.RecordBatch]:
     """Record batches of generated rows (id, messages, embedding, gpt_scores)."""
     rng = np.random.default_rng(seed)
     directions = quality_directions(dimension)
@@ -171,15 +298,22 @@ def generate_batches(rows: int, *, dimension: int = 384, labelled_fraction: floa
         ids = pa.array([f"{id_prefix}-{start + lo + i:08d}" for i in range(n)])
         yield pa.RecordBatch.from_arrays(
             [ids, pa.array(convs, MESSAGES_TYPE), pa.array(list(emb), pa.list_(pa.float32())), scores],
-            schema=schema(None))
+            schema=schema(None),
+        )
 
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def schema(embedder: str | None, dimension: int | None = None) -> pa.Schema:
-    s = pa.schema([("id", pa.string()), ("messages", MESSAGES_TYPE), ("embedding", pa.list_(pa.float32())),
-                   ("gpt_scores", pa.int8())])
+    s = pa.schema(
+        [
+            ("id", pa.string()),
+            ("messages", MESSAGES_TYPE),
+            ("embedding", pa.list_(pa.float32())),
+            ("gpt_scores", pa.int8()),
+        ]
+    )
     if embedder:
         s = s.with_metadata({EMBEDDER_METADATA_KEY: json.dumps({"name": embedder, "dimension": dimension})})
     return s
@@ -191,9 +325,18 @@ def _sides(messages: list[dict[str, str]]) -> tuple[str, str]:
     return user, assistant
 
 
-def write_shard(path: Path, rows: int, *, dimension: int = 384, labelled_fraction: float = 0.1, seed: int = 0,
-                row_group_rows: int = 1000, embed: Embed | None = None, embedder_name: str | None = None,
-                id_prefix: str = "row") -> Path:
+def write_shard(
+    path: Path,
+    rows: int,
+    *,
+    dimension: int = 384,
+    labelled_fraction: float = 0.1,
+    seed: int = 0,
+    row_group_rows: int = 1000,
+    embed: Embed | None = None,
+    embedder_name: str | None = None,
+    id_prefix: str = "row",
+) -> Path:
     """Write a generated shard, one row group per `row_group_rows` rows (memory stays bounded).
 
     The embedder's name goes into the file's metadata (`tessera.embedder`) so a job can refuse an
@@ -204,10 +347,19 @@ def write_shard(path: Path, rows: int, *, dimension: int = 384, labelled_fractio
     name = embedder_name or (None if embed is not None else SYNTHETIC_EMBEDDER)
     tmp = path.with_name(f".{path.name}.tmp")
     with pq.ParquetWriter(tmp, schema(name, dimension)) as writer:
-        for batch in generate_batches(rows, dimension=dimension, labelled_fraction=labelled_fraction, seed=seed,
-                                      batch_rows=row_group_rows, embed=embed, id_prefix=id_prefix):
-            writer.write_table(pa.Table.from_batches([batch]).replace_schema_metadata(writer.schema.metadata),
-                               row_group_size=row_group_rows)
+        for batch in generate_batches(
+            rows,
+            dimension=dimension,
+            labelled_fraction=labelled_fraction,
+            seed=seed,
+            batch_rows=row_group_rows,
+            embed=embed,
+            id_prefix=id_prefix,
+        ):
+            writer.write_table(
+                pa.Table.from_batches([batch]).replace_schema_metadata(writer.schema.metadata),
+                row_group_size=row_group_rows,
+            )
     tmp.replace(path)
     return path
 
@@ -220,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labelled", type=float, default=0.1, help="fraction of rows with gpt_scores")
     p.add_argument("--row-group-rows", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--embedder-dir", type=Path, help="embed the texts with this text_embedder version directory")
+    p.add_argument(
+        "--embedder-dir", type=Path, help="embed the texts with this text_embedder version directory"
+    )
     args = p.parse_args(argv)
     embed, name, dim = None, None, args.dimension
     if args.embedder_dir:
@@ -231,8 +385,17 @@ def main(argv: list[str] | None = None) -> int:
 
         def embed(texts: list[str]) -> np.ndarray:
             return embed_offline(args.embedder_dir, texts)
-    write_shard(args.output, args.rows, dimension=dim, labelled_fraction=args.labelled, seed=args.seed,
-                row_group_rows=args.row_group_rows, embed=embed, embedder_name=name)
+
+    write_shard(
+        args.output,
+        args.rows,
+        dimension=dim,
+        labelled_fraction=args.labelled,
+        seed=args.seed,
+        row_group_rows=args.row_group_rows,
+        embed=embed,
+        embedder_name=name,
+    )
     print(f"{args.output}: {args.rows} rows, dimension {dim}")
     return 0
 

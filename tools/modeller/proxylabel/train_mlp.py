@@ -84,10 +84,12 @@ def mlp_to_onnx(clf: object, input_dim: int) -> onnx.ModelProto:
         x = out
     nodes.append(helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], axis=1, name="softmax"))
     graph = helper.make_graph(
-        nodes, "proxylabel_mlp",
+        nodes,
+        "proxylabel_mlp",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", input_dim])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", NUM_CLASSES])],
-        inits)
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tessera")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
@@ -102,10 +104,20 @@ def sklearn_probabilities(clf: object, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def train_mlp(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarray, embedder: EmbedderInfo, *,
-              hidden: Sequence[int] = (128,), seed: int = 0, max_iter: int = 200, demo: bool = False,
-              atol: float = 1e-5, patience: int = 15, validation_fraction: float = 0.15
-              ) -> tuple[onnx.ModelProto, MlpMeta]:
+def train_mlp(
+    embeddings: np.ndarray,
+    raw_features: np.ndarray,
+    labels: np.ndarray,
+    embedder: EmbedderInfo,
+    *,
+    hidden: Sequence[int] = (128,),
+    seed: int = 0,
+    max_iter: int = 200,
+    demo: bool = False,
+    atol: float = 1e-5,
+    patience: int = 15,
+    validation_fraction: float = 0.15,
+) -> tuple[onnx.ModelProto, MlpMeta]:
     """Fit, convert, and check the ONNX graph equals predict_proba on the training rows."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
@@ -113,9 +125,18 @@ def train_mlp(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarr
     stats = FeatureStats.fit(raw_features)
     x = design_matrix(embeddings, raw_features, stats)
     batch_size = min(256, int(len(x) * (1 - validation_fraction)))
-    clf = MLPClassifier(hidden_layer_sizes=tuple(hidden), activation="relu", alpha=1e-3, batch_size=batch_size,
-                        learning_rate_init=1e-3, max_iter=max_iter, early_stopping=True,
-                        validation_fraction=validation_fraction, n_iter_no_change=patience, random_state=seed)
+    clf = MLPClassifier(
+        hidden_layer_sizes=tuple(hidden),
+        activation="relu",
+        alpha=1e-3,
+        batch_size=batch_size,
+        learning_rate_init=1e-3,
+        max_iter=max_iter,
+        early_stopping=True,
+        validation_fraction=validation_fraction,
+        n_iter_no_change=patience,
+        random_state=seed,
+    )
     with warnings.catch_warnings():
         # Early stopping or max_iter ends the demo's short runs; that is the point, not a problem.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -131,13 +152,18 @@ def train_mlp(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarr
 def model_spec(input_dim: int, demo: bool, name: str = MODEL_NAME) -> ModelSpec:
     """The MLP's config: the design-matrix row in, the six probabilities out, dynamic batching."""
     return ModelSpec(
-        name=name, max_batch_size=MAX_BATCH_SIZE,
-        inputs=[Tensor(INPUT_NAME, (input_dim,))], outputs=[Tensor(OUTPUT_NAME, (NUM_CLASSES,))],
+        name=name,
+        max_batch_size=MAX_BATCH_SIZE,
+        inputs=[Tensor(INPUT_NAME, (input_dim,))],
+        outputs=[Tensor(OUTPUT_NAME, (NUM_CLASSES,))],
         batching=Batching(max_queue_delay_us=1000),
-        parameters={"demo": str(demo).lower(), "feature_version": "v1"})
+        parameters={"demo": str(demo).lower(), "feature_version": "v1"},
+    )
 
 
-def write_mlp(repo: Path, model: onnx.ModelProto, meta: MlpMeta, version: int = 1, name: str = MODEL_NAME) -> Path:
+def write_mlp(
+    repo: Path, model: onnx.ModelProto, meta: MlpMeta, version: int = 1, name: str = MODEL_NAME
+) -> Path:
     model_dir = Path(repo) / name
     write_atomic(model_dir / str(version) / "model.onnx", model.SerializeToString())
     write_atomic(model_dir / str(version) / MLP_META_FILE, json.dumps(meta.model_dump(), indent=2) + "\n")
@@ -147,8 +173,10 @@ def write_mlp(repo: Path, model: onnx.ModelProto, meta: MlpMeta, version: int = 
 
 # TorchTrainConfig fields the command line sets only for the torch trainer (defaults: the dataclass's).
 TORCH_ONLY = {"dropout": float, "lr": float, "weight_decay": float, "batch_size": int}
-TORCH_MISSING = ("--trainer torch needs PyTorch, which is not installed: install the modeller's extra with "
-                 "`make install-export`, or train with scikit-learn: --trainer sklearn")
+TORCH_MISSING = (
+    "--trainer torch needs PyTorch, which is not installed: install the modeller's extra with "
+    "`make install-export`, or train with scikit-learn: --trainer sklearn"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,14 +184,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("shards", nargs="+", type=Path, help="parquet shards; rows with gpt_scores are used")
     p.add_argument("--repo", type=Path, default=Path("model_repository"))
     p.add_argument("--embedder", help="embedder name (default: the shards' tessera.embedder metadata)")
-    p.add_argument("--trainer", choices=("torch", "sklearn"), default="torch",
-                   help="torch: early stopping on a held-out split (needs `make install-export`); sklearn: no torch")
+    p.add_argument(
+        "--trainer",
+        choices=("torch", "sklearn"),
+        default="torch",
+        help="torch: early stopping on a held-out split (needs `make install-export`); sklearn: no torch",
+    )
     p.add_argument("--hidden", type=int, nargs="+", default=[128])
     p.add_argument("--seed", type=int, default=0)
     # Both trainers count passes over the training rows; --max-iter is scikit-learn's name for it.
     p.add_argument("--max-epochs", "--max-iter", dest="max_epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=15, help="epochs without a lower held-out loss before stopping")
-    p.add_argument("--validation-fraction", type=float, default=0.15, help="share of rows held out for stopping")
+    p.add_argument(
+        "--patience", type=int, default=15, help="epochs without a lower held-out loss before stopping"
+    )
+    p.add_argument(
+        "--validation-fraction", type=float, default=0.15, help="share of rows held out for stopping"
+    )
     # No defaults here, so a scikit-learn run can refuse what it would otherwise ignore.
     torch_only = p.add_argument_group("torch trainer (defaults: TorchTrainConfig)")
     for name, kind in TORCH_ONLY.items():
@@ -182,8 +218,14 @@ def _torch_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> Torch
         p.error(TORCH_MISSING)
     knobs = {k: getattr(args, k) for k in TORCH_ONLY if getattr(args, k) is not None}
     try:
-        return TorchTrainConfig(hidden=tuple(args.hidden), seed=args.seed, max_epochs=args.max_epochs,
-                                patience=args.patience, validation_fraction=args.validation_fraction, **knobs)
+        return TorchTrainConfig(
+            hidden=tuple(args.hidden),
+            seed=args.seed,
+            max_epochs=args.max_epochs,
+            patience=args.patience,
+            validation_fraction=args.validation_fraction,
+            **knobs,
+        )
     except ValueError as exc:
         p.error(str(exc))
 
@@ -201,13 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     if config is not None:
         from tools.modeller.proxylabel.train_mlp_torch import train_mlp_torch
 
-        model, meta, report = train_mlp_torch(rows.embeddings, raw, rows.labels, rows.embedder, config,
-                                              demo=args.demo)
+        model, meta, report = train_mlp_torch(
+            rows.embeddings, raw, rows.labels, rows.embedder, config, demo=args.demo
+        )
         print(f"torch: {report.summary()}")
     else:
-        model, meta = train_mlp(rows.embeddings, raw, rows.labels, rows.embedder, hidden=args.hidden,
-                                seed=args.seed, max_iter=args.max_epochs, demo=args.demo, patience=args.patience,
-                                validation_fraction=args.validation_fraction)
+        model, meta = train_mlp(
+            rows.embeddings,
+            raw,
+            rows.labels,
+            rows.embedder,
+            hidden=args.hidden,
+            seed=args.seed,
+            max_iter=args.max_epochs,
+            demo=args.demo,
+            patience=args.patience,
+            validation_fraction=args.validation_fraction,
+        )
     path = write_mlp(args.repo, model, meta)
     print(f"{path}: MLP ({args.trainer}) on {len(rows.labels)} labelled rows, input {meta.input_dimension}")
     return 0

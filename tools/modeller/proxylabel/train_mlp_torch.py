@@ -89,9 +89,11 @@ class TrainReport:
 
     def summary(self) -> str:
         ending = "stopped early" if self.stopped_early else "ran to max epochs"
-        return (f"{self.epochs_run} epochs ({ending}), best epoch {self.best_epoch}: held-out loss "
-                f"{self.best_val_loss:.4f}, accuracy {self.val_accuracy:.3f} on {self.val_rows} rows "
-                f"(trained on {self.train_rows}) in {self.seconds:.1f}s")
+        return (
+            f"{self.epochs_run} epochs ({ending}), best epoch {self.best_epoch}: held-out loss "
+            f"{self.best_val_loss:.4f}, accuracy {self.val_accuracy:.3f} on {self.val_rows} rows "
+            f"(trained on {self.train_rows}) in {self.seconds:.1f}s"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,10 +112,12 @@ def held_out_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.n
         parts = []
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
-            parts.append(idx[:min(len(idx) - 1, max(1, round(len(idx) * fraction)))])
+            parts.append(idx[: min(len(idx) - 1, max(1, round(len(idx) * fraction)))])
         val = np.sort(np.concatenate(parts))
     else:
-        val = np.sort(rng.permutation(len(labels))[:min(len(labels) - 1, max(1, round(len(labels) * fraction)))])
+        val = np.sort(
+            rng.permutation(len(labels))[: min(len(labels) - 1, max(1, round(len(labels) * fraction)))]
+        )
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 
@@ -166,12 +170,19 @@ def _evaluate(net: nn.Module, x: torch.Tensor, y: torch.Tensor, mask: torch.Tens
         return F.cross_entropy(logits, y).item(), (logits.argmax(dim=1) == y).float().mean().item()
 
 
-def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
-                 batch_size: int, generator: torch.Generator) -> None:
+def _train_epoch(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
     net.train()
     order = torch.randperm(len(x), generator=generator)
     for i in range(0, len(x), batch_size):
-        batch = order[i:i + batch_size]
+        batch = order[i : i + batch_size]
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(net(x[batch]) + mask, y[batch]).backward()
         opt.step()
@@ -187,8 +198,9 @@ def _fold_mask(net: nn.Sequential, labels: np.ndarray) -> None:
         last.bias[absent] = ABSENT_CLASS_BIAS
 
 
-def fit_network(x: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                config: TorchTrainConfig) -> tuple[nn.Sequential, TrainReport]:
+def fit_network(
+    x: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, config: TorchTrainConfig
+) -> tuple[nn.Sequential, TrainReport]:
     """Train on the `train_idx` rows of the design matrix, stop when the `val_idx` rows' loss has
     not improved for `patience` epochs, and return the best epoch's network (eval mode)."""
     start = time.perf_counter()
@@ -196,8 +208,14 @@ def fit_network(x: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_id
     with torch_settings(config):
         net = build_network(x.shape[1], config.hidden, config.dropout)
         mask = absent_mask(labels)
-        xt, yt = torch.from_numpy(np.ascontiguousarray(x[train_idx], np.float32)), torch.from_numpy(labels[train_idx])
-        xv, yv = torch.from_numpy(np.ascontiguousarray(x[val_idx], np.float32)), torch.from_numpy(labels[val_idx])
+        xt, yt = (
+            torch.from_numpy(np.ascontiguousarray(x[train_idx], np.float32)),
+            torch.from_numpy(labels[train_idx]),
+        )
+        xv, yv = (
+            torch.from_numpy(np.ascontiguousarray(x[val_idx], np.float32)),
+            torch.from_numpy(labels[val_idx]),
+        )
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         # Shuffling has its own generator: dropout draws from the global one and must not shift it.
         generator = torch.Generator().manual_seed(config.seed)
@@ -216,9 +234,17 @@ def fit_network(x: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, val_id
         net.load_state_dict(best_state)
         _fold_mask(net, labels)
         loss, accuracy = _evaluate(net, xv, yv, mask)
-    report = TrainReport(epochs_run=len(losses), best_epoch=best_epoch, best_val_loss=loss, val_accuracy=accuracy,
-                         train_rows=len(train_idx), val_rows=len(val_idx), max_epochs=config.max_epochs,
-                         seconds=time.perf_counter() - start, val_losses=tuple(losses))
+    report = TrainReport(
+        epochs_run=len(losses),
+        best_epoch=best_epoch,
+        best_val_loss=loss,
+        val_accuracy=accuracy,
+        train_rows=len(train_idx),
+        val_rows=len(val_idx),
+        max_epochs=config.max_epochs,
+        seconds=time.perf_counter() - start,
+        val_losses=tuple(losses),
+    )
     return net, report
 
 
@@ -242,11 +268,17 @@ def export_onnx(net: nn.Module, input_dim: int) -> onnx.ModelProto:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         # torch types f as a path; the TorchScript exporter (dynamo=False) also writes to a file object.
-        torch.onnx.export(model, (torch.zeros(1, input_dim),), buffer,  # type: ignore[arg-type, unused-ignore]
-                          opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, input_dim),),
+            buffer,  # type: ignore[arg-type, unused-ignore]
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+            dynamo=False,
+        )
     proto = onnx.load_from_string(buffer.getvalue())
     # No newer IR than the sklearn path (and tools/modeller/export) write, so the same runtimes can read it.
     proto.ir_version = min(proto.ir_version, IR_VERSION)
@@ -262,9 +294,17 @@ def check_parity(model: onnx.ModelProto, net: nn.Module, x: np.ndarray, atol: fl
         raise RuntimeError(f"ONNX MLP differs from torch by {diff:.2e} (shapes {got.shape}, {want.shape})")
 
 
-def train_mlp_torch(embeddings: np.ndarray, raw_features: np.ndarray, labels: np.ndarray, embedder: EmbedderInfo,
-                    config: TorchTrainConfig | None = None, *, demo: bool = False, atol: float = 1e-5,
-                    **overrides: Any) -> tuple[onnx.ModelProto, MlpMeta, TrainReport]:
+def train_mlp_torch(
+    embeddings: np.ndarray,
+    raw_features: np.ndarray,
+    labels: np.ndarray,
+    embedder: EmbedderInfo,
+    config: TorchTrainConfig | None = None,
+    *,
+    demo: bool = False,
+    atol: float = 1e-5,
+    **overrides: Any,
+) -> tuple[onnx.ModelProto, MlpMeta, TrainReport]:
     """Fit with early stopping, export, and check ONNX Runtime equals torch on the training rows.
 
     `overrides` replace fields of `config` (e.g. `hidden=(32,), seed=1, patience=5`).
