@@ -3,6 +3,9 @@
 Two detectors: BlazeFace (MediaPipe's, on ONNX Runtime; the default) and OpenCV's Haar cascade
 (boxes as fer's models were trained on). Both detect on a bounded copy (`BoundedDetector`). Their
 boxes sit differently on a face, so each has its own default crop margins (`Margins`).
+
+Over 500 lines on purpose: the detector protocol, both detectors, their bounded-size wrapper and the
+crop margins are one concept (a face box a classifier can use) read together.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ size, normalisation, anchors, box scales, score clipping and threshold, NMS): re
 `services/vision/blazeface.py`.
 
     python -m tools.builders.blazeface --repo model_repository --cache .cache
+
+Over 500 lines on purpose: the tflite-to-ONNX conversion of these two graphs (their ops, padding and
+weights) and its proof against the original stay in one file a reviewer reads top to bottom.
 """
 
 from __future__ import annotations

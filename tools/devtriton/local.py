@@ -25,6 +25,9 @@ and the suite's venv, and with numpy 2 it silently returns empty outputs. Hence 
 site-packages, built by the system interpreter with ``pip install --target``, that each overlay
 ``model.py`` puts on ``sys.path`` itself (its path is in ``model.json`` beside it). pytriton itself
 is never installed into the suite's venv (it pins numpy<2 and an old protobuf).
+
+Over 500 lines on purpose: fetching the server, the overlay repository and the process lifecycle
+share the cache layout above; the backend itself is a module of its own (backend_model.py).
 """
 
 from __future__ import annotations

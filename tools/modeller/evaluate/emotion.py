@@ -18,6 +18,10 @@ ensemble, its fusion rules, its temperature. The members' raw logits come back w
 (``return_member_logits``) and are cached (``common.AnswerCache``), so a refit costs no serving.
 Each member's figures are of softmax(its raw logits) (T = 1); the temperature is fitted on their
 fusion by the rules' weights, and the report prints the rules-file lines that serve it.
+
+Over 500 lines on purpose (the largest evaluation): the manifest, the calls to the served models,
+the per-member and per-source metrics, the temperature fit and the report are one evaluation that a
+modeller reads in order; shared metrics, figures, weights and soft labels are modules of their own.
 """
 
 from __future__ import annotations

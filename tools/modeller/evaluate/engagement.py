@@ -19,6 +19,9 @@ applied to the cached outputs with the gateway's own fusion function (``services
 .decide``, prior correction included): macro-F1 and accuracy per threshold per affect, and the best
 threshold of each affect as a rules-file snippet (ties: the one closest to the threshold the rules
 have now).
+
+Over 500 lines on purpose: the clip list, the calls, the per-affect metrics, the threshold sweep and
+the report are one evaluation; the shared metrics and figures are already modules of their own.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ and the kNN looks far better than it is. The report counts such rows. ``--sweep`
 the problem: each fold's rows are scored against an index built from the other folds only. The
 MLP is not retrained per fold (its probabilities are the served MLP's): when it was trained on
 these rows, its figures and the soft vote's are optimistic too.
+
+Over 500 lines on purpose: the evaluation and the research's ablation sweep share the folds and the
+scoring; the shared metrics and figures are already modules of their own.
 """
 
 from __future__ import annotations

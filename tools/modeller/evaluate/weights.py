@@ -14,6 +14,9 @@ Splits: ``--val-split`` / ``--test-split`` name values of the manifest's ``split
 default ``val`` or ``validation`` or ``dev``, and ``test``, when the manifest has them); otherwise
 the rows are split at random, stratified by label, ``--val-fraction`` of them for validation
 (seeded: the same manifest gives the same split).
+
+Over 500 lines on purpose: the grid, the temperature fit per point and the rules file it writes are
+one procedure; split, each part would be read only with the others.
 """
 
 from __future__ import annotations

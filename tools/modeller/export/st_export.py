@@ -21,6 +21,9 @@ exporter options and the library versions; a rerun with the same key installs th
 importing torch or re-checking them (about a second instead of ~20 s for MiniLM, byte-identical).
 
     tessera-export sentence-transformers --checkpoint DIR --name text_embedder --repo model_repository
+
+Over 500 lines on purpose: each supported sentence-transformers module (pooling, Dense, LayerNorm,
+Normalize) has its graph and its refusal next to the parity check that proves them.
 """
 
 from __future__ import annotations
