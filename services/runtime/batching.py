@@ -25,19 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydantic import Field
 
+from services.runtime.batch_rows import Signature, Tensors, merge, signature, split
 from services.runtime.config import StrictModel
 from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.runtime.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Tensors = dict[str, np.ndarray]
 RunFn = Callable[[Tensors], Mapping[str, np.ndarray]]
-Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
-
-
-class BatchOutputError(RuntimeError):
-    """The model returned outputs whose rows do not match the rows it was given."""
 
 
 class BatchPolicy(StrictModel):
@@ -66,7 +61,7 @@ class BatchPolicy(StrictModel):
         return self.max_batch_size > 0
 
 
-# ---------------------------------------------------------------- pure merge / split
+# ---------------------------------------------------------------- rows of one request
 
 
 def row_count(inputs: Mapping[str, np.ndarray]) -> int:
@@ -82,35 +77,6 @@ def row_count(inputs: Mapping[str, np.ndarray]) -> int:
     if n < 1:
         raise InvalidArgument("request has zero rows")
     return n
-
-
-def signature(inputs: Mapping[str, np.ndarray]) -> Signature:
-    """What must agree for requests to be merged: input names, dtypes and trailing shapes."""
-    return tuple(sorted((name, a.dtype.str, tuple(a.shape[1:])) for name, a in inputs.items()))
-
-
-def merge(requests: Sequence[Mapping[str, np.ndarray]]) -> Tensors:
-    """Concatenate requests of one signature along axis 0, in order."""
-    if len(requests) == 1:
-        return dict(requests[0])
-    return {name: np.concatenate([r[name] for r in requests], axis=0) for name in requests[0]}
-
-
-def split(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[Tensors]:
-    """Cut merged outputs back into one dict per request; checks every output has sum(rows) rows."""
-    total = sum(rows)
-    for name, array in outputs.items():
-        got = array.shape[0] if np.ndim(array) else None
-        if got != total:
-            raise BatchOutputError(f"output '{name}' has {got} rows for {total} input rows")
-    if len(rows) == 1:
-        return [dict(outputs)]
-    bounds = np.cumsum(rows)[:-1]
-    parts: list[Tensors] = [{} for _ in rows]
-    for name, array in outputs.items():
-        for i, piece in enumerate(np.split(array, bounds, axis=0)):
-            parts[i][name] = piece
-    return parts
 
 
 def plan_batch(

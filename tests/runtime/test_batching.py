@@ -12,17 +12,8 @@ import threading
 import numpy as np
 import pytest
 
-from services.runtime.batching import (
-    BatchOutputError,
-    BatchPolicy,
-    DynamicBatcher,
-    batch_is_ready,
-    merge,
-    plan_batch,
-    row_count,
-    signature,
-    split,
-)
+from services.runtime.batch_rows import BatchOutputError, merge, signature, split
+from services.runtime.batching import BatchPolicy, DynamicBatcher, batch_is_ready, plan_batch, row_count
 from services.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.runtime.metrics import Metrics
 

@@ -7,7 +7,9 @@ config instead.
 
 It runs in the backend stub: the system Python in isolated mode, which sees neither PYTHONPATH nor
 the suite's venv, so it imports nothing of the suite. Its numpy (1.x) and onnxruntime come from
-the settings' site-packages, which must come first on the path, before they are imported.
+the settings' site-packages, which must come first on the path, before they are imported. Its
+merge and split are the in-process batcher's own (`services/runtime/batch_rows.py`, copied beside it
+as `batch_rows.py`, which the stub imports from this directory).
 """
 
 import json
@@ -19,10 +21,12 @@ from typing import Any
 SETTINGS = json.loads(Path(__file__).with_suffix(".json").read_text())
 if SETTINGS["site_packages"] not in sys.path:
     sys.path.insert(0, SETTINGS["site_packages"])
+sys.path.insert(1, str(Path(__file__).parent))  # batch_rows.py, copied beside this file
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]  # noqa: E402
+from batch_rows import merge, signature, split  # type: ignore[import-not-found]  # noqa: E402
 
 Feed = dict[str, np.ndarray]
 
@@ -39,25 +43,16 @@ def error_response(message: str, invalid: bool) -> Any:
 
 def mergeable(feeds: Sequence[Mapping[str, np.ndarray]]) -> bool:
     """Whether the feeds can run as one: same inputs, dtypes and shapes but for the batch axis."""
-    first = feeds[0]
-    return all(
-        f.keys() == first.keys()
-        and all(f[k].dtype == first[k].dtype and f[k].shape[1:] == first[k].shape[1:] for k in f)
-        for f in feeds
-    )
+    return len({signature(f) for f in feeds}) == 1
 
 
 def run_merged(
     session: ort.InferenceSession, output_names: list[str], feeds: Sequence[Mapping[str, np.ndarray]]
 ) -> list[list[np.ndarray]]:
-    """One run over the feeds' rows concatenated; each feed's outputs, cut back at its rows."""
-    names = list(feeds[0])
-    merged = {k: np.concatenate([f[k] for f in feeds]) for k in names}
-    rows = [len(f[names[0]]) for f in feeds]
-    outputs = session.run(output_names, merged)
-    bounds = np.cumsum(rows)[:-1]
-    parts = [np.split(o, bounds) for o in outputs]
-    return [[p[j] for p in parts] for j in range(len(feeds))]
+    """One run over the feeds' rows merged; each feed's outputs, split back at its rows."""
+    rows = [len(next(iter(f.values()))) for f in feeds]
+    outputs = dict(zip(output_names, session.run(output_names, merge(feeds)), strict=True))
+    return [[part[n] for n in output_names] for part in split(outputs, rows)]
 
 
 class TritonPythonModel:

@@ -92,6 +92,8 @@ SERVABLE_KINDS = (ONNX_PLATFORM, "onnxruntime")
 # The python-backend model every overlay version runs, copied as its model.py with its settings in
 # model.json. Read as a file, never imported here: it imports what only the backend stub has.
 BACKEND_MODEL = Path(__file__).with_name("backend_model.py")
+# The batcher's merge/split, copied beside it (the stub imports nothing of the suite's packages).
+BATCH_ROWS = Path(__file__).resolve().parents[2] / "services" / "runtime" / "batch_rows.py"
 MODEL_PY = "model.py"
 MODEL_SETTINGS = Path(MODEL_PY).with_suffix(".json").name  # model.py reads it under its own stem
 OVERLAY_ONNX = "model.onnx"
@@ -290,8 +292,9 @@ def write_overlay(
     the repository's configs and model files have not changed."""
     entries = [e for e in repository.entries() if servable(e)]
     model_py = BACKEND_MODEL.read_text()
+    batch_rows = BATCH_ROWS.read_text()
     settings = json.dumps({"site_packages": str(site_packages), "onnx": OVERLAY_ONNX}) + "\n"
-    digest = hashlib.sha256(model_py.encode())
+    digest = hashlib.sha256(model_py.encode() + batch_rows.encode())
     digest.update(settings.encode())
     digest.update(f"threads={intra_op_threads}\n".encode())
     plans: list[tuple[ModelEntry, mc.ModelConfig, dict[int, Path]]] = []
@@ -324,6 +327,7 @@ def write_overlay(
             version_dir = model_dir / str(version)
             version_dir.mkdir()
             (version_dir / MODEL_PY).write_text(model_py)
+            (version_dir / BATCH_ROWS.name).write_text(batch_rows)
             (version_dir / MODEL_SETTINGS).write_text(settings)
             # A link, not a copy: teachers weigh hundreds of MB. The hash above keys the content.
             (version_dir / OVERLAY_ONNX).symlink_to(path)
