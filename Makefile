@@ -87,10 +87,10 @@ test-fast: $(TEST_INSTALLED) $(MODELLER_INSTALLED) models prometheus
 bench: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models
 	@set -u; status=0; export TESSERA_BENCH_RECORD=1; mkdir -p $(CACHE); \
 	echo "== soak (30 min) in the background: $(CACHE)/bench-soak.log"; \
-	$(PY) -m pytest -q -s -m slow -k soak tests/test_load.py $(PYTEST_ARGS) > $(CACHE)/bench-soak.log 2>&1 & soak=$$!; \
+	$(PY) -m pytest -q -s -m slow -k soak tests/suite/test_load.py $(PYTEST_ARGS) > $(CACHE)/bench-soak.log 2>&1 & soak=$$!; \
 	trap 'kill $$soak 2>/dev/null; exit 130' INT TERM; \
 	$(PY) -m pytest -q -m slow -k "not soak" $(PYTEST_ARGS) || status=1; \
-	$(PY) -m pytest -q -m "not slow" -k burst tests/test_load.py $(PYTEST_ARGS) || status=1; \
+	$(PY) -m pytest -q -m "not slow" -k burst tests/suite/test_load.py $(PYTEST_ARGS) || status=1; \
 	$(PY) bench/prepare.py || status=1; \
 	wait $$soak || status=1; tail -n 25 $(CACHE)/bench-soak.log; \
 	for script in "backends.py --quick" emotion.py ensemble.py engagement.py shards.py recovery.py; do \
@@ -103,7 +103,7 @@ protos: $(INSTALLED)
 	$(PY) -m tools.codegen.gen_stubs
 
 # The Grafana dashboard, from tools/codegen/dashboards.py and the recording rules it reads
-# (tests/test_dashboards.py fails when the committed JSON differs from what this writes).
+# (tests/deploy/test_dashboards.py fails when the committed JSON differs from what this writes).
 dashboards: $(INSTALLED)
 	$(PY) -m tools.codegen.dashboards
 

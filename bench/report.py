@@ -46,9 +46,9 @@ The performance targets of the suite and the latest measured figures. This page 
 by generating it. Do not edit it by hand: the prose is static text in `bench/report.py`.
 
 `make bench` (about 43 minutes on 2 cores) runs every benchmark, with `TESSERA_BENCH_RECORD=1`
-so the tests write their rows too: the 30-minute soak of `tests/test_load.py` in the background
+so the tests write their rows too: the 30-minute soak of `tests/suite/test_load.py` in the background
 (a suite of its own; it judges errors and memory, not time) while `pytest -m slow` (the long
-fuzzing of `tests/test_fuzz.py` among the other slow tests), the burst of `tests/test_load.py`
+fuzzing of `tests/suite/test_fuzz.py` among the other slow tests), the burst of `tests/suite/test_load.py`
 and `bench/prepare.py` (the shards and model exports the scripts cache) run; then, alone,
 `bench/bench_backends.py --quick`, `bench/bench_emotion.py`, `bench/bench_ensemble.py`,
 `bench/bench_engagement.py`, `bench/bench_shards.py` and `bench/bench_recovery.py`; then this
@@ -67,12 +67,12 @@ ratio; no test asserts a wall-clock time.
 | ensemble, batch 1 | ≤ 1.1 × the sum of the members' own ONNX Runtime times | `bench_ensemble.py` |
 | live video, one 640×480 stream at 30 fps | keeps up (no growing backlog), p95 frame-to-answer ≤ 100 ms | `bench_engagement.py` |
 | shard scoring, 300k rows, 1024-d, 30k labelled | end-to-end rows/s ≥ 0.8 × faiss exact search alone; memory independent of shard size | `bench_shards.py` |
-| overload: 200 concurrent `ClassifyEmotion` of the astronaut, 2 s deadline | every call ends by its deadline (OK, `RESOURCE_EXHAUSTED`, `DEADLINE_EXCEEDED` or `UNAVAILABLE`); answered OK ≥ half of what the sequential rate, measured in the same run, allows in 2 s | `tests/test_load.py` (burst) |
-| hostile input, every public RPC on both hops | every call ends with a documented status (never `UNKNOWN` or `INTERNAL`) within its deadline; no process dies; memory bounded | `tests/test_fuzz.py` |
+| overload: 200 concurrent `ClassifyEmotion` of the astronaut, 2 s deadline | every call ends by its deadline (OK, `RESOURCE_EXHAUSTED`, `DEADLINE_EXCEEDED` or `UNAVAILABLE`); answered OK ≥ half of what the sequential rate, measured in the same run, allows in 2 s | `tests/suite/test_load.py` (burst) |
+| hostile input, every public RPC on both hops | every call ends with a documented status (never `UNKNOWN` or `INTERNAL`) within its deadline; no process dies; memory bounded | `tests/suite/test_fuzz.py` |
 | start-up with default models | ready (health SERVING) ≤ 5 s | not measured by a benchmark yet |
 | default emotion path end to end (detect + crop + student), 512² photo | ≥ 4 × faster than the Haar configuration of the same service, same photo, same run | `bench_emotion.py` (`--detector` runs only this comparison) |
 | live video | two 640×480 streams at 30 fps kept up on 2 cores | not measured yet (`bench_engagement.py` runs one stream) |
-| soak: 30 min of mixed traffic, one live stream held throughout | 0 unexpected errors; resident memory of every process at the end within 10 % of after warm-up | `tests/test_load.py` (soak; 60 s in `make test`, 30 min in `make bench`) |
+| soak: 30 min of mixed traffic, one live stream held throughout | 0 unexpected errors; resident memory of every process at the end within 10 % of after warm-up | `tests/suite/test_load.py` (soak; 60 s in `make test`, 30 min in `make bench`) |
 
 Reference costs of the stages, measured on a 2-core machine (astronaut 512², one face): PNG
 decode ~2 ms (JPEG 1.3 ms); Haar detection ~42 ms at scaleFactor 1.1 / minSize 50; the

@@ -7,6 +7,7 @@ protobuf out.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def emotion_answer(
     return pb.ClassifyEmotionResponse(
         images=images,
         class_names=class_names,
-        mode=MODE_VALUES[mode],
+        mode=cast("pb.EmotionMode", MODE_VALUES[mode]),
         models=reply.models,
         rules_version=rules_version,
     )

@@ -22,8 +22,11 @@ class Deadlines(StrictModel):
 
     unary: float = Field(30.0, gt=0)
     stream: float | None = Field(
-        None, gt=0, description="Cap on streams (live video, clips, shard watches); null: as long as the caller "
-        "wants (a lecture lasts 45 minutes, a school day six hours).")
+        None,
+        gt=0,
+        description="Cap on streams (live video, clips, shard watches); null: as long as the caller "
+        "wants (a lecture lasts 45 minutes, a school day six hours).",
+    )
     status: float = Field(2.0, gt=0)
 
 
@@ -31,8 +34,9 @@ class Reconnect(StrictModel):
     """How fast the gateway's channels reconnect to a service that went away (gRPC connect backoff)."""
 
     initial_backoff_ms: int = Field(100, gt=0)
-    max_backoff_ms: int = Field(1_000, gt=0, description="gRPC's own default is 120 s: far too slow for a "
-                                "restarted local service.")
+    max_backoff_ms: int = Field(
+        1_000, gt=0, description="gRPC's own default is 120 s: far too slow for a restarted local service."
+    )
     min_connect_timeout_ms: int = Field(1_000, gt=0)
 
 
@@ -50,8 +54,10 @@ class Downstream(StrictModel):
 
     tls: ChannelTls | None = Field(None, description="null: plaintext (local runs).")
     token_file: Path | None = Field(
-        None, description="A bearer token the services accept (re-read when it changes); not needed with mTLS "
-        "when the services trust the gateway's certificate.")
+        None,
+        description="A bearer token the services accept (re-read when it changes); not needed with mTLS "
+        "when the services trust the gateway's certificate.",
+    )
 
 
 class GatewayConfig(ProcessConfig):
@@ -64,3 +70,10 @@ class GatewayConfig(ProcessConfig):
     health_poll_seconds: float = Field(2.0, gt=0)
     max_images_per_request: int = Field(32, gt=0)
     max_rows_per_request: int = Field(4096, gt=0)
+    live_frames_in_flight: int = Field(
+        32,
+        gt=0,
+        description="Frames of a live stream relayed to the engagement service and not yet answered "
+        "(the gateway keeps each until its answer comes); at the bound it reads no more of the caller's frames, "
+        "so a caller that stops reading its answers is held back by flow control, not buffered.",
+    )

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig, RetryPolicy
+from services.runtime.auth import FileSecret
+from services.runtime.config import ConfigError
+from services.runtime.errors import ServingError, Unavailable, error_for
+from services.runtime.request_ids import client_interceptors
+from services.runtime.security import channel_credentials
+from services.runtime.server import channel_options
 from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.emotion.v1 import emotion_service_pb2_grpc as emotion_grpc
@@ -19,25 +28,22 @@ from tessera.engagement.v1 import engagement_service_pb2_grpc as engagement_grpc
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
 from tessera.proxylabel.v1 import proxylabel_service_pb2_grpc as proxylabel_grpc
 
-from gateway.config import GatewayConfig, RetryPolicy
-from services.runtime.errors import ServingError, Unavailable, error_for
-from services.runtime.auth import FileSecret
-from services.runtime.config import ConfigError
-from services.runtime.request_ids import client_interceptors
-from services.runtime.security import channel_credentials
-from services.runtime.server import channel_options
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
-class CancellableCall(Protocol[T_co]):
-    """A grpc.aio call: awaitable for its answer, and cancellable."""
+class Cancellable(Protocol):
+    """A grpc.aio call of any kind."""
+
+    def cancel(self) -> bool: ...
+
+
+class CancellableCall(Cancellable, Protocol[T_co]):
+    """A grpc.aio unary call: awaitable for its answer, and cancellable."""
 
     def __await__(self) -> Generator[Any, None, T_co]: ...
 
-    def cancel(self) -> bool: ...
 
 _HEALTH_STATES = {
     health_pb2.HealthCheckResponse.SERVING: common_pb2.SERVING_STATE_SERVING,
@@ -47,19 +53,23 @@ _HEALTH_STATES = {
 
 def service_config(retry: RetryPolicy) -> str:
     """The channel's service config: round robin over resolved addresses, UNAVAILABLE retried."""
-    return json.dumps({
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{
-            "name": [{}],  # every method of every service on the channel
-            "retryPolicy": {
-                "maxAttempts": retry.max_attempts,
-                "initialBackoff": f"{retry.initial_backoff_seconds}s",
-                "maxBackoff": f"{retry.max_backoff_seconds}s",
-                "backoffMultiplier": retry.backoff_multiplier,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }],
-    })
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [
+                {
+                    "name": [{}],  # every method of every service on the channel
+                    "retryPolicy": {
+                        "maxAttempts": retry.max_attempts,
+                        "initialBackoff": f"{retry.initial_backoff_seconds}s",
+                        "maxBackoff": f"{retry.max_backoff_seconds}s",
+                        "backoffMultiplier": retry.backoff_multiplier,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
 
 
 @dataclass
@@ -77,7 +87,7 @@ class Route:
     detail: str = ""
     models: list[common_pb2.ModelInfo] = field(default_factory=list)
     timeouts: int = 0  # health checks in a row that got no answer in time
-    inflight: set[Any] = field(default_factory=set)  # unary grpc.aio calls waiting on this service
+    inflight: set[Any] = field(default_factory=set)  # grpc.aio calls waiting on this service
     cut: set[Any] = field(default_factory=set)
 
     @property
@@ -85,7 +95,9 @@ class Route:
         return self.state == common_pb2.SERVING_STATE_UNREACHABLE
 
     def unavailable(self) -> Unavailable:
-        return Unavailable(f"{self.name} service ({self.target}) is unreachable ({self.detail}); not waiting for it")
+        return Unavailable(
+            f"{self.name} service ({self.target}) is unreachable ({self.detail}); not waiting for it"
+        )
 
     def ensure_reachable(self) -> None:
         """Fail fast: a service known to be down is not waited for until the caller's deadline."""
@@ -93,8 +105,8 @@ class Route:
             raise self.unavailable()
 
     def mark_unreachable(self, detail: str) -> None:
-        """Known down (connection lost, or frozen: no health answer): unary calls waiting on it end
-        UNAVAILABLE now rather than DEADLINE_EXCEEDED later."""
+        """Known down (connection lost, or frozen: no health answer): calls waiting on it (unary,
+        and the streams relayed to it) end UNAVAILABLE now rather than DEADLINE_EXCEEDED later."""
         self.state, self.detail = common_pb2.SERVING_STATE_UNREACHABLE, detail
         for pending in self.inflight:
             self.cut.add(pending)
@@ -108,16 +120,13 @@ class Route:
         error.code = exc.code()
         return error
 
-    async def call(self, pending: CancellableCall[T]) -> T:
-        """Await a unary call (a grpc.aio call object: awaitable and cancellable, no extra task)."""
-        if self.unreachable:
-            pending.cancel()
-            raise self.unavailable()
+    @contextlib.contextmanager
+    def waiting_on(self, pending: Cancellable) -> Iterator[None]:
+        """While the block runs, `pending` (a grpc.aio call, unary or streaming) waits on this
+        service: marking it unreachable cancels the call, and the block ends UNAVAILABLE naming it."""
         self.inflight.add(pending)
         try:
-            return await pending
-        except grpc.aio.AioRpcError as exc:
-            raise self.error(exc) from None
+            yield
         except asyncio.CancelledError:
             if pending in self.cut:
                 raise self.unavailable() from None
@@ -126,13 +135,27 @@ class Route:
             self.inflight.discard(pending)
             self.cut.discard(pending)
 
+    async def call(self, pending: CancellableCall[T]) -> T:
+        """Await a unary call (a grpc.aio call object: awaitable and cancellable, no extra task)."""
+        if self.unreachable:
+            pending.cancel()
+            raise self.unavailable()
+        with self.waiting_on(pending):
+            try:
+                return await pending
+            except grpc.aio.AioRpcError as exc:
+                raise self.error(exc) from None
+
     async def refresh(self, timeout: float) -> None:
         """Poll health and the model inventory."""
         try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(service=self.service),
-                                            timeout=timeout, wait_for_ready=False)
+            reply = await self.health.Check(
+                health_pb2.HealthCheckRequest(service=self.service), timeout=timeout, wait_for_ready=False
+            )
             self.state = _HEALTH_STATES.get(reply.status, common_pb2.SERVING_STATE_NOT_SERVING)
-            self.detail = "" if self.state == common_pb2.SERVING_STATE_SERVING else "health check says NOT_SERVING"
+            self.detail = (
+                "" if self.state == common_pb2.SERVING_STATE_SERVING else "health check says NOT_SERVING"
+            )
             listed = await self.stub.ListModels(self.list_request(), timeout=timeout)
             self.models = list(listed.models)
             self.timeouts = 0
@@ -147,8 +170,13 @@ class Route:
             self.mark_unreachable(detail)
 
     def status(self) -> common_pb2.ServiceStatus:
-        return common_pb2.ServiceStatus(name=self.name, target=self.target, state=self.state,
-                                        models=self.models, detail=self.detail)
+        return common_pb2.ServiceStatus(
+            name=self.name,
+            target=self.target,
+            state=cast("common_pb2.ServingState", self.state),
+            models=self.models,
+            detail=self.detail,
+        )
 
 
 class Routes:
@@ -174,6 +202,7 @@ class Routes:
 
             def extra() -> list[tuple[str, str]]:
                 return [("authorization", f"Bearer {secret.value()}")]
+
         credentials = None
         if down.tls is not None:
             credentials, tls_options = channel_credentials(down.tls)
@@ -181,22 +210,43 @@ class Routes:
 
         def route(name: str, target: str, stub_cls: Any, pb: Any, service: str) -> Route:
             interceptors = client_interceptors(extra)
-            channel = (grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-                       if credentials is None else
-                       grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors))
+            channel = (
+                grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+                if credentials is None
+                else grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+            )
             full = pb.DESCRIPTOR.services_by_name[service].full_name
-            return Route(name, full, target, channel, stub_cls(channel), health_pb2_grpc.HealthStub(channel),
-                         pb.ListModelsRequest)
+            return Route(
+                name,
+                full,
+                target,
+                channel,
+                stub_cls(channel),
+                health_pb2_grpc.HealthStub(channel),
+                pb.ListModelsRequest,
+            )
 
         t = config.targets
-        self.emotion = route("emotion", t.emotion, emotion_grpc.EmotionServiceStub, emotion_pb, "EmotionService")
-        self.engagement = route("engagement", t.engagement, engagement_grpc.EngagementServiceStub, engagement_pb,
-                                "EngagementService")
-        self.proxylabel = route("proxylabel", t.proxylabel, proxylabel_grpc.ProxyLabelServiceStub, proxylabel_pb,
-                                "ProxyLabelService")
+        self.emotion = route(
+            "emotion", t.emotion, emotion_grpc.EmotionServiceStub, emotion_pb, "EmotionService"
+        )
+        self.engagement = route(
+            "engagement",
+            t.engagement,
+            engagement_grpc.EngagementServiceStub,
+            engagement_pb,
+            "EngagementService",
+        )
+        self.proxylabel = route(
+            "proxylabel",
+            t.proxylabel,
+            proxylabel_grpc.ProxyLabelServiceStub,
+            proxylabel_pb,
+            "ProxyLabelService",
+        )
         self.all = [self.emotion, self.engagement, self.proxylabel]
 
-    def timeout(self, context: grpc.aio.ServicerContext, kind: str = "unary") -> float | None:
+    def timeout(self, context: grpc.aio.ServicerContext[Any, Any], kind: str = "unary") -> float | None:
         """The caller's remaining deadline, capped by the configured one (streams may have none)."""
         cap: float | None = getattr(self.config.deadlines, kind)
         remaining = context.time_remaining()
@@ -217,11 +267,13 @@ class Routes:
                 route.mark_unreachable("connection lost; reconnecting")
             else:
                 continue
-            log.info("%s service (%s): %s", route.name, route.target, common_pb2.ServingState.Name(route.state))
+            log.info(
+                "%s service (%s): %s", route.name, route.target, common_pb2.ServingState.Name(route.state)
+            )
             await on_change(route)
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(r.refresh(self.config.deadlines.status) for r in self.all))
 
     async def close(self) -> None:
-        await asyncio.gather(*(r.channel.close() for r in self.all))
+        await asyncio.gather(*(r.channel.close(None) for r in self.all))

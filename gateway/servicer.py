@@ -5,27 +5,28 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+
+from gateway import answers
+from gateway.config import GatewayConfig
+from gateway.routes import Routes
+from services.fusion.affect_enum import AFFECT_NAMES
+from services.fusion.emotion import members_for
+from services.fusion.engagement import Smoother, decide
+from services.fusion.rules import AFFECTS, AffectName, FusionRules, RulesStore, Smoothing
+from services.runtime.auth import current_identity
+from services.runtime.config import ALL_SCOPES
+from services.runtime.errors import FailedPrecondition, ServingError, item_status
+from services.runtime.servicing import check_batch_size
+from services.runtime.streams import Drain, until_drained
 from tessera.common.v1 import common_pb2
 from tessera.emotion.v1 import emotion_service_pb2 as emotion_pb
 from tessera.engagement.v1 import engagement_service_pb2 as engagement_pb
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tessera.proxylabel.v1 import proxylabel_service_pb2 as proxylabel_pb
-
-from gateway import answers
-from gateway.config import GatewayConfig
-from gateway.routes import Routes
-from services.fusion.affect_enum import AFFECT_NAMES
-from services.fusion.engagement import Smoother
-from services.fusion.rules import AFFECTS, FusionRules, RulesStore, Smoothing
-from services.runtime.auth import current_identity
-from services.runtime.config import ALL_SCOPES
-from services.runtime.errors import FailedPrecondition, ServingError, item_status
-from services.runtime.servicing import check_batch_size
-from services.runtime.streams import Drain, until_drained
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 Answer = TypeVar("Answer", pb.GetShardJobResponse, pb.ListShardJobsResponse, pb.CancelShardJobResponse)
@@ -72,14 +73,17 @@ def _shard_caller() -> proxylabel_pb.Caller | None:
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
-    def __init__(self, config: GatewayConfig, routes: Routes, rules: RulesStore, drain: Drain | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, routes: Routes, rules: RulesStore, drain: Drain | None = None
+    ) -> None:
         self.config = config
         self.routes = routes
         self.rules = rules
         self.drain = drain or Drain()
 
-    async def ClassifyEmotion(self, request: pb.ClassifyEmotionRequest, context: grpc.aio.ServicerContext
-                              ) -> pb.ClassifyEmotionResponse:
+    async def ClassifyEmotion(
+        self, request: pb.ClassifyEmotionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ClassifyEmotionResponse:
         check_batch_size(len(request.images), self.config.max_images_per_request, "images")
         rules, version = self.rules.current()
         mode = answers.emotion_mode(request.mode, rules, request.ensemble)
@@ -87,15 +91,21 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         models = answers.emotion_models(mode, rules, ensemble)
         route = self.routes.emotion
         try:
-            reply = await route.call(route.stub.InferFaces(
-                emotion_pb.InferFacesRequest(images=request.images, models=models),
-                timeout=self.routes.timeout(context)))
+            reply = await route.call(
+                route.stub.InferFaces(
+                    emotion_pb.InferFacesRequest(images=request.images, models=models),
+                    timeout=self.routes.timeout(context),
+                )
+            )
         except FailedPrecondition as exc:
             raise answers.missing_members(exc, ensemble) from None
         return answers.emotion_answer(reply, mode, rules, request.return_member_logits, version, ensemble)
 
-    async def ScoreClip(self, request_iterator: AsyncIterator[pb.ScoreClipRequest],
-                        context: grpc.aio.ServicerContext) -> pb.ScoreClipResponse:
+    async def ScoreClip(
+        self,
+        request_iterator: AsyncIterator[pb.ScoreClipRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.ScoreClipResponse:
         with_members = False
 
         async def forward() -> AsyncIterator[object]:
@@ -108,7 +118,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         route = self.routes.engagement
         route.ensure_reachable()
         relay = _Relay()
-        relay.call = call = route.stub.ScoreClip(relay.messages(forward()), timeout=self.routes.timeout(context, "stream"))
+        relay.call = call = route.stub.ScoreClip(
+            relay.messages(forward()), timeout=self.routes.timeout(context, "stream")
+        )
         try:
             reply = await route.call(call)
         except (ServingError, asyncio.CancelledError):
@@ -120,22 +132,34 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             answer.members.extend(reply.outputs)
         return answer
 
-    async def StreamVideo(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
+    async def StreamVideo(
+        self,
+        request_iterator: AsyncIterator[pb.StreamVideoRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamVideoResponse]:
         # A live stream outlives any grace period: a drain ends it (UNAVAILABLE) and the caller resumes.
-        async for reply in until_drained(self._live(request_iterator, context), self.drain, "gateway live stream"):
+        async for reply in until_drained(
+            self._live(request_iterator, context), self.drain, "gateway live stream"
+        ):
             yield reply
 
-    async def _live(self, request_iterator: AsyncIterator[pb.StreamVideoRequest],
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamVideoResponse]:
+    async def _live(
+        self,
+        request_iterator: AsyncIterator[pb.StreamVideoRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamVideoResponse]:
         # The engagement service answers every message after the header, in order: keep each
-        # frame until its answer comes, to ask the emotion service about the face it found.
+        # frame until its answer comes, to ask the emotion service about the face it found. At
+        # most `live_frames_in_flight` of them: past that the caller's frames are not read, and
+        # gRPC's flow control holds back a caller that sends but does not read its answers.
         pending: deque[common_pb2.Image | None] = deque()
+        room = asyncio.Semaphore(self.config.live_frames_in_flight)
 
         async def forward() -> AsyncIterator[object]:
             first = True
             async for msg in request_iterator:
                 if not first:
+                    await room.acquire()
                     pending.append(msg.frame.image if msg.WhichOneof("item") == "frame" else None)
                 first = False
                 yield _engagement_message(msg, engagement_pb.StreamVideoRequest)
@@ -145,38 +169,71 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         route = self.routes.engagement
         route.ensure_reachable()
         relay = _Relay()
-        relay.call = call = route.stub.StreamVideo(relay.messages(forward()),
-                                                   timeout=self.routes.timeout(context, "stream"))
+        relay.call = call = route.stub.StreamVideo(
+            relay.messages(forward()), timeout=self.routes.timeout(context, "stream")
+        )
+
+        def end_relay(_: grpc.aio.ServicerContext[Any, Any]) -> None:
+            # However the caller's call ends (it left while its frames waited for room, or the
+            # stream failed), `forward` must not wait for room forever, holding the relay open.
+            call.cancel()
+            room.release()
+
+        context.add_done_callback(end_relay)  # type: ignore[arg-type]  # grpc-stubs: DoneCallback is a class, not a callable type
         try:
-            async for update in call:
-                image = pending.popleft() if pending else None
-                reply = pb.StreamVideoResponse(timestamp_us=update.timestamp_us, rules_version=version,
-                                               status=update.status)
-                if update.has_face:
-                    reply.face.CopyFrom(update.face)
-                    if image is not None:
-                        await self._frame_emotion(reply, image, update.face, rules, context)
-                if update.outputs:
-                    levels = answers.affect_levels(
-                        answers.decide(answers.model_outputs(update.outputs, rules), rules.engagement), rules)
-                    for level in levels:
-                        smoothed = smoothers[AFFECT_NAMES[level.affect]].update(level.probabilities)
-                        level.probabilities[:] = smoothed.tolist()
-                        level.level = int(smoothed.argmax())
-                        level.confidence = float(smoothed.max())
-                    reply.engagement.extend(levels)
-                yield reply
+            with route.waiting_on(call):  # a frozen engagement service cuts the stream: UNAVAILABLE
+                async for update in call:
+                    image = None
+                    if pending:
+                        image = pending.popleft()
+                        room.release()
+                    yield await self._live_reply(update, image, rules, version, smoothers, context)
         except grpc.aio.AioRpcError as exc:
             relay.raise_kept()
             raise route.error(exc) from None
-        except asyncio.CancelledError:
+        except (ServingError, asyncio.CancelledError):
             relay.raise_kept()
             raise
         relay.raise_kept()
 
-    async def _frame_emotion(self, reply: pb.StreamVideoResponse, image: common_pb2.Image,
-                             face: common_pb2.BoundingBox, rules: FusionRules,
-                             context: grpc.aio.ServicerContext) -> None:
+    async def _live_reply(
+        self,
+        update: engagement_pb.StreamVideoResponse,
+        image: common_pb2.Image | None,
+        rules: FusionRules,
+        version: str,
+        smoothers: dict[AffectName, Smoother],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.StreamVideoResponse:
+        """The answer to one frame of a live stream: the engagement service's, fused by the rules
+        and smoothed over the stream, with the emotion of the face it found."""
+        reply = pb.StreamVideoResponse(
+            timestamp_us=update.timestamp_us, rules_version=version, status=update.status
+        )
+        if update.has_face:
+            reply.face.CopyFrom(update.face)
+            if image is not None:
+                await self._frame_emotion(reply, image, update.face, rules, context)
+        if update.outputs:
+            levels = answers.affect_levels(
+                decide(answers.model_outputs(update.outputs, rules), rules.engagement), rules
+            )
+            for level in levels:
+                smoothed = smoothers[AFFECT_NAMES[level.affect]].update(level.probabilities)
+                level.probabilities[:] = smoothed.tolist()
+                level.level = int(smoothed.argmax())
+                level.confidence = float(smoothed.max())
+            reply.engagement.extend(levels)
+        return reply
+
+    async def _frame_emotion(
+        self,
+        reply: pb.StreamVideoResponse,
+        image: common_pb2.Image,
+        face: common_pb2.BoundingBox,
+        rules: FusionRules,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
         """The emotion of the face the engagement service tracks, in the rules' default mode. A
         failure is reported on the frame: the stream goes on."""
         located = common_pb2.Image()
@@ -186,9 +243,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         mode = rules.emotion.default_mode
         route = self.routes.emotion
         try:
-            answer = await route.call(route.stub.InferFaces(
-                emotion_pb.InferFacesRequest(images=[located], models=list(answers.members_for(rules.emotion, mode))),
-                timeout=self.routes.timeout(context)))
+            answer = await route.call(
+                route.stub.InferFaces(
+                    emotion_pb.InferFacesRequest(
+                        images=[located], models=list(members_for(rules.emotion, mode))
+                    ),
+                    timeout=self.routes.timeout(context),
+                )
+            )
             faces = answers.emotion_answer(answer, mode, rules, False, "").images[0].faces
         except ServingError as exc:
             if reply.status.code == 0:
@@ -197,36 +259,54 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return
         reply.faces.extend(faces)
 
-    async def ScoreTexts(self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext
-                         ) -> pb.ScoreTextsResponse:
+    async def ScoreTexts(
+        self, request: pb.ScoreTextsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ScoreTextsResponse:
         check_batch_size(len(request.rows), self.config.max_rows_per_request, "rows")
         rules, version = self.rules.current()
         mode = rules.proxylabel.mode
         route = self.routes.proxylabel
-        reply = await route.call(route.stub.ScoreTexts(
-            proxylabel_pb.ScoreTextsRequest(rows=request.rows, knn=answers.knn_options(rules),
-                                            run_knn=mode in ("knn", "ensemble"), run_mlp=mode in ("mlp", "ensemble")),
-            timeout=self.routes.timeout(context)))
+        reply = await route.call(
+            route.stub.ScoreTexts(
+                proxylabel_pb.ScoreTextsRequest(
+                    rows=request.rows,
+                    knn=answers.knn_options(rules),
+                    run_knn=mode in ("knn", "ensemble"),
+                    run_mlp=mode in ("mlp", "ensemble"),
+                ),
+                timeout=self.routes.timeout(context),
+            )
+        )
         return answers.texts_answer(reply, rules, version)
 
-    async def ScoreShard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext
-                         ) -> AsyncIterator[pb.ScoreShardResponse]:
+    async def ScoreShard(
+        self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ScoreShardResponse]:
         # The job runs in the proxylabel service; this stream only watches it. A drain ends the
         # watch (UNAVAILABLE) and the caller re-attaches with the same request: the job goes on.
         watch = self._watch_shard(request, context, _shard_caller())
         async for reply in until_drained(watch, self.drain, "gateway shard job watch"):
             yield reply
 
-    async def _watch_shard(self, request: pb.ScoreShardRequest, context: grpc.aio.ServicerContext,
-                           caller: proxylabel_pb.Caller | None) -> AsyncIterator[pb.ScoreShardResponse]:
+    async def _watch_shard(
+        self,
+        request: pb.ScoreShardRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: proxylabel_pb.Caller | None,
+    ) -> AsyncIterator[pb.ScoreShardResponse]:
         rules, version = self.rules.current()
         route = self.routes.proxylabel
         route.ensure_reachable()  # known down: UNAVAILABLE now, and the caller re-attaches later
         call = route.stub.ScoreShard(
-            proxylabel_pb.ScoreShardRequest(input_path=request.input_path, output_path=request.output_path,
-                                            rules=answers.proxy_rules(rules, version), batch_rows=request.batch_rows,
-                                            caller=caller),
-            timeout=self.routes.timeout(context, "stream"))
+            proxylabel_pb.ScoreShardRequest(
+                input_path=request.input_path,
+                output_path=request.output_path,
+                rules=answers.proxy_rules(rules, version),
+                batch_rows=request.batch_rows,
+                caller=caller,
+            ),
+            timeout=self.routes.timeout(context, "stream"),
+        )
         try:
             async for event in call:
                 kind = event.WhichOneof("event")
@@ -236,20 +316,26 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         finally:
             call.cancel()  # the caller left: stop watching (the job itself goes on)
 
-    async def GetShardJob(self, request: pb.GetShardJobRequest, context: grpc.aio.ServicerContext
-                          ) -> pb.GetShardJobResponse:
+    async def GetShardJob(
+        self, request: pb.GetShardJobRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetShardJobResponse:
         return await self._shard_jobs("GetShardJob", pb.GetShardJobResponse, context, job_id=request.job_id)
 
-    async def ListShardJobs(self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ListShardJobsResponse:
+    async def ListShardJobs(
+        self, request: pb.ListShardJobsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListShardJobsResponse:
         return await self._shard_jobs("ListShardJobs", pb.ListShardJobsResponse, context)
 
-    async def CancelShardJob(self, request: pb.CancelShardJobRequest, context: grpc.aio.ServicerContext
-                             ) -> pb.CancelShardJobResponse:
-        return await self._shard_jobs("CancelShardJob", pb.CancelShardJobResponse, context, job_id=request.job_id)
+    async def CancelShardJob(
+        self, request: pb.CancelShardJobRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelShardJobResponse:
+        return await self._shard_jobs(
+            "CancelShardJob", pb.CancelShardJobResponse, context, job_id=request.job_id
+        )
 
-    async def _shard_jobs(self, method: str, answer: type[Answer], context: grpc.aio.ServicerContext,
-                          **fields: str) -> Answer:
+    async def _shard_jobs(
+        self, method: str, answer: type[Answer], context: grpc.aio.ServicerContext[Any, Any], **fields: str
+    ) -> Answer:
         """The proxylabel service's shard-job RPC `method` for the running call's caller (jobs are
         the caller's own) within its deadline; the reply's fields, which the gateway's answer mirrors."""
         route = self.routes.proxylabel
@@ -257,10 +343,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         reply = await route.call(getattr(route.stub, method)(request, timeout=self.routes.timeout(context)))
         return answer(**{f.name: getattr(reply, f.name) for f in answer.DESCRIPTOR.fields})
 
-    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
-                        ) -> pb.GetStatusResponse:
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatusResponse:
         await self.routes.refresh_all()
         _, version = self.rules.current()
-        return pb.GetStatusResponse(services=[r.status() for r in self.routes.all], rules_version=version,
-                                    gateway_version=VERSION)
-
+        return pb.GetStatusResponse(
+            services=[r.status() for r in self.routes.all], rules_version=version, gateway_version=VERSION
+        )

@@ -1,7 +1,7 @@
 """Regenerate the Kubernetes objects that embed files kept elsewhere in the repository.
 
     .venv/bin/python deploy/k8s/sync.py          # rewrite them
-    .venv/bin/python deploy/k8s/sync.py --check  # exit 1 when one is stale (tests/test_deploy.py)
+    .venv/bin/python deploy/k8s/sync.py --check  # exit 1 when one is stale (tests/deploy/test_deploy.py)
 
 - base/fusion-rules-configmap.yaml                  <- config/fusion_rules.yaml
 - base/prometheus-config.yaml                       <- deploy/prometheus/prometheus-k8s.yml + alerts.yml

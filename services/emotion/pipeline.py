@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from services.emotion.config import EmotionConfig
 from services.emotion.stop import CallStopped, StopSignal
-from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from services.runtime.servicing import ServedModel, check_batch_size
 from services.vision.decode import read_header
 from services.vision.face_pipeline import FacePipeline
@@ -39,9 +40,19 @@ class ImageOutput:
     error: Exception | None = None
 
 
+@runtime_checkable
+class RemoteBackend(Protocol):
+    """A backend whose models run on a server it can lose (Triton)."""
+
+    def unreachable(self, model: str) -> str | None:
+        """Why `model` is not served now when it is its server being unreachable; else None."""
+
+
 @dataclass(eq=False)
 class EmotionPipeline(FacePipeline[EmotionConfig]):
-    _params: dict[tuple[str, int | None], PreprocessParams] = field(default_factory=dict, init=False, repr=False)
+    _params: dict[tuple[str, int | None], PreprocessParams] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def served_models(self) -> list[ServedModel]:
         """Models the backend has ready, with what the gateway needs to calibrate them."""
@@ -53,8 +64,15 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
                 params = self._params_for(status.name, status.version)
             except FailedPrecondition:
                 continue  # not an emotion model (no preprocessing stored beside it)
-            out.append(ServedModel(status.name, status.version, status.backend,
-                                   temperature=params.temperature, class_names=tuple(params.class_names)))
+            out.append(
+                ServedModel(
+                    status.name,
+                    status.version,
+                    status.backend,
+                    temperature=params.temperature,
+                    class_names=tuple(params.class_names),
+                )
+            )
         return out
 
     def _params_for(self, model: str, version: int | None) -> PreprocessParams:
@@ -70,7 +88,8 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
         return self._params[key]
 
     def check_models(self, models: Sequence[str]) -> list[ServedModel]:
-        """The request's models as served, or FAILED_PRECONDITION naming the missing ones."""
+        """The request's models as served; UNAVAILABLE when they are missing because their server
+        is unreachable, else FAILED_PRECONDITION naming the missing ones."""
         if not models:
             raise InvalidArgument("no models requested")
         repeated = sorted({m for m in models if list(models).count(m) > 1})
@@ -78,15 +97,22 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
             raise InvalidArgument(f"model(s) {', '.join(repeated)} named more than once")
         served = {m.name: m for m in self.served_models()}
         missing = [m for m in models if m not in served]
+        if missing and isinstance(self.backend, RemoteBackend):
+            # The models' server is down, not the models gone: UNAVAILABLE, which callers retry.
+            reasons = [self.backend.unreachable(m) for m in missing]
+            if all(reasons):
+                raise Unavailable(f"model(s) {', '.join(missing)} cannot run now: {reasons[0]}")
         if missing:
             # No server path in the message: callers see names only.
             raise FailedPrecondition(
                 f"model(s) {', '.join(missing)} are not served by this emotion service; "
-                f"served: {', '.join(sorted(served)) or 'none'}")
+                f"served: {', '.join(sorted(served)) or 'none'}"
+            )
         return [served[m] for m in models]
 
-    async def run(self, images: Sequence[ImageInput], served: Sequence[ServedModel],
-                  stop: StopSignal | None = None) -> list[ImageOutput]:
+    async def run(
+        self, images: Sequence[ImageInput], served: Sequence[ServedModel], stop: StopSignal | None = None
+    ) -> list[ImageOutput]:
         """Each face of each image with the logits of the models `check_models` returned. `stop`
         (the call's deadline and cancellation) is checked between stages, in the worker threads
         too; when it fires the call ends with CallStopped and no further stage starts."""
@@ -129,7 +155,8 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
         if decoded > self.config.max_decoded_pixels_per_request:
             raise ResourceExhausted(
                 f"the request's images total {decoded} pixels, over the limit of "
-                f"{self.config.max_decoded_pixels_per_request} (max_decoded_pixels_per_request)")
+                f"{self.config.max_decoded_pixels_per_request} (max_decoded_pixels_per_request)"
+            )
         self._check_crop_pixels(cropped)
 
     def _boxes_pixels(self, boxes: Sequence[Box], width: int, height: int) -> int:
@@ -153,7 +180,8 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
         if pixels > self.config.max_crop_pixels_per_request:
             raise ResourceExhausted(
                 f"the request's face crops total {pixels} pixels, over the limit of "
-                f"{self.config.max_crop_pixels_per_request} (max_crop_pixels_per_request)")
+                f"{self.config.max_crop_pixels_per_request} (max_crop_pixels_per_request)"
+            )
 
     def _faces(self, image: ImageInput, stop: StopSignal) -> tuple[ImageOutput, list[np.ndarray]]:
         """Decode and locate faces of one image (in a worker thread: detection costs tens of ms).
@@ -180,11 +208,12 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
             return ImageOutput(faces=[FaceOutput(box) for box in boxes]), crops
         except CallStopped:
             raise  # the whole call ends, not this image
-        except Exception as exc:  # noqa: BLE001 - reported on this image; the others are answered
+        except Exception as exc:
             return ImageOutput(error=exc), []
 
-    async def _logits(self, served: Sequence[ServedModel], crops: list[np.ndarray], stop: StopSignal
-                      ) -> dict[str, np.ndarray]:
+    async def _logits(
+        self, served: Sequence[ServedModel], crops: list[np.ndarray], stop: StopSignal
+    ) -> dict[str, np.ndarray]:
         """Each model's logits for the crops. Models with the same pixel recipe (ensemble members
         usually) share each preprocessed slice; a slice is at most the smallest max_batch_size of
         those models (and `preprocess_slice`), so a request never holds more preprocessed input
@@ -195,7 +224,8 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
             params = self._params_for(model.name, model.version)
             key = params.pixels_key
             groups.setdefault(key, []).append((model, params))
-            limit = self.repository.get(model.name).config.max_batch_size or self.config.preprocess_slice
+            config = self.repository.get(model.name).config
+            limit = (config.max_batch_size if config else 0) or self.config.preprocess_slice
             slice_size[key] = min(slice_size.get(key, self.config.preprocess_slice), limit)
         parts: dict[str, list[np.ndarray]] = {model.name: [] for model in served}
         for key, members in groups.items():
@@ -203,7 +233,9 @@ class EmotionPipeline(FacePipeline[EmotionConfig]):
             for start in range(0, len(crops), size):
                 stop.check("preprocessing")
                 with self.metrics.stage("preprocess", first.name):
-                    batch = await asyncio.to_thread(preprocess_faces, crops[start:start + size], first_params)
+                    batch = await asyncio.to_thread(
+                        preprocess_faces, crops[start : start + size], first_params
+                    )
                 # Members run one after another: on a CPU both cores already serve each run.
                 for model, params in members:
                     stop.check("inference")

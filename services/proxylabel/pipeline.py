@@ -210,8 +210,8 @@ class ProxyLabelPipeline:
                     "kNN index %s: the new files are not loaded (%s); version %s keeps serving",
                     config.knn_model,
                     exc,
-                    kept.knn.version,
-                )  # type: ignore[union-attr]
+                    kept.knn.version if kept.knn else None,
+                )
                 return kept.knn, kept_served, kept.knn_fingerprint
             log.error("kNN index %s not loaded: %s", config.knn_model, exc)
             return None, None, ()

@@ -105,7 +105,7 @@ HAAR_MARGINS = Margins.even(0.1)
 # BlazeFace's box is about as big as Haar's but sits lower on the face (median over 218 real faces
 # both find: centre 12 % of the side lower, side 1.01×): grown 25 % upwards, 10 % sideways and not
 # downwards it gives about the crop of a Haar box grown 10 % on each side, which fer's student was
-# trained on (tests/test_blazeface.py measures the student's agreement; docs/models.md).
+# trained on (tests/vision/test_blazeface.py measures the student's agreement; docs/models.md).
 BLAZEFACE_MARGINS = Margins(top=0.25, bottom=0.0, left=0.1, right=0.1)
 
 

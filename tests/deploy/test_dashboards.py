@@ -3,7 +3,7 @@ of it reads a recording rule of deploy/prometheus/alerts.yml or a series that ex
 services/runtime/metrics.py, Prometheus's `up`, or Triton's own metrics. Panels have unique ids
 and do not overlap on Grafana's grid.
 
-That the queries evaluate on a real Prometheus scraping a real suite is tests/test_deploy.py's.
+That the queries evaluate on a real Prometheus scraping a real suite is tests/deploy/test_deploy.py's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Security "restricted"); Compose validates against the Compose Specification's JS
 every alert; a real Prometheus scraping a real suite answers every query of the Grafana dashboard,
 every rule expression and every prometheus-adapter query the autoscalers use.
 
-The rendered Deployments and the shard Job are run as local processes in tests/test_k8s.py.
+The rendered Deployments and the shard Job are run as local processes in tests/deploy/test_k8s.py.
 
 Needs the Debian packages `prometheus` (prometheus + promtool) and `docker-compose`, and the
 Compose schema under .cache/compose-spec (`make prometheus` installs all three); without them those

@@ -11,7 +11,7 @@ against that suite and must write both outputs; its exit codes must be the ones 
 podFailurePolicy expects.
 
 What needs a cluster (scheduling, NetworkPolicy enforcement, the admission of Pod Security, the
-HPAs' adapter, cert-manager) or a GPU (Triton) is rendered and validated in tests/test_deploy.py.
+HPAs' adapter, cert-manager) or a GPU (Triton) is rendered and validated in tests/deploy/test_deploy.py.
 """
 
 from __future__ import annotations

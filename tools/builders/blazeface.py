@@ -8,7 +8,7 @@ re-expressed operator by operator with `onnx.helper`: no TensorFlow, no converte
 changes from run to run (the same `.tflite` always gives the same ONNX bytes). fp16 weights
 (DEQUANTIZE of constants) are widened to fp32 at conversion, activations stay NCHW inside the
 graph, and the ONNX model keeps the `.tflite`'s NHWC input and its two outputs, so the two can be
-compared on the same tensors (tests/test_blazeface.py runs both: LiteRT on the original).
+compared on the same tensors (tests/vision/test_blazeface.py runs both: LiteRT on the original).
 
 Beside each model, `blazeface.json` holds what MediaPipe's graph does around the network (input
 size, normalisation, anchors, box scales, score clipping and threshold, NMS): read by

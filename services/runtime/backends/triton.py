@@ -5,6 +5,7 @@ validated against the repository's config before it leaves the process; batching
 ``dynamic_batching`` of the same config). Triton's statuses become the suite's errors:
 
     connection refused, server down   Unavailable        (the message names the Triton url)
+    server frozen (no keepalive ack)  Unavailable
     model not in the repository       NotFound           (checked here, no call made)
     model in the repository that Triton has not loaded   FailedPrecondition
     bad input                         InvalidArgument
@@ -12,7 +13,8 @@ validated against the repository's config before it leaves the process; batching
 
 A call that finds Triton unavailable retires the gRPC channel: the next call opens a fresh one,
 so the backend answers again as soon as Triton is back, instead of waiting out the channel's
-reconnect backoff (which grows to minutes).
+reconnect backoff (which grows to minutes). Until a call or a probe gets through again, the
+backend reports Triton unreachable (`unreachable`, and to whoever `follow`s it).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -58,15 +61,35 @@ MIB = 1024 * 1024
 class TritonConfig(StrictModel):
     url: str = Field("127.0.0.1:8001", description="Triton's gRPC address, host:port.")
     timeout_seconds: float = Field(
-        10.0, gt=0, description="Deadline of every call to Triton (the client's default is none).")
+        10.0, gt=0, description="Deadline of every call to Triton (the client's default is none)."
+    )
     models: tuple[str, ...] | None = Field(
-        None, description="Models served through Triton; null: every onnxruntime_onnx model of the "
-        "repository. Other kinds (faiss, xgboost, tokenizers) stay with their in-process backends.")
+        None,
+        description="Models served through Triton; null: every onnxruntime_onnx model of the "
+        "repository. Other kinds (faiss, xgboost, tokenizers) stay with their in-process backends.",
+    )
     max_message_bytes: int = Field(256 * MIB, gt=0, description="Largest request or response.")
+    # A frozen Triton keeps its connection open: without keepalive a call waits out its whole
+    # deadline. Pings go only while calls are in flight, at most two without data (gRPC's
+    # default), so Triton's default ping policy (one ping per 5 min without data, two strikes)
+    # never closes a healthy connection.
+    keepalive_time_ms: int = Field(
+        2_000,
+        gt=0,
+        description="Ping Triton after this long without an answer on a connection with calls in flight.",
+    )
+    keepalive_timeout_ms: int = Field(
+        2_000,
+        gt=0,
+        description="A ping not acknowledged within this closes the connection: its calls end "
+        "UNAVAILABLE (a frozen server), well within a caller's deadline.",
+    )
     ssl: bool = Field(False, description="TLS to Triton with the system's root certificates.")
     control_models: bool = Field(
-        False, description="Ask Triton to (re)load models on load()/reload(); needs Triton in "
-        "explicit model-control mode. Off: Triton manages its repository itself.")
+        False,
+        description="Ask Triton to (re)load models on load()/reload(); needs Triton in "
+        "explicit model-control mode. Off: Triton manages its repository itself.",
+    )
 
 
 @dataclass(frozen=True)
@@ -86,11 +109,12 @@ def _describe(entry: ModelEntry) -> _Model:
     if config.input:
         # The in-process backend's own specs: it consults the session only for configs without
         # inputs, which the branch below covers from the file instead.
-        inputs = input_specs(entry, None)  # type: ignore[arg-type]
+        inputs = input_specs(entry, None)
     else:
         specs, _ = onnx_signature(entry.model_path())
-        inputs = tuple(InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False)
-                       for s in specs)
+        inputs = tuple(
+            InputSpec(s.name, s.dtype, tuple(-1 if d is None else d for d in s.shape), False) for s in specs
+        )
     return _Model(entry, inputs, tuple(o.name for o in config.output))
 
 
@@ -101,14 +125,16 @@ def _status_code(exc: InferenceServerException) -> grpc.StatusCode | None:
 
 
 def _channel_args(config: TritonConfig) -> list[tuple[str, int]]:
-    keepalive = triton_grpc.KeepAliveOptions()
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
-        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+        # A keepalive ping due while another ping is unanswered (a flow-control probe, sent with
+        # the data) waits for that ping's ack, which only this timeout bounds (60 s by default).
+        ("grpc.http2.ping_timeout_ms", config.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 0),  # Triton refuses idle pings by default
+        ("grpc.http2.max_pings_without_data", 2),
         # gRPC shares subchannels between channels to the same address by default, so a fresh
         # channel would inherit the dead one's reconnect backoff; and keep that backoff short.
         ("grpc.use_local_subchannel_pool", 1),
@@ -131,8 +157,13 @@ class TritonBackend:
         self._retiring: set[asyncio.Task[None]] = set()
         self._known: dict[str, _Model] = {}
         self._status: dict[str, ModelStatus] = {}
-        self._applied: dict[str, tuple] = {}  # repository fingerprint each model was described from
+        self._applied: dict[
+            str, tuple[object, ...]
+        ] = {}  # repository fingerprint each model was described from
         self._lock = asyncio.Lock()
+        self._unreachable: str | None = None  # why Triton is known unreachable; None: it answers
+        self._listeners: list[Callable[[bool], Coroutine[Any, Any, None]]] = []
+        self._telling: set[asyncio.Task[None]] = set()
 
     # -- Backend interface
 
@@ -160,8 +191,9 @@ class TritonBackend:
         client = self._get_client()
         start = time.perf_counter()
         try:
-            result = await client.infer(model, request, outputs=wanted,
-                                        client_timeout=self.config.timeout_seconds)
+            result = await client.infer(
+                model, request, outputs=wanted, client_timeout=self.config.timeout_seconds
+            )
         except InferenceServerException as exc:
             raise self._failure(exc, model, client) from None
         elapsed = time.perf_counter() - start
@@ -172,12 +204,14 @@ class TritonBackend:
         for name in names:
             array = result.as_numpy(name)
             if array is None:
-                raise ServingError(f"Triton at {self.config.url} returned no output '{name}' "
-                                   f"for model '{model}'")
+                raise ServingError(
+                    f"Triton at {self.config.url} returned no output '{name}' for model '{model}'"
+                )
             # as_numpy views the response bytes read-only; callers may scale in place.
             outputs[name] = array if array.flags.writeable else array.copy()
-        self.metrics.inference_duration.labels(model, version if version is not None else "",
-                                               BACKEND_NAME).observe(elapsed)
+        self.metrics.inference_duration.labels(
+            model, version if version is not None else "", BACKEND_NAME
+        ).observe(elapsed)
         self._mark_ready(model, version)
         return InferResult(outputs, model, version, BACKEND_NAME)
 
@@ -188,8 +222,9 @@ class TritonBackend:
         async with self._lock:
             await self._sync_repository()
             if model not in self._status:
-                raise NotFound(f"model '{model}' is not a Triton model of the repository "
-                               f"{self.repository.root}")
+                raise NotFound(
+                    f"model '{model}' is not a Triton model of the repository {self.repository.root}"
+                )
             if self.config.control_models:
                 await self._load_on_triton(model)
             await self._refresh([model])
@@ -204,8 +239,11 @@ class TritonBackend:
                     if name in self._status:
                         await self._load_on_triton(name)
             await self._refresh(list(self._status))
-            changed |= {n for n, s in self._status.items()
-                        if n not in before or (before[n].version, before[n].ready) != (s.version, s.ready)}
+            changed |= {
+                n
+                for n, s in self._status.items()
+                if n not in before or (before[n].version, before[n].ready) != (s.version, s.ready)
+            }
             changed |= set(before) - set(self._status)
         if changed:
             log.info("triton backend reloaded: %s", sorted(changed))
@@ -217,7 +255,7 @@ class TritonBackend:
             await client.close()
         for task in list(self._retiring):
             task.cancel()  # each closes its channel on the way out
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await asyncio.gather(*self._retiring, *self._telling, return_exceptions=True)
 
     async def refresh(self) -> list[ModelStatus]:
         """Ask Triton which models are ready now (for health checks); never raises."""
@@ -225,12 +263,27 @@ class TritonBackend:
             await self._refresh(list(self._status))
         return self.models()
 
+    def unreachable(self, model: str) -> str | None:
+        """Why `model` is not served now when the reason is that Triton is unreachable (it comes
+        back by itself once Triton answers again); None when it is not that."""
+        if self._unreachable is None or model not in self._known:
+            return None
+        return self._unreachable
+
+    def follow(self, listener: Callable[[bool], Coroutine[Any, Any, None]]) -> None:
+        """Tell `listener` whether Triton is reachable: now if it is known not to be, then at every
+        change (e.g. to set a service's health NOT_SERVING while its models cannot run)."""
+        self._listeners.append(listener)
+        if self._unreachable is not None:
+            self._tell(listener, False)
+
     # -- internals
 
     def _get_client(self) -> triton_aio.InferenceServerClient:
         if self._client is None:
             self._client = triton_aio.InferenceServerClient(
-                self.config.url, ssl=self.config.ssl, channel_args=_channel_args(self.config))
+                self.config.url, ssl=self.config.ssl, channel_args=_channel_args(self.config)
+            )
         return self._client
 
     def _retire(self, client: triton_aio.InferenceServerClient) -> None:
@@ -238,34 +291,39 @@ class TritonBackend:
         if self._client is not client:
             return  # a concurrent failure already retired it
         self._client = None
+        retired: Any = client  # (mypy narrowed `client` through the identity test above)
 
         async def close_later() -> None:
             try:
                 # Calls still in flight on the old channel end by their own deadline.
                 await asyncio.sleep(self.config.timeout_seconds)
             finally:
-                await client.close()
+                await retired.close()
 
         task = asyncio.get_running_loop().create_task(close_later())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def _failure(self, exc: InferenceServerException, model: str,
-                 client: triton_aio.InferenceServerClient) -> ServingError:
+    def _failure(
+        self, exc: InferenceServerException, model: str, client: triton_aio.InferenceServerClient
+    ) -> ServingError:
         code = _status_code(exc)
         message = exc.message() or str(exc)
         url = self.config.url
         if code is grpc.StatusCode.UNAVAILABLE:
             self._retire(client)
+            self._set_unreachable(f"Triton at {url} is unreachable: {message}")
             self._mark_down(model, f"Triton at {url} is unavailable: {message}")
             return Unavailable(f"Triton at {url} is unavailable (model '{model}'): {message}")
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceeded(f"Triton at {url} did not answer model '{model}' within "
-                                    f"{self.config.timeout_seconds:g} s")
+            return DeadlineExceeded(
+                f"Triton at {url} did not answer model '{model}' within {self.config.timeout_seconds:g} s"
+            )
         if code is grpc.StatusCode.NOT_FOUND:
             self._mark_down(model, f"not loaded on Triton at {url}: {message}")
-            return FailedPrecondition(f"model '{model}' is in the repository but not loaded on Triton "
-                                      f"at {url}: {message}")
+            return FailedPrecondition(
+                f"model '{model}' is in the repository but not loaded on Triton at {url}: {message}"
+            )
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(f"model '{model}': {message}")
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -298,19 +356,23 @@ class TritonBackend:
                 continue
             changed.add(name)
             self._applied[name] = fingerprint
-            error = (f"model '{name}' is not in the repository {self.repository.root}" if entry is None
-                     else entry.error)
+            error = (
+                f"model '{name}' is not in the repository {self.repository.root}"
+                if entry is None
+                else entry.error
+            )
             if error is None and entry is not None:
                 try:
                     self._known[name] = await loop.run_in_executor(None, _describe, entry)
-                except Exception as exc:  # noqa: BLE001 - a bad model is reported, never fatal
+                except Exception as exc:
                     error = f"{entry.path}: cannot read its inputs: {exc}"
             if error is not None:
                 self._known.pop(name, None)
                 log.error("triton backend: model %s not served: %s", name, error)
             versions = tuple(entry.versions) if entry is not None else ()
-            self._status[name] = ModelStatus(name, entry.version if entry else None, BACKEND_NAME,
-                                             False, error, versions)
+            self._status[name] = ModelStatus(
+                name, entry.version if entry else None, BACKEND_NAME, False, error, versions
+            )
         return changed
 
     async def _load_on_triton(self, model: str) -> None:
@@ -339,22 +401,46 @@ class TritonBackend:
         except InferenceServerException as exc:
             self._failure(exc, model, client)  # marks the model down, retires a dead channel
             return
+        self._set_unreachable(None)
         if not ready:
             self._mark_down(model, f"not ready on Triton at {self.config.url}")
             return
-        self._status[model] = ModelStatus(model, max(versions) if versions else None, BACKEND_NAME,
-                                          True, None, versions)
+        self._status[model] = ModelStatus(
+            model, max(versions) if versions else None, BACKEND_NAME, True, None, versions
+        )
+
+    def _set_unreachable(self, reason: str | None) -> None:
+        """Record whether Triton answers; tell the listeners when that changes."""
+        changed = (reason is None) != (self._unreachable is None)
+        self._unreachable = reason
+        if changed:
+            log.log(
+                logging.INFO if reason is None else logging.WARNING,
+                "triton backend: %s",
+                reason or f"Triton at {self.config.url} answers again",
+            )
+            for listener in self._listeners:
+                self._tell(listener, reason is None)
+
+    def _tell(self, listener: Callable[[bool], Coroutine[Any, Any, None]], reachable: bool) -> None:
+        task = asyncio.get_running_loop().create_task(listener(reachable))
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
 
     def _mark_ready(self, model: str, version: int | None) -> None:
+        self._set_unreachable(None)
         status = self._status.get(model)
         if status is not None and (not status.ready or status.version != version):
-            versions = status.versions if version in status.versions or version is None \
+            versions = (
+                status.versions
+                if version in status.versions or version is None
                 else tuple(sorted({*status.versions, version}))
+            )
             self._status[model] = ModelStatus(model, version, BACKEND_NAME, True, None, versions)
 
     def _mark_down(self, model: str, error: str) -> None:
         status = self._status.get(model)
         if status is not None:
-            self._status[model] = ModelStatus(model, status.version, BACKEND_NAME, False, error,
-                                              status.versions)
-
+            self._status[model] = ModelStatus(
+                model, status.version, BACKEND_NAME, False, error, status.versions
+            )

@@ -32,16 +32,17 @@ from tessera.common.v1 import common_pb2
 from tessera.gateway.v1 import gateway_service_pb2 as pb
 from tessera.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tessera_client import TesseraClient
-from tests.conftest import CACHE, start_suite
-from tests.test_load import rss_kib
+from tests.helpers.suites import CACHE, rss_kib, start_suite
 from tools.builders.fer_student import build_fer_student
 from tools.devtriton.local import PYTRITON_VERSION, LocalTriton
 
 DEADLINE = 10.0  # every call's, as the issue states it
 FAULT_CODES = {"OK", "UNAVAILABLE"}
-HEALTH = {"emotion": "tessera.emotion.v1.EmotionService",
-          "engagement": "tessera.engagement.v1.EngagementService",
-          "proxylabel": "tessera.proxylabel.v1.ProxyLabelService"}
+HEALTH = {
+    "emotion": "tessera.emotion.v1.EmotionService",
+    "engagement": "tessera.engagement.v1.EngagementService",
+    "proxylabel": "tessera.proxylabel.v1.ProxyLabelService",
+}
 GATEWAY_SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 ENGAGEMENT_SERVICE = HEALTH["engagement"]
 CLIP_FRAMES = 12  # enough faces for the clip to be scored (min_face_frames 8)
@@ -97,8 +98,15 @@ class SteadyLoad:
     """A caller thread per service, each calling back to back until stopped (at most `max_calls`
     calls and `max_seconds`), every outcome recorded."""
 
-    def __init__(self, target: str, callers: dict[str, Caller], *, max_calls: int = 1500,
-                 max_seconds: float = 150.0, pause: float = 0.05) -> None:
+    def __init__(
+        self,
+        target: str,
+        callers: dict[str, Caller],
+        *,
+        max_calls: int = 1500,
+        max_seconds: float = 150.0,
+        pause: float = 0.05,
+    ) -> None:
         self.target = target
         self.callers = callers
         self.max_calls = max_calls
@@ -107,8 +115,10 @@ class SteadyLoad:
         self.calls: list[Ended] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(name, call), daemon=True)
-                         for name, call in callers.items()]
+        self._threads = [
+            threading.Thread(target=self._run, args=(name, call), daemon=True)
+            for name, call in callers.items()
+        ]
 
     def _run(self, service: str, call: Caller) -> None:
         stop_at = time.monotonic() + self.max_seconds
@@ -152,10 +162,15 @@ class SteadyLoad:
         return len(last) == CLEARED and all(c.code == "OK" for c in last)
 
     def report(self) -> str:
-        """Status counts per service, and one detail of each status other than OK."""
+        """Status counts per service, and one detail and the longest call of each status other than OK."""
         details = {(c.service, c.code): c.detail for c in self.calls if c.code != "OK"}
+        longest: dict[tuple[str, str], float] = {}
+        for c in self.calls:
+            longest[c.service, c.code] = max(longest.get((c.service, c.code), 0.0), c.end - c.start)
         return "; ".join(f"{s}: {dict(self.codes(s))}" for s in self.callers) + "".join(
-            f"\n  {s} {code}: {detail[:300]}" for (s, code), detail in sorted(details.items()))
+            f"\n  {s} {code} (longest {longest[s, code]:.1f} s): {detail[:300]}"
+            for (s, code), detail in sorted(details.items())
+        )
 
 
 def within(check: Callable[[], bool], seconds: float) -> bool:
@@ -186,22 +201,36 @@ class Fault:
     gateway_health: str = ""
 
 
-def under_load(load: SteadyLoad, client: TesseraClient, service: str, fault: Callable[[], object],
-               recover: Callable[[], object], down_health: str = "NOT_SERVING") -> Fault:
+def under_load(
+    load: SteadyLoad,
+    client: TesseraClient,
+    service: str,
+    fault: Callable[[], object],
+    recover: Callable[[], object],
+    down_health: str = "NOT_SERVING",
+) -> Fault:
     """Apply a fault to a loaded suite, hold it until the service's calls are seen refused and every
     other service answered meanwhile, recover, and wait until the service's calls clear."""
     others = [s for s in load.callers if s != service]
-    eventually("every service answered before the fault",
-               lambda: all(any(c.code == "OK" for c in load.of(s)) for s in load.callers))
+    eventually(
+        "every service answered before the fault",
+        lambda: all(any(c.code == "OK" for c in load.of(s)) for s in load.callers),
+    )
     seen = Fault(service, started=time.monotonic())
     fault()
     try:
         if down_health:
-            eventually(f"the gateway knows the {service} service is down",
-                       lambda: gateway_health(client, service) == down_health)
-        eventually(f"{SEEN_DOWN} {service} calls refused and every other service answered meanwhile",
-                   lambda: sum(c.code != "OK" for c in load.of(service, seen.started)) >= SEEN_DOWN
-                   and all(any(c.code == "OK" for c in load.of(s, seen.started)) for s in others))
+            eventually(
+                f"the gateway knows the {service} service is down",
+                lambda: gateway_health(client, service) == down_health,
+            )
+        eventually(
+            f"{SEEN_DOWN} {service} calls refused and every other service answered meanwhile",
+            lambda: (
+                sum(c.code != "OK" for c in load.of(service, seen.started)) >= SEEN_DOWN
+                and all(any(c.code == "OK" for c in load.of(s, seen.started)) for s in others)
+            ),
+        )
         seen.gateway_health = gateway_health(client)
     finally:
         recover()
@@ -244,24 +273,32 @@ def _pid(suite: Suite, name: str) -> int:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_a_frozen_service_under_load_is_answered_unavailable(loaded_suite: Suite, payload: loadgen.Payload,
-                                                             service: str) -> None:
-    with TesseraClient(loaded_suite.gateway.target) as client, \
-            SteadyLoad(loaded_suite.gateway.target, service_callers(payload)) as load:
+def test_a_frozen_service_under_load_is_answered_unavailable(
+    loaded_suite: Suite, payload: loadgen.Payload, service: str
+) -> None:
+    with (
+        TesseraClient(loaded_suite.gateway.target) as client,
+        SteadyLoad(loaded_suite.gateway.target, service_callers(payload)) as load,
+    ):
         pid = _pid(loaded_suite, service)
-        seen = under_load(load, client, service, lambda: os.kill(pid, signal.SIGSTOP),
-                          lambda: os.kill(pid, signal.SIGCONT))
+        seen = under_load(
+            load, client, service, lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGCONT)
+        )
     print(f"\nfrozen {service}: {load.report()}")
     assert_fault_contained(load, seen, f"{service} service")
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_killed_service_under_load_fails_fast_and_clears_after_restart(
-        loaded_suite: Suite, payload: loadgen.Payload, service: str) -> None:
-    with TesseraClient(loaded_suite.gateway.target) as client, \
-            SteadyLoad(loaded_suite.gateway.target, service_callers(payload)) as load:
-        seen = under_load(load, client, service, lambda: loaded_suite.kill(service),
-                          lambda: loaded_suite.restart(service))
+    loaded_suite: Suite, payload: loadgen.Payload, service: str
+) -> None:
+    with (
+        TesseraClient(loaded_suite.gateway.target) as client,
+        SteadyLoad(loaded_suite.gateway.target, service_callers(payload)) as load,
+    ):
+        seen = under_load(
+            load, client, service, lambda: loaded_suite.kill(service), lambda: loaded_suite.restart(service)
+        )
     print(f"\nkilled {service}: {load.report()}")
     assert_fault_contained(load, seen, f"{service} service")
 
@@ -272,9 +309,13 @@ LIVE_FPS = 10.0
 LIVE_FRAMES = 40  # 4 s of frames: unfrozen, the stream ends OK well within its 10 s deadline
 
 
-def live_requests(frames: list[bytes], count: int, fps: float | None = None,
-                  hold: threading.Event | None = None, taken: list[int] | None = None
-                  ) -> Iterator[pb.StreamVideoRequest]:
+def live_requests(
+    frames: list[bytes],
+    count: int,
+    fps: float | None = None,
+    hold: threading.Event | None = None,
+    taken: list[int] | None = None,
+) -> Iterator[pb.StreamVideoRequest]:
     """A StreamVideo request stream: the header, `count` frames (paced at `fps`, else at once);
     then, with `hold`, the stream stays open (sending nothing) until it is set. `taken` counts the
     frames gRPC took from this iterator."""
@@ -285,8 +326,9 @@ def live_requests(frames: list[bytes], count: int, fps: float | None = None,
         if taken is not None:
             taken[0] += 1
         image = common_pb2.Image(encoded=frames[i % len(frames)])
-        yield pb.StreamVideoRequest(frame=common_pb2.VideoFrame(timestamp_us=int(i * 1e6 / (fps or 30.0)),
-                                                                image=image))
+        yield pb.StreamVideoRequest(
+            frame=common_pb2.VideoFrame(timestamp_us=int(i * 1e6 / (fps or 30.0)), image=image)
+        )
     if hold is not None:
         hold.wait(120)
 
@@ -310,19 +352,18 @@ def read_stream(call: Iterator[pb.StreamVideoResponse], end: StreamEnd) -> None:
         end.done.set()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/servicer.py GatewayServicer._live: the downstream StreamVideo call is not registered "
-    "in Route.inflight (gateway/routes.py Route.call / mark_unreachable cut only awaited unary and "
-    "client-stream calls), so a live stream through a frozen engagement service waits out its "
-    "deadline: DEADLINE_EXCEEDED instead of UNAVAILABLE"))
 def test_a_live_stream_through_a_frozen_engagement_service_ends_unavailable(
-        loaded_suite: Suite, payload: loadgen.Payload) -> None:
+    loaded_suite: Suite, payload: loadgen.Payload
+) -> None:
     end = StreamEnd()
     pid = _pid(loaded_suite, "engagement")
-    with grpc.insecure_channel(loaded_suite.gateway.target) as channel, \
-            SteadyLoad(loaded_suite.gateway.target, service_callers(payload)) as load:
+    with (
+        grpc.insecure_channel(loaded_suite.gateway.target) as channel,
+        SteadyLoad(loaded_suite.gateway.target, service_callers(payload)) as load,
+    ):
         call = pb_grpc.GatewayServiceStub(channel).StreamVideo(
-            live_requests(payload.frames, LIVE_FRAMES, LIVE_FPS), timeout=DEADLINE)
+            live_requests(payload.frames, LIVE_FRAMES, LIVE_FPS), timeout=DEADLINE
+        )
         reader = threading.Thread(target=read_stream, args=(call, end), daemon=True)
         reader.start()
         eventually("the live stream answers", lambda: end.answers >= 3 or end.done.is_set())
@@ -334,8 +375,10 @@ def test_a_live_stream_through_a_frozen_engagement_service_ends_unavailable(
             resumed = time.monotonic()
         reader.join(DEADLINE)
         eventually("engagement calls OK again", lambda: load.cleared("engagement", resumed))
-    print(f"\nlive stream through a frozen engagement service: {end.code} after {end.answers} answers "
-          f"({end.detail}); {load.report()}")
+    print(
+        f"\nlive stream through a frozen engagement service: {end.code} after {end.answers} answers "
+        f"({end.detail}); {load.report()}"
+    )
     assert set(load.codes("emotion")) == set(load.codes("proxylabel")) == {"OK"}, load.report()
     assert end.code == "UNAVAILABLE" and "engagement service" in end.detail, (end.code, end.detail)
 
@@ -364,8 +407,10 @@ def in_flight(port: int, service: str, method: str) -> float:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
-            if (sample.name == "tessera_requests_in_flight"
-                    and sample.labels == {"service": service, "method": method}):
+            if sample.name == "tessera_requests_in_flight" and sample.labels == {
+                "service": service,
+                "method": method,
+            }:
                 return sample.value
     return 0.0
 
@@ -424,7 +469,8 @@ def stalled(loaded_suite: Suite, payload: loadgen.Payload) -> Stalled:
         hold, taken = threading.Event(), [0]
         stalled_channel = grpc.insecure_channel(gateway.target, options=SMALL_WINDOW)
         call = pb_grpc.GatewayServiceStub(stalled_channel).StreamVideo(
-            live_requests(frames, STALLED_FRAMES, hold=hold, taken=taken), timeout=300)
+            live_requests(frames, STALLED_FRAMES, hold=hold, taken=taken), timeout=300
+        )
         try:
             seen.taken = settle(taken, STALLED_FRAMES)
             seen.gateway_streams = in_flight(gateway.metrics_port, GATEWAY_SERVICE, "StreamVideo")
@@ -442,8 +488,10 @@ def stalled(loaded_suite: Suite, payload: loadgen.Payload) -> Stalled:
         stalled_channel.close()
 
         def streams() -> dict[str, float]:
-            return {"gateway": in_flight(gateway.metrics_port, GATEWAY_SERVICE, "StreamVideo"),
-                    "engagement": in_flight(engagement.metrics_port, ENGAGEMENT_SERVICE, "StreamVideo")}
+            return {
+                "gateway": in_flight(gateway.metrics_port, GATEWAY_SERVICE, "StreamVideo"),
+                "engagement": in_flight(engagement.metrics_port, ENGAGEMENT_SERVICE, "StreamVideo"),
+            }
 
         within(lambda: not any(streams().values()), 60)
         seen.after_cancel = streams()
@@ -462,16 +510,13 @@ def test_a_stalled_stream_is_released_when_its_client_cancels(stalled: Stalled) 
     assert stalled.after_cancel == {"gateway": 0, "engagement": 0}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway/servicer.py GatewayServicer._live: forward() relays every frame the client sends to the "
-    "engagement service and keeps its image in the unbounded `pending` deque until its answer is "
-    "passed on; a client that stops reading blocks the answers, not the relay, so the gateway holds "
-    "every frame sent (its RSS grows by the bytes sent)"))
 def test_a_client_that_stops_reading_does_not_make_the_gateway_buffer_its_frames(stalled: Stalled) -> None:
     sent_kib = stalled.taken * FRAME_BYTES // 1024
     growth = stalled.rss_stalled_kib - stalled.rss_before_kib
-    assert growth < RSS_SLACK_KIB, (f"gateway RSS grew {growth} KiB while the stalled client had "
-                                    f"{stalled.taken} frames ({sent_kib} KiB) taken")
+    assert growth < RSS_SLACK_KIB, (
+        f"gateway RSS grew {growth} KiB while the stalled client had "
+        f"{stalled.taken} frames ({sent_kib} KiB) taken"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,9 +540,16 @@ def triton_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Pat
     triton.start()
     try:
         # The Haar detector: BlazeFace's models are not in this repository (nor wanted in the overlay).
-        suite = start_suite(tmp_path_factory.mktemp("faults-triton"), model_repository, extra_env={
-            "TESSERA_EMOTION__MODEL_REPOSITORY": str(repo), "TESSERA_EMOTION__BACKEND": "triton",
-            "TESSERA_EMOTION__TRITON__URL": triton.grpc_url, "TESSERA_EMOTION__DETECTOR__KIND": "haar"})
+        suite = start_suite(
+            tmp_path_factory.mktemp("faults-triton"),
+            model_repository,
+            extra_env={
+                "TESSERA_EMOTION__MODEL_REPOSITORY": str(repo),
+                "TESSERA_EMOTION__BACKEND": "triton",
+                "TESSERA_EMOTION__TRITON__URL": triton.grpc_url,
+                "TESSERA_EMOTION__DETECTOR__KIND": "haar",
+            },
+        )
         try:
             yield TritonSuite(suite, triton)
         finally:
@@ -512,27 +564,11 @@ def _restart_triton(triton: LocalTriton) -> None:
     triton.start(ports)  # where the emotion service expects it
 
 
-KILLED_TRITON = (
-    "services/emotion/pipeline.py EmotionPipeline.check_models: once Triton is found unavailable, "
-    "services/runtime/backends/triton.py TritonBackend._failure/_probe mark the model down "
-    "(_mark_down), and until a reload finds it ready again every call is refused FAILED_PRECONDITION "
-    "'model(s) emotion_student are not served by this emotion service; served: none' instead of "
-    "UNAVAILABLE naming Triton")
-FROZEN_TRITON = (
-    "services/runtime/backends/triton.py TritonBackend: a frozen Triton keeps its TCP connection, so "
-    "infer() waits TritonConfig.timeout_seconds (10 s) or the caller's deadline, whichever comes "
-    "first, and the gateway's 10 s calls end DEADLINE_EXCEEDED, not UNAVAILABLE. Keepalive is off on "
-    "the Triton channel (_channel_args takes tritonclient's KeepAliveOptions: keepalive_time_ms "
-    "2^31-1) and the emotion service's health does not follow Triton's")
-
-
 @pytest.mark.triton
-@pytest.mark.parametrize("fault", [
-    pytest.param("killed", marks=pytest.mark.xfail(strict=True, reason=KILLED_TRITON)),
-    pytest.param("frozen", marks=pytest.mark.xfail(strict=True, reason=FROZEN_TRITON)),
-])
-def test_a_faulty_triton_under_load_is_answered_unavailable(triton_suite: TritonSuite,
-                                                            payload: loadgen.Payload, fault: str) -> None:
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_faulty_triton_under_load_is_answered_unavailable(
+    triton_suite: TritonSuite, payload: loadgen.Payload, fault: str
+) -> None:
     suite, triton = triton_suite.suite, triton_suite.triton
     assert triton.pid is not None
     pid = triton.pid
@@ -540,8 +576,10 @@ def test_a_faulty_triton_under_load_is_answered_unavailable(triton_suite: Triton
         apply, recover = (lambda: os.kill(pid, signal.SIGKILL)), (lambda: _restart_triton(triton))
     else:
         apply, recover = (lambda: os.kill(pid, signal.SIGSTOP)), (lambda: os.kill(pid, signal.SIGCONT))
-    with TesseraClient(suite.gateway.target) as client, \
-            SteadyLoad(suite.gateway.target, service_callers(payload)) as load:
+    with (
+        TesseraClient(suite.gateway.target) as client,
+        SteadyLoad(suite.gateway.target, service_callers(payload)) as load,
+    ):
         # No health to wait for: the emotion service's own stays SERVING, it does not follow Triton's.
         seen = under_load(load, client, "emotion", apply, recover, down_health="")
     print(f"\n{fault} triton: {load.report()}")

@@ -24,29 +24,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
 from bench import loadgen, results
 from launcher.suite import Suite
 from tessera_client import TesseraClient
+from tests.helpers.suites import rss_kib
 
 PROCESSES = ("gateway", "emotion", "engagement", "proxylabel")
 RECORD = os.environ.get("TESSERA_BENCH_RECORD") == "1"
-
-
-def rss_kib(suite: Suite) -> dict[str, int]:
-    """VmRSS of every process of the suite, KiB (0 for a process that is gone)."""
-    out = {}
-    for name in PROCESSES:
-        proc = suite.processes[name]
-        try:
-            status = Path(f"/proc/{proc.popen.pid}/status").read_text()
-            out[name] = int(status.split("VmRSS:")[1].split()[0]) if proc.popen.poll() is None else 0
-        except (OSError, IndexError):
-            out[name] = 0
-    return out
 
 
 def alive(suite: Suite) -> dict[str, int | None]:
@@ -105,7 +92,7 @@ def burst(suite: Suite, astronaut_jpeg: bytes) -> Burst:
         lat = burst.percentiles()
         others = sum(v for k, v in burst.codes.items() if k not in BURST_STATUSES)
         results.record(
-            "burst (tests/test_load.py)",
+            "burst (tests/suite/test_load.py)",
             [
                 results.row(
                     "ClassifyEmotion sequential rate (astronaut 512², detection on)", b.sequential_rate, "/s"
@@ -336,7 +323,7 @@ def test_soak_mixed_traffic_with_a_live_stream(
             for n in PROCESSES
         ]
         results.record(
-            f"soak {int(warmup + seconds)} s (tests/test_load.py)",
+            f"soak {int(warmup + seconds)} s (tests/suite/test_load.py)",
             rows,
             quick=seconds < 600,
             settings=f"warm-up {warmup:g} s, {seconds:g} s, live stream {LIVE_FPS:g} fps, mix "

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.suite import Suite
 from tessera_client import TesseraClient
-from tests.conftest import start_suite
+from tests.helpers.suites import start_suite
 
 EMOTION_HEALTH = "tessera.emotion.v1.EmotionService"
 
@@ -30,8 +30,11 @@ def fast_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Path)
 
 def _health(target: str, service: str = "") -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
 
 
 def _until(what: str, check, seconds: float = 60.0) -> None:  # type: ignore[no-untyped-def]
@@ -50,8 +53,9 @@ def _classify_code(client: TesseraClient, photo: bytes, timeout: float = 10.0) -
         return exc.code().name, exc.details() or ""
 
 
-def test_a_frozen_service_is_answered_unavailable_not_deadline_exceeded(fast_suite: Suite,
-                                                                       astronaut_jpeg: bytes) -> None:
+def test_a_frozen_service_is_answered_unavailable_not_deadline_exceeded(
+    fast_suite: Suite, astronaut_jpeg: bytes
+) -> None:
     emotion = fast_suite.processes["emotion"]
     with TesseraClient(fast_suite.gateway.target) as client:
         assert _classify_code(client, astronaut_jpeg)[0] == "OK"
@@ -62,7 +66,10 @@ def test_a_frozen_service_is_answered_unavailable_not_deadline_exceeded(fast_sui
             assert [c for c, _ in codes] == ["UNAVAILABLE"] * 3, codes
             assert all("emotion service" in d for _, d in codes)
             assert _health(fast_suite.gateway.target) == health_pb2.HealthCheckResponse.SERVING
-            assert _health(fast_suite.gateway.target, EMOTION_HEALTH) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (
+                _health(fast_suite.gateway.target, EMOTION_HEALTH)
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             rows = client.score_texts([{"id": "a", "text": "How do plants make food?"}]).rows
             assert rows[0].status.code == 0  # the others answer meanwhile
         finally:
@@ -73,8 +80,13 @@ def test_a_frozen_service_is_answered_unavailable_not_deadline_exceeded(fast_sui
 def test_a_dead_service_fails_at_once_and_clears_when_back(fast_suite: Suite, astronaut_jpeg: bytes) -> None:
     with TesseraClient(fast_suite.gateway.target) as client:
         fast_suite.kill("emotion")
-        _until("gateway knows", lambda: _health(fast_suite.gateway.target, EMOTION_HEALTH)
-               == health_pb2.HealthCheckResponse.NOT_SERVING)
+        _until(
+            "gateway knows",
+            lambda: (
+                _health(fast_suite.gateway.target, EMOTION_HEALTH)
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            ),
+        )
         code, detail = _classify_code(client, astronaut_jpeg, timeout=30.0)
         assert code == "UNAVAILABLE" and "emotion service" in detail
         assert _health(fast_suite.gateway.target) == health_pb2.HealthCheckResponse.SERVING

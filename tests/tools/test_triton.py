@@ -8,6 +8,8 @@ The first run downloads the pytriton wheel and builds the stub's site-packages u
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +19,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from services.emotion.config import EmotionConfig
+from services.emotion.pipeline import EmotionPipeline
 from services.runtime.backends import Backend
 from services.runtime.backends.onnx import OnnxBackend, OnnxConfig
 from services.runtime.backends.triton import TritonBackend, TritonConfig
@@ -35,7 +39,7 @@ from tools.devtriton.local import LocalTriton
 
 pytestmark = pytest.mark.triton
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache"
+CACHE = Path(__file__).resolve().parents[2] / ".cache"
 LINEAR = "linear"
 DIN, DOUT = 16, 5
 TOLERANCE = 1e-5
@@ -57,12 +61,16 @@ def write_linear(root: Path) -> None:
     w = rng.standard_normal((DIN, DOUT)).astype(np.float32)
     b = rng.standard_normal((DOUT,)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["z"]),
-         helper.make_node("Tanh", ["z"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["z"]),
+            helper.make_node("Tanh", ["z"], ["y"]),
+        ],
         LINEAR,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", DIN])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", DOUT])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # what the stub's onnxruntime 1.20 reads
     (root / LINEAR / "1").mkdir(parents=True)
@@ -110,8 +118,9 @@ async def local(repo: Path) -> AsyncIterator[OnnxBackend]:
 
 @pytest.fixture
 async def remote(repo: Path, triton: LocalTriton) -> AsyncIterator[TritonBackend]:
-    backend = TritonBackend(ModelRepository(repo), TritonConfig(url=triton.grpc_url, timeout_seconds=10),
-                            Metrics("test"))
+    backend = TritonBackend(
+        ModelRepository(repo), TritonConfig(url=triton.grpc_url, timeout_seconds=10), Metrics("test")
+    )
     await backend.start()
     yield backend
     await backend.close()
@@ -127,14 +136,16 @@ async def test_is_a_backend_and_reports_models(remote: TritonBackend) -> None:
     assert isinstance(remote, Backend)
     status = {s.name: s for s in remote.models()}
     assert set(status) == {STUDENT, LINEAR}
-    assert all(s.ready and s.version == 1 and s.versions == (1,) and s.backend == "triton"
-               for s in status.values()), status
+    assert all(
+        s.ready and s.version == 1 and s.versions == (1,) and s.backend == "triton" for s in status.values()
+    ), status
 
 
 @pytest.mark.parametrize("model", [LINEAR, STUDENT])
 @pytest.mark.parametrize("rows", [1, 8])
-async def test_outputs_equal_in_process(model: str, rows: int, local: OnnxBackend,
-                                        remote: TritonBackend) -> None:
+async def test_outputs_equal_in_process(
+    model: str, rows: int, local: OnnxBackend, remote: TritonBackend
+) -> None:
     inputs = inputs_for(model, rows, seed=rows)
     want = await local.infer(model, inputs)
     got = await remote.infer(model, inputs)
@@ -160,7 +171,8 @@ async def test_concurrent_requests_all_correct(local: OnnxBackend, remote: Trito
 async def test_inference_is_timed(remote: TritonBackend) -> None:
     await remote.infer(LINEAR, inputs_for(LINEAR, 2))
     text = remote.metrics.registry.get_sample_value(
-        "tessera_model_inference_seconds_count", {"model": LINEAR, "version": "1", "backend": "triton"})
+        "tessera_model_inference_seconds_count", {"model": LINEAR, "version": "1", "backend": "triton"}
+    )
     assert text is not None and text >= 1
 
 
@@ -178,13 +190,16 @@ async def test_unknown_model_is_not_found(remote: TritonBackend) -> None:
         await remote.infer("knn", inputs_for(LINEAR, 1))  # in the repository, but not a Triton model
 
 
-@pytest.mark.parametrize("bad", [
-    {"x": np.zeros((2, DIN + 1), np.float32)},  # wrong shape
-    {"x": np.zeros((DIN,), np.float32)},  # no batch axis
-    {"x": np.zeros((2, DIN), np.float64)},  # wrong dtype
-    {"x": np.zeros((2, DIN), np.float32), "extra": np.zeros((2,), np.float32)},
-    {},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"x": np.zeros((2, DIN + 1), np.float32)},  # wrong shape
+        {"x": np.zeros((DIN,), np.float32)},  # no batch axis
+        {"x": np.zeros((2, DIN), np.float64)},  # wrong dtype
+        {"x": np.zeros((2, DIN), np.float32), "extra": np.zeros((2,), np.float32)},
+        {},
+    ],
+)
 async def test_bad_input_is_invalid_argument(bad: dict[str, np.ndarray], remote: TritonBackend) -> None:
     with pytest.raises(InvalidArgument):
         await remote.infer(LINEAR, bad)
@@ -196,8 +211,7 @@ async def test_batch_larger_than_config_is_rejected_by_triton(remote: TritonBack
         await remote.infer(LINEAR, inputs_for(LINEAR, 17))
 
 
-async def test_model_missing_on_triton_is_failed_precondition(
-        tmp_path: Path, triton: LocalTriton) -> None:
+async def test_model_missing_on_triton_is_failed_precondition(tmp_path: Path, triton: LocalTriton) -> None:
     write_linear(tmp_path)
     (tmp_path / LINEAR).rename(tmp_path / "ghost")
     config = tmp_path / "ghost" / "config.pbtxt"
@@ -214,8 +228,9 @@ async def test_model_missing_on_triton_is_failed_precondition(
 
 
 async def test_deadline_exceeded(repo: Path, triton: LocalTriton) -> None:
-    backend = TritonBackend(ModelRepository(repo), TritonConfig(url=triton.grpc_url, timeout_seconds=1e-6),
-                            Metrics("t"))
+    backend = TritonBackend(
+        ModelRepository(repo), TritonConfig(url=triton.grpc_url, timeout_seconds=1e-6), Metrics("t")
+    )
     await backend.start()  # its probes time out too: reported, not raised
     try:
         with pytest.raises(DeadlineExceeded, match=triton.grpc_url):
@@ -236,12 +251,15 @@ async def test_triton_down_at_start_is_reported_not_fatal(repo: Path) -> None:
         await backend.close()
 
 
-async def test_recovers_when_triton_comes_back(triton: LocalTriton, local: OnnxBackend,
-                                               remote: TritonBackend) -> None:
+async def test_recovers_when_triton_comes_back(
+    triton: LocalTriton, local: OnnxBackend, remote: TritonBackend
+) -> None:
     inputs = inputs_for(STUDENT, 8, seed=11)
     want = (await local.infer(STUDENT, inputs)).outputs["logits"]
-    np.testing.assert_allclose((await remote.infer(STUDENT, inputs)).outputs["logits"], want,
-                               rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        (await remote.infer(STUDENT, inputs)).outputs["logits"], want, rtol=0, atol=TOLERANCE
+    )
+    told = following(remote)
     ports = triton.ports
     await asyncio.to_thread(triton.stop)
     try:
@@ -251,6 +269,7 @@ async def test_recovers_when_triton_comes_back(triton: LocalTriton, local: OnnxB
         assert not {s.name: s for s in remote.models()}[STUDENT].ready
         await remote.refresh()
         assert not any(s.ready for s in remote.models())
+        assert triton.grpc_url in (remote.unreachable(STUDENT) or "")
     finally:
         await asyncio.to_thread(triton.start, ports)  # same ports: the backend's url stays valid
     assert triton.ports == ports
@@ -258,6 +277,54 @@ async def test_recovers_when_triton_comes_back(triton: LocalTriton, local: OnnxB
     np.testing.assert_allclose(got.outputs["logits"], want, rtol=0, atol=TOLERANCE)
     await remote.refresh()
     assert all(s.ready for s in remote.models())
+    assert remote.unreachable(STUDENT) is None
+    await asyncio.sleep(0)  # the listener runs in a task of its own
+    assert told == [False, True]
+
+
+def following(backend: TritonBackend) -> list[bool]:
+    """What `backend` tells a listener about Triton's reachability, in order."""
+    told: list[bool] = []
+
+    async def listener(reachable: bool) -> None:
+        told.append(reachable)
+
+    backend.follow(listener)
+    return told
+
+
+async def test_a_frozen_triton_is_unavailable_not_waited_for(repo: Path, triton: LocalTriton) -> None:
+    # A deadline far beyond the keepalive's: only the keepalive can end these calls in time.
+    backend = TritonBackend(
+        ModelRepository(repo), TritonConfig(url=triton.grpc_url, timeout_seconds=60), Metrics("t")
+    )
+    await backend.start()
+    # The emotion service's check of a request's models, over this backend (no face work here).
+    pipeline = EmotionPipeline(
+        EmotionConfig(model_repository=repo), backend.repository, backend, None, Metrics("t")
+    )  # type: ignore[arg-type]
+    inputs = inputs_for(STUDENT, 4)
+    try:
+        await backend.infer(STUDENT, inputs)
+        told = following(backend)
+        assert triton.pid is not None
+        os.kill(triton.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable, match=triton.grpc_url):
+                await backend.infer(STUDENT, inputs)
+            # Its models are not gone, their server is: UNAVAILABLE, not FAILED_PRECONDITION.
+            with pytest.raises(Unavailable, match=f"{STUDENT}.*Triton at {triton.grpc_url}"):
+                pipeline.check_models([STUDENT])
+            with pytest.raises(FailedPrecondition, match="ghost"):  # one not in the repository stays so
+                pipeline.check_models([STUDENT, "ghost"])
+        finally:
+            os.kill(triton.pid, signal.SIGCONT)
+        await backend.infer(STUDENT, inputs)
+        assert [m.name for m in pipeline.check_models([STUDENT])] == [STUDENT]
+        await asyncio.sleep(0)
+        assert told == [False, True]
+    finally:
+        await backend.close()
 
 
 def test_start_failure_shows_the_server_log(tmp_path: Path) -> None:
@@ -276,14 +343,22 @@ def test_start_failure_shows_the_server_log(tmp_path: Path) -> None:
 
 
 def test_gateway_serves_the_student_through_triton_by_configuration_alone(
-        repo: Path, triton: LocalTriton, tmp_path: Path, astronaut_jpeg: bytes) -> None:
+    repo: Path, triton: LocalTriton, tmp_path: Path, astronaut_jpeg: bytes
+) -> None:
     from tessera_client import TesseraClient
-    from tests.conftest import start_suite
+    from tests.helpers.suites import start_suite
 
     # The Haar detector: BlazeFace's models are not in this repository (nor wanted in the overlay).
-    suite = start_suite(tmp_path, repo, data_roots=(tmp_path,), extra_env={
-        "TESSERA_EMOTION__BACKEND": "triton", "TESSERA_EMOTION__TRITON__URL": triton.grpc_url,
-        "TESSERA_EMOTION__DETECTOR__KIND": "haar"})
+    suite = start_suite(
+        tmp_path,
+        repo,
+        data_roots=(tmp_path,),
+        extra_env={
+            "TESSERA_EMOTION__BACKEND": "triton",
+            "TESSERA_EMOTION__TRITON__URL": triton.grpc_url,
+            "TESSERA_EMOTION__DETECTOR__KIND": "haar",
+        },
+    )
     try:
         with TesseraClient(suite.gateway.target) as client:
             reply = client.classify([astronaut_jpeg])
