@@ -40,9 +40,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from services.fusion.emotion import CLASS_NAMES
-from services.runtime.model_files import IR_VERSION, OPSET
 from tools.builders.cli import builder_cli
-from tools.builders.emotion_member import check_gate, gate_batch, member_preprocess, member_spec, write_member
+from tools.builders.emotion_member import (
+    check_gate,
+    gate_batch,
+    member_model,
+    member_preprocess,
+    member_spec,
+    write_member,
+)
 from tools.builders.wheels import WheelFile, read_verified
 
 FACEX = WheelFile(
@@ -390,29 +396,15 @@ def to_onnx(graph: Graph) -> onnx.ModelProto:
     if pending_pad:
         raise NotImplementedError("a PAD that feeds no convolution")
 
-    model_graph = helper.make_graph(
+    return member_model(
         nodes,
-        "facex_mobilenetv2",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, *INPUT_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
         inits,
+        "facex_mobilenetv2",
+        INPUT_SIZE,
+        "tessera.tools.builders.emotion_facex",
+        f"{FACEX.pin} {FACEX.member} ({FACEX.licence})",
+        source_class_names=json.dumps(FACEX_CLASSES),
     )
-    model = helper.make_model(
-        model_graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="tessera.tools.builders.emotion_facex",
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(
-        model,
-        {
-            "source": f"{FACEX.pin} {FACEX.member} ({FACEX.licence})",
-            "class_names": json.dumps(CLASS_NAMES),
-            "source_class_names": json.dumps(FACEX_CLASSES),
-        },
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------

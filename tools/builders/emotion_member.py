@@ -15,9 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
 from services.fusion.emotion import CLASS_NAMES
-from services.runtime.model_files import Batching, ModelSpec, Tensor
+from services.runtime.model_files import IR_VERSION, OPSET, Batching, ModelSpec, Tensor
 from tools.builders.build_key import is_built, write_built
 
 ONNX_FILE = "model.onnx"
@@ -46,6 +47,32 @@ def member_preprocess(input_size: tuple[int, int], mean: float, std: float) -> d
         "temperature": 1.0,
         "class_names": list(CLASS_NAMES),
     }
+
+
+def member_model(
+    nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+    graph_name: str,
+    input_size: tuple[int, int],
+    producer: str,
+    source: str,
+    **props: str,
+) -> onnx.ModelProto:
+    """A member's graph as a checked ONNX model: grey crops `input` [N, 1, *input_size] in, `logits`
+    [N, 7] out, the repository's opset and IR, `source` and `class_names` (then `props`) among its
+    metadata."""
+    graph = helper.make_graph(
+        nodes,
+        graph_name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, *input_size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer)
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"source": source, "class_names": json.dumps(CLASS_NAMES), **props})
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def member_spec(

@@ -18,7 +18,6 @@ reproduce a plain numpy forward pass of the unfolded network (float64) on real f
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -26,13 +25,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from services.fusion.emotion import CLASS_NAMES
-from services.runtime.model_files import IR_VERSION, OPSET
 from tools.builders.cli import builder_cli
 from tools.builders.emotion_member import (
     ConversionError,
     check_gate,
     gate_batch,
+    member_model,
     member_preprocess,
     member_spec,
     write_member,
@@ -147,29 +145,15 @@ def to_onnx(sd: dict[str, np.ndarray]) -> onnx.ModelProto:
             transB=1,
         )
     )
-    graph = helper.make_graph(
+    return member_model(
         nodes,
-        "pyemotion_networkv2",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, *INPUT_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
         inits,
+        "pyemotion_networkv2",
+        INPUT_SIZE,
+        "tessera.tools.builders.emotion_pyemotion",
+        f"{PYEMOTION.pin} {PYEMOTION.member} ({PYEMOTION.licence})",
+        output="pre-sigmoid scores (independent sigmoids, not softmax logits)",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="tessera.tools.builders.emotion_pyemotion",
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(
-        model,
-        {
-            "source": f"{PYEMOTION.pin} {PYEMOTION.member} ({PYEMOTION.licence})",
-            "class_names": json.dumps(CLASS_NAMES),
-            "output": "pre-sigmoid scores (independent sigmoids, not softmax logits)",
-        },
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def numpy_forward(sd: dict[str, np.ndarray], batch: np.ndarray) -> np.ndarray:

