@@ -14,10 +14,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig, RetryPolicy
+from services.runtime import request_ids
 from services.runtime.auth import FileSecret
 from services.runtime.config import ConfigError
 from services.runtime.errors import ServingError, Unavailable, error_for
-from services.runtime.request_ids import client_interceptors
 from services.runtime.security import channel_credentials
 from services.runtime.server import channel_options
 from tessera.common.v1 import common_pb2
@@ -89,6 +89,11 @@ class Route:
     timeouts: int = 0  # health checks in a row that got no answer in time
     inflight: set[Any] = field(default_factory=set)  # grpc.aio calls waiting on this service
     cut: set[Any] = field(default_factory=set)
+    extra: request_ids.Extra | None = None  # metadata every call adds (the services' bearer token)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What each call to the service carries: the request id, and the token when configured."""
+        return request_ids.outgoing(self.extra)
 
     @property
     def unreachable(self) -> bool:
@@ -156,7 +161,9 @@ class Route:
             self.detail = (
                 "" if self.state == common_pb2.SERVING_STATE_SERVING else "health check says NOT_SERVING"
             )
-            listed = await self.stub.ListModels(self.list_request(), timeout=timeout)
+            listed = await self.stub.ListModels(
+                self.list_request(), timeout=timeout, metadata=self.metadata()
+            )
             self.models = list(listed.models)
             self.timeouts = 0
         except grpc.aio.AioRpcError as exc:
@@ -209,11 +216,10 @@ class Routes:
             options += tls_options
 
         def route(name: str, target: str, stub_cls: Any, pb: Any, service: str) -> Route:
-            interceptors = client_interceptors(extra)
             channel = (
-                grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+                grpc.aio.insecure_channel(target, options=options)
                 if credentials is None
-                else grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+                else grpc.aio.secure_channel(target, credentials, options=options)
             )
             full = pb.DESCRIPTOR.services_by_name[service].full_name
             return Route(
@@ -224,6 +230,7 @@ class Routes:
                 stub_cls(channel),
                 health_pb2_grpc.HealthStub(channel),
                 pb.ListModelsRequest,
+                extra=extra,
             )
 
         t = config.targets

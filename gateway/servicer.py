@@ -95,6 +95,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 route.stub.InferFaces(
                     emotion_pb.InferFacesRequest(images=request.images, models=models),
                     timeout=self.routes.timeout(context),
+                    metadata=route.metadata(),
                 )
             )
         except FailedPrecondition as exc:
@@ -119,7 +120,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         route.ensure_reachable()
         relay = _Relay()
         relay.call = call = route.stub.ScoreClip(
-            relay.messages(forward()), timeout=self.routes.timeout(context, "stream")
+            relay.messages(forward()),
+            timeout=self.routes.timeout(context, "stream"),
+            metadata=route.metadata(),
         )
         try:
             reply = await route.call(call)
@@ -170,7 +173,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         route.ensure_reachable()
         relay = _Relay()
         relay.call = call = route.stub.StreamVideo(
-            relay.messages(forward()), timeout=self.routes.timeout(context, "stream")
+            relay.messages(forward()),
+            timeout=self.routes.timeout(context, "stream"),
+            metadata=route.metadata(),
         )
 
         def end_relay(_: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -249,6 +254,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                         images=[located], models=list(members_for(rules.emotion, mode))
                     ),
                     timeout=self.routes.timeout(context),
+                    metadata=route.metadata(),
                 )
             )
             faces = answers.emotion_answer(answer, mode, rules, False, "").images[0].faces
@@ -275,6 +281,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     run_mlp=mode in ("mlp", "ensemble"),
                 ),
                 timeout=self.routes.timeout(context),
+                metadata=route.metadata(),
             )
         )
         return answers.texts_answer(reply, rules, version)
@@ -306,6 +313,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 caller=caller,
             ),
             timeout=self.routes.timeout(context, "stream"),
+            metadata=route.metadata(),
         )
         try:
             async for event in call:
@@ -340,7 +348,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         the caller's own) within its deadline; the reply's fields, which the gateway's answer mirrors."""
         route = self.routes.proxylabel
         request = getattr(proxylabel_pb, f"{method}Request")(caller=_shard_caller(), **fields)
-        reply = await route.call(getattr(route.stub, method)(request, timeout=self.routes.timeout(context)))
+        reply = await route.call(
+            getattr(route.stub, method)(
+                request, timeout=self.routes.timeout(context), metadata=route.metadata()
+            )
+        )
         return answer(**{f.name: getattr(reply, f.name) for f in answer.DESCRIPTOR.fields})
 
     async def GetStatus(

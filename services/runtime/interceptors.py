@@ -153,6 +153,9 @@ class ServingInterceptor(_ServerInterceptor):
         self.metrics = metrics
         self.authorizer = authorizer
         self.admission = admission
+        # grpc.aio asks for a handler on every call; the wrapped one depends on the method only.
+        # Only methods some servicer has are kept, so the map is as small as the API.
+        self._wrapped: dict[str, _Handler] = {}
 
     # grpc-stubs leaves out the None that grpc.aio passes for a method no servicer has.
     async def intercept_service(  # type: ignore[override]
@@ -160,14 +163,20 @@ class ServingInterceptor(_ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        if details.method.startswith(REFLECTION_PREFIX) and self.authorizer is not None:
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return handler
+            wrapped = self._wrapped[details.method] = self._wrap(details.method, handler)
+        return wrapped
+
+    def _wrap(self, full_method: str, handler: _Handler) -> _Handler:
+        if full_method.startswith(REFLECTION_PREFIX) and self.authorizer is not None:
             return _reflection_behind_auth(handler, self.authorizer)
-        if details.method.startswith(UNMEASURED_PREFIXES):
+        if full_method.startswith(UNMEASURED_PREFIXES):
             return handler  # health stays open: probes carry no token
-        service, method = _split(details.method)
+        service, method = _split(full_method)
         metrics, authorizer, admission = self.metrics, self.authorizer, self.admission
 
         @contextlib.asynccontextmanager
@@ -227,7 +236,7 @@ class ServingInterceptor(_ServerInterceptor):
 
         streamed = handler.unary_stream or handler.stream_stream
         if streamed is None:
-            raise TypeError(f"the handler of {details.method} has no behaviour")
+            raise TypeError(f"the handler of {full_method} has no behaviour")
         inner_stream = cast(_StreamBehaviour, streamed)
         streaming = handler.stream_stream is not None
         stream_gate = admission.gate(method, True) if admission else None

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextvars
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
-
-import grpc
+from typing import Any
 
 METADATA_KEY = "x-request-id"
 MAX_LENGTH = 64  # a caller's id is echoed into logs: bounded, printable
@@ -36,65 +34,11 @@ def begin(metadata: Iterable[tuple[str, Any]] | None) -> str:
 Extra = Callable[[], Sequence[tuple[str, str]]]
 
 
-def _with_id(details: grpc.aio.ClientCallDetails, extra: Extra | None) -> grpc.aio.ClientCallDetails:
-    added = list(extra()) if extra is not None else []
+def outgoing(extra: Extra | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata for a call to a downstream service: the current request id, and whatever `extra`
+    returns at call time (e.g. the gateway's bearer token for the services). Passed with each call
+    rather than by a client interceptor: grpc.aio runs an interceptor chain as a task of its own
+    per call, which costs more than the call's own Python work."""
+    added = tuple(extra()) if extra is not None else ()
     rid = current()
-    if rid:
-        added.append((METADATA_KEY, rid))
-    if not added:
-        return details
-    keys = {k for k, _ in added}
-    metadata = [(k, v) for k, v in (details.metadata or ()) if k not in keys] + added
-    return grpc.aio.ClientCallDetails(
-        details.method,
-        details.timeout,
-        grpc.aio.Metadata(*metadata),
-        details.credentials,
-        details.wait_for_ready,
-    )
-
-
-if TYPE_CHECKING:
-    _UnaryUnaryBase = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
-    _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor[Any, Any]
-    _StreamUnaryBase = grpc.aio.StreamUnaryClientInterceptor[Any, Any]
-    _StreamStreamBase = grpc.aio.StreamStreamClientInterceptor[Any, Any]
-else:  # generic in grpc-stubs only
-    _UnaryUnaryBase = grpc.aio.UnaryUnaryClientInterceptor
-    _UnaryStreamBase = grpc.aio.UnaryStreamClientInterceptor
-    _StreamUnaryBase = grpc.aio.StreamUnaryClientInterceptor
-    _StreamStreamBase = grpc.aio.StreamStreamClientInterceptor
-
-
-class _Adds:
-    def __init__(self, extra: Extra | None) -> None:
-        self.extra = extra
-
-
-class _UnaryUnary(_Adds, _UnaryUnaryBase):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_id(details, self.extra), request)
-
-
-class _UnaryStream(_Adds, _UnaryStreamBase):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_id(details, self.extra), request)
-
-
-class _StreamUnary(_Adds, _StreamUnaryBase):
-    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_id(details, self.extra), request_iterator)
-
-
-class _StreamStream(_Adds, _StreamStreamBase):
-    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_id(details, self.extra), request_iterator)
-
-
-def client_interceptors(extra: Extra | None = None) -> list[grpc.aio.ClientInterceptor]:
-    """Interceptors for a channel to downstream services: each call carries the current request id,
-    and whatever `extra` returns at call time (e.g. the gateway's bearer token for the services)."""
-    # One object per kind: grpc.aio files an interceptor under the first kind it is an instance of.
-    interceptors = [_UnaryUnary(extra), _UnaryStream(extra), _StreamUnary(extra), _StreamStream(extra)]
-    # grpc-stubs spells ClientInterceptor as a placeholder type that only a cast can produce.
-    return cast("list[grpc.aio.ClientInterceptor]", interceptors)
+    return (*added, (METADATA_KEY, rid)) if rid else added

@@ -95,6 +95,20 @@ def test_every_query_reads_a_recording_rule_or_a_series_that_exists() -> None:
     assert not [where for where, expr in queries(dashboard()) if "INVALID_ARGUMENT" in expr]
 
 
+def test_every_exported_metric_is_on_the_dashboard() -> None:
+    """Each metric of services/runtime/metrics.py has a panel, read directly or through a rule."""
+    rules = recording_rules(dashboards.ALERTS)
+    shown: set[str] = set()
+    for _, expr in queries(dashboard()):
+        for name in series_names(expr):
+            shown |= series_names(rules[name]) if name in rules else {name}
+    families = {f.name: f.type for f in Metrics("test").registry.collect()}
+    missing = {
+        name for name, kind in families.items() if not shown & {name + suffix for suffix in SUFFIXES[kind]}
+    }
+    assert not missing, f"no panel shows {sorted(missing)}"
+
+
 def test_every_recording_rule_reads_exported_metrics() -> None:
     exported = exported_series()
     for name, expr in recording_rules(dashboards.ALERTS).items():

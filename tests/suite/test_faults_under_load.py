@@ -2,9 +2,10 @@
 killed (`kill -9`, then restarted) or frozen (SIGSTOP, then SIGCONT) costs only its own calls,
 which end OK or UNAVAILABLE naming it (never DEADLINE_EXCEEDED, UNKNOWN or INTERNAL); the other
 services answer OK meanwhile, the gateway's own health stays SERVING, and all clears once the
-service is back. The same for the local Triton under the emotion service (marker `triton`). And a
-client that stops reading its live stream holds up no one, does not make the gateway buffer what
-it keeps sending, and is released when it cancels.
+service is back. The same for the local Triton under the emotion service (marker `triton`), whose
+health entry follows Triton's while its process's own ("") stays SERVING. And a client that stops
+reading its live stream holds up no one, does not make the gateway buffer what it keeps sending,
+and is released when it cancels.
 
 Every wait is a bounded poll; outcomes (statuses, gauges, memory) are asserted, never times.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import loadgen
@@ -199,6 +201,7 @@ class Fault:
     started: float = 0.0
     ended: float = 0.0
     gateway_health: str = ""
+    observed: dict[str, str] = field(default_factory=dict)  # what `observe` saw while it was down
 
 
 def under_load(
@@ -207,10 +210,11 @@ def under_load(
     service: str,
     fault: Callable[[], object],
     recover: Callable[[], object],
-    down_health: str = "NOT_SERVING",
+    observe: Callable[[], dict[str, str]] | None = None,
 ) -> Fault:
     """Apply a fault to a loaded suite, hold it until the service's calls are seen refused and every
-    other service answered meanwhile, recover, and wait until the service's calls clear."""
+    other service answered meanwhile (then `observe`), recover, and wait until the service's calls
+    clear."""
     others = [s for s in load.callers if s != service]
     eventually(
         "every service answered before the fault",
@@ -219,11 +223,10 @@ def under_load(
     seen = Fault(service, started=time.monotonic())
     fault()
     try:
-        if down_health:
-            eventually(
-                f"the gateway knows the {service} service is down",
-                lambda: gateway_health(client, service) == down_health,
-            )
+        eventually(
+            f"the gateway knows the {service} service is down",
+            lambda: gateway_health(client, service) == "NOT_SERVING",
+        )
         eventually(
             f"{SEEN_DOWN} {service} calls refused and every other service answered meanwhile",
             lambda: (
@@ -232,6 +235,8 @@ def under_load(
             ),
         )
         seen.gateway_health = gateway_health(client)
+        if observe is not None:
+            seen.observed = observe()
     finally:
         recover()
         seen.ended = time.monotonic()
@@ -558,6 +563,18 @@ def triton_suite(tmp_path_factory: pytest.TempPathFactory, model_repository: Pat
         triton.stop()
 
 
+def process_health(target: str, services: list[str]) -> dict[str, str]:
+    """One process's own health entries (not the gateway's view of it)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return {
+            s: health_pb2.HealthCheckResponse.ServingStatus.Name(
+                stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=5).status
+            )
+            for s in services
+        }
+
+
 def _restart_triton(triton: LocalTriton) -> None:
     ports = triton.ports
     triton.stop()  # reaps the killed server and ends its backend stubs
@@ -576,11 +593,21 @@ def test_a_faulty_triton_under_load_is_answered_unavailable(
         apply, recover = (lambda: os.kill(pid, signal.SIGKILL)), (lambda: _restart_triton(triton))
     else:
         apply, recover = (lambda: os.kill(pid, signal.SIGSTOP)), (lambda: os.kill(pid, signal.SIGCONT))
+    emotion = suite.processes["emotion"].target
+    entries = ["", HEALTH["emotion"]]
     with (
         TesseraClient(suite.gateway.target) as client,
         SteadyLoad(suite.gateway.target, service_callers(payload)) as load,
     ):
-        # No health to wait for: the emotion service's own stays SERVING, it does not follow Triton's.
-        seen = under_load(load, client, "emotion", apply, recover, down_health="")
-    print(f"\n{fault} triton: {load.report()}")
+        assert process_health(emotion, entries) == dict.fromkeys(entries, "SERVING")
+        # The gateway's entry for the emotion service goes NOT_SERVING: it follows the service's.
+        seen = under_load(
+            load, client, "emotion", apply, recover, observe=lambda: process_health(emotion, entries)
+        )
+        back = within(lambda: process_health(emotion, entries) == dict.fromkeys(entries, "SERVING"), 30)
+        gateway_back = within(lambda: gateway_health(client, "emotion") == "SERVING", 30)
+    print(f"\n{fault} triton: {load.report()}; emotion's health while down: {seen.observed}")
     assert_fault_contained(load, seen, f"Triton at {triton.grpc_url}")
+    # Readiness follows Triton; liveness ("") does not, so no probe restarts the service for it.
+    assert seen.observed == {"": "SERVING", HEALTH["emotion"]: "NOT_SERVING"}
+    assert back and gateway_back, process_health(emotion, entries)

@@ -40,6 +40,7 @@ OUT = ROOT / "deploy" / "grafana" / "dashboards" / "tessera.json"
 RPC = 'job=~"$job", service=~"$service", method=~"$method"'
 STAGE = 'job=~"$job", stage=~"$stage"'
 MODEL = 'job=~"$job", model=~"$model"'
+ADMISSION = 'job=~"$job", method=~"$method"'  # admission's series carry no `service` label
 SHARDS = 'job="proxylabel"'  # shard jobs run in proxylabel, whatever the job variable selects
 
 VARIABLES = (
@@ -303,7 +304,53 @@ def rows(rule: Rules) -> tuple[Row, ...]:
             ),
         ),
     )
-    return requests, stages, models, shards, targets
+    admission = Row(
+        "Admission and decoders",
+        (
+            TimeSeries(
+                title="Calls refused by admission, by method and reason",
+                width=8,
+                unit="reqps",
+                stacked=True,
+                description="Calls refused before running, per second: reason full (gate and its "
+                "queue full: RESOURCE_EXHAUSTED) or deadline (passed, or unmeetable, while queued: "
+                "DEADLINE_EXCEEDED) (tessera_admission_rejected_total).",
+                targets=(
+                    Target(
+                        f"sum by (job, method, reason) (rate(tessera_admission_rejected_total"
+                        f"{{{ADMISSION}}}[$__rate_interval]))",
+                        "{{job}} {{method}} {{reason}}",
+                    ),
+                ),
+            ),
+            TimeSeries(
+                title="Calls waiting for a slot, by gate",
+                width=8,
+                unit="short",
+                description="Calls queued for a slot right now, per gate: unary, stream, or a method "
+                "of its own (tessera_admission_queued). A steady queue means the process is at its "
+                "limits: the HorizontalPodAutoscalers scale on it.",
+                targets=(
+                    Target('sum by (job, gate) (tessera_admission_queued{job=~"$job"})', "{{job}} {{gate}}"),
+                ),
+            ),
+            TimeSeries(
+                title="Image decoder warnings by library",
+                width=8,
+                unit="cps",
+                description="Warnings libpng and libjpeg printed, per second (tessera_decoder_warnings_total): "
+                "damaged or odd images; each image's own answer already reports a bad image.",
+                targets=(
+                    Target(
+                        'sum by (job, library) (rate(tessera_decoder_warnings_total{job=~"$job"}'
+                        "[$__rate_interval]))",
+                        "{{job}} {{library}}",
+                    ),
+                ),
+            ),
+        ),
+    )
+    return requests, stages, models, shards, targets, admission
 
 
 def with_sources(panel: Panel, rules: Rules) -> Panel:
@@ -322,8 +369,8 @@ def build(alerts: Path = ALERTS) -> dict[str, Any]:
     dashboard = Dashboard(
         uid="tessera-overview",
         title="tessera",
-        description="tessera serving suite: requests, latency, errors, stages, models, shard jobs "
-        "(docs/operations.md#metrics).",
+        description="tessera serving suite: requests, latency, errors, stages, models, shard jobs, "
+        "admission, decoders (docs/operations.md#metrics).",
         tags=("tessera", "grpc"),
         variables=VARIABLES,
         rows=tuple(Row(row.title, tuple(with_sources(p, rules) for p in row.panels)) for row in rows(rules)),
