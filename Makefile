@@ -93,7 +93,7 @@ bench: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models
 	$(PY) -m pytest -q -m "not slow" -k burst tests/suite/test_load.py $(PYTEST_ARGS) || status=1; \
 	$(PY) bench/prepare.py || status=1; \
 	wait $$soak || status=1; tail -n 25 $(CACHE)/bench-soak.log; \
-	for script in "backends.py --quick" emotion.py ensemble.py engagement.py shards.py recovery.py; do \
+	for script in "backends.py --quick" emotion.py ensemble.py engagement.py shards.py recovery.py startup.py; do \
 	  echo "== bench/bench_$$script"; $(PY) bench/bench_$$script || status=1; \
 	done; \
 	$(PY) bench/report.py || status=1; \

@@ -392,7 +392,12 @@ class _ResumableStream:
         self.reconnect_seconds = reconnect_seconds
         self.sent = 0
         self.unanswered: deque[pb.StreamVideoRequest] = deque()  # sent, answer not yet received
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the state above, shared with the thread reading answers
+        # One reader of the caller's frames at a time (a superseded call's reader may still be in
+        # it), and never under `lock`: a camera or a paced source blocks until its next frame,
+        # and an answer that arrived meanwhile must not wait for it.
+        self.source_lock = threading.Lock()
+        self.carried: ImageLike | None = None  # read by a superseded call's reader: sent next
         self.generation = 0
         self.reconnects = 0
 
@@ -403,20 +408,31 @@ class _ResumableStream:
         with self.lock:
             resend = list(self.unanswered)
         yield from resend
-        while True:
+        while (message := self._next_frame(generation)) is not None:
+            yield message
+
+    def _next_frame(self, generation: int) -> pb.StreamVideoRequest | None:
+        """The next frame as a request of call `generation`; None when the frames are over or
+        that call is superseded."""
+        with self.source_lock:
             with self.lock:
                 if generation != self.generation:
-                    return
-                frame = next(self.frames, None)
-                if frame is None:
-                    return
+                    return None
+            frame = self.carried if self.carried is not None else next(self.frames, None)
+            self.carried = None
+            if frame is None:
+                return None
+            with self.lock:
+                if generation != self.generation:
+                    self.carried = frame  # the call ended while the source was read: the next one sends it
+                    return None
                 stamp = int(self.sent * 1e6 / self.fps)
                 message = pb.StreamVideoRequest(
                     frame=common_pb2.VideoFrame(timestamp_us=stamp, image=to_image(frame))
                 )
                 self.sent += 1
                 self.unanswered.append(message)
-            yield message
+            return message
 
     def answers(self) -> Iterator[pb.StreamVideoResponse]:
         give_up_at: float | None = None
