@@ -100,9 +100,10 @@ hop itself; the gateway hop costs ~1.2 ms (its fusion and answer ~0.1 ms). Three
 were removed: a client interceptor chain on the gateway's channels (grpc.aio runs it as a task of
 its own per call; the request id and token now go as call metadata), the server interceptor
 rebuilding its wrapper on every call, and a page-faulted mapping for each face-sized buffer
-(glibc's mmap threshold, fixed for memory stability, is now 1 MiB rather than 128 KiB). The
-ratio went from 2.33 to ~1.8 in quick runs; what remains is two Python gRPC hops, each ~2× a bare
-echo's, with the auth, admission, metrics and per-call log line every call has.
+(glibc's mmap threshold, fixed for memory stability, is now 1 MiB rather than 128 KiB). On the
+same quiet machine a quick run went from 2.33 to 1.77, the full runs from 2.36 to 2.23 (full runs
+take 600 samples over a longer, noisier stretch); what remains is two Python gRPC hops, each ~2× a
+bare echo's, with the auth, admission, metrics and per-call log line every call has.
 
 ### Throughput at 32 clients
 
