@@ -83,7 +83,7 @@ test-fast: $(TEST_INSTALLED) $(MODELLER_INSTALLED) models prometheus
 # last. The 30-minute soak (a suite of its own; it judges errors and memory, not time) runs in the
 # background while the other slow tests, the burst and bench/prepare.py (the benchmarks' caches)
 # run; the timed scripts run after it, alone (bench_backends --quick: it has no target). A failing
-# step does not stop the others; the target fails at the end if any did. About 43 minutes on 2 cores.
+# step does not stop the others; the target fails at the end if any did. About 47 minutes on 2 cores.
 bench: $(TEST_INSTALLED) $(EXPORT_INSTALLED) models
 	@set -u; status=0; export TESSERA_BENCH_RECORD=1; mkdir -p $(CACHE); \
 	echo "== soak (30 min) in the background: $(CACHE)/bench-soak.log"; \

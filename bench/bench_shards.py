@@ -104,8 +104,13 @@ def embeddings_of(table) -> np.ndarray:
     return flat.reshape(len(col), -1).astype(np.float32, copy=False)
 
 
-def faiss_alone(labelled: Path, scoring: Path) -> tuple[float, int]:
-    """IndexFlatIP over the labelled embeddings, K=50, the scoring shard searched row group by row group."""
+FAISS_ROW_GROUPS = 10  # of the scoring shard's 30 at full size: the rate per row is the same
+
+
+def faiss_alone(labelled: Path, scoring: Path, row_groups: int = FAISS_ROW_GROUPS) -> tuple[float, int]:
+    """IndexFlatIP over the labelled embeddings, K=50, the scoring shard's first `row_groups` row
+    groups searched one by one. Each row group is the same search against the same index, so a
+    third of the shard gives the rate of all of it in a third of the time (5 min at full size)."""
     import faiss
 
     index = None
@@ -120,7 +125,7 @@ def faiss_alone(labelled: Path, scoring: Path) -> tuple[float, int]:
     pf = pq.ParquetFile(scoring)
     n = 0
     t = time.perf_counter()
-    for rg in range(pf.num_row_groups):
+    for rg in range(min(row_groups, pf.num_row_groups)):
         q = embeddings_of(pf.read_row_group(rg, columns=["embedding"]))
         index.search(q, K)
         n += len(q)

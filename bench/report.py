@@ -47,7 +47,7 @@ The performance targets of the suite and the latest measured figures. This page 
 (`bench/results.py`; a run replaces the rows of the benchmark that wrote them); `make bench` ends
 by generating it. Do not edit it by hand: the prose is static text in `bench/report.py`.
 
-`make bench` (about 43 minutes on 2 cores) runs every benchmark, with `TESSERA_BENCH_RECORD=1`
+`make bench` (about 47 minutes on 2 cores) runs every benchmark, with `TESSERA_BENCH_RECORD=1`
 so the tests write their rows too: the 30-minute soak of `tests/suite/test_load.py` in the background
 (a suite of its own; it judges errors and memory, not time) while `pytest -m slow` (the long
 fuzzing of `tests/suite/test_fuzz.py` among the other slow tests), the burst of `tests/suite/test_load.py`
