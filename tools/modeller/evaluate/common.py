@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self, TextIO
+from typing import Any, Protocol, Self, TextIO
 
 import grpc
 
@@ -57,6 +57,30 @@ class Skipped:
     path: str
     reason: str  # "unreadable", "no_face", "several_faces", "no_levels", or a gRPC code name
     message: str
+
+
+class ManifestLine(Protocol):
+    """A manifest's row, as a cache entry names it."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def line(self) -> int: ...
+    @property
+    def path(self) -> str: ...
+
+
+def skip_entry(row: ManifestLine, sha: str, reason: str, message: str) -> dict[str, Any]:
+    """The cache entry of a row that was not scored (`reason`: as `Skipped.reason`)."""
+    return {
+        "row": row.key,
+        "sha": sha,
+        "line": row.line,
+        "path": row.path,
+        "status": "skip",
+        "skip_reason": reason,
+        "message": message,
+    }
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -71,6 +71,7 @@ from tools.modeller.evaluate.common import (
     md_table,
     model_versions,
     sha256_file,
+    skip_entry,
     skipped_table,
     write_json,
     write_text,
@@ -272,18 +273,6 @@ def _classify(
     return _classify(client, images[:half], mode, ensemble) + _classify(client, images[half:], mode, ensemble)
 
 
-def _skip_entry(row: ManifestRow, sha: str, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "row": row.key,
-        "sha": sha,
-        "line": row.line,
-        "path": row.path,
-        "status": "skip",
-        "skip_reason": reason,
-        "message": message,
-    }
-
-
 def _entry(
     row: ManifestRow, sha: str, reply: pb.ClassifyEmotionResponse, index: int, faces: str
 ) -> dict[str, Any]:
@@ -296,7 +285,7 @@ def _entry(
         "models": {m.name: m.version for m in reply.models},
     }
     if image.status.code != 0:
-        return {**_skip_entry(row, sha, status_code(image.status.code).name, image.status.message), **base}
+        return {**skip_entry(row, sha, status_code(image.status.code).name, image.status.message), **base}
     if len(image.faces) != 1:
         boxes = [(f.box.x, f.box.y, f.box.width, f.box.height) for f in image.faces]
         reason = "no_face" if not image.faces else "several_faces"
@@ -304,7 +293,7 @@ def _entry(
             message = "no face detected" if not boxes else f"{len(boxes)} faces detected at {boxes}"
         else:  # a crop or a given box is one face: anything else means the image was not what we sent
             message = f"{len(image.faces)} faces, expected 1"
-        return {**_skip_entry(row, sha, reason, message), **base}
+        return {**skip_entry(row, sha, reason, message), **base}
     face = image.faces[0]
     return {
         "row": row.key,
@@ -345,7 +334,7 @@ def collect(
             try:
                 data = row.file.read_bytes()
             except OSError as exc:
-                entries[row.key] = _skip_entry(row, "", "unreadable", f"{exc.strerror or exc}")
+                entries[row.key] = skip_entry(row, "", "unreadable", f"{exc.strerror or exc}")
                 failed += 1
                 continue
             sha = hashlib.sha256(data).hexdigest()
@@ -366,7 +355,7 @@ def collect(
             fresh = []
             for (row, sha, _), outcome in zip(asked, outcomes, strict=True):
                 if isinstance(outcome, grpc.RpcError):
-                    e = _skip_entry(row, sha, outcome.code().name, outcome.details() or "")
+                    e = skip_entry(row, sha, outcome.code().name, outcome.details() or "")
                 else:
                     e = _entry(row, sha, *outcome, faces)
                 failed += e["status"] != "ok"

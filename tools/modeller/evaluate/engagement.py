@@ -58,6 +58,7 @@ from tools.modeller.evaluate.common import (
     model_versions,
     sha256_file,
     sha256_folder,
+    skip_entry,
     skipped_table,
     write_json,
     write_text,
@@ -182,18 +183,6 @@ def _clip_frames(row: ClipRow, default_fps: float) -> tuple[str, float, Iterator
     return sha256_file(f), float(fps), frames
 
 
-def _skip(row: ClipRow, sha: str, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "row": row.key,
-        "sha": sha,
-        "line": row.line,
-        "path": row.path,
-        "status": "skip",
-        "skip_reason": reason,
-        "message": message,
-    }
-
-
 def _entry(row: ClipRow, sha: str, fps: float, reply: Any) -> dict[str, Any]:
     base = {
         "row": row.key,
@@ -261,7 +250,7 @@ def collect(
             sha, fps, frames = _clip_frames(row, default_fps)
         except (_Unreadable, OSError) as exc:
             problem = str(exc.strerror or exc) if isinstance(exc, OSError) else str(exc)
-            entries[row.key] = _skip(row, "", "unreadable", problem)
+            entries[row.key] = skip_entry(row, "", "unreadable", problem)
             progress.update(1, failed=1)
             continue
         hit = cache.get(row.key, sha)
@@ -279,9 +268,9 @@ def collect(
         except grpc.RpcError as exc:
             if exc.code() not in CLIP_ERRORS:
                 raise
-            e = _skip(row, sha, exc.code().name, exc.details() or "")
+            e = skip_entry(row, sha, exc.code().name, exc.details() or "")
         except (OSError, ValueError) as exc:  # a frame file vanished, a video that stops decoding
-            e = _skip(row, sha, "unreadable", str(exc))
+            e = skip_entry(row, sha, "unreadable", str(exc))
         cache.put([e])
         entries[row.key] = e
         progress.update(1, failed=int(e["status"] != "ok"))
