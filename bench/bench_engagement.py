@@ -149,10 +149,9 @@ def live_rows(run: LiveRun, streams: int, n: int, fps: float) -> tuple[list[dict
         f"{'backlog: median of the last second vs the second':<52}{last:>6.1f} vs {first:.1f} ms{'no growth':>12}"
     )
     keeps_up = len(ms) == n * streams and last < first + 50
-    label = "one 640×480 JPEG stream" if streams == 1 else f"{streams} 640×480 JPEG streams at once"
     rows = [
         results.row(
-            f"{label} at {fps:.0f} fps through the gateway: frame-to-answer p95",
+            f"{what} at {fps:.0f} fps through the gateway: frame-to-answer p95",
             p95,
             "ms",
             target="≤ 100 ms",
@@ -161,7 +160,7 @@ def live_rows(run: LiveRun, streams: int, n: int, fps: float) -> tuple[list[dict
             f"{run.faces} with a face, {run.hops} engagement updates",
         ),
         results.row(
-            f"{label}, backlog: median latency of the last second vs the second",
+            f"{what}, backlog: median latency of the last second vs the second",
             last,
             "ms",
             baseline=first,
